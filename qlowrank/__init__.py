@@ -1,0 +1,23 @@
+"""qlowrank: LoRA fine-tuning on a frozen 4-bit / 8-bit base, with memory you can predict."""
+
+from .checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
+from .config import LoraConfig, QuantConfig
+from .inject import (
+    ParameterCount,
+    add_lora,
+    count_parameters,
+    disable_lora,
+    lora_layers,
+    lora_parameters,
+    quantize_model,
+)
+from .lora import LoraLinear
+from .quant import dequantize_weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig", "LoraLinear", "ParameterCount", "QuantConfig", "__version__", "add_lora",
+    "count_parameters", "dequantize_weight", "disable_gradient_checkpointing", "disable_lora",
+    "enable_gradient_checkpointing", "lora_layers", "lora_parameters", "quantize_model",
+]

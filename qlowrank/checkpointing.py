@@ -1,0 +1,78 @@
+"""Gradient (activation) checkpointing that works with a frozen, quantized base.
+
+Only block inputs are kept during the forward pass; each block is recomputed in backward.
+We always use PyTorch's non-reentrant checkpoint: the reentrant one needs an input that
+requires grad, and with frozen embeddings nothing upstream of the first block does, which
+is where "element 0 of tensors does not require grad" comes from in other tools.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _checkpointed_forward(forward):
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return wrapper
+
+
+def _block_types_of(model: nn.Module) -> tuple[type, ...]:
+    # transformers names its repeated decoder/encoder blocks in `_no_split_modules`.
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
+
+
+def enable_gradient_checkpointing(
+    model: nn.Module,
+    block_types: type | Sequence[type] | None = None,
+) -> int:
+    """Recompute each block's activations in backward instead of storing them.
+
+    Args:
+        model: a transformers model (its blocks are found from `_no_split_modules`) or any
+            nn.Module, in which case `block_types` names the repeated block class(es).
+        block_types: the module class(es) to checkpoint; default: the transformers blocks.
+
+    Returns:
+        The number of blocks that will be checkpointed.
+
+    Raises:
+        ValueError: no block type was given and none could be found, or none matched.
+    """
+    if block_types is None:
+        types = _block_types_of(model)
+        if not types:
+            raise ValueError(
+                f"enable_gradient_checkpointing cannot find the repeated blocks of {type(model).__name__}; "
+                "pass block_types=<your block class>"
+            )
+    else:
+        types = tuple(block_types) if isinstance(block_types, (list, tuple)) else (block_types,)
+    blocks = [m for m in model.modules() if isinstance(m, types)]
+    if not blocks:
+        names = [t.__name__ for t in types]
+        raise ValueError(f"enable_gradient_checkpointing: no module of type {names} in {type(model).__name__}")
+    for block in blocks:
+        if not getattr(block, "_qlowrank_checkpointed", False):
+            block.forward = _checkpointed_forward(block.forward)
+            block._qlowrank_checkpointed = True
+    if hasattr(model, "config") and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # a KV cache is useless in training and defeats recomputation
+    return len(blocks)
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    """Undo `enable_gradient_checkpointing`."""
+    for block in model.modules():
+        if getattr(block, "_qlowrank_checkpointed", False):
+            del block.forward  # drop the instance attribute; the class's forward is back
+            block._qlowrank_checkpointed = False

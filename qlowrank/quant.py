@@ -1,0 +1,175 @@
+"""Quantize and dequantize one linear layer: the only module that imports bitsandbytes.
+
+Everything qlowrank knows about bitsandbytes' internals (parameter classes, quant states,
+the CPU repacking trap, 8-bit optimizers) is kept here so that a bitsandbytes upgrade
+touches one file.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+
+# bitsandbytes logs a harmless "Failed to load CPU gemm_4bit_forward from kernels-community"
+# on import when the optional `kernels` package is absent; it then uses its own kernels.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+import bitsandbytes as bnb  # noqa: E402
+import bitsandbytes.functional as bnb_functional  # noqa: E402
+
+Linear4bit = bnb.nn.Linear4bit
+Linear8bitLt = bnb.nn.Linear8bitLt
+QUANTIZED_LINEAR_TYPES: tuple[type[nn.Module], ...] = (Linear4bit, Linear8bitLt)
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit or 8-bit linear layer."""
+    return isinstance(module, QUANTIZED_LINEAR_TYPES)
+
+
+def quantized_bits(module: nn.Module) -> int | None:
+    """4 or 8 for a bitsandbytes linear layer, None for anything else."""
+    if isinstance(module, Linear4bit):
+        return 4
+    if isinstance(module, Linear8bitLt):
+        return 8
+    return None
+
+
+def quantize_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    quant: QuantConfig,
+    device: torch.device | str,
+) -> nn.Module:
+    """Build a frozen bitsandbytes layer from a float weight of shape (out, in).
+
+    The layer is created on the meta device so no random weights are ever allocated; the
+    real weight is quantized when it is moved to `device`.
+    """
+    if quant.bits is None:
+        raise ValueError("quantize_linear needs QuantConfig.bits=4 or 8")
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_linear expects a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+    device = torch.device(device)
+    quant.check_device(device)
+    out_features, in_features = weight.shape
+    has_bias = bias is not None
+    if quant.bits == 4:
+        layer = Linear4bit(
+            in_features, out_features, bias=has_bias, compute_dtype=quant.compute_dtype,
+            compress_statistics=quant.double_quant, quant_type=quant.quant_type, device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight.detach().contiguous(), requires_grad=False, blocksize=quant.blocksize,
+            compress_statistics=quant.double_quant, quant_type=quant.quant_type, module=layer,
+        ).to(device)
+    else:
+        layer = Linear8bitLt(
+            in_features, out_features, bias=has_bias, has_fp16_weights=False,
+            threshold=float(quant.int8_threshold), device="meta",
+        )
+        layer.weight = bnb.nn.Int8Params(
+            weight.detach().contiguous(), requires_grad=False, has_fp16_weights=False,
+        ).to(device)
+    if has_bias:
+        layer.bias = nn.Parameter(bias.detach().to(device), requires_grad=False)
+    guard_cpu_repack(layer)
+    return layer
+
+
+def guard_cpu_repack(layer: nn.Module) -> None:
+    """Stop bitsandbytes from repacking a 4-bit weight for its CPU inference kernel.
+
+    A Linear4bit forward in eval mode with an input that does not require grad permanently
+    repacks the weight for `gemv_4bit`, which has no autograd: afterwards backward gives no
+    input gradient and LoRA stops training with only a warning. We switch that path off and
+    undo a repack that already happened.
+    """
+    if not isinstance(layer, Linear4bit):
+        return
+    layer.support_avx512bf16_for_cpu = False
+    state = layer.weight.quant_state
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+        layer.weight.data = data
+        layer.weight.quant_state = state
+        layer.quant_state = state
+
+
+def dequantize_weight(layer: nn.Module) -> torch.Tensor:
+    """The float32 weight, shape (out, in), that a linear layer actually multiplies by.
+
+    For a 4-bit layer this is the NF4/FP4 code times its (double-dequantized) block scale;
+    for LLM.int8 the int8 row times its row scale / 127. A float nn.Linear returns its own
+    weight; transformers' Conv1D (stored (in, out)) is returned transposed.
+    """
+    if isinstance(layer, Linear4bit):
+        guard_cpu_repack(layer)
+        state = layer.weight.quant_state
+        if state is None:
+            raise ValueError("this Linear4bit was never quantized (move it to a device first)")
+        return bnb_functional.dequantize_4bit(layer.weight.data, state).float()
+    if isinstance(layer, Linear8bitLt):
+        codes, scales = _int8_codes_and_scales(layer)
+        return bnb_functional.int8_vectorwise_dequant(codes, scales).float()
+    if isinstance(layer, nn.Linear):
+        return layer.weight.detach().float()
+    if type(layer).__name__ == "Conv1D":
+        return layer.weight.detach().float().t()
+    raise TypeError(f"dequantize_weight does not know {type(layer).__name__}; expected a linear layer")
+
+
+def _int8_codes_and_scales(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    # bitsandbytes moves CB/SCB from the parameter to layer.state on the first forward.
+    scales = getattr(layer.weight, "SCB", None)
+    if scales is None:
+        scales = layer.state.SCB
+    if scales is None:
+        raise ValueError("this Linear8bitLt was never quantized (move it to a device first)")
+    return layer.weight.data, scales
+
+
+def packed_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor that stores a quantized layer's frozen weight (codes and scales)."""
+    if isinstance(layer, Linear4bit):
+        guard_cpu_repack(layer)
+        state = layer.weight.quant_state
+        tensors = {"weight": layer.weight.data, "absmax": state.absmax}
+        if state.nested:
+            tensors["absmax2"] = state.state2.absmax
+            tensors["offset"] = state.offset
+        return tensors
+    if isinstance(layer, Linear8bitLt):
+        codes, scales = _int8_codes_and_scales(layer)
+        return {"weight": codes, "SCB": scales}
+    raise TypeError(f"{type(layer).__name__} is not a quantized layer")
+
+
+def storage_bytes(layer: nn.Module) -> int:
+    """Bytes the frozen weight occupies, including scales (bias excluded)."""
+    return sum(t.numel() * t.element_size() for t in packed_tensors(layer).values())
+
+
+def weight_element_count(param: torch.Tensor) -> int:
+    """True number of weights a parameter holds (a packed 4-bit byte holds two)."""
+    if isinstance(param, bnb.nn.Params4bit) and param.quant_state is not None:
+        return int(torch.Size(param.quant_state.shape).numel())
+    return param.numel()
+
+
+def quantized_layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a quantized layer."""
+    return layer.out_features, layer.in_features
+
+
+def make_8bit_optimizer(name: str, params: Iterable, **kwargs) -> torch.optim.Optimizer:
+    """bitsandbytes' block-wise 8-bit optimizers by qlowrank name ("adamw8bit", "paged_adamw8bit")."""
+    table = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}
+    if name not in table:
+        raise ValueError(f"unknown 8-bit optimizer {name!r}; use one of {sorted(table)}")
+    return table[name](params, **kwargs)
