@@ -1,17 +1,27 @@
-"""The `qlowrank` command line: one entry point, one sub-command per job."""
+"""The `qlowrank` command line: one entry point, one sub-command module per job."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from . import __version__
 
+# Each module in qlowrank/commands/ defines register(subparsers), which adds its parser
+# and sets `func` (args -> exit code). Add a module here when its command is ready.
+COMMAND_MODULES: list[str] = []
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qlowrank", description="Quantized, low-memory LoRA fine-tuning.")
+    parser = argparse.ArgumentParser(
+        prog="qlowrank",
+        description="Quantized, low-memory LoRA fine-tuning: train, estimate, profile, export, demo.",
+    )
     parser.add_argument("--version", action="version", version=f"qlowrank {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"qlowrank.commands.{name}").register(subparsers)
     return parser
 
 
@@ -21,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":
