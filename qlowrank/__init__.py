@@ -12,12 +12,13 @@ from .inject import (
     quantize_model,
 )
 from .lora import LoraLinear
+from .memory import MemoryProfiler
 from .quant import dequantize_weight
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "LoraLinear", "ParameterCount", "QuantConfig", "__version__", "add_lora",
+    "LoraConfig", "LoraLinear", "MemoryProfiler", "ParameterCount", "QuantConfig", "__version__", "add_lora",
     "count_parameters", "dequantize_weight", "disable_gradient_checkpointing", "disable_lora",
     "enable_gradient_checkpointing", "lora_layers", "lora_parameters", "quantize_model",
 ]
