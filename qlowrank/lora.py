@@ -91,10 +91,11 @@ class LoraLinear(nn.Module):
         h = self.lora_dropout(x)
         # The float32 factors are cast to the activations' dtype (as autocast would), so a
         # bf16 model does not upcast its (B, T, in) activations; gradients still reach fp32.
+        # The scale is folded into B (out x r) rather than applied to the (B, T, out) update.
         a = self.lora_A.weight.to(h.dtype)
-        b = self.lora_B.weight.to(h.dtype)
+        b = (self.lora_B.weight * self.scaling).to(h.dtype)
         update = F.linear(F.linear(h, a), b)  # (B, T, r) -> (B, T, out)
-        return result + (update * self.scaling).to(result.dtype)
+        return result + update.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A in float32, shape (out, in) (the Linear layout, also for Conv1D)."""
