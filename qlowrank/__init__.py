@@ -1,7 +1,9 @@
 """qlowrank: LoRA fine-tuning on a frozen 4-bit / 8-bit base, with memory you can predict."""
 
+from .adapters import load_adapter, save_adapter
 from .checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from .config import LoraConfig, QuantConfig
+from .export import export_merged
 from .inject import (
     ParameterCount,
     add_lora,
@@ -11,6 +13,7 @@ from .inject import (
     lora_parameters,
     quantize_model,
 )
+from .loading import load_model
 from .lora import LoraLinear
 from .memory import MemoryProfiler
 from .quant import dequantize_weight
@@ -20,5 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig", "LoraLinear", "MemoryProfiler", "ParameterCount", "QuantConfig", "__version__", "add_lora",
     "count_parameters", "dequantize_weight", "disable_gradient_checkpointing", "disable_lora",
-    "enable_gradient_checkpointing", "lora_layers", "lora_parameters", "quantize_model",
+    "enable_gradient_checkpointing", "export_merged", "load_adapter", "load_model", "lora_layers", "lora_parameters",
+    "quantize_model", "save_adapter",
 ]
