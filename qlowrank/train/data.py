@@ -1,0 +1,241 @@
+"""Training data: read JSONL / JSON / text files, tokenize the three row formats, mask, pack, batch.
+
+Row formats (one per row; a file may mix them):
+  {"text": ...}                          loss on every token
+  {"prompt": ..., "completion": ...}     loss on the completion only
+  {"messages": [{"role", "content"}]}    rendered with the tokenizer's chat template,
+                                         loss on the assistant turns only
+Labels are aligned with input_ids (transformers' convention); -100 marks "no loss". A bad
+row raises `DataError` naming the file and line, so it can be fixed where it is.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .loss import IGNORE_INDEX
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(ValueError):
+    """A data row or file that cannot be used; the message starts with `file:line:`."""
+
+
+@dataclass
+class Example:
+    """One tokenized training sequence: ids and per-token labels (-100 = no loss)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str = ""   # "file:line" the example came from (for error messages)
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, row) from a .jsonl, .json (an array of objects) or text file.
+
+    A text file yields one {"text": ...} row per blank-line-separated block.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                yield number, _parse_json(line, path, number)
+    elif path.suffix == ".json":
+        yield from _json_array_rows(text, path)
+    elif path.suffix in TEXT_SUFFIXES:
+        block, first = [], 0
+        for number, line in enumerate(text.splitlines() + [""], 1):
+            if line.strip():
+                first = first or number
+                block.append(line)
+            elif block:
+                yield first, {"text": "\n".join(block)}
+                block, first = [], 0
+    else:
+        raise DataError(f"{path}: unknown data format {path.suffix!r}; use .jsonl, .json, or a text file ({', '.join(TEXT_SUFFIXES)})")
+
+
+def _parse_json(line: str, path: Path, number: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
+
+
+def _json_array_rows(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    # Decode the array one element at a time so every row knows the line it starts on.
+    decoder = json.JSONDecoder()
+    pos = _skip_space(text, 0)
+    if not text.startswith("[", pos):
+        raise DataError(f"{path}:1: a .json data file must hold an array of row objects (use .jsonl for one row per line)")
+    pos = _skip_space(text, pos + 1)
+    while not text.startswith("]", pos):
+        line = text.count("\n", 0, pos) + 1
+        try:
+            row, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        yield line, row
+        pos = _skip_space(text, pos)
+        if text.startswith(",", pos):
+            pos = _skip_space(text, pos + 1)
+        elif not text.startswith("]", pos):
+            raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: expected ',' or ']' between rows")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+def _field(row: dict, name: str, where: str) -> str:
+    if name not in row:
+        raise DataError(f"{where}: missing field {name!r} (row keys: {sorted(row)})")
+    if not isinstance(row[name], str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(row[name]).__name__}")
+    return row[name]
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _eos(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def tokenize_row(row: Any, tokenizer, where: str = "row") -> Example:
+    """Tokenize one row of any supported format, with labels masked to where the loss belongs."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        return _tokenize_messages(row["messages"], tokenizer, where)
+    if "prompt" in row or "completion" in row:
+        prompt = _encode(tokenizer, _field(row, "prompt", where), special=True)
+        completion = _encode(tokenizer, _field(row, "completion", where), special=False) + _eos(tokenizer)
+        return Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, where)
+    if "text" in row:
+        ids = _encode(tokenizer, _field(row, "text", where), special=True) + _eos(tokenizer)
+        return Example(ids, list(ids), where)
+    raise DataError(f"{where}: row has none of the fields 'text', 'prompt'/'completion', 'messages' (keys: {sorted(row)})")
+
+
+def _tokenize_messages(messages: Any, tokenizer, where: str) -> Example:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+        if message["role"] not in _ROLES:
+            raise DataError(f"{where}: messages[{i}] has role {message['role']!r}; use one of {_ROLES}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message, so nothing to learn; add one or drop the row")
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: 'messages' rows need a tokenizer with a chat template, and this tokenizer has none")
+
+    def render(upto: int, generation_prompt: bool = False) -> str:
+        if upto == 0:
+            return ""
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+
+    # Render growing prefixes of the conversation: the text each message adds is the
+    # difference; for an assistant turn the generation prompt (its header) gets no loss.
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for i, message in enumerate(messages):
+        pieces = [(render(i, True), False), (render(i + 1), True)] if message["role"] == "assistant" else [(render(i + 1), False)]
+        for text, learn in pieces:
+            if not text.startswith(done):
+                raise DataError(f"{where}: the chat template does not render messages as growing prefixes; qlowrank cannot mask it")
+            # The template writes its own special tokens (BOS included where the model wants one).
+            piece = _encode(tokenizer, text[len(done):], special=False)
+            ids += piece
+            labels += piece if learn else [IGNORE_INDEX] * len(piece)
+            done = text
+    return Example(ids, labels, where)
+
+
+def load_examples(
+    paths: str | Path | Sequence[str | Path],
+    tokenizer,
+    seq_len: int,
+    truncation: bool = True,
+) -> list[Example]:
+    """Read and tokenize every row of one or more files.
+
+    Args:
+        paths: data file(s): .jsonl, .json or text.
+        tokenizer: a transformers tokenizer.
+        seq_len: the longest sequence a batch may hold.
+        truncation: cut longer rows to seq_len (True) or raise DataError naming the row (False).
+
+    Returns:
+        The examples; rows left with no loss token after truncation are dropped.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    examples = []
+    for path in paths:
+        for number, row in read_rows(path):
+            example = tokenize_row(row, tokenizer, f"{path}:{number}")
+            if len(example.input_ids) > seq_len:
+                if not truncation:
+                    raise DataError(
+                        f"{example.source}: row is {len(example.input_ids)} tokens, longer than seq_len={seq_len}; "
+                        "raise --seq, shorten the row, or allow truncation"
+                    )
+                example = Example(example.input_ids[:seq_len], example.labels[:seq_len], example.source)
+            if any(label != IGNORE_INDEX for label in example.labels[1:]):
+                examples.append(example)
+    if not examples:
+        raise DataError(f"{', '.join(map(str, paths))}: no usable rows (empty file, or every row lost its loss tokens)")
+    return examples
+
+
+def pack_examples(examples: Sequence[Example], seq_len: int) -> list[Example]:
+    """Concatenate examples end to end and cut the stream into seq_len windows.
+
+    Each example already ends with EOS, which separates them; attention is not reset at the
+    boundaries (the usual, cheap packing). The last window may be shorter.
+    """
+    ids = [t for e in examples for t in e.input_ids]
+    labels = [t for e in examples for t in e.labels]
+    return [Example(ids[i:i + seq_len], labels[i:i + seq_len], f"packed[{i // seq_len}]") for i in range(0, len(ids), seq_len)]
+
+
+def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A deterministic (train, eval) split holding out `eval_fraction` of the examples."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction={eval_fraction} must be in [0, 1)")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = round(len(examples) * eval_fraction)
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, labels (-100 on padding), attention_mask."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)   # (B, T)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)      # (B, T)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)                      # (B, T)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,142 @@
+"""Data: the three row formats, label masking, packing, and bad rows named by file and line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydoc_data.topics import topics
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from qlowrank.train.data import DataError, collate, load_examples, pack_examples, read_rows, split_examples, tokenize_row
+from qlowrank.train.loss import IGNORE_INDEX
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# SmolLM2's ChatML layout, without its default system prompt.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer trained in ~0.1 s on Python's docs, with a ChatML template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([topics[k] for k in sorted(topics)[:10]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_text_row_learns_every_token_and_ends_with_eos(tok):
+    ex = tokenize_row({"text": "assert x"}, tok)
+    assert ex.input_ids == _ids(tok, "assert x") + [tok.eos_token_id]
+    assert ex.labels == ex.input_ids
+
+
+def test_prompt_completion_masks_exactly_the_prompt(tok):
+    ex = tokenize_row({"prompt": "Q: what is pass?\nA:", "completion": " a null operation"}, tok)
+    prompt, completion = _ids(tok, "Q: what is pass?\nA:"), _ids(tok, " a null operation")
+    assert ex.input_ids == prompt + completion + [tok.eos_token_id]
+    assert ex.labels == [IGNORE_INDEX] * len(prompt) + completion + [tok.eos_token_id]
+
+
+def test_chat_labels_cover_assistant_content_only(tok):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is pass?"},
+        {"role": "assistant", "content": "A null operation."},
+        {"role": "user", "content": "And break?"},
+        {"role": "assistant", "content": "It ends a loop."},
+    ]
+    ex = tokenize_row({"messages": messages}, tok)
+    full = tok.apply_chat_template(messages, tokenize=False)
+    assert tok.decode(ex.input_ids) == full
+    learned = [(i, t) for i, (t, label) in enumerate(zip(ex.input_ids, ex.labels)) if label != IGNORE_INDEX]
+    assert all(ex.labels[i] == t for i, t in learned)
+    # The learned tokens are exactly the two answers, each with its end-of-turn marker.
+    learned_text = tok.decode([t for _, t in learned])
+    assert learned_text == "A null operation.<|im_end|>\nIt ends a loop.<|im_end|>\n"
+    # Masked: everything else, including the "<|im_start|>assistant\n" headers.
+    masked_text = tok.decode([t for t, label in zip(ex.input_ids, ex.labels) if label == IGNORE_INDEX])
+    assert masked_text.count("<|im_start|>assistant\n") == 2 and "null" not in masked_text
+
+
+def _write(tmp_path, name, lines):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "p"}', "missing field 'completion'"),
+    ('{"text": 3}', "field 'text' must be a string, got int"),
+    ('{"txt": "a"}', "none of the fields"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+    ('{"messages": [{"role": "bot", "content": "hi"}]}', "role 'bot'"),
+    ('{"text": "a", ', "invalid JSON"),
+    ('[1, 2]', "must be a JSON object"),
+])
+def test_bad_jsonl_row_names_file_and_line(tmp_path, tok, line, message):
+    path = _write(tmp_path, "data.jsonl", ['{"text": "fine"}', "", line])
+    with pytest.raises(DataError, match=message) as err:
+        load_examples(path, tok, seq_len=64)
+    assert str(err.value).startswith(f"{path}:3:")
+
+
+def test_over_long_row_without_truncation_names_line_and_truncates_otherwise(tmp_path, tok):
+    long_text = " ".join(["statement"] * 80)
+    path = _write(tmp_path, "data.jsonl", ['{"text": "short"}', json.dumps({"text": long_text})])
+    with pytest.raises(DataError, match=r"data.jsonl:2: row is \d+ tokens, longer than seq_len=32"):
+        load_examples(path, tok, seq_len=32, truncation=False)
+    examples = load_examples(path, tok, seq_len=32)
+    assert [len(e.input_ids) for e in examples] == [len(_ids(tok, "short")) + 1, 32]
+
+
+def test_json_array_rows_know_their_line(tmp_path, tok):
+    path = tmp_path / "data.json"
+    path.write_text('[\n  {"text": "a"},\n\n  {"prompt": "b"}\n]\n')
+    assert [n for n, _ in read_rows(path)] == [2, 4]
+    with pytest.raises(DataError, match=r"data.json:4: missing field 'completion'"):
+        load_examples(path, tok, seq_len=64)
+
+
+def test_text_file_rows_are_paragraphs(tmp_path, tok):
+    path = _write(tmp_path, "notes.txt", ["first line", "still first", "", "", "second"])
+    assert list(read_rows(path)) == [(1, {"text": "first line\nstill first"}), (5, {"text": "second"})]
+    assert len(load_examples(path, tok, seq_len=64)) == 2
+
+
+def test_packing_keeps_every_token_and_label_in_order(tok):
+    rows = [{"prompt": f"q{i}", "completion": f" answer {i}"} for i in range(7)]
+    examples = [tokenize_row(r, tok) for r in rows]
+    packed = pack_examples(examples, seq_len=10)
+    assert all(len(p.input_ids) == 10 for p in packed[:-1]) and 0 < len(packed[-1].input_ids) <= 10
+    assert [t for p in packed for t in p.input_ids] == [t for e in examples for t in e.input_ids]
+    assert [t for p in packed for t in p.labels] == [t for e in examples for t in e.labels]
+
+
+def test_collate_pads_with_ignored_labels_and_split_is_deterministic(tok):
+    a, b = tokenize_row({"text": "a b c d e"}, tok), tokenize_row({"text": "x"}, tok)
+    batch = collate([a, b], pad_token_id=tok.pad_token_id)
+    n = len(b.input_ids)
+    assert batch["input_ids"].shape == (2, len(a.input_ids))
+    assert batch["labels"][1, n:].eq(IGNORE_INDEX).all() and batch["attention_mask"][1, n:].eq(0).all()
+    assert batch["attention_mask"][1, :n].eq(1).all() and batch["labels"][1, :n].tolist() == b.labels
+    examples = [tokenize_row({"text": str(i)}, tok) for i in range(20)]
+    train, held = split_examples(examples, 0.25, seed=3)
+    assert len(held) == 5 and len(train) == 15
+    assert held == split_examples(examples, 0.25, seed=3)[1] != split_examples(examples, 0.25, seed=4)[1]
