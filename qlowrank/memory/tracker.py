@@ -240,6 +240,8 @@ class TensorTracker(TorchDispatchMode):
     def _on_module_pre(self, module, args) -> None:
         if self.phase == "backward":
             self._recompute_depth += 1
+        elif self.phase != "forward":  # the first module call after a step (or at the start) begins a forward
+            self.set_phase("forward")
 
     def _on_module_post(self, module, args, output) -> None:
         if self.phase == "backward" and self._recompute_depth > 0:

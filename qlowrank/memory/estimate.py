@@ -1,0 +1,248 @@
+"""estimate_memory: predict the peak memory of a (Q)LoRA or full fine-tuning step from a config alone.
+
+The estimate is a simulation, not a table of rules of thumb: the model is built on the meta
+device (no weights, so a 175B config takes seconds), quantized layers become stand-ins that
+allocate what bitsandbytes allocates (`meta_model.py`), LoRA and checkpointing are applied
+with qlowrank's own code, and one training step (forward, loss, backward) runs under the
+same `TensorTracker` the profiler uses. So the estimate follows what the code really keeps:
+what LoraLinear and bitsandbytes save for backward, checkpoint boundaries and recomputation,
+the fp32 upcast of the logits in the loss, dtypes. The optimizer step, which cannot run on
+meta tensors, is added from its measured rule (see `optimizer_step_temporaries`).
+
+Steady state is modelled (step 2 and later): optimizer states exist from the start of the
+step, gradients appear during backward and are freed by `zero_grad()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import transformers
+from torch import nn
+
+from ..checkpointing import enable_gradient_checkpointing
+from ..config import LoraConfig, QuantConfig, parse_dtype
+from ..inject import add_lora
+from .meta_model import build_meta_model, fused_attention, load_config, replace_quantized_layers
+from .report import breakdown_table, format_bytes
+from .tracker import CATEGORIES, TensorTracker
+
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+_BNB_MIN_8BIT_SIZE = 4096   # bitsandbytes keeps 32-bit state for tensors smaller than this
+_BNB_BLOCK = 256            # bitsandbytes' 8-bit optimizer block size (one fp32 absmax each)
+
+LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def default_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The model's own loss with labels = inputs (transformers upcasts the full logits to fp32)."""
+    return model(input_ids=tokens, labels=tokens).loss
+
+
+def chunked_loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The trainer's chunked cross-entropy (never materializes the full fp32 logits)."""
+    try:
+        from ..train.loss import causal_lm_loss
+    except ImportError as err:
+        raise ImportError(f"chunked_loss=True needs qlowrank.train.loss.causal_lm_loss ({err})") from None
+    return causal_lm_loss(model, tokens, tokens)
+
+
+@dataclass
+class MemoryEstimate:
+    """A predicted training-step peak, by category (the categories of MemoryProfiler)."""
+
+    breakdown: dict[str, int]
+    peak_phase: str                       # "forward/backward" or "optimizer": where the peak falls
+    settings: dict = field(default_factory=dict)
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    _simulate: Callable[[int], "MemoryEstimate"] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def total_bytes(self) -> int:
+        """Predicted peak bytes of tensor memory in one training step."""
+        return sum(self.breakdown.values())
+
+    def fits(self, device_bytes: int) -> bool:
+        """True when the predicted peak fits in `device_bytes` (no allocator/context overhead added)."""
+        return self.total_bytes <= int(device_bytes)
+
+    def max_batch_size(self, device_bytes: int, limit: int = 1 << 16) -> int:
+        """The largest batch size whose predicted peak fits in `device_bytes` (0: not even 1).
+
+        Solved from the linear trend of batch 1 and 2, then checked by simulating the answer.
+        """
+        if self._simulate is None:
+            raise RuntimeError("this estimate cannot re-simulate other batch sizes")
+        one, two = self._simulate(1).total_bytes, self._simulate(2).total_bytes
+        if one > device_bytes:
+            return 0
+        per_sample = max(two - one, 1)
+        batch = min(limit, 1 + (int(device_bytes) - one) // per_sample)
+        while batch > 1 and not self._simulate(batch).fits(device_bytes):
+            batch -= max(1, batch // 50)  # the trend is near-linear: a few small steps back suffice
+        return max(batch, 1)
+
+    def table(self) -> str:
+        """The breakdown as a text table, with the settings."""
+        s = self.settings
+        extra = [("peak in phase", self.peak_phase),
+                 ("trainable params", f"{self.trainable_parameters:,}"),
+                 ("total params", f"{self.total_parameters:,}")]
+        title = (f"estimated peak: {s.get('model', '?')}  bits={s.get('bits')}  r={s.get('r')}  "
+                 f"batch={s.get('batch_size')}  seq={s.get('seq_len')}  checkpointing={s.get('gradient_checkpointing')}  "
+                 f"optimizer={s.get('optimizer')}  dtype={s.get('dtype')}  device={s.get('device')}")
+        return breakdown_table(self.breakdown, title, extra)
+
+    def to_dict(self) -> dict:
+        """JSON-ready values."""
+        return {"total_bytes": self.total_bytes, "total": format_bytes(self.total_bytes),
+                "breakdown": dict(self.breakdown), "peak_phase": self.peak_phase, "settings": dict(self.settings),
+                "trainable_parameters": self.trainable_parameters, "total_parameters": self.total_parameters}
+
+
+def estimate_memory(
+    path_or_config: str | Path | transformers.PretrainedConfig,
+    quant: QuantConfig | None = None,
+    lora: LoraConfig | None = None,
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    gradient_checkpointing: bool = True,
+    optimizer: str = "adamw",
+    dtype: torch.dtype | str = torch.bfloat16,
+    device: str | None = None,
+    chunked_loss: bool = False,
+    loss_fn: LossFn | None = None,
+) -> MemoryEstimate:
+    """Predict the peak memory of one training step, from a config alone.
+
+    Args:
+        path_or_config: a model directory, its config.json, a .gguf file, or a transformers config.
+        quant: how the base is stored (None or bits=None: unquantized, in `dtype`).
+        lora: the adapters; None with an unquantized base means full fine-tuning.
+        batch_size: sequences per step.
+        seq_len: tokens per sequence.
+        gradient_checkpointing: recompute each block in backward (qlowrank's checkpointing).
+        optimizer: "adamw" (fp32 states), "adamw8bit" (bitsandbytes block-wise) or "sgd" (no state).
+        dtype: dtype of unquantized weights (embeddings, norms, head, a float base) and activations.
+        device: "cuda" or "cpu": whose kernels to imitate (default: cuda if present, else cpu).
+        chunked_loss: use the trainer's chunked cross-entropy instead of full fp32 logits.
+        loss_fn: any `(model, tokens) -> loss`, overriding the two above.
+
+    Returns:
+        A MemoryEstimate with `total_bytes`, `breakdown`, `fits()` and `max_batch_size()`.
+
+    Raises:
+        ValueError: an unknown optimizer, a quantized base without LoRA, or non-positive sizes.
+    """
+    quant = quant or QuantConfig(bits=None)
+    dtype = parse_dtype(dtype, "estimate_memory dtype")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {OPTIMIZERS}")
+    if lora is None and quant.bits is not None:
+        raise ValueError(f"a {quant.bits}-bit base cannot be fully fine-tuned; pass a LoraConfig (or quant bits=None)")
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r}: estimate for 'cuda' or 'cpu'")
+    config = load_config(path_or_config)
+    loss_fn = loss_fn or (chunked_loss_fn if chunked_loss else default_loss)
+    settings = {
+        "model": getattr(config, "_name_or_path", "") or config.model_type, "bits": quant.bits,
+        "r": lora.r if lora else None, "batch_size": batch_size, "seq_len": seq_len,
+        "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer,
+        "dtype": str(dtype).removeprefix("torch."), "device": device, "chunked_loss": chunked_loss,
+    }
+    cache: dict[int, MemoryEstimate] = {}
+
+    def simulate(batch: int) -> MemoryEstimate:
+        if batch not in cache:
+            cache[batch] = _simulate_step(config, quant, lora, batch, seq_len, gradient_checkpointing,
+                                          optimizer, dtype, device, loss_fn, {**settings, "batch_size": batch})
+            cache[batch]._simulate = simulate
+        return cache[batch]
+
+    return simulate(batch_size)
+
+
+def _simulate_step(config, quant, lora, batch, seq_len, checkpointing, optimizer, dtype, device, loss_fn,
+                   settings) -> MemoryEstimate:
+    model = build_meta_model(config, dtype)
+    if quant.bits is not None:
+        replace_quantized_layers(model, quant, device)
+    if lora is not None:
+        add_lora(model, lora)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    states = optimizer_states(trainable, optimizer)
+    tokens = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+    tracker = TensorTracker(model, None, devices=["meta"])
+    with tracker, fused_attention(device):
+        for tensor in states:
+            tracker.add(tensor, "optimizer_states")
+        tracker.set_phase("forward")
+        loss = loss_fn(model, tokens)
+        loss.backward()
+        del loss
+    after_backward = dict(tracker.state.live)  # weights, LoRA, gradients, optimizer states
+    step_temp = optimizer_step_temporaries(trainable, optimizer, device)
+    if sum(after_backward.values()) + step_temp > tracker.state.peak_bytes:
+        breakdown, phase = {**after_backward, "temporaries": after_backward["temporaries"] + step_temp}, "optimizer"
+    else:
+        breakdown, phase = dict(tracker.state.peak_breakdown), "forward/backward"
+    total_params = sum(_true_numel(m, p) for m in model.modules() for p in m.parameters(recurse=False))
+    return MemoryEstimate(breakdown={c: int(breakdown[c]) for c in CATEGORIES}, peak_phase=phase, settings=settings,
+                          trainable_parameters=sum(p.numel() for p in trainable), total_parameters=total_params)
+
+
+def _true_numel(module: nn.Module, param: torch.Tensor) -> int:
+    # a stand-in's packed weight holds out*in weights whatever its storage shape
+    if getattr(module, "bits", None) in (4, 8) and param is getattr(module, "weight", None):
+        return module.out_features * module.in_features
+    return param.numel()
+
+
+def optimizer_states(trainable: list[torch.Tensor], optimizer: str) -> list[torch.Tensor]:
+    """Meta tensors shaped like the steady-state optimizer state of `trainable`.
+
+    torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype, plus a 0-d fp32 step.
+    bitsandbytes AdamW8bit: two uint8 states and one fp32 absmax per 256 values each (plus
+    two 256-entry fp32 code books), 32-bit states below 4096 elements. SGD: nothing.
+    """
+    states: list[torch.Tensor] = []
+    for param in trainable:
+        def like(dtype: torch.dtype, n: int | None = None) -> torch.Tensor:
+            return torch.empty(param.numel() if n is None else n, dtype=dtype, device="meta")
+        if optimizer == "adamw":
+            states += [like(param.dtype), like(param.dtype), torch.empty((), dtype=torch.float32, device="meta")]
+        elif optimizer == "adamw8bit":
+            if param.numel() >= _BNB_MIN_8BIT_SIZE:
+                blocks = -(-param.numel() // _BNB_BLOCK)
+                states += [like(torch.uint8), like(torch.uint8), like(torch.float32, blocks),
+                           like(torch.float32, blocks), like(torch.float32, 256), like(torch.float32, 256)]
+            else:
+                states += [like(torch.float32), like(torch.float32)]
+    return states
+
+
+def optimizer_step_temporaries(trainable: list[torch.Tensor], optimizer: str, device: str) -> int:
+    """Scratch bytes alive at the worst moment of `optimizer.step()`.
+
+    torch AdamW on CPU updates one tensor at a time and builds `sqrt(v) / c` (two tensors of
+    the parameter's size) for the largest parameter; on CUDA the default foreach path builds
+    the denominator for all parameters at once (one copy of all states' size). bitsandbytes'
+    8-bit step works block-wise in place; SGD without momentum adds in place.
+    """
+    if not trainable or optimizer in ("sgd", "adamw8bit"):
+        return 0
+    sizes = [p.numel() * p.element_size() for p in trainable]
+    return sum(sizes) if device == "cuda" else 2 * max(sizes)

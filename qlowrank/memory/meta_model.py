@@ -1,0 +1,228 @@
+"""The estimator's model: a transformers model built on the meta device, with stand-ins for
+bitsandbytes layers that allocate what bitsandbytes allocates.
+
+Meta tensors have shapes, dtypes and storage sizes but no data, so a 175B model costs no
+memory and a training step costs no arithmetic. bitsandbytes cannot quantize meta
+tensors, so each quantized layer is replaced by a stand-in whose forward and backward
+allocate the tensors bitsandbytes 0.50 allocates (read from `bitsandbytes/autograd/
+_functions.py`): packed codes and scales as frozen storage; for 4-bit, nothing of the
+input kept for backward and a dequantized weight in flight during backward; for
+LLM.int8 on CPU (`MatMul8bitFp`), a dequantized weight in flight in both passes and the
+layer input kept on `ctx` for backward.
+
+Scaled-dot-product attention on meta tensors would take PyTorch's math path (a full
+T x T score matrix); the real CPU and CUDA kernels are fused and keep only the output and
+a log-sum-exp, so the simulation calls the fused kernel the target device would use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..config import QuantConfig
+
+_ENCODER_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "electra")
+
+
+def load_config(source: str | Path | transformers.PretrainedConfig) -> transformers.PretrainedConfig:
+    """A transformers config from a model directory, a config.json, a .gguf file or a config object.
+
+    Raises:
+        FileNotFoundError: the path does not exist or holds no config.json.
+        ValueError: the config names no `model_type` transformers knows.
+    """
+    if isinstance(source, transformers.PretrainedConfig):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a model directory, its config.json, or a .gguf file")
+    if path.suffix == ".gguf":
+        return transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if ggufs:
+                return load_config(ggufs[0])
+            raise FileNotFoundError(f"{path} holds no config.json (nor a .gguf file); pass the model's directory")
+        path = path / "config.json"
+    data = json.loads(path.read_text())
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{path} has no 'model_type'; it does not look like a transformers config.json")
+    try:
+        return transformers.AutoConfig.for_model(model_type, **data)
+    except ValueError as err:
+        raise ValueError(f"{path}: transformers does not know model_type={model_type!r} ({err})") from None
+
+
+def build_meta_model(config: transformers.PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+    """The model the config describes, on the meta device, in `dtype`, in training mode."""
+    auto = transformers.AutoModelForMaskedLM if config.model_type in _ENCODER_TYPES else transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=dtype)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model.train()
+
+
+class MetaQuantLinear(nn.Linear):
+    """A stand-in for a frozen bitsandbytes Linear4bit / Linear8bitLt on the meta device.
+
+    Args:
+        out_features, in_features: the layer shape.
+        quant: bits, blocksize, double quantization and compute dtype of the real layer.
+        weight_dtype: dtype of the float weight it replaces (bitsandbytes dequantizes to it).
+        device_type: "cpu" or "cuda": which bitsandbytes code path to imitate.
+        bias: whether the real layer has a (frozen) bias.
+    """
+
+    def __init__(self, out_features: int, in_features: int, quant: QuantConfig, weight_dtype: torch.dtype,
+                 device_type: str, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias, device="meta", dtype=weight_dtype)
+        n = out_features * in_features
+        self.bits = quant.bits
+        self.compute_dtype = quant.compute_dtype
+        self.weight_dtype = weight_dtype
+        self.device_type = device_type
+        if quant.bits == 4:
+            packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device="meta")  # two codes per byte
+            blocks = -(-n // quant.blocksize)
+            if quant.double_quant:  # absmax in 8 bits, its own fp32 absmax per 256 blocks, one fp32 offset
+                self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device="meta"))
+                self.register_buffer("absmax2", torch.empty(-(-blocks // 256), dtype=torch.float32, device="meta"))
+                self.register_buffer("offset", torch.empty((), dtype=torch.float32, device="meta"))
+            else:
+                self.register_buffer("absmax", torch.empty(blocks, dtype=torch.float32, device="meta"))
+        else:
+            packed = torch.empty(out_features, in_features, dtype=torch.int8, device="meta")
+            self.register_buffer("SCB", torch.empty(out_features, dtype=torch.float32, device="meta"))  # row scales
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        if bias:
+            self.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4:
+            # Linear4bit casts to compute dtype, runs the fused gemm_4bit op and casts back.
+            out = _Matmul4bit.apply(x.to(self.compute_dtype), self)
+            if self.bias is not None:
+                out = out + self.bias.to(out.dtype)
+            return out.to(x.dtype)
+        return _Matmul8bit.apply(x, self)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight bitsandbytes materializes when it dequantizes (a meta tensor)."""
+        if self.bits == 4:
+            return torch.empty(self.out_features, self.in_features, dtype=self.weight_dtype, device="meta").to(dtype)
+        return torch.empty(self.out_features, self.in_features, dtype=dtype, device="meta")
+
+
+class _Matmul4bit(torch.autograd.Function):
+    """bitsandbytes' MatMul4Bit: keeps only the packed weight; dequantizes again in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: MetaQuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        if layer.device_type == "cuda":
+            # the CUDA gemm dequantizes the whole weight into a temporary before the matmul
+            return x @ layer.dequantized(x.dtype).t()
+        return x.new_empty(*x.shape[:-1], layer.out_features)  # the CPU kernel's output only
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.layer.dequantized(grad.dtype)  # (out, in), in flight
+        return grad @ weight, None
+
+
+class _Matmul8bit(torch.autograd.Function):
+    """bitsandbytes' LLM.int8 training path: CPU `MatMul8bitFp`, CUDA `MatMul8bitLt`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: MetaQuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.x = x  # both paths keep the layer input on ctx for backward
+        if layer.device_type == "cuda":
+            flat = x.reshape(-1, x.shape[-1]).to(torch.float16)
+            codes = torch.empty_like(flat, dtype=torch.int8)  # (N, in) int8 activations
+            out = flat.new_empty(flat.shape[0], layer.out_features).to(x.dtype)
+            del codes
+            return out.reshape(*x.shape[:-1], layer.out_features)
+        weight = layer.dequantized(x.dtype)  # (out, in) CB * SCB / 127, in flight
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, layer = ctx.x, ctx.layer
+        weight = layer.dequantized(x.dtype)
+        grad = grad.reshape(-1, grad.shape[-1]).contiguous()
+        return (grad.to(x.dtype) @ weight).view(x.shape), None
+
+
+class MetaChecks(TorchFunctionMode):
+    """Answer data-dependent checks on meta tensors as in training: no padding, no packing.
+
+    transformers asks e.g. "are these sequences packed?" (`bool(tensor)`), which cannot be
+    read from a meta tensor.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__bool__ and args[0].is_meta:
+            return True
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def fused_attention(device_type: str) -> Iterator[None]:
+    """Route F.scaled_dot_product_attention to the fused kernel `device_type` would run.
+
+    A function patch rather than a mode, because checkpoint recomputation in backward runs
+    outside any torch-function mode; the original function is restored on exit.
+    """
+    original = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if not q.is_meta:
+            return original(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        if k.shape[-3] != q.shape[-3] and not enable_gqa:
+            raise ValueError(f"attention with {q.shape[-3]} query and {k.shape[-3]} key heads needs enable_gqa=True")
+        # with enable_gqa the fused kernels read the shared K/V heads in place (no expanded copy)
+        if device_type == "cuda":
+            return torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, attn_mask, True, dropout_p, bool(is_causal), scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, bool(is_causal), attn_mask=attn_mask, scale=scale)[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        with MetaChecks():
+            yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def replace_quantized_layers(model: nn.Module, quant: QuantConfig, device_type: str,
+                             skip: tuple[str, ...] = ()) -> int:
+    """Swap every linear layer quantize_model would quantize for a MetaQuantLinear; returns the count."""
+    from ..inject import _linear_layers, _name_matches, _output_head_names, _set_submodule
+    from ..lora import linear_shape
+
+    keep = _output_head_names(model)
+    count = 0
+    for name, module in _linear_layers(model):
+        if name in keep or _name_matches(name, skip):
+            continue
+        out_features, in_features = linear_shape(module)
+        has_bias = getattr(module, "bias", None) is not None
+        stand_in = MetaQuantLinear(out_features, in_features, quant, module.weight.dtype, device_type, has_bias)
+        stand_in.fan_in_fan_out = type(module).__name__ == "Conv1D"
+        _set_submodule(model, name, stand_in.train(module.training))
+        count += 1
+    return count
