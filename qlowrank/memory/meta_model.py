@@ -193,8 +193,12 @@ def fused_attention(device_type: str) -> Iterator[None]:
             return original(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         if k.shape[-3] != q.shape[-3] and not enable_gqa:
             raise ValueError(f"attention with {q.shape[-3]} query and {k.shape[-3]} key heads needs enable_gqa=True")
-        # with enable_gqa the fused kernels read the shared K/V heads in place (no expanded copy)
+        # With enable_gqa the CPU flash kernel reads the shared K/V heads in place; for CUDA we
+        # assume the expanded copy (the conservative case: not every CUDA kernel supports GQA).
         if device_type == "cuda":
+            if k.shape[-3] != q.shape[-3]:
+                repeat = q.shape[-3] // k.shape[-3]
+                k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
             return torch.ops.aten._scaled_dot_product_efficient_attention(
                 q, k, v, attn_mask, True, dropout_p, bool(is_causal), scale=scale)[0]
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(

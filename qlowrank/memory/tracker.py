@@ -87,7 +87,6 @@ class TensorTracker(TorchDispatchMode):
         self.step = 0
         self._records: dict[int, _Record] = {}
         self._head_seen = False
-        self._recompute_depth = 0
         self._handles: list = []
         self._saved_hooks = None
 
@@ -190,7 +189,8 @@ class TensorTracker(TorchDispatchMode):
     def _category_for_new(self) -> tuple[str, bool]:
         if self.phase == "forward" and not self._head_seen:
             return "temporaries", True
-        if self.phase == "backward" and self._recompute_depth > 0:
+        if self.phase == "backward" and torch.is_grad_enabled():
+            # backward runs with grad mode off; checkpoint recomputation switches it back on
             return "activations", False
         return "temporaries", False
 
@@ -222,7 +222,6 @@ class TensorTracker(TorchDispatchMode):
                 if param.requires_grad:
                     handles.append(param.register_post_accumulate_grad_hook(self._on_grad))
         handles.append(nn.modules.module.register_module_forward_pre_hook(self._on_module_pre))
-        handles.append(nn.modules.module.register_module_forward_hook(self._on_module_post))
         if self.optimizer is not None:
             handles.append(self.optimizer.register_step_pre_hook(lambda o, a, k: self.set_phase("optimizer")))
             handles.append(self.optimizer.register_step_post_hook(lambda o, a, k: self._on_step_done()))
@@ -238,14 +237,8 @@ class TensorTracker(TorchDispatchMode):
             self._head_seen = True
 
     def _on_module_pre(self, module, args) -> None:
-        if self.phase == "backward":
-            self._recompute_depth += 1
-        elif self.phase != "forward":  # the first module call after a step (or at the start) begins a forward
+        if self.phase not in ("forward", "backward"):  # the first module call after a step begins a forward
             self.set_phase("forward")
-
-    def _on_module_post(self, module, args, output) -> None:
-        if self.phase == "backward" and self._recompute_depth > 0:
-            self._recompute_depth -= 1
 
     def _on_grad(self, param: torch.Tensor) -> None:
         if param.grad is not None:

@@ -1,0 +1,85 @@
+"""`qlowrank profile`: run real training steps under MemoryProfiler; write the table, JSON and PNG."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..memory.report import atomic_write_text, format_bytes
+from .estimate import add_model_arguments, configs_from_args, default_model
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("profile", help="measure memory of real training steps (table, JSON, PNG)",
+                                   description=__doc__)
+    add_model_arguments(parser)
+    parser.set_defaults(batch=2, seq=128)
+    parser.add_argument("--steps", type=int, default=3, help="training steps to run (the peak is over all)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--out", default="memory-profile", help="folder for memory.txt, memory.json, memory.png")
+    parser.set_defaults(func=run)
+
+
+def build_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
+    """torch AdamW / SGD, or bitsandbytes' AdamW8bit (through qlowrank.quant)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    from ..quant import make_8bit_optimizer
+    return make_8bit_optimizer(name, params, lr=lr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpointing import enable_gradient_checkpointing
+    from ..loading import load_model
+    from ..memory.estimate import estimate_memory
+    from ..memory.profile import MemoryProfiler
+
+    quant, lora, dtype = configs_from_args(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_path = default_model(args.model)
+    model = load_model(model_path, quant=quant, lora=lora, device=device, dtype=dtype)
+    if lora is None:  # full fine-tuning: every parameter trains
+        for param in model.parameters():
+            param.requires_grad_(True)
+    if not args.no_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(args.optimizer, params, args.lr)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
+    started = time.perf_counter()
+    with MemoryProfiler(model=model, optimizer=optimizer) as prof:
+        for _ in tqdm(range(args.steps), desc="profiling steps", unit="step"):
+            loss = model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del loss
+    seconds = time.perf_counter() - started
+    estimate = estimate_memory(model_path, quant=quant, lora=lora, batch_size=args.batch, seq_len=args.seq,
+                               gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
+                               dtype=dtype, device=device.type)
+    error = 100.0 * (estimate.total_bytes - prof.peak_bytes) / max(prof.peak_bytes, 1)
+    out = Path(args.out)
+    header = (f"{model_path}: bits={args.bits} r={args.r} batch={args.batch} seq={args.seq} "
+              f"checkpointing={not args.no_checkpointing} optimizer={args.optimizer} dtype={args.dtype} "
+              f"device={device.type}, {args.steps} steps in {seconds:.1f} s")
+    text = "\n".join([header, "", prof.table(), "",
+                      f"estimate_memory for the same settings: {format_bytes(estimate.total_bytes)} "
+                      f"({error:+.1f}% vs measured {format_bytes(prof.peak_bytes)})"])
+    print(text)
+    atomic_write_text(out / "memory.txt", text + "\n")
+    prof.to_json(out / "memory.json")
+    prof.save_plot(out / "memory.png", title=f"{Path(model_path).name}: bits={args.bits} r={args.r} "
+                                             f"batch={args.batch}x{args.seq}")
+    print(f"wrote {out / 'memory.txt'}, {out / 'memory.json'}, {out / 'memory.png'}")
+    return 0
