@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import save_adapter
 from ..memory import MemoryProfiler
+from ..memory.report import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, collate
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss, count_predicted_tokens
@@ -89,7 +90,8 @@ class TrainResult:
     final_step: int = 0
     checkpoint: Path | None = None                          # the last checkpoint written
     adapter_dir: Path | None = None                         # out_dir/adapter
-    memory: dict | None = None                              # MemoryProfiler summary of step 1
+    memory: dict | None = None                              # MemoryProfiler summary of the first 2 steps
+    memory_table: str | None = None                         # the same as a text table
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -234,15 +236,16 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.config.progress,
                    dynamic_ncols=True)
         last_good = (self.step, list(self.position))
+        # Two steps are profiled: the optimizer states only appear during the first update.
+        profiler = MemoryProfiler(model=self.model, optimizer=self.raw_optimizer) if self.config.profile_memory else None
+        profile_until = self.step + 2
+        if profiler is not None:
+            profiler.__enter__()
         try:
             while self.step < self.total_steps:
-                profile = self.config.profile_memory and result.memory is None
-                with MemoryProfiler(model=self.model, optimizer=self.raw_optimizer) if profile else _nothing() as prof:
-                    metrics = self._step(stream)
-                if profile:
-                    result.memory = prof.summary()
-                    if self.accelerator.is_main_process:
-                        prof.to_json(self.out_dir / "memory.json", timeline=False)
+                metrics = self._step(stream)
+                if profiler is not None and (self.step >= profile_until or self.step >= self.total_steps):
+                    profiler = self._finish_profile(profiler, result)
                 last_good = (self.step, list(self.position))
                 result.losses.append(metrics["loss"])
                 bar.update(1)
@@ -267,14 +270,25 @@ class Trainer:
             raise
         finally:
             bar.close()
+            if profiler is not None:
+                self._finish_profile(profiler, result)
         if result.checkpoint is None or not str(result.checkpoint).endswith(f"step-{self.step:06d}"):
             result.checkpoint = self.save()
         self._log_eval(result, log)
         log.close()
         result.final_step = self.step
+        if result.memory_table and self.config.progress:
+            print(f"memory of the first two training steps (MemoryProfiler):\n{result.memory_table}", flush=True)
         if self.accelerator.is_main_process:
             result.adapter_dir = save_adapter(self.accelerator.unwrap_model(self.model), self.out_dir / "adapter")
         return result
+
+    def _finish_profile(self, profiler: MemoryProfiler, result: TrainResult) -> None:
+        profiler.__exit__(None, None, None)
+        result.memory, result.memory_table = profiler.summary(), profiler.table()
+        if self.accelerator.is_main_process:
+            profiler.to_json(self.out_dir / "memory.json", timeline=False)
+            atomic_write_text(self.out_dir / "memory.txt", result.memory_table + "\n")
 
     def _step(self, stream: Iterator[list[Example]]) -> dict:
         start = time.perf_counter()
@@ -317,14 +331,6 @@ class Trainer:
             log.write(metrics)
             if self.config.progress:
                 tqdm.write(f"step {self.step}: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_ppl']:.2f}")
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _MetricsLog:

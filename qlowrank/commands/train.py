@@ -1,0 +1,180 @@
+"""`qlowrank train`: fine-tune a model's LoRA factors on a data file; options from flags or a config file.
+
+    qlowrank train --model PATH --data FILE --bits 4 --r 16 --alpha 32 --target all-linear \\
+        --seq 512 --batch 4 --grad-accum 4 --lr 2e-4 --steps 100 --out DIR [--resume] [--export]
+
+A config file (--config run.json or run.toml) holds the same options by name (dashes or
+underscores); flags given on the command line override it. The output folder gets the
+adapter, checkpoints/, metrics.jsonl, memory.json / memory.txt, and merged/ with --export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import LoraConfig, QuantConfig, parse_dtype
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="fine-tune LoRA factors on a frozen 4/8-bit base", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+DEFAULTS: dict = {}   # option name -> default, applied under the config file and the flags
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every `qlowrank train` option (also what a --config file may set).
+
+    The parser itself has no defaults (argparse.SUPPRESS): the namespace holds only the
+    flags the user typed, so `resolve_options` can layer defaults < config file < flags.
+    """
+    def add(*names, default=None, action=None, **kwargs):
+        dest = kwargs.pop("dest", names[0].lstrip("-").replace("-", "_"))
+        DEFAULTS[dest] = False if action == "store_true" else default
+        if default not in (None, False):
+            kwargs["help"] = f"{kwargs.get('help', '')} [default: {default}]".strip()
+        parser.add_argument(*names, dest=dest, default=argparse.SUPPRESS, action=action, **kwargs)
+    add("--config", help="JSON or TOML file with any of these options; flags override it")
+    add("--model", help="model directory (safetensors) or .gguf file")
+    add("--data", nargs="+", help="training data: .jsonl / .json / text file(s)")
+    add("--eval-data", nargs="+", help="held-out data file(s) (default: --eval-fraction of --data)")
+    add("--eval-fraction", type=float, default=0.05, help="share of --data held out when --eval-data is absent")
+    add("--out", default="qlowrank-out", help="output folder")
+    add("--bits", default="4", choices=["4", "8", "none"], help="base storage (none: float base)")
+    add("--quant-type", default="nf4", choices=["nf4", "fp4"])
+    add("--r", type=int, default=16, help="LoRA rank")
+    add("--alpha", type=float, default=None, help="LoRA alpha (default 2 * r)")
+    add("--dropout", type=float, default=0.0, help="dropout on the LoRA branch")
+    add("--target", "--targets", dest="target", default="all-linear",
+        help="all-linear, or comma-separated module names (q_proj,v_proj)")
+    add("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    add("--seq", type=int, default=512, help="longest sequence (tokens)")
+    add("--no-truncation", action="store_true", help="a row longer than --seq is an error instead of being cut")
+    add("--packing", action="store_true", help="pack short examples into --seq windows")
+    add("--batch", type=int, default=4, help="sequences per micro-batch")
+    add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    add("--lr", type=float, default=2e-4)
+    add("--lora-plus-ratio", type=float, default=1.0, help="LoRA+: lora_B trains at lr * ratio (16 in the paper)")
+    add("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "paged_adamw8bit"])
+    add("--weight-decay", type=float, default=0.0)
+    add("--warmup-steps", type=int, default=0)
+    add("--min-lr-ratio", type=float, default=0.0, help="the cosine ends at lr * this")
+    add("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    add("--steps", type=int, default=None, help="optimizer steps (default: --epochs)")
+    add("--epochs", type=float, default=1.0)
+    add("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype of the compute")
+    add("--chunk-tokens", type=int, default=256, help="rows of logits per chunk of the loss (0: naive full logits)")
+    add("--no-checkpointing", action="store_true", help="keep activations instead of recomputing them")
+    add("--eval-every", type=int, default=0, help="evaluate every N steps (always before and after)")
+    add("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
+    add("--keep-checkpoints", type=int, default=2)
+    add("--seed", type=int, default=0)
+    add("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    add("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add("--export", action="store_true", help="write the merged, dequantized model to OUT/merged at the end")
+    add("--export-dtype", default="bf16", help="dtype of the merged export (bf16, fp16, fp32)")
+    add("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults, then the --config file (JSON or TOML, dashes or underscores), then the typed flags."""
+    typed = {k: v for k, v in vars(args).items() if k in DEFAULTS}
+    values = dict(DEFAULTS)
+    if typed.get("config"):
+        path = Path(typed["config"])
+        if not path.is_file():
+            raise SystemExit(f"--config {path}: no such file")
+        if path.suffix == ".toml":
+            import tomllib
+            loaded = tomllib.loads(path.read_text())
+        else:
+            loaded = json.loads(path.read_text())
+        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(loaded) - set(DEFAULTS))
+        if unknown:
+            raise SystemExit(f"--config {path}: unknown options {unknown}; use the flag names of `qlowrank train --help`")
+        values.update(loaded)
+    values.update(typed)
+    return argparse.Namespace(**{**vars(args), **values})
+
+
+def load_tokenizer(model_path: str | Path):
+    """The tokenizer of a model directory or of a .gguf file."""
+    from transformers import AutoTokenizer
+
+    path = Path(model_path)
+    if path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """The TrainConfig the CLI options describe."""
+    from ..train import TrainConfig
+
+    return TrainConfig(
+        out_dir=args.out, steps=args.steps, epochs=args.epochs, batch_size=args.batch, grad_accum=args.grad_accum,
+        lr=args.lr, lora_plus_ratio=args.lora_plus_ratio, optimizer=args.optimizer, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm or None,
+        precision=args.precision, chunk_tokens=args.chunk_tokens or None, eval_every=args.eval_every,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
+        progress=not args.no_progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import enable_gradient_checkpointing, export_merged, load_model
+    from ..train import DataError, Trainer, load_examples, pack_examples, split_examples
+
+    args = resolve_options(args)
+    if not args.model or not args.data:
+        raise SystemExit("qlowrank train needs --model and --data (as flags or in --config)")
+    config = train_config_from_args(args)
+    bits = None if str(args.bits) == "none" else int(args.bits)
+    compute = torch.bfloat16 if config.precision != "fp32" else torch.float32
+    quant = QuantConfig(bits=bits, quant_type=args.quant_type, compute_dtype=compute)
+    targets = args.target if args.target == "all-linear" else [t.strip() for t in args.target.split(",") if t.strip()]
+    lora = LoraConfig(r=args.r, alpha=args.alpha or 2 * args.r, dropout=args.dropout, target_modules=targets,
+                      use_rslora=args.rslora)
+    tokenizer = load_tokenizer(args.model)
+    try:
+        examples = load_examples(args.data, tokenizer, args.seq, truncation=not args.no_truncation)
+        held = load_examples(args.eval_data, tokenizer, args.seq, truncation=not args.no_truncation) if args.eval_data else []
+    except DataError as err:
+        print(f"qlowrank train: bad data: {err}", file=sys.stderr)
+        return 2
+    if args.eval_data:
+        train = examples
+    else:
+        train, held = split_examples(examples, args.eval_fraction if len(examples) >= 20 else 0.0, args.seed)
+    if args.packing:
+        train = pack_examples(train, args.seq)
+    print(f"data: {len(train)} training sequences, {len(held)} held out", flush=True)
+    model = load_model(args.model, quant=quant, lora=lora, device=args.device, dtype=compute)
+    if not args.no_checkpointing:
+        enable_gradient_checkpointing(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    try:
+        result = Trainer(model, config, train, held, pad_token_id=pad).train(resume=args.resume)
+    except KeyboardInterrupt:
+        return 130
+    if result.memory_table and args.no_progress:  # with a progress bar the trainer printed it
+        print(result.memory_table)
+    if result.evals:
+        first, last = result.evals[0], result.evals[-1]
+        print(f"eval loss: step {first['step']} {first['eval_loss']:.4f} -> step {last['step']} {last['eval_loss']:.4f}")
+    print(f"adapter: {result.adapter_dir}\ncheckpoint: {result.checkpoint}\nmetrics: {Path(args.out) / 'metrics.jsonl'}")
+    if args.export:
+        merged = Path(args.out) / "merged"
+        export_merged(model, merged, dtype=parse_dtype(args.export_dtype, "--export-dtype"), tokenizer=tokenizer,
+                      overwrite=True)
+        print(f"merged model: {merged}")
+    return 0

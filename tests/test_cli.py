@@ -1,0 +1,78 @@
+"""`qlowrank train` in a subprocess: config file + flags, outputs, resume, export, bad data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from pydoc_data.topics import topics
+
+from qlowrank.cli import main
+from test_data import tiny_tokenizer
+
+QLOWRANK = [sys.executable, "-m", "qlowrank.cli"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny Llama checkpoint with a real BPE tokenizer, and a prompt/completion data file."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    with open(root / "data.jsonl", "w") as handle:
+        for key in sorted(topics)[:24]:
+            handle.write(json.dumps({"prompt": f"Topic {key}:\n", "completion": topics[key][:120]}) + "\n")
+    (root / "run.json").write_text(json.dumps({"model": str(root / "model"), "data": [str(root / "data.jsonl")],
+                                               "seq": 64, "batch": 2, "r": 4, "lr": 5e-3, "steps": 50,
+                                               "out": str(root / "out"), "no_progress": True}))
+    return root
+
+
+def _run(*args, cwd):
+    return subprocess.run([*QLOWRANK, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_train_from_config_with_flag_override_then_resume_and_export(workdir):
+    # The config file says 50 steps; the flag says 2 and wins.
+    done = _run("train", "--config", workdir / "run.json", "--steps", "2", "--save-every", "1", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = workdir / "out"
+    assert {"adapter", "checkpoints", "metrics.jsonl", "memory.json", "memory.txt"} <= {p.name for p in out.iterdir()}
+    assert "base_weights" in done.stdout and "optimizer_states" in done.stdout   # the memory table
+    steps = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 2]   # eval before, two steps, eval after
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+
+    done = _run("train", "--config", workdir / "run.json", "--steps", "3", "--resume", "--export", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3]   # resumed at 3, nothing repeated
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
+    tok = transformers.AutoTokenizer.from_pretrained(out / "merged")
+    ids = tok("Topic assert:\n", return_tensors="pt").input_ids
+    assert merged.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, ids.shape[1] + 4)
+
+
+# The error paths run in-process (same argv handling, without a 7 s interpreter start-up).
+def test_bad_row_is_reported_with_file_and_line(workdir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "no completion"}\n')
+    code = main(["train", "--model", str(workdir / "model"), "--data", str(bad), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert f"{bad}:2: missing field 'completion'" in capsys.readouterr().err
+
+
+def test_unknown_config_option_is_named(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": "m", "data": "d", "learning_rate": 1}))
+    with pytest.raises(SystemExit, match=r"unknown options \['learning_rate'\]"):
+        main(["train", "--config", str(config)])
