@@ -12,6 +12,9 @@ Nothing is ever unpickled: `.bin` / `.pt` checkpoints are refused with a message
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 import re
@@ -313,9 +316,9 @@ def _check_shape(module: nn.Module, leaf: str, tensor: torch.Tensor, key: str, s
 
 
 def _assign(module: nn.Module, leaf: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
-    if tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    tensor = tensor.to(device)
+    # Always a copy: a tensor that still pointed into the memory-mapped shard would keep the
+    # whole mapping (every page read so far) resident for the life of the model.
+    tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
     if leaf in module._parameters:
         old = module._parameters[leaf]
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else False)
@@ -336,6 +339,25 @@ def _quantize_if_complete(model, name, pending, quant, device, dtype) -> None:
     new.train(module.training)
     _set_submodule(model, name, new)
     del pending[name]
+    _release_freed_memory()
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_trim():
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc only; a no-op elsewhere).
+
+    Quantizing a layer frees float temporaries of many sizes; glibc keeps such memory in
+    its arenas, and on the 1.2B benchmark that fragmentation alone added ~1 GB to the peak.
+    """
+    trim = _libc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _check_keys(model, folder, expected, loaded, unexpected, pending) -> None:
