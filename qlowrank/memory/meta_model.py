@@ -181,7 +181,8 @@ class MetaChecks(TorchFunctionMode):
 
 @contextlib.contextmanager
 def fused_attention(device_type: str) -> Iterator[None]:
-    """Route F.scaled_dot_product_attention to the fused kernel `device_type` would run.
+    """Route F.scaled_dot_product_attention to the fused kernel `device_type` would run (and
+    let autocast calls on meta tensors pass) while the estimator simulates a step.
 
     A function patch rather than a mode, because checkpoint recomputation in backward runs
     outside any torch-function mode; the original function is restored on exit.
@@ -189,7 +190,8 @@ def fused_attention(device_type: str) -> Iterator[None]:
     original = F.scaled_dot_product_attention
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if not q.is_meta:
+        if not q.is_meta or (device_type == "cpu" and dropout_p > 0):
+            # PyTorch's CPU flash kernel has no dropout: with dropout the CPU takes the math path too
             return original(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         if k.shape[-3] != q.shape[-3] and not enable_gqa:
             raise ValueError(f"attention with {q.shape[-3]} query and {k.shape[-3]} key heads needs enable_gqa=True")
@@ -204,12 +206,23 @@ def fused_attention(device_type: str) -> Iterator[None]:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, dropout_p, bool(is_causal), attn_mask=attn_mask, scale=scale)[0]
 
+    autocast, is_enabled = torch.autocast, torch.is_autocast_enabled
+
+    def meta_autocast(device_type, *args, **kwargs):
+        # autocast knows no "meta" device; code that switches it off explicitly still runs
+        return contextlib.nullcontext() if device_type == "meta" else autocast(device_type, *args, **kwargs)
+
+    def meta_is_autocast_enabled(*args):
+        return False if args and args[0] == "meta" else is_enabled(*args)
+
     F.scaled_dot_product_attention = sdpa
+    torch.autocast, torch.is_autocast_enabled = meta_autocast, meta_is_autocast_enabled
     try:
         with MetaChecks():
             yield
     finally:
         F.scaled_dot_product_attention = original
+        torch.autocast, torch.is_autocast_enabled = autocast, is_enabled
 
 
 def replace_quantized_layers(model: nn.Module, quant: QuantConfig, device_type: str,
