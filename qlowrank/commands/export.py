@@ -1,0 +1,76 @@
+"""`qlowrank export`: base checkpoint + adapter -> one plain, merged Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import QuantConfig, parse_dtype
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="merge a LoRA adapter into its base and write a plain (dequantized) Hugging Face checkpoint",
+        description=(
+            "Rebuild the base exactly as it was quantized during training (read from the adapter's "
+            "qlowrank_adapter.json, or --bits), load the adapter, and write dequant(W) + scale * B A "
+            "(or, with --from-original, the original float W + scale * B A) as sharded safetensors."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="base model: HF directory, .gguf file or hub id")
+    parser.add_argument("--adapter", required=True, help="adapter directory (qlowrank's or PEFT's)")
+    parser.add_argument("--out", required=True, help="output directory (created atomically)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="exported weight dtype")
+    parser.add_argument("--from-original", action="store_true",
+                        help="merge into the original float weights of --model instead of the dequantized ones")
+    parser.add_argument("--bits", choices=["4", "8", "none"],
+                        help="how the base was quantized in training (default: from the adapter's qlowrank_adapter.json)")
+    parser.add_argument("--compute-dtype", choices=["bf16", "fp16", "fp32"],
+                        help="compute dtype of the rebuilt quantized model for the fidelity probe (default: as trained)")
+    parser.add_argument("--gguf-file", help="GGUF file name inside --model (a directory)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--no-probe", action="store_true", help="skip the fidelity probe")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own model code")
+    parser.set_defaults(func=run)
+
+
+def base_quant(sidecar: dict | None, bits: str | None, compute_dtype: str | None) -> QuantConfig:
+    """The QuantConfig the base was trained with: the adapter's record, overridden by flags."""
+    recorded = dict((sidecar or {}).get("base_quant") or {})
+    if bits is None and sidecar is None:
+        raise ValueError(
+            "the adapter has no qlowrank_adapter.json (it was not saved by qlowrank), so how its base was "
+            "quantized in training is unknown: pass --bits 4, 8 or none"
+        )
+    if bits is not None:
+        recorded["bits"] = None if bits == "none" else int(bits)
+    elif not recorded:
+        recorded["bits"] = None  # qlowrank recorded a float base
+    if compute_dtype is not None:
+        recorded["compute_dtype"] = compute_dtype
+    if "compute_dtype" in recorded:
+        recorded["compute_dtype"] = parse_dtype(recorded["compute_dtype"], "compute_dtype")
+    return QuantConfig(**recorded)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..adapters import load_adapter, read_adapter_config
+    from ..export import export_merged
+    from ..loading import load_model
+
+    try:
+        _, sidecar = read_adapter_config(args.adapter)
+        quant = base_quant(sidecar, args.bits, args.compute_dtype)
+        model = load_model(args.model, quant=quant, device=args.device, gguf_file=args.gguf_file,
+                           trust_remote_code=args.trust_remote_code)
+        load_adapter(model, args.adapter)
+        base = args.model if args.from_original else None
+        export_merged(model, args.out, dtype=parse_dtype(args.dtype), base=base, overwrite=args.overwrite,
+                      probe=not args.no_probe)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"qlowrank export: {err}", file=sys.stderr)
+        return 1
+    return 0
+
