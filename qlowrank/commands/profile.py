@@ -35,6 +35,15 @@ def build_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer
     return make_8bit_optimizer(name, params, lr=lr)
 
 
+def quantized_source_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype 4-bit weights were quantized from (bitsandbytes dequantizes back to it), if any."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(state, "dtype", None) is not None:
+            return state.dtype
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpointing import enable_gradient_checkpointing
     from ..loading import load_model
@@ -67,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     estimate = estimate_memory(model_path, quant=quant, lora=lora, batch_size=args.batch, seq_len=args.seq,
                                gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
-                               dtype=dtype, device=device.type)
+                               dtype=dtype, device=device.type, quantized_from=quantized_source_dtype(model))
     error = 100.0 * (estimate.total_bytes - prof.peak_bytes) / max(prof.peak_bytes, 1)
     out = Path(args.out)
     header = (f"{model_path}: bits={args.bits} r={args.r} batch={args.batch} seq={args.seq} "

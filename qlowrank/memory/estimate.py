@@ -117,6 +117,7 @@ def estimate_memory(
     device: str | None = None,
     chunked_loss: bool = False,
     loss_fn: LossFn | None = None,
+    quantized_from: torch.dtype | str | None = None,
 ) -> MemoryEstimate:
     """Predict the peak memory of one training step, from a config alone.
 
@@ -132,6 +133,8 @@ def estimate_memory(
         device: "cuda" or "cpu": whose kernels to imitate (default: cuda if present, else cpu).
         chunked_loss: use the trainer's chunked cross-entropy instead of full fp32 logits.
         loss_fn: any `(model, tokens) -> loss`, overriding the two above.
+        quantized_from: dtype the weights had when quantized (default `dtype`); bitsandbytes
+            dequantizes a 4-bit weight back to it in backward, so an fp32 source doubles that buffer.
 
     Returns:
         A MemoryEstimate with `total_bytes`, `breakdown`, `fits()` and `max_batch_size()`.
@@ -141,6 +144,7 @@ def estimate_memory(
     """
     quant = quant or QuantConfig(bits=None)
     dtype = parse_dtype(dtype, "estimate_memory dtype")
+    source_dtype = parse_dtype(quantized_from, "quantized_from") if quantized_from is not None else dtype
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {OPTIMIZERS}")
     if lora is None and quant.bits is not None:
@@ -163,18 +167,19 @@ def estimate_memory(
     def simulate(batch: int) -> MemoryEstimate:
         if batch not in cache:
             cache[batch] = _simulate_step(config, quant, lora, batch, seq_len, gradient_checkpointing,
-                                          optimizer, dtype, device, loss_fn, {**settings, "batch_size": batch})
+                                          optimizer, dtype, source_dtype, device, loss_fn,
+                                          {**settings, "batch_size": batch})
             cache[batch]._simulate = simulate
         return cache[batch]
 
     return simulate(batch_size)
 
 
-def _simulate_step(config, quant, lora, batch, seq_len, checkpointing, optimizer, dtype, device, loss_fn,
-                   settings) -> MemoryEstimate:
+def _simulate_step(config, quant, lora, batch, seq_len, checkpointing, optimizer, dtype, source_dtype, device,
+                   loss_fn, settings) -> MemoryEstimate:
     model = build_meta_model(config, dtype)
     if quant.bits is not None:
-        replace_quantized_layers(model, quant, device)
+        replace_quantized_layers(model, quant, device, source_dtype)
     if lora is not None:
         add_lora(model, lora)
     else:

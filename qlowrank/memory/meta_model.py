@@ -87,7 +87,8 @@ class MetaQuantLinear(nn.Linear):
 
     def __init__(self, out_features: int, in_features: int, quant: QuantConfig, weight_dtype: torch.dtype,
                  device_type: str, bias: bool = False) -> None:
-        super().__init__(in_features, out_features, bias=bias, device="meta", dtype=weight_dtype)
+        super().__init__(in_features, out_features, bias=bias, device="meta",
+                         dtype=weight_dtype if weight_dtype.is_floating_point else torch.float32)
         n = out_features * in_features
         self.bits = quant.bits
         self.compute_dtype = quant.compute_dtype
@@ -226,7 +227,7 @@ def fused_attention(device_type: str) -> Iterator[None]:
 
 
 def replace_quantized_layers(model: nn.Module, quant: QuantConfig, device_type: str,
-                             skip: tuple[str, ...] = ()) -> int:
+                             source_dtype: torch.dtype | None = None, skip: tuple[str, ...] = ()) -> int:
     """Swap every linear layer quantize_model would quantize for a MetaQuantLinear; returns the count."""
     from ..inject import _linear_layers, _name_matches, _output_head_names, _set_submodule
     from ..lora import linear_shape
@@ -238,7 +239,8 @@ def replace_quantized_layers(model: nn.Module, quant: QuantConfig, device_type: 
             continue
         out_features, in_features = linear_shape(module)
         has_bias = getattr(module, "bias", None) is not None
-        stand_in = MetaQuantLinear(out_features, in_features, quant, module.weight.dtype, device_type, has_bias)
+        weight_dtype = source_dtype or module.weight.dtype
+        stand_in = MetaQuantLinear(out_features, in_features, quant, weight_dtype, device_type, has_bias)
         stand_in.fan_in_fan_out = type(module).__name__ == "Conv1D"
         _set_submodule(model, name, stand_in.train(module.training))
         count += 1
