@@ -24,7 +24,7 @@ setup() {
 
 case "${1:-}" in
     setup) setup ;;
-    demo) setup; shift; exec "$PY" examples/quickstart.py "$@" ;;  # becomes `qlowrank demo` with the trainer
+    demo) setup; shift; exec "$VENV/bin/qlowrank" demo "$@" ;;
     test) setup; shift; exec "$PY" -m pytest -q "$@" ;;
     *) echo "usage: bash run.sh demo|test|setup" >&2; exit 2 ;;
 esac

@@ -10,7 +10,7 @@ from . import __version__
 
 # Each module in qlowrank/commands/ defines register(subparsers), which adds its parser
 # and sets `func` (args -> exit code). Add a module here when its command is ready.
-COMMAND_MODULES: list[str] = ["estimate", "profile", "train", "export"]
+COMMAND_MODULES: list[str] = ["estimate", "profile", "train", "demo", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
