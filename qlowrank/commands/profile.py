@@ -7,8 +7,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from ..memory.report import atomic_write_text, format_bytes
 from .estimate import add_model_arguments, configs_from_args, default_model
 
@@ -48,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpointing import enable_gradient_checkpointing
     from ..loading import load_model
     from ..memory.estimate import estimate_memory
-    from ..memory.profile import MemoryProfiler
+    from ..memory.profile import profile_steps
 
     quant, lora, dtype = configs_from_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -66,13 +64,7 @@ def run(args: argparse.Namespace) -> int:
     vocab = model.get_input_embeddings().num_embeddings
     tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
     started = time.perf_counter()
-    with MemoryProfiler(model=model, optimizer=optimizer) as prof:
-        for _ in tqdm(range(args.steps), desc="profiling steps", unit="step"):
-            loss = model(input_ids=tokens, labels=tokens).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            del loss
+    prof = profile_steps(model, optimizer, tokens, args.steps)
     seconds = time.perf_counter() - started
     estimate = estimate_memory(model_path, quant=quant, lora=lora, batch_size=args.batch, seq_len=args.seq,
                                gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,

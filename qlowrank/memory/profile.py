@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .report import atomic_write_text, breakdown_table, format_bytes, plot_profile
 from .tracker import CATEGORIES, PHASES, TensorTracker
@@ -181,3 +182,20 @@ class MemoryProfiler:
     def save_plot(self, path: str | os.PathLike, title: str = "qlowrank memory profile") -> Path:
         """Write the PNG: stacked-area timeline with phases, and the peak breakdown bar."""
         return plot_profile(self._tracker.state.timeline, self.breakdown, path, title)
+
+
+def profile_steps(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, steps: int = 3,
+                  progress: bool = True, loss_fn=None) -> MemoryProfiler:
+    """Run `steps` causal-LM training steps (labels = inputs) under a MemoryProfiler and return it.
+
+    Step 2 onwards is the steady state (optimizer state exists), so use steps >= 2 to see it.
+    `loss_fn(model, tokens) -> loss` replaces the model's own loss (e.g. a chunked one).
+    """
+    with MemoryProfiler(model=model, optimizer=optimizer) as prof:
+        for _ in tqdm(range(steps), desc="profiling steps", unit="step", disable=not progress):
+            loss = loss_fn(model, tokens) if loss_fn else model(input_ids=tokens, labels=tokens).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del loss
+    return prof

@@ -1,0 +1,117 @@
+"""Estimate-accuracy sweep: estimate_memory against MemoryProfiler on real training steps.
+
+    flock /tmp/qlowrank-heavy.lock .venv/bin/python benchmarks/estimate_accuracy.py
+
+bits none/8/4 x checkpointing on/off x r 8/64 x sequence 128/512 (24 configurations) on a
+tiny Llama and on a random Llama the shape of SmolLM2-135M; batch 1, bf16 weights and
+activations, LoRA on all linear layers, torch AdamW, 2 steps (the peak of step 2 includes
+the optimizer state). Prints a table and the median / worst relative error, writes
+benchmarks/estimate_accuracy.md and benchmarks/estimate_accuracy.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import qlowrank as ql
+from qlowrank.memory import format_bytes, profile_steps
+from qlowrank.memory.report import atomic_write_text, save_figure
+
+HERE = Path(__file__).parent
+
+
+def model_configs(which: str) -> dict[str, transformers.LlamaConfig]:
+    configs = {
+        "tiny-llama": transformers.LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False),
+        # SmolLM2-135M's shape (config of HuggingFaceTB/SmolLM2-135M), random weights
+        "smollm2-135m-shape": transformers.LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=100000.0),
+    }
+    return configs if which == "all" else {which: configs[which]}
+
+
+def run_case(config, bits, checkpointing, r, seq, steps=2):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if bits is not None:
+        ql.quantize_model(model, ql.QuantConfig(bits=bits))
+    ql.add_lora(model, ql.LoraConfig(r=r, alpha=2 * r))
+    if checkpointing:
+        ql.enable_gradient_checkpointing(model)
+    model.train()
+    optimizer = torch.optim.AdamW(ql.lora_parameters(model), lr=1e-4)
+    tokens = torch.randint(0, config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1))
+    started = time.perf_counter()
+    prof = profile_steps(model, optimizer, tokens, steps, progress=False)
+    seconds = time.perf_counter() - started
+    estimate = ql.estimate_memory(config, ql.QuantConfig(bits=bits), ql.LoraConfig(r=r, alpha=2 * r), batch_size=1,
+                                  seq_len=seq, gradient_checkpointing=checkpointing, device="cpu")
+    del model, optimizer
+    gc.collect()
+    return prof, estimate, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="all", choices=["all", "tiny-llama", "smollm2-135m-shape"])
+    args = parser.parse_args()
+    rows = []
+    header = f"{'model':<20}{'bits':>5}{'ckpt':>6}{'r':>4}{'seq':>5}{'measured':>13}{'estimate':>13}{'error':>8}{'s/run':>7}"
+    print(header)
+    for name, config in model_configs(args.models).items():
+        for bits in (None, 8, 4):
+            for checkpointing in (True, False):
+                for r in (8, 64):
+                    for seq in (128, 512):
+                        prof, est, seconds = run_case(config, bits, checkpointing, r, seq)
+                        error = (est.total_bytes - prof.peak_bytes) / prof.peak_bytes
+                        rows.append((name, bits, checkpointing, r, seq, prof.peak_bytes, est.total_bytes, error))
+                        print(f"{name:<20}{str(bits):>5}{str(checkpointing):>6}{r:>4}{seq:>5}"
+                              f"{format_bytes(prof.peak_bytes):>13}{format_bytes(est.total_bytes):>13}"
+                              f"{100 * error:>+7.2f}%{seconds:>7.1f}", flush=True)
+    errors = [abs(row[-1]) for row in rows]
+    summary = (f"{len(rows)} configurations: median |error| {100 * statistics.median(errors):.2f}%, "
+               f"worst {100 * max(errors):.2f}% (targets: 5% / 10%)")
+    print(summary)
+    lines = ["| model | bits | checkpointing | r | seq | measured peak | estimate | error |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {b} | {c} | {r} | {s} | {format_bytes(m)} | {format_bytes(e)} | {100 * err:+.2f}% |"
+              for n, b, c, r, s, m, e, err in rows]
+    atomic_write_text(HERE / "estimate_accuracy.md", "\n".join(lines + ["", summary, ""]))
+    plot(rows, summary)
+
+
+def plot(rows, summary) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    for name, marker in (("tiny-llama", "o"), ("smollm2-135m-shape", "s")):
+        points = [(row[5] / 2**20, row[6] / 2**20) for row in rows if row[0] == name]
+        if points:
+            ax.scatter(*zip(*points), marker=marker, label=name, alpha=0.8)
+    lo = min(min(r[5], r[6]) for r in rows) / 2**20 * 0.8
+    hi = max(max(r[5], r[6]) for r in rows) / 2**20 * 1.2
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="estimate = measured")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured peak tensor memory, MiB (MemoryProfiler)")
+    ax.set_ylabel("estimate_memory, MiB")
+    ax.set_title("estimate vs measured\n" + summary, fontsize=9)
+    ax.legend()
+    save_figure(fig, HERE / "estimate_accuracy.png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

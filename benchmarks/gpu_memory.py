@@ -1,0 +1,90 @@
+"""GPU check: QLoRA peak VRAM of a Llama-3-8B-shaped model (random weights) vs estimate_memory and torchtune.
+
+    .venv/bin/python benchmarks/gpu_memory.py             # needs one NVIDIA GPU, a few minutes
+    .venv/bin/python benchmarks/gpu_memory.py --dry-run   # CPU only: the meta-device estimate
+
+Settings: Llama-3-8B shape (hidden 4096, 32 layers, GQA 32/8, vocab 128256), NF4 +
+double quantization, bf16 compute and activations, LoRA r=8 alpha=16 on every linear layer
+but the head (torchtune's llama3_1/8B_qlora_single_device targets q, k, v, output proj and
+the MLP), batch 2 x 2048 tokens, gradient checkpointing, torch AdamW, 3 steps. Reports the
+profiler's tensor peak, torch.cuda.max_memory_allocated / reserved, the estimate, and
+torchtune's published 7.4 GiB peak for Llama 3.1 8B QLoRA (their batch and sequence lengths
+come from their dataset, so that comparison is indicative only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import transformers
+
+import qlowrank as ql
+from qlowrank.memory import format_bytes, profile_steps
+
+TORCHTUNE_QLORA_8B_GIB = 7.4
+CONFIG = transformers.LlamaConfig(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+QUANT = ql.QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+LORA = ql.LoraConfig(r=8, alpha=16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="only build the meta model and print the estimate")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--chunked-loss", action="store_true", help="measure with the trainer's chunked cross-entropy")
+    args = parser.parse_args()
+
+    estimates = {chunked: ql.estimate_memory(CONFIG, quant=QUANT, lora=LORA, batch_size=args.batch, seq_len=args.seq,
+                                             gradient_checkpointing=True, optimizer="adamw", dtype=torch.bfloat16,
+                                             device="cuda", chunked_loss=chunked) for chunked in (False, True)}
+    estimate = estimates[args.chunked_loss]
+    print(estimate.table())
+    print(f"with the {'full-logits' if args.chunked_loss else 'chunked'} loss instead: "
+          f"{format_bytes(estimates[not args.chunked_loss].total_bytes)}")
+    if args.dry_run:
+        print("\n--dry-run: no GPU used. Run without --dry-run on a machine with one NVIDIA GPU.")
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu_memory.py needs an NVIDIA GPU; use --dry-run to see the estimate only")
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("cuda"):  # random bf16 weights straight on the GPU, quantized layer by layer
+        model = transformers.AutoModelForCausalLM.from_config(CONFIG, dtype=torch.bfloat16)
+    ql.quantize_model(model, QUANT)
+    ql.add_lora(model, LORA)
+    ql.enable_gradient_checkpointing(model)
+    model.train()
+    torch.cuda.empty_cache()
+    print(f"model ready in {time.perf_counter() - started:.0f} s: {ql.count_parameters(model)}")
+    optimizer = torch.optim.AdamW(ql.lora_parameters(model), lr=1e-4)
+    tokens = torch.randint(0, CONFIG.vocab_size, (args.batch, args.seq), device="cuda")
+    started = time.perf_counter()
+    loss_fn = None
+    if args.chunked_loss:
+        from qlowrank.memory.estimate import chunked_loss_fn as loss_fn
+    prof = profile_steps(model, optimizer, tokens, args.steps, loss_fn=loss_fn)
+    seconds = (time.perf_counter() - started) / args.steps
+    print(prof.table())
+    gib = 2**30
+    rows = [
+        ("profiler tensor peak", prof.peak_bytes),
+        ("torch.cuda.max_memory_allocated", prof.cuda_max_allocated),
+        ("torch.cuda.max_memory_reserved", prof.cuda_max_reserved),
+        (f"estimate_memory ({'chunked' if args.chunked_loss else 'full-logits'} loss)", estimate.total_bytes),
+        ("torchtune Llama 3.1 8B QLoRA (published)", int(TORCHTUNE_QLORA_8B_GIB * gib)),
+    ]
+    print(f"\n{'':<42}{'GiB':>8}{'vs max_allocated':>18}")
+    for name, value in rows:
+        print(f"{name:<42}{value / gib:>8.2f}{100 * (value - prof.cuda_max_allocated) / prof.cuda_max_allocated:>+17.1f}%")
+    print(f"\n{torch.cuda.get_device_name()}, batch {args.batch} x {args.seq}, {seconds:.2f} s/step")
+
+
+if __name__ == "__main__":
+    main()
