@@ -72,9 +72,21 @@ def test_estimate_matches_profiler_on_tiny_llama_sweep():
     assert max(errors) <= WORST_REL_ERROR, errors
 
 
-@pytest.mark.parametrize("arch,bits", [("mistral", 4), ("qwen2", 4), ("bert", 4), ("gpt2", 4), ("gpt2", None)])
+def arch_config(arch: str) -> transformers.PretrainedConfig:
+    if arch == "gpt_neox":
+        return transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=64)
+    if arch == "opt":
+        return transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64)
+    return tiny_config(arch)
+
+
+@pytest.mark.parametrize("arch,bits", [("mistral", 4), ("qwen2", 4), ("bert", 4), ("gpt2", 4), ("gpt2", None),
+                                       ("gpt_neox", 4), ("opt", 4)])
 def test_estimate_matches_profiler_on_other_architectures(arch, bits):
-    config = tiny_config(arch)
+    """Mistral, Qwen2, BERT, GPT-2 (Conv1D), GPT-NeoX and OPT (both with dropout: CPU math attention)."""
+    config = arch_config(arch)
     measured = measure(config, bits, 8, True, 2, 32)
     predicted = estimate(config, bits, 8, True, 2, 32)
     assert abs(predicted.total_bytes - measured.peak_bytes) / measured.peak_bytes <= WORST_REL_ERROR

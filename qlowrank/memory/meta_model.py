@@ -133,9 +133,11 @@ class _Matmul4bit(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: MetaQuantLinear) -> torch.Tensor:
         ctx.layer = layer
         if layer.device_type == "cuda":
-            # the CUDA gemm dequantizes the whole weight into a temporary before the matmul
-            return x @ layer.dequantized(x.dtype).t()
-        return x.new_empty(*x.shape[:-1], layer.out_features)  # the CPU kernel's output only
+            # gemm_4bit's default kernel dequantizes the whole weight to x's dtype, then matmuls;
+            # the CUDA allocator sees that buffer (inside a custom op the CPU tracker cannot)
+            weight = torch.empty(layer.out_features, layer.in_features, dtype=x.dtype, device="meta")
+            return F.linear(x, weight)
+        return x.new_empty(*x.shape[:-1], layer.out_features)  # on CPU only the op's output is visible
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
