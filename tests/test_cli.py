@@ -1,4 +1,4 @@
-"""`qlowrank train` in a subprocess: config file + flags, outputs, resume, export, bad data."""
+"""`qlowrank train` then `qlowrank export` in subprocesses: config file + flags, outputs, resume, bad data."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from pydoc_data.topics import topics
+from safetensors.torch import load_file
 
 from qlowrank.cli import main
 from test_data import tiny_tokenizer
@@ -51,6 +52,15 @@ def test_train_from_config_with_flag_override_then_resume_and_export(workdir):
     steps = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 2]   # eval before, two steps, eval after
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+
+    # The adapter the run wrote goes through `qlowrank export` to a plain checkpoint.
+    done = _run("export", "--model", workdir / "model", "--adapter", out / "adapter", "--out", workdir / "exported",
+                cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = transformers.AutoModelForCausalLM.from_pretrained(workdir / "exported")
+    lora_b = load_file(out / "adapter" / "adapter_model.safetensors")["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert lora_b.abs().sum() > 0   # two steps moved B away from zero, so the export carries an update
+    assert exported.config.num_hidden_layers == 2
 
     done = _run("train", "--config", workdir / "run.json", "--steps", "3", "--resume", "--export", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -22,12 +22,12 @@ BF16_GRAD_ATOL = 2e-3
 BF16_LOSS_ATOL = 1e-3
 
 
-def _inputs(batch=2, seq=33, hidden=16, vocab=50, seed=0):
+def _inputs(batch=2, seq=33, hidden=16, vocab=50, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    h = torch.randn(batch, seq, hidden, requires_grad=True)
-    w = (torch.randn(vocab, hidden) * 0.5).requires_grad_()
-    b = torch.randn(vocab, requires_grad=True)
-    y = torch.randint(0, vocab, (batch, seq))
+    h = torch.randn(batch, seq, hidden, device=device, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device=device) * 0.5).requires_grad_()
+    b = torch.randn(vocab, device=device, requires_grad=True)
+    y = torch.randint(0, vocab, (batch, seq), device=device)
     y[0, :5] = IGNORE_INDEX          # a masked prompt
     y[1, -3:] = IGNORE_INDEX         # padding
     return h, w, b, y
@@ -40,8 +40,10 @@ def _naive(h, w, b, y, reduction="mean"):
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_chunked_loss_and_gradients_equal_naive_fp32(chunk, reduction):
-    h, w, b, y = _inputs()
+def test_chunked_loss_and_gradients_equal_naive_fp32(chunk, reduction, device):
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would round both paths to 10-bit mantissas
+    h, w, b, y = _inputs(device=device)
     got = chunked_cross_entropy(h, w, y, b, chunk_tokens=chunk, reduction=reduction)
     got_grads = torch.autograd.grad(got, (h, w, b))
     want = _naive(h, w, b, y, reduction)

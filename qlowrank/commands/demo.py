@@ -48,7 +48,8 @@ def _generate(merged_dir: Path, question: str, max_new_tokens: int, device: str)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
     with torch.no_grad():
-        out = model.generate(**prompt.to(device), max_new_tokens=max_new_tokens, do_sample=False,
+        # Greedy, with a mild repetition penalty: a 135M model otherwise loops on short lists.
+        out = model.generate(**prompt.to(device), max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.2,
                              pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
