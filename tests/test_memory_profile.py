@@ -149,3 +149,24 @@ def test_cuda_allocator_figures_bound_the_tensor_peak():
             step(model, opt, tokens)
     assert prof.cuda_max_allocated >= prof.peak_bytes
     assert prof.cuda_max_reserved >= prof.cuda_max_allocated
+
+
+# Measured on tiny Llama steps: the allocator-level peak exceeds MemoryProfiler's by 0.1%
+# (bf16 base) to 0.4% (4-bit: bitsandbytes dequantizes inside its gemm op, out of the
+# dispatcher's sight); 2% leaves room for kernel workspaces without hiding a real miss.
+ALLOCATOR_AGREEMENT = 0.02
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_profiler_agrees_with_torch_allocator_timeline(bits):
+    """An independent measurement: torch.profiler's allocator events see every byte, even in kernels."""
+    from qlowrank.memory.crosscheck import allocator_peak_bytes
+
+    model, opt = lora_setup(bits=bits)
+    tokens = token_batch(2, 128)
+    step(model, opt, tokens)  # optimizer state exists from here on: the steady state
+    reference = allocator_peak_bytes(lambda: step(model, opt, tokens))
+    with ql.MemoryProfiler(model=model, optimizer=opt) as prof:
+        step(model, opt, tokens)
+    assert prof.peak_bytes <= reference
+    assert (reference - prof.peak_bytes) / reference <= ALLOCATOR_AGREEMENT
