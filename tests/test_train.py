@@ -139,8 +139,23 @@ def test_lora_plus_groups_and_schedule(tok):
     assert lr_factor(9, 4, 14) == pytest.approx(0.5) and lr_factor(14, 4, 14, min_lr_ratio=0.1) == pytest.approx(0.1)
 
 
-def test_8bit_adamw_with_lora_plus_trains_on_packed_data(tmp_path, tok):
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit"])
+def test_8bit_adamw_with_lora_plus_trains_on_packed_data(tmp_path, tok, optimizer):
     examples = pack_examples(_examples(tok), seq_len=48)
-    config = _config(tmp_path, steps=8, optimizer="adamw8bit", lora_plus_ratio=4, lr=5e-3, chunk_tokens=None)
+    config = _config(tmp_path, steps=8, optimizer=optimizer, lora_plus_ratio=4, lr=5e-3, chunk_tokens=None)
     result = Trainer(_model(tok), config, examples, pad_token_id=tok.pad_token_id).train()
     assert sum(result.losses[-2:]) / 2 < sum(result.losses[:2]) / 2 - 0.3, result.losses
+
+
+def test_epochs_set_the_step_count_and_every_example_is_seen_once_per_epoch(tmp_path, tok):
+    examples = _examples(tok, 10)
+    seen = []
+    trainer = Trainer(_model(tok), _config(tmp_path, epochs=2, batch_size=4, grad_accum=1), examples,
+                      pad_token_id=tok.pad_token_id)
+    stream = trainer._micro_batches()
+    for _ in range(trainer.micro_per_epoch * 2):
+        seen.append([examples.index(e) for e in next(stream)])
+    assert trainer.total_steps == 6   # ceil(10 / 4) = 3 micro-batches per epoch, 2 epochs
+    for epoch in (seen[:3], seen[3:]):
+        assert sorted(i for batch in epoch for i in batch) == list(range(10))
+    assert seen[:3] != seen[3:]       # each epoch has its own order
