@@ -18,7 +18,6 @@ Writes benchmarks/paper_claims.md and benchmarks/paper_claims.png.
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 from pathlib import Path
 
@@ -120,51 +119,69 @@ def qlora_footprints() -> list[str]:
     return rows
 
 
-def measured(batch: int, seq: int) -> tuple[list[str], list]:
+BIG = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                              num_attention_heads=32, num_key_value_heads=4)  # TinyLlama-1.1B shape
+MODES = ("full fine-tuning", "LoRA r=16, 16-bit base", "QLoRA r=16, NF4 base")
+
+
+def measure_one(model_name: str, mode: str, batch: int, seq: int) -> tuple:
+    """One profiled run (2 steps), in its own process so that its RSS peak is its own."""
     from qlowrank.embedded import smollm2_gguf
 
-    big = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                   num_attention_heads=32, num_key_value_heads=4)  # TinyLlama-1.1B shape
+    bits = 4 if mode.startswith("QLoRA") else None
+    lora = None if mode.startswith("full") else ql.LoraConfig(r=16)
+    torch.manual_seed(0)
+    if model_name.startswith("SmolLM2"):
+        model = ql.load_model(str(smollm2_gguf()), quant=ql.QuantConfig(bits=bits), lora=lora,
+                              device="cpu", dtype=torch.bfloat16, progress=False)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(BIG, dtype=torch.bfloat16)
+        if bits:
+            ql.quantize_model(model, ql.QuantConfig(bits=bits))
+        if lora:
+            ql.add_lora(model, lora)
+    if lora is None:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    ql.enable_gradient_checkpointing(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    started = time.perf_counter()
+    prof = profile_steps(model, optimizer, tokens, steps=2, progress=False)
+    seconds = (time.perf_counter() - started) / 2
+    return model_name, mode, prof.peak_bytes, prof.breakdown, prof.rss_peak_bytes, seconds
+
+
+def measured(batch: int, seq: int) -> tuple[list[str], list]:
+    import multiprocessing
+
+    from qlowrank.embedded import smollm2_gguf
+
+    context = multiprocessing.get_context("spawn")
     results = []
     for model_name in ("SmolLM2-135M (real)", "random Llama 1.1B"):
-        for mode in ("full fine-tuning", "LoRA r=16, 16-bit base", "QLoRA r=16, NF4 base"):
-            bits = 4 if mode.startswith("QLoRA") else None
+        for mode in MODES:
+            with context.Pool(1) as pool:
+                result = pool.apply(measure_one, (model_name, mode, batch, seq))
             lora = None if mode.startswith("full") else ql.LoraConfig(r=16)
-            torch.manual_seed(0)
-            if model_name.startswith("SmolLM2"):
-                model = ql.load_model(str(smollm2_gguf()), quant=ql.QuantConfig(bits=bits), lora=lora,
-                                      device="cpu", dtype=torch.bfloat16, progress=False)
-            else:
-                model = transformers.AutoModelForCausalLM.from_config(big, dtype=torch.bfloat16)
-                if bits:
-                    ql.quantize_model(model, ql.QuantConfig(bits=bits))
-                if lora:
-                    ql.add_lora(model, lora)
-            if lora is None:
-                for param in model.parameters():
-                    param.requires_grad_(True)
-            ql.enable_gradient_checkpointing(model)
-            model.train()
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=1e-5)
-            tokens = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
-            started = time.perf_counter()
-            prof = profile_steps(model, optimizer, tokens, steps=2, progress=False)
-            seconds = (time.perf_counter() - started) / 2
-            results.append((model_name, mode, prof.peak_bytes, prof.breakdown, prof.rss_peak_bytes, seconds))
-            print(f"{model_name:<22}{mode:<26}{format_bytes(prof.peak_bytes):>12}  RSS {format_bytes(prof.rss_peak_bytes)}"
-                  f"  {seconds:.1f} s/step", flush=True)
-            del model, optimizer, params, prof
-            gc.collect()
+            source = str(smollm2_gguf()) if model_name.startswith("SmolLM2") else BIG
+            est = ql.estimate_memory(source, ql.QuantConfig(bits=4 if mode.startswith("QLoRA") else None), lora,
+                                     batch_size=batch, seq_len=seq, device="cpu")
+            results.append(result + (est.total_bytes,))
+            print(f"{model_name:<22}{mode:<26}{format_bytes(result[2]):>12}  RSS {format_bytes(result[4])}"
+                  f"  {result[5]:.1f} s/step", flush=True)
     rows = [f"| model | setting (batch {batch} x {seq}, bf16, checkpointing, AdamW) | peak tensor memory | vs full | "
-            "weights (frozen+trainable) | grads+Adam | activations+temporaries | process RSS peak | s/step |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for model_name, mode, peak, bd, rss, seconds in results:
+            "weights (frozen+trainable) | grads+Adam | activations+temporaries | process RSS peak (own process) | s/step | estimate_memory |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for model_name, mode, peak, bd, rss, seconds, est in results:
         full = next(r[2] for r in results if r[0] == model_name and r[1].startswith("full"))
         rows.append(f"| {model_name} | {mode} | {format_bytes(peak)} | {peak / full:.2f} | "
                     f"{format_bytes(bd['base_weights'] + bd['trainable_params'])} | "
                     f"{format_bytes(bd['gradients'] + bd['optimizer_states'])} | "
-                    f"{format_bytes(bd['activations'] + bd['temporaries'])} | {format_bytes(rss)} | {seconds:.1f} |")
+                    f"{format_bytes(bd['activations'] + bd['temporaries'])} | {format_bytes(rss)} | {seconds:.1f} | "
+                    f"{format_bytes(est)} ({100 * (est - peak) / peak:+.1f}%) |")
     return rows, results
 
 

@@ -112,8 +112,10 @@ def test_estimate_optimizer_step_peak_for_full_finetune():
     config.hidden_size, config.intermediate_size = 256, 512
     measured = measure(config, None, None, False, 1, 4, dtype=torch.float32)
     predicted = estimate(config, None, None, False, 1, 4, dtype=torch.float32)
-    assert measured.peak_phase == "optimizer"
+    assert measured.peak_phase == "optimizer" and measured.peak_step == 1  # state is created inside step 1
     assert predicted.peak_phase == "optimizer"
+    assert measured.breakdown["optimizer_states"] == predicted.breakdown["optimizer_states"]
+    assert measured.breakdown["gradients"] == predicted.breakdown["gradients"]
     assert abs(predicted.total_bytes - measured.peak_bytes) / measured.peak_bytes <= WORST_REL_ERROR
 
 

@@ -44,6 +44,7 @@ class _Record:
     nbytes: int
     category: str
     provisional: bool = False  # a forward allocation whose fate (activation or not) is not known yet
+    event: int = 0             # the event count when it was allocated
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TrackerState:
     peak_breakdown: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
     peak_phase: str = "setup"
     peak_step: int = 0
+    peak_event: int = 0
     # (event index, phase index, step, bytes per category in CATEGORIES order)
     timeline: list[tuple[int, int, int, tuple[int, ...]]] = field(default_factory=list)
     events: int = 0
@@ -110,7 +112,7 @@ class TensorTracker(TorchDispatchMode):
         nbytes = storage.nbytes()
         if nbytes == 0:
             return
-        self._records[key] = _Record(nbytes, category, provisional)
+        self._records[key] = _Record(nbytes, category, provisional, self.state.events + 1)
         self.state.live[category] += nbytes
         weakref.finalize(storage, self._free, key)
         self._after_alloc()
@@ -145,6 +147,7 @@ class TensorTracker(TorchDispatchMode):
             state.peak_bytes = total
             state.peak_breakdown = dict(state.live)
             state.peak_phase = self.phase
+            state.peak_event = state.events + 1
             state.peak_step = self.step
         self._sample()
 
@@ -251,7 +254,27 @@ class TensorTracker(TorchDispatchMode):
                 self._move(record, "activations")
         return tensor
 
+    def _fix_peak_for_new_state(self) -> None:
+        # A first step creates its state as it goes: if the peak fell inside this step, the
+        # state tensors alive at that moment were counted as temporaries; move them now.
+        state = self.state
+        if state.peak_phase != "optimizer" or state.peak_step != self.step:
+            return
+        seen: set[int] = set()
+        for per_param in self.optimizer.state.values():
+            for value in per_param.values():
+                if not isinstance(value, torch.Tensor) or not self._counted(value):
+                    continue
+                key = value.untyped_storage()._cdata
+                record = self._records.get(key)
+                if key in seen or record is None or record.category != "temporaries" or record.event > state.peak_event:
+                    continue
+                seen.add(key)
+                state.peak_breakdown["temporaries"] -= record.nbytes
+                state.peak_breakdown["optimizer_states"] += record.nbytes
+
     def _on_step_done(self) -> None:
+        self._fix_peak_for_new_state()
         self._note_optimizer_state()
         self.set_phase("setup")
 
