@@ -134,6 +134,8 @@ def test_cli_estimate_and_profile(tmp_path, capsys):
                  "--batch", "2", "--seq", "32", "--device", "cpu", "--out", str(tmp_path / "prof")]) == 0
     out = capsys.readouterr().out
     assert "measured tensor memory at the peak" in out and "+0.0% vs measured" in out
+    assert main(["estimate", "--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     summary = json.loads((tmp_path / "prof" / "memory.json").read_text())
     assert summary["peak_bytes"] > 0 and (tmp_path / "prof" / "memory.png").stat().st_size > 10_000
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +44,14 @@ def quantized_source_dtype(model: torch.nn.Module) -> torch.dtype | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"qlowrank profile: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..checkpointing import enable_gradient_checkpointing
     from ..loading import load_model
     from ..memory.estimate import estimate_memory
