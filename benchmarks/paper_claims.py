@@ -103,11 +103,13 @@ def gpt3_memory() -> list[str]:
 
 
 def qlora_footprints() -> list[str]:
-    rows = ["| LLaMA | paper (NF4+DQ) | our 4-bit base (NF4+DQ, bf16 embeddings/head/norms) |", "|---|---|---|"]
+    rows = ["| LLaMA | paper (NF4+DQ) | our 4-bit base (NF4+DQ, bf16 embeddings/head/norms) "
+            "| + LoRA r=64 all-linear factors (fp32) |", "|---|---|---|---|"]
     for name in LLAMA:
         est = estimate(llama(name), 4, ql.LoraConfig(r=64), batch_size=1, seq_len=16)
-        weights = est.breakdown["base_weights"]
-        rows.append(f"| {name} | {QLORA_PAPER_GB[name]} GB | {weights / GB:.1f} GB ({format_bytes(weights)}) |")
+        weights, factors = est.breakdown["base_weights"], est.breakdown["trainable_params"]
+        rows.append(f"| {name} | {QLORA_PAPER_GB[name]} GB | {weights / GB:.1f} GB ({format_bytes(weights)}) | "
+                    f"{(weights + factors) / GB:.1f} GB |")
     rows += ["", "| LLaMA 65B QLoRA, r=64 all linear, checkpointing | estimate | under 48 GB? |",
              "|---|---|---|"]
     for batch, seq, optimizer in ((1, 512, "adamw"), (1, 2048, "adamw"), (1, 512, "adamw8bit"),
