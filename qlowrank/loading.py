@@ -377,10 +377,26 @@ def _check_keys(model, folder, expected, loaded, unexpected, pending) -> None:
 
 def _load_gguf(folder: Path, name: str, quant: QuantConfig, device, dtype, skip_modules) -> nn.Module:
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=dtype)
+        # float32: transformers dequantizes the GGUF blocks; quantizing from float32 avoids a
+        # second rounding through bf16 before NF4 / int8.
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32)
     except ImportError as err:
         raise ImportError(f"reading {folder / name} needs the `gguf` package: pip install gguf ({err})") from None
     except (ValueError, OSError, RuntimeError) as err:
         raise ValueError(f"{folder / name}: transformers cannot read this GGUF file ({err})") from None
+    # The weights are now plain float tensors; transformers' GGUF marker would make the model
+    # look pre-quantized (and leak a quantization_config into exports).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.to(device)
-    return quantize_model(model, quant, skip=skip_modules, device=device)  # bits=None: unchanged
+    quantize_model(model, quant, skip=skip_modules, device=device)  # bits=None: unchanged
+    for module in model.modules():
+        if quantlib.is_quantized_linear(module):
+            continue
+        for leaf, param in module._parameters.items():
+            if param is not None and param.is_floating_point() and param.dtype != dtype:
+                module._parameters[leaf] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+    if tied_keys(model):
+        model.tie_weights()  # the casts above replaced the shared embedding / head parameter
+    return model

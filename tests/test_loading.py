@@ -97,6 +97,9 @@ def test_errors_name_the_file_or_tensor(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load(tmp_path / "nowhere")
+    # A hub id: offline (this machine) or online, a repository that does not exist is one clear error.
+    with pytest.raises(FileNotFoundError, match="could not be fetched from the Hugging Face hub"):
+        load("no-such-org-qlr/no-such-model")
 
     pickle_dir = tmp_path / "pickle"
     pickle_dir.mkdir()
