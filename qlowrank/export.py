@@ -292,12 +292,16 @@ def probe_fidelity(model: nn.Module, exported_dir: str | os.PathLike, dtype: tor
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (2, min(seq, limit)), generator=generator)
     reference = _logits(model, ids)
-    exported = type(model).from_pretrained(str(exported_dir), dtype=dtype).to(model.device)
+    # CPUs have no fp16 matmul kernels (thousands of times slower than bf16): an fp16 export
+    # is probed with its fp16-rounded weights computed in float32 there.
+    run_dtype = torch.float32 if dtype == torch.float16 and model.device.type == "cpu" else dtype
+    exported = type(model).from_pretrained(str(exported_dir), dtype=run_dtype).to(model.device)
     logits = _logits(exported, ids)
     del exported
     error = (logits - reference).norm() / reference.norm()
     return {
         "probe_tokens": list(ids.shape),
+        "probe_compute_dtype": str(run_dtype).removeprefix("torch."),
         "relative_logits_error": float(error),
         "max_abs_logits_error": float((logits - reference).abs().max()),
         "argmax_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),

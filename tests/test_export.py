@@ -26,6 +26,9 @@ FP32_EXPORT_TOL = 1e-5
 # u = 2^-8). Over the tiny 2-layer models the rounding errors accumulate to a measured
 # 0.0062 .. 0.0064 relative logits error (4-bit bases); 4u = 0.0156 leaves 2.4x headroom.
 BF16_EXPORT_TOL = 4 * 2**-8
+# fp16 export probed on a CPU: fp16-rounded weights (u = 2^-11), float32 compute (no fp16
+# kernels on CPUs). Measured 4.3e-4 .. 5.8e-4 on the three tiny models; bound 4u = 0.00195.
+FP16_WEIGHTS_TOL = 4 * 2**-11
 # LLM.int8 also quantizes activations at run time, which a float export cannot reproduce:
 # one int8 step is absmax / 127 (~0.019 sigma here); measured 0.0066 .. 0.0071 relative error.
 INT8_EXPORT_TOL = 0.02
@@ -128,6 +131,9 @@ def test_bf16_export_within_bf16_bound_and_from_original(checkpoints, tmp_path):
     assert report["dtype"] == "bfloat16" and report["relative_logits_error"] < BF16_EXPORT_TOL
     weights = load_file(str(tmp_path / "bf16" / "model-00001-of-00001.safetensors"))
     assert weights["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+
+    fp16 = ql.export_merged(model, tmp_path / "fp16", dtype="fp16", probe=True, progress=False)
+    assert fp16["probe_compute_dtype"] == "float32" and fp16["relative_logits_error"] < FP16_WEIGHTS_TOL
 
     original = ql.export_merged(model, tmp_path / "orig", dtype="fp32", base=checkpoints["llama"], progress=False)
     assert original["weights_from"] == f"original:{checkpoints['llama']}"
