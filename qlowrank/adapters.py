@@ -17,12 +17,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoraConfig, QuantConfig
 from .inject import add_lora, lora_layers
+from .loading import open_safetensors
+from .quant import quantized_bits
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -133,7 +134,7 @@ def _sidecar(model: nn.Module, first) -> dict:
     from . import __version__  # the package's own attribute: not importable while __init__ runs
 
     quant = getattr(model, "qlowrank_quant_config", None)
-    bits = _base_bits(model)
+    bits = base_bits(model)
     if quant is None:
         quant = QuantConfig(bits=bits)
     config = getattr(model, "config", None)
@@ -151,9 +152,8 @@ def _sidecar(model: nn.Module, first) -> dict:
     }
 
 
-def _base_bits(model: nn.Module) -> int | None:
-    from .quant import quantized_bits
-
+def base_bits(model: nn.Module) -> int | None:
+    """4 or 8 when the model holds bitsandbytes layers (the larger if mixed), else None."""
     bits = {quantized_bits(m) for m in model.modules()} - {None}
     return max(bits) if bits else None
 
@@ -190,11 +190,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path.with_suffix('.bin')} is a pickle adapter; qlowrank reads {ADAPTER_WEIGHTS} only "
                              "(re-save it with a current PEFT, which writes safetensors)")
         raise FileNotFoundError(f"{path} not found")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); the file is corrupt or truncated") from None
+    with open_safetensors(path) as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
 def _module_names(keys: list[str], path: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -23,15 +23,14 @@ from typing import Callable
 
 import torch
 import transformers
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import quant as quantlib
-from .adapters import replace_dir
+from .adapters import base_bits, replace_dir
 from .config import parse_dtype
-from .loading import checkpoint_files, key_mapper, tied_keys
+from .loading import checkpoint_files, key_mapper, open_safetensors, tied_keys
 from .lora import LoraLinear
 
 REPORT_NAME = "qlowrank_export_report.json"
@@ -103,7 +102,7 @@ def export_merged(
         report = {
             "dtype": str(dtype).removeprefix("torch."),
             "weights_from": f"original:{base}" if base is not None else "dequantized",
-            "base_bits": _bits(model),
+            "base_bits": base_bits(model),
             "shards": shards,
             "total_bytes": total,
             "tokenizer": tokenizer_source,
@@ -117,11 +116,6 @@ def export_merged(
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {out_dir}: " + ", ".join(f"{k}={v}" for k, v in report.items() if k != "tokenizer"))
     return report
-
-
-def _bits(model: nn.Module) -> int | None:
-    bits = {quantlib.quantized_bits(m) for m in model.modules()} - {None}
-    return max(bits) if bits else None
 
 
 def _weight_of(layer: nn.Module) -> Callable[[], torch.Tensor]:
@@ -193,7 +187,7 @@ def _from_original(model: nn.Module, entries: list[_Entry], base: Path) -> list[
 
 def _original_producer(path: Path, ckpt_key: str, entry: _Entry, layer: LoraLinear | None):
     def produce() -> torch.Tensor:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
+        with open_safetensors(path) as handle:
             tensor = handle.get_tensor(ckpt_key)
         if tuple(tensor.shape) != entry.shape:
             raise ValueError(f"{path.name}: {ckpt_key!r} has shape {tuple(tensor.shape)}, the model has {entry.shape}")

@@ -182,7 +182,7 @@ def checkpoint_files(folder: Path) -> CheckpointFiles:
         return files
     single = folder / SAFETENSORS_NAME
     if single.is_file():
-        with _open_safetensors(single) as handle:
+        with open_safetensors(single) as handle:
             return CheckpointFiles(folder, {key: single for key in handle.keys()})
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
@@ -190,7 +190,8 @@ def checkpoint_files(folder: Path) -> CheckpointFiles:
     raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {SAFETENSORS_INDEX} in {folder}")
 
 
-def _open_safetensors(path: Path):
+def open_safetensors(path: Path):
+    """safe_open on the CPU, with a corrupt or truncated file reported by name."""
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as err:  # safetensors raises its own SafetensorError for bad headers
@@ -279,7 +280,7 @@ def _load_safetensors(folder, quant, device, dtype, trust_remote_code, skip_modu
     unexpected: list[str] = []
     bar = tqdm(total=len(files.weight_map), desc="loading", unit="tensor", disable=not progress)
     for shard in files.files():
-        with _open_safetensors(shard) as handle:  # one memory-mapped shard at a time
+        with open_safetensors(shard) as handle:  # one memory-mapped shard at a time
             for ckpt_key in handle.keys():
                 key = mapped(ckpt_key)
                 bar.update(1)
