@@ -146,6 +146,23 @@ def test_bf16_export_within_bf16_bound_and_from_original(checkpoints, tmp_path):
     assert original["relative_logits_error"] > 100 * FP32_EXPORT_TOL
 
 
+def test_tokenizer_and_generation_config_travel_with_the_export(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    import transformers
+
+    vocab = {f"w{i}": i for i in range(255)} | {"[UNK]": 255}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(base)
+    model = trained(base, bits=4)
+    ql.export_merged(model, tmp_path / "merged", probe=False, progress=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert tokenizer("w1 w7 zz").input_ids == [1, 7, 255]
+    assert (tmp_path / "merged" / "generation_config.json").is_file()
+
+
 def test_existing_dir_kept_and_failure_leaves_nothing(checkpoints, tmp_path):
     model = trained(checkpoints["mistral"], bits=4)
     out = tmp_path / "merged"
