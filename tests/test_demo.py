@@ -15,6 +15,11 @@ from qlowrank.train.loss import IGNORE_INDEX
 
 pytestmark = pytest.mark.slow
 
+# The exported bf16 checkpoint, run by plain transformers in bf16, against the trained 4-bit
+# model under bf16 autocast: measured eval losses 2.4454 vs 2.4464 (50 steps). Rounding the
+# merged weights to bf16 once is the only difference; 0.05 allows 50x the measured gap.
+EXPORT_LOSS_ATOL = 0.05
+
 
 def test_demo_data_holds_out_whole_topics_and_masks_smollm2_chat(tmp_path):
     from qlowrank.commands.train import load_tokenizer
@@ -36,6 +41,7 @@ def test_demo_runs_to_the_end_and_the_eval_loss_falls(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "demo.json").read_text())
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert abs(summary["export_eval_loss_plain_transformers"] - summary["eval_loss_after"]) < EXPORT_LOSS_ATOL
     assert f"fell by {summary['eval_loss_drop']:.4f}" in done.stdout
     assert "base_weights" in done.stdout and str(out) in done.stdout
     assert {"adapter", "checkpoints", "merged", "metrics.jsonl", "memory.json", "demo.json"} <= {p.name for p in out.iterdir()}
