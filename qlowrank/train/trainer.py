@@ -260,6 +260,8 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self, self.step, metrics)
         except KeyboardInterrupt:
+            if profiler is not None:
+                profiler = self._finish_profile(profiler, result)
             # Discard a half-accumulated step: the checkpoint is the last completed one.
             self.optimizer.zero_grad(set_to_none=True)
             self.step, self.position = last_good[0], list(last_good[1])
@@ -267,6 +269,9 @@ class Trainer:
             bar.close()
             log.close()
             print(f"\ninterrupted: checkpoint of step {self.step} written to {path}; continue with --resume", flush=True)
+            raise
+        except Exception:
+            log.close()
             raise
         finally:
             bar.close()
