@@ -205,7 +205,7 @@ def plot(results) -> None:
         full = rows[0][2]
         for i, r in enumerate(rows):
             ax.text(i, bottom[i], f"{format_bytes(r[2])}\n{r[2] / full:.2f}x", ha="center", va="bottom", fontsize=8)
-        ax.set_title(f"{model_name}: peak tensor memory at the same batch/seq")
+        ax.set_title(f"{model_name}\npeak tensor memory, same batch and sequence", fontsize=10)
         ax.set_ylabel("MiB")
         ax.set_ylim(0, max(bottom) * 1.18)
     axes[0].legend(fontsize=8) if len(models) > 1 else axes.legend(fontsize=8)

@@ -204,7 +204,8 @@ def _simulate_step(config, quant, lora, batch, seq_len, checkpointing, optimizer
         breakdown, phase = {**after_backward, "temporaries": after_backward["temporaries"] + step_temp}, "optimizer"
     else:
         breakdown, phase = dict(tracker.state.peak_breakdown), "forward/backward"
-    total_params = sum(_true_numel(m, p) for m in model.modules() for p in m.parameters(recurse=False))
+    owners = {id(p): (m, p) for m in model.modules() for p in m.parameters(recurse=False)}  # tied weights once
+    total_params = sum(_true_numel(m, p) for m, p in owners.values())
     return MemoryEstimate(breakdown={c: int(breakdown[c]) for c in CATEGORIES}, peak_phase=phase, settings=settings,
                           trainable_parameters=sum(p.numel() for p in trainable), total_parameters=total_params)
 

@@ -159,12 +159,15 @@ class MemoryProfiler:
             "device": self.device_type,
         }
 
-    def to_json(self, path: str | os.PathLike | None = None, timeline: bool = True) -> str:
-        """The summary (and the timeline) as JSON; also written atomically to `path` if given."""
+    def to_json(self, path: str | os.PathLike | None = None, timeline: bool = True, max_samples: int = 4000) -> str:
+        """The summary (and the timeline, thinned to about `max_samples`) as JSON; also written
+        atomically to `path` if given."""
         data = self.summary()
         if timeline:
+            samples = self._tracker.state.timeline
+            stride = max(1, -(-len(samples) // max_samples))
             data["timeline_categories"] = list(CATEGORIES)
-            data["timeline"] = [[e, PHASES[p], s, list(v)] for e, p, s, v in self._tracker.state.timeline]
+            data["timeline"] = [[e, PHASES[p], s, list(v)] for e, p, s, v in samples[::stride]]
         text = json.dumps(data, indent=1)
         if path is not None:
             atomic_write_text(path, text)

@@ -66,8 +66,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
-    os.replace(tmp, path)
+    _publish(tmp, path)
     return path
+
+
+def _publish(tmp: str, path: Path) -> None:
+    # mkstemp creates files 0600; give the result the permissions a plain open() would
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
@@ -77,7 +85,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    _publish(tmp, path)
     return path
 
 
@@ -90,10 +98,17 @@ def plot_profile(timeline: Sequence[tuple[int, int, int, tuple[int, ...]]], peak
 
     fig, (ax_time, ax_peak) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 1]})
     mib = 2**20
+    timeline = _keep_peaks(list(timeline))
     if timeline:
-        xs = list(range(len(timeline)))
+        xs = [sample[0] for sample in timeline]
         series = [[sample[3][i] / mib for sample in timeline] for i in range(len(CATEGORIES))]
         ax_time.stackplot(xs, series, labels=CATEGORIES, colors=[COLORS[c] for c in CATEGORIES], alpha=0.9)
+        # filled areas drop one-event spikes at this scale; the total as a line keeps them
+        totals = [sum(column) for column in zip(*series)]
+        ax_time.plot(xs, totals, color="black", lw=0.6, label="total")
+        top = max(range(len(totals)), key=totals.__getitem__)
+        ax_time.annotate(f"peak {totals[top]:.0f} MiB", (xs[top], totals[top]), xytext=(10, -12),
+                         textcoords="offset points", fontsize=8, arrowprops={"arrowstyle": "->", "lw": 0.6})
         _shade_phases(ax_time, timeline)
     ax_time.set_xlabel("allocation / free event (forward, backward, optimizer shaded)")
     ax_time.set_ylabel("live tensor memory (MiB)")
@@ -113,6 +128,15 @@ def plot_profile(timeline: Sequence[tuple[int, int, int, tuple[int, ...]]], peak
     return saved
 
 
+def _keep_peaks(timeline: list, buckets: int = 1500) -> list:
+    # A plot cannot show 60,000 events; keep each bucket's highest sample so spikes
+    # (the logits at the start of backward) stay visible.
+    if len(timeline) <= buckets:
+        return timeline
+    size = -(-len(timeline) // buckets)
+    return [max(timeline[i:i + size], key=lambda sample: sum(sample[3])) for i in range(0, len(timeline), size)]
+
+
 def _shade_phases(ax, timeline) -> None:
     shades = {"forward": "#e8f0ff", "backward": "#ffeaea", "optimizer": "#eaffea"}
     start = 0
@@ -120,6 +144,7 @@ def _shade_phases(ax, timeline) -> None:
         if i == len(timeline) or timeline[i][1] != timeline[start][1]:
             phase = PHASES[timeline[start][1]]
             if phase in shades:
-                ax.axvspan(start, i - 1, color=shades[phase], zorder=0)
-                ax.text((start + i - 1) / 2, ax.get_ylim()[1] * 0.97, phase[0].upper(), ha="center", va="top", fontsize=7)
+                x0, x1 = timeline[start][0], timeline[i - 1][0]
+                ax.axvspan(x0, x1, color=shades[phase], zorder=0)
+                ax.text((x0 + x1) / 2, ax.get_ylim()[1] * 0.97, phase[0].upper(), ha="center", va="top", fontsize=7)
             start = i
