@@ -3,8 +3,8 @@
 Each LoRA-wrapped weight becomes `dequant(W_q) + scale * B @ A`, computed in float32 and
 cast once to the export dtype, so the checkpoint computes what the trained (quantized)
 model computed; `base=<float checkpoint>` merges into the original float weights instead.
-The output is streamed shard by shard into a temporary directory (peak RAM: the quantized
-model plus one output shard), checked against the trained model on a probe batch, and
+The output is streamed tensor by tensor into a temporary directory (peak RAM: the quantized
+model plus the largest tensor), checked against the trained model on a probe batch, and
 only then renamed into place. Nothing is re-quantized, and the result needs neither
 qlowrank, nor peft, nor bitsandbytes to load.
 """
@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,14 +24,13 @@ from typing import Callable
 
 import torch
 import transformers
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import quant as quantlib
 from .adapters import base_bits, replace_dir
 from .config import parse_dtype
-from .loading import checkpoint_files, key_mapper, open_safetensors, tied_keys
+from .loading import release_freed_memory, checkpoint_files, key_mapper, open_safetensors, tied_keys
 from .lora import LoraLinear
 
 REPORT_NAME = "qlowrank_export_report.json"
@@ -200,35 +200,73 @@ def _original_producer(path: Path, ckpt_key: str, entry: _Entry, layer: LoraLine
     return produce
 
 
-def _write_shards(entries: list[_Entry], folder: Path, dtype: torch.dtype, max_bytes: int, progress: bool):
-    def nbytes(e: _Entry) -> int:
-        size = dtype.itemsize if e.dtype.is_floating_point else e.dtype.itemsize
-        return size * int(torch.Size(e.shape).numel())
+# safetensors' dtype names (the format's header spells them like this).
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
+
+def _stored_dtype(entry: _Entry, dtype: torch.dtype) -> torch.dtype:
+    return dtype if entry.dtype.is_floating_point else entry.dtype
+
+
+def _nbytes(entry: _Entry, dtype: torch.dtype) -> int:
+    return _stored_dtype(entry, dtype).itemsize * int(torch.Size(entry.shape).numel())
+
+
+def _write_safetensors(path: Path, entries: list[_Entry], dtype: torch.dtype, bar) -> None:
+    """Write one safetensors file, computing, writing and freeing one tensor at a time.
+
+    The format is an 8-byte little-endian header length, a JSON header with each tensor's
+    dtype, shape and byte range, then the raw bytes. The plan knows every shape and dtype,
+    so the header is written first and no tensor waits in memory for the others
+    (safetensors' own save_file holds the whole shard, and then a bytes copy of it).
+    """
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for entry in entries:
+        size = _nbytes(entry, dtype)
+        stored = _SAFETENSORS_DTYPES[_stored_dtype(entry, dtype)]
+        header[entry.key] = {"dtype": stored, "shape": list(entry.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        for entry in entries:
+            tensor = entry.produce()
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)  # the one cast, from float32 (merged) or the stored dtype
+            tensor = tensor.detach().cpu().contiguous()
+            if tuple(tensor.shape) != entry.shape or tensor.dtype != _stored_dtype(entry, dtype):
+                raise RuntimeError(f"export of {entry.key}: produced {tuple(tensor.shape)} {tensor.dtype}, "
+                                   f"planned {entry.shape} {_stored_dtype(entry, dtype)}")
+            handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+            release_freed_memory()
+            bar.update(1)
+
+
+def _write_shards(entries: list[_Entry], folder: Path, dtype: torch.dtype, max_bytes: int, progress: bool):
     shards: list[list[_Entry]] = [[]]
     size = 0
     for entry in entries:
-        if shards[-1] and size + nbytes(entry) > max_bytes:
+        if shards[-1] and size + _nbytes(entry, dtype) > max_bytes:
             shards.append([])
             size = 0
         shards[-1].append(entry)
-        size += nbytes(entry)
+        size += _nbytes(entry, dtype)
     weight_map = {}
     bar = tqdm(total=len(entries), desc="exporting", unit="tensor", disable=not progress)
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for entry in shard:
-            tensor = entry.produce()
-            if tensor.is_floating_point():
-                tensor = tensor.to(dtype)  # the one cast, from float32 (merged) or the stored dtype
-            tensors[entry.key] = tensor.cpu().contiguous()
-            weight_map[entry.key] = name
-            bar.update(1)
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        del tensors  # one output shard in memory at a time
+        _write_safetensors(folder / name, shard, dtype, bar)
+        weight_map.update({entry.key: name for entry in shard})
     bar.close()
-    total = sum(nbytes(e) for e in entries)
+    total = sum(_nbytes(e, dtype) for e in entries)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return len(shards), total

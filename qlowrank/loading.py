@@ -340,7 +340,7 @@ def _quantize_if_complete(model, name, pending, quant, device, dtype) -> None:
     new.train(module.training)
     _set_submodule(model, name, new)
     del pending[name]
-    _release_freed_memory()
+    release_freed_memory()
 
 
 @functools.lru_cache(maxsize=1)
@@ -350,7 +350,7 @@ def _libc_trim():
     return getattr(libc, "malloc_trim", None)
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Give freed heap memory back to the OS (glibc only; a no-op elsewhere).
 
     Quantizing a layer frees float temporaries of many sizes; glibc keeps such memory in
