@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import quant as quantlib
 from .adapters import base_bits, replace_dir
 from .config import parse_dtype
-from .loading import release_freed_memory, checkpoint_files, key_mapper, open_safetensors, tied_keys
+from .loading import checkpoint_files, key_mapper, open_safetensors, release_freed_memory, tied_keys
 from .lora import LoraLinear
 
 REPORT_NAME = "qlowrank_export_report.json"
