@@ -60,6 +60,11 @@ def quantize_linear(
     out_features, in_features = weight.shape
     has_bias = bias is not None
     if quant.bits == 4:
+        if weight.dtype == torch.float32 and quant.compute_dtype != torch.float32:
+            # bitsandbytes dequantizes to the dtype it quantized from: quantizing an fp32
+            # checkpoint as is would make every forward and backward build an fp32 weight
+            # (twice the bytes of a bf16 one) only to cast it down to the compute dtype.
+            weight = weight.to(quant.compute_dtype)
         layer = Linear4bit(
             in_features, out_features, bias=has_bias, compute_dtype=quant.compute_dtype,
             compress_statistics=quant.double_quant, quant_type=quant.quant_type, device="meta",
