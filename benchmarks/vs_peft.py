@@ -38,7 +38,13 @@ MODELS = {
     # random Llama-shaped ~0.6B: hidden 1536, 16 layers, MLP 4096, SmolLM2's vocabulary
     "llama600m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
                       num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=False),
+    # GPU shapes (benchmarks/gpu_vs_peft.py): Llama-3.2-1B and Llama-3-8B, SmolLM2's vocabulary
+    "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=True),
+    "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=False),
 }
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def prepare_model(name: str) -> Path:
@@ -61,7 +67,8 @@ def prepare_model(name: str) -> Path:
         model.load_state_dict(loaded.state_dict())
     else:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**MODELS[name]), dtype=torch.bfloat16)
+        with torch.device(DEVICE):  # random init of an 8B model is minutes on a CPU, seconds on a GPU
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**MODELS[name]), dtype=torch.bfloat16)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -93,12 +100,12 @@ def build(lib: str, folder: Path):
     if lib in ("qlowrank", "ql16"):
         bits = 4 if lib == "qlowrank" else None
         quant = ql.QuantConfig(bits=bits, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
-        model = ql.load_model(folder, quant=quant, lora=lora, device="cpu", progress=False)
+        model = ql.load_model(folder, quant=quant, lora=lora, device=DEVICE, progress=False)
         ql.enable_gradient_checkpointing(model)
         return model, ql.lora_parameters(model), lambda m, x: causal_lm_loss(m, x, x)
     from transformers import AutoModelForCausalLM
     if lib == "full":
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(DEVICE)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model, list(model.parameters()), lambda m, x: m(input_ids=x, labels=x).loss
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -107,7 +114,7 @@ def build(lib: str, folder: Path):
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 device_map="cpu")
+                                                 device_map=DEVICE)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
@@ -127,7 +134,7 @@ def worker(lib: str, model_name: str, steps: int, batch: int, seq: int, seed: in
     optimizer = torch.optim.AdamW(params, lr=2e-4 if lib != "full" else 2e-5)
 
     def step(x):
-        loss = loss_fn(model, x)
+        loss = loss_fn(model, x.to(DEVICE))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -143,12 +150,15 @@ def worker(lib: str, model_name: str, steps: int, batch: int, seq: int, seed: in
         step(batches[steps + 1])
     model.eval()
     with torch.no_grad():
-        eval_loss = loss_fn(model, batches[-1]).item()
+        eval_loss = loss_fn(model, batches[-1].to(DEVICE)).item()
     return {
         "lib": lib, "model": model_name, "load_s": load_s, "step_s": statistics.median(times),
         "tokens_per_s": batch * seq / statistics.median(times), "final_loss": losses[-1], "eval_loss": eval_loss,
         "peak_tensor_bytes": prof.peak_bytes, "breakdown": prof.breakdown,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # whole-run allocator peaks (load, timed steps, profiled step, eval); None on a CPU
+        "cuda_max_allocated": torch.cuda.max_memory_allocated() if DEVICE == "cuda" else None,
+        "cuda_max_reserved": torch.cuda.max_memory_reserved() if DEVICE == "cuda" else None, "device": DEVICE,
         "params": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in params),
     }
 
