@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -56,3 +58,19 @@ def token_batch(batch: int = 2, seq: int = 16, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius error ||a - b|| / ||b||."""
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Llama, GPT-2 and Mistral models saved as ordinary Hugging Face checkpoints."""
+    root = tmp_path_factory.mktemp("ckpt")
+    folders = {}
+    for arch in ("llama", "gpt2", "mistral"):
+        tiny_model(arch).save_pretrained(root / arch)
+        folders[arch] = root / arch
+    return folders

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import peft
 import pytest
@@ -12,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qlowrank as ql
-from conftest import tiny_model, token_batch
+from conftest import rel_error, tiny_model, token_batch
 
 # Relative logits error allowed between qlowrank and PEFT computing the same adapter on the
 # same base in float32. The only difference is where the scale is applied (PEFT: s * (B A x);
@@ -25,20 +24,6 @@ FP32_REL_TOL = 1e-5
 # so the same adapter on the same 8-bit base differs by one code step here and there.
 # Measured 5e-4 .. 1.9e-3; bound 0.02 = one full step of relative error.
 INT8_REL_TOL = 0.02
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ckpt")
-    folders = {}
-    for arch in ("llama", "gpt2", "mistral"):
-        tiny_model(arch).save_pretrained(root / arch)
-        folders[arch] = root / arch
-    return folders
 
 
 def perturb_b(model: torch.nn.Module, seed: int = 3, std: float = 0.05) -> None:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import qlowrank as ql
 from qlowrank.cli import main as cli_main
-from conftest import tiny_model, token_batch
+from conftest import rel_error, tiny_model, token_batch
 
 # float32 export of a float32-computing model: the merged weight is dequant(W) + s B A in
 # float32 instead of x W^T + s B (A x); re-association changes a few float32 roundings
@@ -50,20 +50,6 @@ BLOCKED_LOADER = textwrap.dedent("""
         logits = model(load_file(ids_file)["ids"]).logits.float()
     save_file({"logits": logits.contiguous()}, logits_file)
 """)
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ckpt")
-    folders = {}
-    for arch in ("llama", "gpt2", "mistral"):
-        tiny_model(arch).save_pretrained(root / arch)
-        folders[arch] = root / arch
-    return folders
 
 
 def trained(folder: Path, bits: int | None, seed: int = 3) -> torch.nn.Module:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -24,9 +22,6 @@ QUANTS = {
 # relative difference 3e-7); 1e-5 leaves room for other BLAS kernels, not for real bugs.
 GRAD_PARITY_RTOL = 1e-5
 GRAD_PARITY_ATOL = 1e-7
-# Non-reentrant checkpointing recomputes the same fp32 ops in the same order: the results
-# are bitwise equal here; 1e-6 allows other backends to fuse differently.
-CHECKPOINT_ATOL = 1e-6
 
 
 def _logits(model, tokens):

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import qlowrank as ql
-from conftest import VOCAB, tiny_config, tiny_model, token_batch
+from conftest import tiny_config, tiny_model, token_batch
 from qlowrank.cli import main
 from qlowrank.memory import CATEGORIES, format_bytes, parse_bytes
 
