@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 from ..memory.report import atomic_write_text, format_bytes
-from .estimate import add_model_arguments, configs_from_args, default_model
+from .estimate import add_model_arguments, configs_from_args, default_model, exit_2_on_bad_input
 
 
 def register(subparsers) -> None:
@@ -21,7 +20,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--out", default="memory-profile", help="folder for memory.txt, memory.json, memory.png")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=exit_2_on_bad_input("profile", _run))
 
 
 def build_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
@@ -41,14 +40,6 @@ def quantized_source_dtype(model: torch.nn.Module) -> torch.dtype | None:
         if getattr(state, "dtype", None) is not None:
             return state.dtype
     return None
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"qlowrank profile: error: {err}", file=sys.stderr)
-        return 2
 
 
 def _run(args: argparse.Namespace) -> int:
