@@ -167,11 +167,6 @@ def weight_element_count(param: torch.Tensor) -> int:
     return param.numel()
 
 
-def quantized_layer_shape(layer: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a quantized layer."""
-    return layer.out_features, layer.in_features
-
-
 def make_8bit_optimizer(name: str, params: Iterable, **kwargs) -> torch.optim.Optimizer:
     """bitsandbytes' block-wise 8-bit optimizers by qlowrank name ("adamw8bit", "paged_adamw8bit")."""
     table = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}
