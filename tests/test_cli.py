@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from qlowrank.cli import main
 from test_data import tiny_tokenizer
 
-QLOWRANK = [sys.executable, "-m", "qlowrank.cli"]
+QLOWRANK = [sys.executable, "-m", "qlowrank"]   # the same entry point as the `qlowrank` script
 
 
 @pytest.fixture(scope="module")
