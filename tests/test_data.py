@@ -120,14 +120,39 @@ def test_text_file_rows_are_paragraphs(tmp_path, tok):
     assert len(load_examples(path, tok, seq_len=64)) == 2
 
 
-def test_packing_keeps_every_token_and_label_in_order(tok):
-    rows = [{"prompt": f"q{i}", "completion": f" answer {i}"} for i in range(7)]
+def test_packing_keeps_whole_examples_and_masks_each_segment_start(tok):
+    rows = [{"prompt": f"q{i}", "completion": f" answer {i}" * (1 + i % 3)} for i in range(9)]
     examples = [tokenize_row(r, tok) for r in rows]
-    packed = pack_examples(examples, seq_len=10)
-    assert all(len(p.input_ids) == 10 for p in packed[:-1]) and 0 < len(packed[-1].input_ids) <= 10
-    assert [t for p in packed for t in p.input_ids] == [t for e in examples for t in e.input_ids]
-    assert [t for p in packed for t in p.labels] == [t for e in examples for t in e.labels]
+    seq = max(len(e.input_ids) for e in examples) + 3
+    packed = pack_examples(examples, seq_len=seq)
+    assert len(packed) < len(examples) and all(len(p.input_ids) <= seq for p in packed)
+    pieces = []
+    for p in packed:
+        assert sum(p.segments) == len(p.input_ids)
+        start = 0
+        for k, length in enumerate(p.segments):
+            ids, labels = p.input_ids[start:start + length], p.labels[start:start + length]
+            if k:   # the previous example's last token must not be trained to predict this one's first
+                assert labels[0] == -100
+            pieces.append((tuple(ids), tuple(labels[1:])))
+            start += length
+    assert sorted(pieces) == sorted((tuple(e.input_ids), tuple(e.labels[1:])) for e in examples)
+    assert pack_examples(examples, seq_len=seq) == packed   # deterministic
+    longest = max(examples, key=lambda e: len(e.input_ids))
+    cut = pack_examples([longest], seq_len=len(longest.input_ids) - 2)   # too long: cut into window-sized pieces
+    assert [p.input_ids for p in cut] == [longest.input_ids[:-2], longest.input_ids[-2:]]
 
+
+def test_collate_gives_packed_rows_restarting_positions_and_no_mask(tok):
+    examples = [tokenize_row({"text": "a b"}, tok), tokenize_row({"text": "c d e"}, tok)]
+    [packed] = pack_examples(examples, seq_len=64)
+    batch = collate([packed, examples[0]], pad_token_id=0)
+    assert "attention_mask" not in batch
+    lengths = packed.segments
+    expected = list(range(lengths[0])) + list(range(lengths[1]))
+    assert batch["position_ids"][0, :len(expected)].tolist() == expected
+    assert batch["position_ids"][1, :len(examples[0].input_ids)].tolist() == list(range(len(examples[0].input_ids)))
+    assert "position_ids" not in collate(examples, pad_token_id=0)
 
 def test_collate_pads_with_ignored_labels_and_split_is_deterministic(tok):
     a, b = tokenize_row({"text": "a b c d e"}, tok), tokenize_row({"text": "x"}, tok)

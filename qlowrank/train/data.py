@@ -36,6 +36,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     source: str = ""   # "file:line" the example came from (for error messages)
+    segments: tuple[int, ...] = ()   # lengths of the whole examples packed into this one (pack_examples)
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -206,14 +207,37 @@ def load_examples(
 
 
 def pack_examples(examples: Sequence[Example], seq_len: int) -> list[Example]:
-    """Concatenate examples end to end and cut the stream into seq_len windows.
+    """Pack whole examples into windows of at most seq_len tokens, without cross-attention.
 
-    Each example already ends with EOS, which separates them; attention is not reset at the
-    boundaries (the usual, cheap packing). The last window may be shorter.
+    Examples are placed first-fit in decreasing length (deterministic). An example longer than
+    seq_len is first cut into seq_len pieces (load_examples has usually truncated it already);
+    every other example stays whole. Each window records its segment lengths; `collate` turns them into position ids that restart
+    at every example, which transformers' attention turns into a block-diagonal causal mask,
+    so a packed example sees only itself. The first label of every segment after the first
+    is masked, so no example is asked to predict another's first token: each example's loss
+    is what it would be alone.
     """
-    ids = [t for e in examples for t in e.input_ids]
-    labels = [t for e in examples for t in e.labels]
-    return [Example(ids[i:i + seq_len], labels[i:i + seq_len], f"packed[{i // seq_len}]") for i in range(0, len(ids), seq_len)]
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    pieces = [Example(e.input_ids[i:i + seq_len], e.labels[i:i + seq_len], e.source)
+              for e in examples for i in range(0, len(e.input_ids), seq_len)]
+    windows: list[list[Example]] = []
+    room: list[int] = []
+    for example in sorted(pieces, key=lambda e: len(e.input_ids), reverse=True):
+        n = len(example.input_ids)
+        slot = next((i for i, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            windows.append([])
+            room.append(seq_len)
+            slot = len(windows) - 1
+        windows[slot].append(example)
+        room[slot] -= n
+    packed = []
+    for number, window in enumerate(windows):
+        ids = [t for e in window for t in e.input_ids]
+        labels = list(window[0].labels) + [t for e in window[1:] for t in [IGNORE_INDEX, *e.labels[1:]]]
+        packed.append(Example(ids, labels, f"packed[{number}]", tuple(len(e.input_ids) for e in window)))
+    return packed
 
 
 def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -228,14 +252,28 @@ def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int)
 
 
 def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, labels (-100 on padding), attention_mask."""
+    """Right-pad to the longest example: input_ids, labels (-100 on padding), and either an
+    attention_mask or, for packed examples, position_ids that restart at every segment.
+
+    Packed batches carry no attention_mask: transformers builds the block-diagonal causal mask
+    from the restarting position ids only when the 2D mask is absent. Right padding needs no
+    mask for causal attention (no real token attends to a later position) and its labels are -100.
+    """
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)   # (B, T)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)      # (B, T)
     mask = torch.zeros((len(examples), width), dtype=torch.long)                      # (B, T)
+    positions = torch.arange(width).repeat(len(examples), 1)                          # (B, T)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         input_ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
+        start = 0
+        for length in e.segments:
+            positions[i, start:start + length] = torch.arange(length)
+            start += length
+        positions[i, start:] = torch.arange(width - start)   # padding: a segment of its own
+    if any(len(e.segments) > 1 for e in examples):
+        return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}

@@ -138,18 +138,21 @@ def causal_lm_loss(
     attention_mask: torch.Tensor | None = None,
     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
     reduction: str = "mean",
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The causal-LM loss of a transformers model, chunked when the head allows it.
 
     The decoder runs as usual (`model.base_model`); the plain `nn.Linear` head is applied
     chunk by chunk. A head wrapped with LoRA, or a model that post-processes its logits,
     falls back to the model's own logits (same numbers, more memory). `chunk_tokens=None`
-    forces that naive path.
+    forces that naive path. `position_ids` that restart mid-row (packed examples, with no
+    attention_mask) make transformers attend within each restarted segment only.
     """
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
     head = _plain_head(model) if chunk_tokens else None
     if head is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(**inputs).logits
         shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # (B*(T-1), V)
         return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
-    outputs = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    outputs = model.base_model(**inputs)
     return chunked_cross_entropy(outputs[0], head.weight, labels, head.bias, chunk_tokens, reduction)

@@ -31,6 +31,7 @@ from ..memory.report import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example, collate
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss, count_predicted_tokens
+from .packing import check_packed_attention
 from .optim import build_optimizer, build_scheduler
 
 # Fields that decide which examples each step sees: a resume with other values would not
@@ -120,6 +121,8 @@ class Trainer:
         self.config, self.train_examples, self.eval_examples = config, list(train), list(eval)
         self.pad_token_id, self.on_step = pad_token_id, on_step
         self.out_dir = Path(config.out_dir)
+        if any(len(e.segments) > 1 for e in self.train_examples + self.eval_examples):
+            check_packed_attention(model)
         device = next(model.parameters()).device
         self.accelerator = Accelerator(cpu=device.type == "cpu")
         self.autocast_dtype = self._autocast_dtype()
@@ -168,8 +171,8 @@ class Trainer:
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self._autocast():
-            return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                  self.config.chunk_tokens, reduction="sum")
+            return causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+                                  self.config.chunk_tokens, reduction="sum", position_ids=batch.get("position_ids"))
 
     # ---- evaluation ----
     @torch.no_grad()
@@ -297,7 +300,8 @@ class Trainer:
 
     def _step(self, stream: Iterator[list[Example]]) -> dict:
         start = time.perf_counter()
-        micro = [self._batch(next(stream)) for _ in range(self.config.grad_accum)]
+        chosen = [next(stream) for _ in range(self.config.grad_accum)]
+        micro = [self._batch(examples) for examples in chosen]
         # Normalize by the tokens of the whole step, so accumulation equals one big batch.
         n_tokens = max(1, sum(count_predicted_tokens(b["labels"]) for b in micro))
         total = 0.0
@@ -324,7 +328,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         seconds = time.perf_counter() - start
-        real_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        real_tokens = sum(len(e.input_ids) for examples in chosen for e in examples)   # padding excluded
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": real_tokens,
                 "tokens_per_s": real_tokens / seconds, "seconds": seconds,
                 "peak_mem_gib": _peak_memory_bytes(self.accelerator.device) / 2**30, "epoch": self.position[0]}
