@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import staged_dir
 from .config import LoraConfig, QuantConfig
 from .inject import add_lora, lora_layers
 from .loading import open_safetensors
@@ -62,15 +61,10 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool =
     config = _peft_config(model, layers, first)
     out_dir = Path(out_dir)
     _check_replaceable(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / QLOWRANK_SIDECAR).write_text(json.dumps(_sidecar(model, first), indent=2) + "\n")
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -81,17 +75,6 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / ADAPTER_CONFIG).is_file()):
         raise FileExistsError(f"{out_dir} exists and is not an adapter directory; refusing to replace it")
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an old `target` is moved aside first and deleted only after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:

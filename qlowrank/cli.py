@@ -31,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt as err:
+        # Training turns SIGTERM / SIGINT into TrainingInterrupted (exit_code 143 / 130) after
+        # checkpointing; a Ctrl-C anywhere else exits 130 too, without a traceback.
+        print(f"qlowrank {args.command}: interrupted", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import quant as quantlib
-from .adapters import base_bits, replace_dir
+from .adapters import base_bits
+from .atomic import staged_dir
 from .config import parse_dtype
 from .loading import checkpoint_files, key_mapper, open_safetensors, release_freed_memory, tied_keys
 from .lora import LoraLinear
@@ -93,9 +93,7 @@ def export_merged(
     entries = _plan(model)
     if base is not None:
         entries = _from_original(model, entries, Path(base))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         shards, total = _write_shards(entries, tmp, dtype, max_shard_size, progress)
         _write_config(model, tmp, dtype)
         tokenizer_source = _write_tokenizer(model, tmp, tokenizer)
@@ -111,9 +109,6 @@ def export_merged(
             report.update(probe_fidelity(model, tmp, dtype))
         report["seconds"] = round(time.time() - start, 2)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {out_dir}: " + ", ".join(f"{k}={v}" for k, v in report.items() if k != "tokenizer"))
     return report
 

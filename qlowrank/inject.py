@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -118,8 +119,16 @@ def _is_target(name: str, lora: LoraConfig, heads: set[str]) -> bool:
     return _name_matches(name, lora.target_modules)
 
 
-def add_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None = None) -> nn.Module:
     """Wrap the target linear layers with LoraLinear and freeze every other parameter.
+
+    Args:
+        model: any module with linear layers.
+        lora: rank, alpha, targets, init.
+        seed: makes the random A factors reproducible: each layer draws from its own CPU
+            generator seeded by (seed, layer name), so a layer's init does not depend on
+            which other layers are targeted, on the device, or on torch's global RNG.
+            None draws from torch's global generator.
 
     Raises:
         ValueError: a target name or regex matches no linear layer (the message lists the
@@ -135,10 +144,18 @@ def add_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
         param.requires_grad_(False)
     for name, module in targets:
         wrapped = LoraLinear(module, lora)
+        if seed is not None:
+            wrapped.reset_lora_parameters(layer_generator(seed, name))
         wrapped.train(module.training)
         _set_submodule(model, name, wrapped)
     model.qlowrank_lora_config = lora
     return model
+
+
+def layer_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator for one layer: a function of (seed, layer name) only (crc32, not
+    Python's per-process randomized hash(), so it is the same in every process)."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
 
 
 def _check_targets_found(lora: LoraConfig, candidates: list, targets: list) -> None:

@@ -65,6 +65,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     skip_modules: tuple[str, ...] = (),
     progress: bool = True,
+    seed: int | None = None,
 ) -> nn.Module:
     """Load a causal LM with its linear layers quantized while loading, optionally with LoRA.
 
@@ -82,6 +83,7 @@ def load_model(
             None = `quant.compute_dtype`.
         skip_modules: linear layer names (or name suffixes) to keep in float.
         progress: show a tqdm bar while streaming tensors.
+        seed: with `lora`, makes the LoRA init reproducible (see `add_lora`).
 
     Returns:
         The transformers model (eval mode) with bitsandbytes layers and, if asked, LoRA
@@ -109,7 +111,7 @@ def load_model(
     model.qlowrank_quant_config = quant
     model.qlowrank_source = source
     if lora is not None:
-        add_lora(model, lora)
+        add_lora(model, lora, seed=seed)
     return model
 
 

@@ -72,12 +72,21 @@ class LoraLinear(nn.Module):
             param.requires_grad_(False)
         self.reset_lora_parameters()
 
-    def reset_lora_parameters(self) -> None:
-        """A random (Kaiming-uniform as in loralib, or N(0, 1/r)), B zero: the update starts at 0."""
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A random (Kaiming-uniform as in loralib, or N(0, 1/r)), B zero: the update starts at 0.
+
+        Args:
+            generator: a CPU generator to draw A from (reproducible, and the same numbers on
+                every device); None draws from torch's global generator.
+        """
+        weight = self.lora_A.weight
+        values = weight if generator is None else torch.empty(weight.shape, dtype=torch.float32)  # (r, in)
         if self.init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+            nn.init.normal_(values, std=1.0 / self.r, generator=generator)
         else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            weight.copy_(values)
         nn.init.zeros_(self.lora_B.weight)
 
     @property

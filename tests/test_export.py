@@ -196,5 +196,5 @@ def test_cli_export_reads_base_quantization_from_adapter(checkpoints, tmp_path, 
     report = json.loads((tmp_path / "orig" / "qlowrank_export_report.json").read_text())
     assert report["base_bits"] == 4 and report["weights_from"].startswith("original:")
     assert cli_main(["export", "--model", str(checkpoints["llama"]), "--adapter", str(tmp_path / "adapter"),
-                     "--out", str(tmp_path / "orig")]) == 1  # exists, no --overwrite
+                     "--out", str(tmp_path / "orig")]) == 2  # exists, no --overwrite: bad input
     assert "exists" in capsys.readouterr().err

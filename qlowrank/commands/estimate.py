@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from typing import Callable
 
 import torch
 
 from ..config import LoraConfig, QuantConfig, parse_dtype
 from ..memory.report import format_bytes, parse_bytes
+from .errors import exit_2_on_bad_input
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,17 +62,6 @@ def register(subparsers) -> None:
     parser.add_argument("--chunked-loss", action="store_true", help="the trainer's chunked cross-entropy")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=exit_2_on_bad_input("estimate", _run))
-
-
-def exit_2_on_bad_input(command: str, body: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Wrap a command body so a missing path or bad config prints one line and exits 2, not a traceback."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return body(args)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"qlowrank {command}: error: {err}", file=sys.stderr)
-            return 2
-    return run
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..config import QuantConfig, parse_dtype
+from .errors import exit_2_on_bad_input
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-probe", action="store_true", help="skip the fidelity probe")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own model code")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=exit_2_on_bad_input("export", run))
 
 
 def base_quant(sidecar: dict | None, bits: str | None, compute_dtype: str | None) -> QuantConfig:
@@ -60,17 +60,13 @@ def run(args: argparse.Namespace) -> int:
     from ..export import export_merged
     from ..loading import load_model
 
-    try:
-        _, sidecar = read_adapter_config(args.adapter)
-        quant = base_quant(sidecar, args.bits, args.compute_dtype)
-        model = load_model(args.model, quant=quant, device=args.device, gguf_file=args.gguf_file,
-                           trust_remote_code=args.trust_remote_code)
-        load_adapter(model, args.adapter)
-        base = args.model if args.from_original else None
-        export_merged(model, args.out, dtype=parse_dtype(args.dtype), base=base, overwrite=args.overwrite,
-                      probe=not args.no_probe)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"qlowrank export: {err}", file=sys.stderr)
-        return 1
+    _, sidecar = read_adapter_config(args.adapter)
+    quant = base_quant(sidecar, args.bits, args.compute_dtype)
+    model = load_model(args.model, quant=quant, device=args.device, gguf_file=args.gguf_file,
+                       trust_remote_code=args.trust_remote_code)
+    load_adapter(model, args.adapter)
+    base = args.model if args.from_original else None
+    export_merged(model, args.out, dtype=parse_dtype(args.dtype), base=base, overwrite=args.overwrite,
+                  probe=not args.no_probe)
     return 0
 

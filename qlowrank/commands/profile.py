@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 from ..memory.report import atomic_write_text, format_bytes
-from .estimate import add_model_arguments, configs_from_args, default_model, exit_2_on_bad_input
+from .errors import exit_2_on_bad_input
+from .estimate import add_model_arguments, configs_from_args, default_model
 
 
 def register(subparsers) -> None:

@@ -12,22 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from ..config import LoraConfig, QuantConfig, parse_dtype
+from .errors import exit_2_on_bad_input
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="fine-tune LoRA factors on a frozen 4/8-bit base", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=exit_2_on_bad_input("train", run))
 
 
 DEFAULTS: dict = {}   # option name -> default, applied under the config file and the flags
+_KINDS: dict = {}     # option name -> (type, choices, nargs, action): how a config file value is checked
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +40,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     def add(*names, default=None, action=None, **kwargs):
         dest = kwargs.pop("dest", names[0].lstrip("-").replace("-", "_"))
         DEFAULTS[dest] = False if action == "store_true" else default
+        _KINDS[dest] = (kwargs.get("type", str), kwargs.get("choices"), kwargs.get("nargs"), action)
         if default not in (None, False):
             kwargs["help"] = f"{kwargs.get('help', '')} [default: {default}]".strip()
         parser.add_argument(*names, dest=dest, default=argparse.SUPPRESS, action=action, **kwargs)
@@ -76,7 +78,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--eval-every", type=int, default=0, help="evaluate every N steps (always before and after)")
     add("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     add("--keep-checkpoints", type=int, default=2)
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="seeds LoRA init, dropout, data order and the eval split")
     add("--device", default=None, help="cpu or cuda (default: cuda if present)")
     add("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     add("--export", action="store_true", help="write the merged, dequantized model to OUT/merged at the end")
@@ -91,19 +93,58 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
     if typed.get("config"):
         path = Path(typed["config"])
         if not path.is_file():
-            raise SystemExit(f"--config {path}: no such file")
-        if path.suffix == ".toml":
-            import tomllib
-            loaded = tomllib.loads(path.read_text())
-        else:
-            loaded = json.loads(path.read_text())
-        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+            raise FileNotFoundError(f"--config {path}: no such file")
+        loaded = _read_config_file(path)
         unknown = sorted(set(loaded) - set(DEFAULTS))
         if unknown:
-            raise SystemExit(f"--config {path}: unknown options {unknown}; use the flag names of `qlowrank train --help`")
+            raise ValueError(f"--config {path}: unknown options {unknown}; use the flag names of `qlowrank train --help`")
+        for key, value in loaded.items():
+            _check_config_value(path, key, value)
         values.update(loaded)
     values.update(typed)
     return argparse.Namespace(**{**vars(args), **values})
+
+
+def _read_config_file(path: Path) -> dict:
+    """The options of a JSON or TOML config file, keys with underscores; ValueError naming the file if malformed."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        if path.suffix == ".toml":
+            import tomllib
+            loaded = tomllib.loads(text)
+        else:
+            loaded = json.loads(text)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config {path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except ValueError as err:   # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise ValueError(f"--config {path}: not valid {kind} ({err})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--config {path}: must hold an object of options, got {type(loaded).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def _check_config_value(path: Path, key: str, value) -> None:
+    """A config file value must have the type its flag parses to (no silent conversions)."""
+    kind, choices, nargs, action = _KINDS[key]
+    if value is None:
+        return
+    if action == "store_true":
+        ok = isinstance(value, bool)
+    elif nargs == "+":
+        ok = isinstance(value, str) or (isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value))
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (str, int)) and not isinstance(value, bool)   # "--bits": 4 or "4"
+    if ok and choices is not None:
+        ok = str(value) in choices
+    if not ok:
+        wanted = ("true or false" if action == "store_true" else "a file name or a list of them" if nargs == "+"
+                  else f"one of {choices}" if choices else {int: "an integer", float: "a number"}.get(kind, "a string"))
+        raise ValueError(f"--config {path}: option {key!r} is {value!r}; it must be {wanted}")
 
 
 def load_tokenizer(model_path: str | Path):
@@ -132,11 +173,11 @@ def train_config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from .. import enable_gradient_checkpointing, export_merged, load_model
-    from ..train import DataError, Trainer, load_examples, pack_examples, split_examples
+    from ..train import Trainer, load_examples, pack_examples, split_examples
 
     args = resolve_options(args)
     if not args.model or not args.data:
-        raise SystemExit("qlowrank train needs --model and --data (as flags or in --config)")
+        raise ValueError("qlowrank train needs --model and --data (as flags or in --config)")
     config = train_config_from_args(args)
     bits = None if str(args.bits) == "none" else int(args.bits)
     compute = torch.bfloat16 if config.precision != "fp32" else torch.float32
@@ -145,12 +186,8 @@ def run(args: argparse.Namespace) -> int:
     lora = LoraConfig(r=args.r, alpha=args.alpha or 2 * args.r, dropout=args.dropout, target_modules=targets,
                       use_rslora=args.rslora)
     tokenizer = load_tokenizer(args.model)
-    try:
-        examples = load_examples(args.data, tokenizer, args.seq, truncation=not args.no_truncation)
-        held = load_examples(args.eval_data, tokenizer, args.seq, truncation=not args.no_truncation) if args.eval_data else []
-    except DataError as err:
-        print(f"qlowrank train: bad data: {err}", file=sys.stderr)
-        return 2
+    examples = load_examples(args.data, tokenizer, args.seq, truncation=not args.no_truncation)
+    held = load_examples(args.eval_data, tokenizer, args.seq, truncation=not args.no_truncation) if args.eval_data else []
     if args.eval_data:
         train = examples
     else:
@@ -158,14 +195,12 @@ def run(args: argparse.Namespace) -> int:
     if args.packing:
         train = pack_examples(train, args.seq)
     print(f"data: {len(train)} training sequences, {len(held)} held out", flush=True)
-    model = load_model(args.model, quant=quant, lora=lora, device=args.device, dtype=compute)
+    model = load_model(args.model, quant=quant, lora=lora, device=args.device, dtype=compute, seed=args.seed)
     if not args.no_checkpointing:
         enable_gradient_checkpointing(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    try:
-        result = Trainer(model, config, train, held, pad_token_id=pad).train(resume=args.resume)
-    except KeyboardInterrupt:
-        return 130
+    # SIGTERM / SIGINT end training with TrainingInterrupted; cli.main turns it into 143 / 130.
+    result = Trainer(model, config, train, held, pad_token_id=pad).train(resume=args.resume)
     if result.memory_table and args.no_progress:  # with a progress bar the trainer printed it
         print(result.memory_table)
     if result.evals:

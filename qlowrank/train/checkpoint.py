@@ -1,4 +1,4 @@
-"""Training checkpoints: adapter, optimizer, scheduler, RNG states and data position, written atomically.
+"""Training checkpoints: adapter, optimizer, scheduler, RNG states and data position, written atomically, with a manifest.
 
 Layout of one checkpoint, `<out>/checkpoints/step-000050/`:
   adapter/            PEFT adapter (save_adapter)
@@ -6,27 +6,52 @@ Layout of one checkpoint, `<out>/checkpoints/step-000050/`:
   scheduler.pt        scheduler.state_dict()
   rng.pt              torch CPU (and CUDA) generator states
   trainer_state.json  step, data position, Python RNG state, config, last metrics
-A checkpoint is built in a hidden temporary folder and renamed into place, so a crash or a
-Ctrl-C while saving leaves the previous checkpoint intact and never a half-written one.
+  manifest.json       size and SHA-256 of every file above (written last)
+A checkpoint is built in a hidden staging folder, fsynced and renamed into place, so a crash,
+a kill -9 or a full disk while saving leaves the previous checkpoint intact and never a
+half-written one. The manifest catches what happens to the files afterwards (a truncated
+copy, a flipped bit): `find_resumable` skips a damaged checkpoint for the newest good one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..adapters import load_adapter, replace_dir, save_adapter
+from ..adapters import load_adapter, save_adapter
+from ..atomic import remove_leftovers, staged_dir
 
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint: missing, or every one found is damaged (the message lists why)."""
+
+
+def rng_snapshot() -> tuple:
+    """Every RNG state training draws from (torch CPU, CUDA, Python's random), to restore later."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda, random.getstate()
+
+
+def restore_rng(snapshot: tuple) -> None:
+    """Put back the RNG states of an `rng_snapshot()`."""
+    cpu, cuda, python = snapshot
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(python)
 
 
 def _rng_state() -> tuple[dict, list]:
@@ -36,6 +61,49 @@ def _rng_state() -> tuple[dict, list]:
             tensors[f"cuda{i}"] = state
     version, internal, gauss = random.getstate()
     return tensors, [version, list(internal), gauss]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike) -> Path:
+    """Record the size and SHA-256 of every file under `folder` in `folder/manifest.json`."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    entries = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    path = folder / MANIFEST_FILE
+    path.write_text(json.dumps({"format": 1, "files": entries}, indent=1) + "\n")
+    return path
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str | None:
+    """None when every file matches the manifest, else what is wrong (the first problem found)."""
+    path = Path(path)
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        return f"no {MANIFEST_FILE}"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        items = [(name, int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        return f"{MANIFEST_FILE} is unreadable ({type(err).__name__}: {err})"
+    if STATE_FILE not in files:
+        return f"{MANIFEST_FILE} does not list {STATE_FILE}"
+    for name, size, checksum in items:
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{name} is {actual} bytes, the manifest says {size} (truncated or altered)"
+        if _sha256(file) != checksum:
+            return f"{name} does not match its SHA-256 in the manifest (altered)"
+    return None
 
 
 def save_checkpoint(
@@ -49,43 +117,92 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `root/step-<step>` atomically; keep only the newest `keep` (None: all).
 
+    Raises:
+        OSError: the checkpoint could not be written (full disk, read-only folder). Nothing
+            of it is left behind and the earlier checkpoints are untouched.
+
     Returns:
         The checkpoint directory.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=root))
+    remove_leftovers(root)   # staging folders of killed runs (only this trainer writes here)
     try:
-        save_adapter(model, tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng_tensors, python_rng = _rng_state()
-        torch.save(rng_tensors, tmp / "rng.pt")
-        # Written last: a directory with this file is complete.
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "python_rng": python_rng}, indent=1) + "\n")
-        replace_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with staged_dir(target) as tmp:
+            save_adapter(model, tmp / "adapter")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            rng_tensors, python_rng = _rng_state()
+            torch.save(rng_tensors, tmp / "rng.pt")
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "python_rng": python_rng}, indent=1) + "\n")
+            write_manifest(tmp)   # last: it covers every file above
+    except OSError as err:
+        previous = [p.name for p in list_checkpoints(root) if p != target]
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise OSError(err.errno, f"cannot write checkpoint {target}: {err.strerror or err}; nothing of it was "
+                                 f"left behind and {kept}. Free disk space or make {root} writable, then "
+                                 "resume") from err
     if keep:
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return target
 
 
+def _remove(path: Path) -> None:
+    # Renamed out of the step-N pattern first, so a kill during the deletion cannot leave a
+    # half-deleted folder that still looks like a checkpoint.
+    hidden = path.with_name(f".{path.name}.old-{os.getpid()}-x")
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+    """Checkpoint folders (step-N) under `root`, oldest first (not verified: see find_resumable)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root`, or None."""
+    """The newest checkpoint folder under `root`, or None."""
     checkpoints = list_checkpoints(root)
     return checkpoints[-1] if checkpoints else None
+
+
+def find_resumable(root: str | Path) -> tuple[Path, list[tuple[Path, str]]]:
+    """The newest checkpoint under `root` that matches its manifest, and the damaged newer ones.
+
+    Returns:
+        (checkpoint, [(damaged checkpoint, what is wrong), ...] newest first).
+
+    Raises:
+        CheckpointError: there is no checkpoint, or none is intact (each one and its problem listed).
+    """
+    root = Path(root)
+    damaged = []
+    for path in reversed(list_checkpoints(root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    if not damaged:
+        raise CheckpointError(f"no checkpoint in {root}; run without --resume first")
+    listed = "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
+    raise CheckpointError(f"no intact checkpoint in {root} to resume from ({listed}); restore one from a copy or "
+                          "start again without --resume")
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename a damaged checkpoint to `<name>.damaged[-k]`: kept for inspection, never resumed from."""
+    path = Path(path)
+    for k in range(1000):
+        aside = path.with_name(f"{path.name}.damaged" + (f"-{k}" if k else ""))
+        if not aside.exists():
+            os.replace(path, aside)
+            return aside
+    raise FileExistsError(f"too many set-aside copies of {path}")
 
 
 def load_checkpoint(
@@ -94,15 +211,19 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
-    """Restore adapter, optimizer, scheduler and RNG states in place; return the trainer state.
+    """Verify a checkpoint against its manifest, then restore adapter, optimizer, scheduler
+    and RNG states in place; return the trainer state.
 
     Nothing is unpickled: tensors come from safetensors and `torch.load(weights_only=True)`.
+
+    Raises:
+        CheckpointError: the checkpoint is damaged (nothing has been changed yet).
     """
     path = Path(path)
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{path} is not a complete qlowrank checkpoint (no {STATE_FILE})")
-    state = json.loads(state_file.read_text())
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+    state = json.loads((path / STATE_FILE).read_text())
     load_adapter(model, path / "adapter")
     device = next(iter(p for g in optimizer.param_groups for p in g["params"])).device
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))

@@ -15,6 +15,8 @@ import json
 import math
 import random
 import resource
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,11 +30,14 @@ from tqdm.auto import tqdm
 from ..adapters import save_adapter
 from ..memory import MemoryProfiler
 from ..memory.report import atomic_write_text
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    find_resumable, latest_checkpoint, load_checkpoint, restore_rng, rng_snapshot, save_checkpoint, set_aside,
+)
 from .data import Example, collate
 from .loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss, count_predicted_tokens
 from .packing import check_packed_attention
 from .optim import build_optimizer, build_scheduler
+from .signals import StopSignals, TrainingInterrupted
 
 # Fields that decide which examples each step sees: a resume with other values would not
 # continue the same run.
@@ -61,7 +66,8 @@ class TrainConfig:
     save_every: int = 0                 # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int | None = 2    # newest checkpoints kept (None: all)
     log_every: int = 1                  # metrics.jsonl line every N steps
-    seed: int = 0                       # data order (and dropout)
+    seed: int = 0                       # data order and dropout (torch and random are seeded at the start of a
+                                        # fresh run); the CLI also seeds LoRA init and the eval split with it
     profile_memory: bool = True         # measure the first step with MemoryProfiler
     progress: bool = True               # tqdm bar
 
@@ -135,6 +141,7 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, config.warmup_steps, self.total_steps, config.min_lr_ratio)
         self.step = 0
         self.position = [0, 0]   # (epoch, micro-batch index within it) of the next micro-batch
+        self.signals: StopSignals | None = None   # active while train() runs
 
     def _autocast_dtype(self) -> torch.dtype | None:
         device = self.accelerator.device
@@ -185,6 +192,7 @@ class Trainer:
         total, tokens = 0.0, 0
         size = self.config.batch_size
         for start in range(0, len(self.eval_examples), size):
+            self._check_stop()
             batch = self._batch(self.eval_examples[start:start + size])
             total += self._loss_sum(batch).item()
             tokens += count_predicted_tokens(batch["labels"])
@@ -204,10 +212,22 @@ class Trainer:
         return path or self.out_dir / "checkpoints" / f"step-{self.step:06d}"
 
     def resume(self, path: str | Path | None = None) -> Path:
-        """Restore the newest checkpoint in out_dir/checkpoints (or `path`)."""
-        path = Path(path) if path else latest_checkpoint(self.out_dir / "checkpoints")
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.out_dir / 'checkpoints'}; run without --resume first")
+        """Restore the newest intact checkpoint in out_dir/checkpoints (or `path`).
+
+        A newer checkpoint that does not match its manifest (truncated, altered) is renamed
+        to `<name>.damaged` with a warning naming it, and the next older one is used.
+
+        Raises:
+            CheckpointError: no checkpoint, or none intact (each listed with its problem).
+        """
+        if path:
+            path = Path(path)
+        else:
+            path, damaged = find_resumable(self.out_dir / "checkpoints")
+            for bad, problem in damaged:
+                aside = set_aside(bad) if self.accelerator.is_main_process else bad
+                print(f"qlowrank: warning: checkpoint {bad} is damaged ({problem}); moved aside to {aside.name}, "
+                      f"resuming from {path.name} instead", file=sys.stderr, flush=True)
         state = load_checkpoint(path, self.accelerator.unwrap_model(self.model), self.raw_optimizer, self.scheduler)
         saved = state["config"]
         changed = [f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in _TRAJECTORY_FIELDS
@@ -225,31 +245,51 @@ class Trainer:
         Raises:
             NonFiniteLossError: the loss became NaN / inf (the weights are not updated with it,
                 and the last checkpoint on disk is the last good state).
-            KeyboardInterrupt: after writing a checkpoint of the last completed step.
+            TrainingInterrupted: SIGTERM or SIGINT (Ctrl-C) arrived, or a KeyboardInterrupt was
+                raised; a checkpoint of the last completed step was written first.
+            OSError: a checkpoint or the adapter could not be written (the earlier checkpoints are intact).
         """
         result = TrainResult()
         if resume:
             result.checkpoint = self.resume(None if resume is True else resume)
+        elif self.step == 0:
+            # A fresh run draws dropout masks from torch's global generator: seed it, so
+            # the same config gives the same run (a resume restores the saved RNG states).
+            torch.manual_seed(self.config.seed)
+            random.seed(self.config.seed)
+        with StopSignals() as self.signals:
+            try:
+                return self._train(result)
+            finally:
+                self.signals = None
+
+    def _check_stop(self) -> None:
+        """Raise _StopRequested at a safe point once SIGTERM / SIGINT has arrived."""
+        if self.signals is not None and self.signals.requested is not None:
+            raise _StopRequested
+
+    def _train(self, result: TrainResult) -> TrainResult:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log = _MetricsLog(self.out_dir, enabled=self.accelerator.is_main_process)
         self.model.train()
-        if self.step == 0:
-            self._log_eval(result, log)
         stream = self._micro_batches()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.config.progress,
                    dynamic_ncols=True)
-        last_good = (self.step, list(self.position))
+        last_good = (self.step, list(self.position), rng_snapshot())
         # Two steps are profiled: the optimizer states only appear during the first update.
         profiler = MemoryProfiler(model=self.model, optimizer=self.raw_optimizer) if self.config.profile_memory else None
         profile_until = self.step + 2
         if profiler is not None:
             profiler.__enter__()
         try:
+            if self.step == 0:
+                self._log_eval(result, log)
             while self.step < self.total_steps:
+                self._check_stop()
                 metrics = self._step(stream)
                 if profiler is not None and (self.step >= profile_until or self.step >= self.total_steps):
                     profiler = self._finish_profile(profiler, result)
-                last_good = (self.step, list(self.position))
+                last_good = (self.step, list(self.position), rng_snapshot())
                 result.losses.append(metrics["loss"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
@@ -262,17 +302,23 @@ class Trainer:
                     result.checkpoint = self.save()
                 if self.on_step is not None:
                     self.on_step(self, self.step, metrics)
-        except KeyboardInterrupt:
+            if result.checkpoint is None or not str(result.checkpoint).endswith(f"step-{self.step:06d}"):
+                result.checkpoint = self.save()
+            self._log_eval(result, log)
+        except (KeyboardInterrupt, _StopRequested) as err:
             if profiler is not None:
                 profiler = self._finish_profile(profiler, result)
-            # Discard a half-accumulated step: the checkpoint is the last completed one.
+            # Discard a half-accumulated step: the checkpoint is the last completed one, with
+            # the RNG states as they were then (a dropped micro-batch drew dropout masks).
             self.optimizer.zero_grad(set_to_none=True)
             self.step, self.position = last_good[0], list(last_good[1])
+            restore_rng(last_good[2])
             path = self.save()
             bar.close()
             log.close()
             print(f"\ninterrupted: checkpoint of step {self.step} written to {path}; continue with --resume", flush=True)
-            raise
+            signum = self.signals.requested if self.signals is not None and self.signals.requested else signal.SIGINT
+            raise TrainingInterrupted(signum, self.step, path) from (err if isinstance(err, KeyboardInterrupt) else None)
         except Exception:
             log.close()
             raise
@@ -280,9 +326,6 @@ class Trainer:
             bar.close()
             if profiler is not None:
                 self._finish_profile(profiler, result)
-        if result.checkpoint is None or not str(result.checkpoint).endswith(f"step-{self.step:06d}"):
-            result.checkpoint = self.save()
-        self._log_eval(result, log)
         log.close()
         result.final_step = self.step
         if result.memory_table and self.config.progress:
@@ -306,6 +349,7 @@ class Trainer:
         n_tokens = max(1, sum(count_predicted_tokens(b["labels"]) for b in micro))
         total = 0.0
         for batch in micro:
+            self._check_stop()   # a stop request drops the partial step (train() rolls back)
             loss_sum = self._loss_sum(batch)
             self.accelerator.backward(loss_sum / n_tokens)
             total += loss_sum.item()
@@ -340,6 +384,10 @@ class Trainer:
             log.write(metrics)
             if self.config.progress:
                 tqdm.write(f"step {self.step}: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_ppl']:.2f}")
+
+
+class _StopRequested(Exception):
+    """Internal: a stop signal was seen at a safe point (train() turns it into TrainingInterrupted)."""
 
 
 class _MetricsLog:

@@ -1,0 +1,125 @@
+"""Crash-safe directory writes: build in a hidden staging folder, fsync, then swap into place.
+
+    with staged_dir(target) as tmp:        # tmp = <parent>/.<name>.partial-<pid>-XXXX
+        ...write files into tmp...
+    # on success tmp is fsynced and atomically becomes `target`; on any error (a full disk,
+    # a read-only folder, an exception, Ctrl-C) tmp is deleted and `target` is untouched.
+
+A SIGKILL cannot be caught, so it may leave a staging folder behind: such folders are
+hidden, never read as results, and deleted by the next `staged_dir` in the same parent
+once the process that made them is gone (its pid is part of the name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import functools
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)-")
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _fsync(path: Path, directory: bool) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder` and the folders themselves, so that a rename that
+    publishes them can never publish empty or short files, even after a power cut."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name, directory=False)
+        _fsync(Path(root), directory=True)
+
+
+@functools.cache
+def _renameat2():
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    return getattr(libc, "renameat2", None)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Make `new` become `target`. An existing `target` is swapped out in one atomic step
+    (so `target` is never missing, not even for an instant) and deleted afterwards."""
+    new, target = Path(new), Path(target)
+    if not target.exists():
+        os.replace(new, target)
+    elif _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)   # `new` now holds the old contents
+    else:  # no atomic exchange: move the old one aside first, delete it only after
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-x")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(target.parent, directory=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(parent: Path, name: str | None = None) -> list[Path]:
+    """Delete staging folders (for `parent/name`, or any name) left by processes that no longer run."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if match and name in (None, match.group("name")) and not _alive(int(match.group("pid"))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """A hidden staging folder beside `target` that becomes `target` when the block succeeds.
+
+    On any exception (OSError for a full disk or a read-only folder included) the staging
+    folder is removed and `target` stays as it was; the exception propagates.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target.parent, target.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
