@@ -60,8 +60,10 @@ def export_merged(
     max_shard_size: int = DEFAULT_SHARD_BYTES,
     probe: bool = True,
     progress: bool = True,
+    format: str = "safetensors",
+    gguf_type: str = "f16",
 ) -> dict:
-    """Write the model as a merged, dequantized Hugging Face checkpoint.
+    """Write the model as a merged, dequantized Hugging Face checkpoint (or one GGUF file).
 
     Args:
         model: a transformers model with LoraLinear / bitsandbytes layers (or plain float).
@@ -79,10 +81,19 @@ def export_merged(
         probe: run a probe batch through the trained and the exported model and record the
             relative logits error in `qlowrank_export_report.json`.
         progress: show a tqdm bar per tensor.
+        format: "safetensors" (a Hugging Face checkpoint directory) or "gguf" (`out_dir` is then
+            the .gguf file; see `qlowrank.gguf_export.export_gguf`; `dtype` is replaced by `gguf_type`).
+        gguf_type: with format="gguf": f16, bf16, q8_0 or f32.
 
     Returns:
         The report (also written beside the weights): fidelity figures, shards, bytes.
     """
+    if format == "gguf":
+        from .gguf_export import export_gguf  # beside this module; it reuses the merge plan below
+        return export_gguf(model, out_dir, gguf_type=gguf_type, tokenizer=tokenizer, overwrite=overwrite,
+                           probe=probe, base=base)
+    if format != "safetensors":
+        raise ValueError(f"format={format!r}: use 'safetensors' or 'gguf'")
     dtype = parse_dtype(dtype, "export dtype")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:

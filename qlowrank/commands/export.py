@@ -20,8 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, help="base model: HF directory, .gguf file or hub id")
     parser.add_argument("--adapter", required=True, help="adapter directory (qlowrank's or PEFT's)")
-    parser.add_argument("--out", required=True, help="output directory (created atomically)")
+    parser.add_argument("--out", required=True, help="output directory, or the .gguf file with --format gguf (created atomically)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="exported weight dtype")
+    parser.add_argument("--format", default="safetensors", choices=["safetensors", "gguf"],
+                        help="a Hugging Face checkpoint, or one GGUF file for llama.cpp / Ollama / LM Studio")
+    parser.add_argument("--gguf-type", default="f16", choices=["f16", "bf16", "q8_0", "f32"],
+                        help="weight type of a GGUF export (norms stay f32)")
     parser.add_argument("--from-original", action="store_true",
                         help="merge into the original float weights of --model instead of the dequantized ones")
     parser.add_argument("--bits", choices=["4", "8", "none"],
@@ -67,6 +71,6 @@ def run(args: argparse.Namespace) -> int:
     load_adapter(model, args.adapter)
     base = args.model if args.from_original else None
     export_merged(model, args.out, dtype=parse_dtype(args.dtype), base=base, overwrite=args.overwrite,
-                  probe=not args.no_probe)
+                  probe=not args.no_probe, format=args.format, gguf_type=args.gguf_type)
     return 0
 

@@ -46,8 +46,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(*names, dest=dest, default=argparse.SUPPRESS, action=action, **kwargs)
     add("--config", help="JSON or TOML file with any of these options; flags override it")
     add("--model", help="model directory (safetensors) or .gguf file")
-    add("--data", nargs="+", help="training data: .jsonl / .json / text file(s)")
+    add("--data", nargs="+", help="training data: .jsonl / .json / .parquet / .csv / text file(s) or save_to_disk folders")
     add("--eval-data", nargs="+", help="held-out data file(s) (default: --eval-fraction of --data)")
+    add("--text-field", default="text", help="row field (column) holding whole texts")
+    add("--prompt-field", default="prompt", help="row field holding prompts (no loss)")
+    add("--completion-field", default="completion", help="row field holding completions (loss)")
+    add("--messages-field", default="messages", help="row field holding chat messages")
     add("--eval-fraction", type=float, default=0.05, help="share of --data held out when --eval-data is absent")
     add("--out", default="qlowrank-out", help="output folder")
     add("--bits", default="4", choices=["4", "8", "none"], help="base storage (none: float base)")
@@ -157,6 +161,14 @@ def load_tokenizer(model_path: str | Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def data_fields(args: argparse.Namespace):
+    """The row field names the --*-field options give."""
+    from ..train import Fields
+
+    return Fields(text=args.text_field, prompt=args.prompt_field, completion=args.completion_field,
+                  messages=args.messages_field)
+
+
 def train_config_from_args(args: argparse.Namespace):
     """The TrainConfig the CLI options describe."""
     from ..train import TrainConfig
@@ -186,8 +198,10 @@ def run(args: argparse.Namespace) -> int:
     lora = LoraConfig(r=args.r, alpha=args.alpha or 2 * args.r, dropout=args.dropout, target_modules=targets,
                       use_rslora=args.rslora)
     tokenizer = load_tokenizer(args.model)
-    examples = load_examples(args.data, tokenizer, args.seq, truncation=not args.no_truncation)
-    held = load_examples(args.eval_data, tokenizer, args.seq, truncation=not args.no_truncation) if args.eval_data else []
+    fields = data_fields(args)
+    examples = load_examples(args.data, tokenizer, args.seq, truncation=not args.no_truncation, fields=fields)
+    held = (load_examples(args.eval_data, tokenizer, args.seq, truncation=not args.no_truncation, fields=fields)
+            if args.eval_data else [])
     if args.eval_data:
         train = examples
     else:

@@ -1,12 +1,15 @@
-"""Training data: read JSONL / JSON / text files, tokenize the three row formats, mask, pack, batch.
+"""Training data: read JSONL / JSON / text / Parquet / CSV files or saved datasets, tokenize, mask, pack, batch.
 
 Row formats (one per row; a file may mix them):
   {"text": ...}                          loss on every token
   {"prompt": ..., "completion": ...}     loss on the completion only
   {"messages": [{"role", "content"}]}    rendered with the tokenizer's chat template,
                                          loss on the assistant turns only
-Labels are aligned with input_ids (transformers' convention); -100 marks "no loss". A bad
-row raises `DataError` naming the file and line, so it can be fixed where it is.
+The field names can be remapped (`Fields(text="content")`, CLI `--text-field content`).
+Parquet, CSV and `save_to_disk` folders are read through the optional `datasets` library
+(sources.py). Labels are aligned with input_ids (transformers' convention); -100 marks "no
+loss". A bad row raises `DataError` naming the file and line (`file:line:`), or the file and
+row for tables (`file:row N:`), so it can be fixed where it is.
 """
 
 from __future__ import annotations
@@ -20,13 +23,24 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .loss import IGNORE_INDEX
+from .sources import TABLE_SUFFIXES, SourceError, is_table_source, read_table_rows
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 _ROLES = ("system", "user", "assistant", "tool")
 
 
 class DataError(ValueError):
-    """A data row or file that cannot be used; the message starts with `file:line:`."""
+    """A data row or file that cannot be used; the message starts with `file:line:` (or `file:row N:`)."""
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which row fields (columns) hold each format's parts; the defaults are the format's own names."""
+
+    text: str = "text"               # whole text, loss on every token
+    prompt: str = "prompt"           # prompt of a prompt/completion row (no loss)
+    completion: str = "completion"   # completion (loss)
+    messages: str = "messages"       # chat: a list of {"role", "content"}
 
 
 @dataclass
@@ -40,13 +54,21 @@ class Example:
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, row) from a .jsonl, .json (an array of objects) or text file.
+    """Yield (line or row number, row) from a data file or saved dataset.
 
-    A text file yields one {"text": ...} row per blank-line-separated block.
+    .jsonl, .json (an array of objects) and text files give line numbers; a text file yields
+    one {"text": ...} row per blank-line-separated block. Parquet, CSV and `save_to_disk`
+    folders (through `datasets`) give 1-based row numbers.
     """
     path = Path(path)
+    if path.exists() and is_table_source(path):
+        try:
+            yield from read_table_rows(path)
+        except SourceError as err:
+            raise DataError(str(err)) from None
+        return
     if not path.is_file():
-        raise DataError(f"{path}: no such data file")
+        raise DataError(f"{path}: no such data file or saved dataset folder")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), 1):
@@ -64,7 +86,8 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
                 yield first, {"text": "\n".join(block)}
                 block, first = [], 0
     else:
-        raise DataError(f"{path}: unknown data format {path.suffix!r}; use .jsonl, .json, or a text file ({', '.join(TEXT_SUFFIXES)})")
+        raise DataError(f"{path}: unknown data format {path.suffix!r}; use .jsonl, .json, {', '.join(TABLE_SUFFIXES)}, "
+                        f"a saved dataset folder, or a text file ({', '.join(TEXT_SUFFIXES)})")
 
 
 def _parse_json(line: str, path: Path, number: int) -> Any:
@@ -117,25 +140,31 @@ def _eos(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def tokenize_row(row: Any, tokenizer, where: str = "row") -> Example:
-    """Tokenize one row of any supported format, with labels masked to where the loss belongs."""
+def tokenize_row(row: Any, tokenizer, where: str = "row", fields: Fields | None = None) -> Example:
+    """Tokenize one row of any supported format, with labels masked to where the loss belongs.
+
+    `fields` names the row's fields when they differ from text / prompt / completion / messages.
+    """
+    f = fields or Fields()
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    if "messages" in row:
-        return _tokenize_messages(row["messages"], tokenizer, where)
-    if "prompt" in row or "completion" in row:
-        prompt = _encode(tokenizer, _field(row, "prompt", where), special=True)
-        completion = _encode(tokenizer, _field(row, "completion", where), special=False) + _eos(tokenizer)
+    if f.messages in row:
+        return _tokenize_messages(row[f.messages], tokenizer, where, f.messages)
+    if f.prompt in row or f.completion in row:
+        prompt = _encode(tokenizer, _field(row, f.prompt, where), special=True)
+        completion = _encode(tokenizer, _field(row, f.completion, where), special=False) + _eos(tokenizer)
         return Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, where)
-    if "text" in row:
-        ids = _encode(tokenizer, _field(row, "text", where), special=True) + _eos(tokenizer)
+    if f.text in row:
+        ids = _encode(tokenizer, _field(row, f.text, where), special=True) + _eos(tokenizer)
         return Example(ids, list(ids), where)
-    raise DataError(f"{where}: row has none of the fields 'text', 'prompt'/'completion', 'messages' (keys: {sorted(row)})")
+    raise DataError(f"{where}: row has none of the fields {f.text!r}, {f.prompt!r}/{f.completion!r}, {f.messages!r} "
+                    f"(keys: {sorted(row)}); map other names with --text-field / --prompt-field / "
+                    "--completion-field / --messages-field")
 
 
-def _tokenize_messages(messages: Any, tokenizer, where: str) -> Example:
+def _tokenize_messages(messages: Any, tokenizer, where: str, name: str = "messages") -> Example:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+        raise DataError(f"{where}: field {name!r} must be a non-empty list of {{'role', 'content'}} objects")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
             raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
@@ -174,14 +203,16 @@ def load_examples(
     tokenizer,
     seq_len: int,
     truncation: bool = True,
+    fields: Fields | None = None,
 ) -> list[Example]:
     """Read and tokenize every row of one or more files.
 
     Args:
-        paths: data file(s): .jsonl, .json or text.
+        paths: data file(s): .jsonl, .json, text, .parquet, .csv, or a `save_to_disk` folder.
         tokenizer: a transformers tokenizer.
         seq_len: the longest sequence a batch may hold.
         truncation: cut longer rows to seq_len (True) or raise DataError naming the row (False).
+        fields: the row fields holding text / prompt / completion / messages, if not those names.
 
     Returns:
         The examples; rows left with no loss token after truncation are dropped.
@@ -190,8 +221,9 @@ def load_examples(
         paths = [paths]
     examples = []
     for path in paths:
+        table = Path(path).exists() and is_table_source(Path(path))
         for number, row in read_rows(path):
-            example = tokenize_row(row, tokenizer, f"{path}:{number}")
+            example = tokenize_row(row, tokenizer, f"{path}:row {number}" if table else f"{path}:{number}", fields)
             if len(example.input_ids) > seq_len:
                 if not truncation:
                     raise DataError(
