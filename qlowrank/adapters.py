@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .atomic import staged_dir
@@ -45,6 +45,10 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool =
 
     Returns:
         The adapter directory.
+
+    Raises:
+        OSError: the folder cannot be written (full disk, read-only); nothing partial is left
+            and an existing adapter there is unchanged.
     """
     layers = dict(lora_layers(model))
     if not layers:
@@ -61,8 +65,9 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool =
     config = _peft_config(model, layers, first)
     out_dir = Path(out_dir)
     _check_replaceable(out_dir, overwrite)
-    with staged_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with staged_dir(out_dir, "adapter") as tmp:
+        # Serialized in memory and written by Python, so a full disk is a plain OSError.
+        (tmp / ADAPTER_WEIGHTS).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / QLOWRANK_SIDECAR).write_text(json.dumps(_sidecar(model, first), indent=2) + "\n")
     return out_dir
@@ -147,10 +152,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[dict, dict | No
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    config = _read_json_object(path)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type={config.get('peft_type')!r}; qlowrank reads LoRA adapters only")
     unsupported = {
@@ -162,19 +164,68 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[dict, dict | No
     if bad:
         raise ValueError(f"{path} uses PEFT features qlowrank does not load: {bad} (values: "
                          f"{ {k: config.get(k) for k in bad} })")
+    _check_config_values(config, path)
     sidecar_path = adapter_dir / QLOWRANK_SIDECAR
-    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else None
+    sidecar = _read_json_object(sidecar_path) if sidecar_path.is_file() else None
+    if sidecar is not None and not isinstance(sidecar.get("base_quant") or {}, dict):
+        raise ValueError(f"{sidecar_path}: key 'base_quant' must be an object or null, got {sidecar['base_quant']!r:.80}")
     return config, sidecar
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (offset {err.start}: {err.reason})") from None
+    except (ValueError, RecursionError) as err:   # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not valid JSON: {str(err) or 'nested too deeply'}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+# adapter_config.json keys qlowrank reads: (accepts, what to say when it does not).
+_CONFIG_KEYS = {
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer", True),
+    "lora_alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
+                   "a positive number", False),
+    "lora_dropout": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1),
+                     "a number in [0, 1)", False),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false", False),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false", False),
+}
+
+
+def _check_config_values(config: dict, path: Path) -> None:
+    for key, (accepts, wanted, required) in _CONFIG_KEYS.items():
+        if key not in config:
+            if required:
+                raise ValueError(f"{path}: key {key!r} is missing; a LoRA adapter config records the rank")
+            continue
+        if not accepts(config[key]):
+            raise ValueError(f"{path}: key {key!r} is {config[key]!r:.80}; it must be {wanted}")
+
+
+def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter_model.safetensors, checked: readable, 2-D floating point, finite."""
     if not path.is_file():
         if path.with_suffix(".bin").is_file():
             raise ValueError(f"{path.with_suffix('.bin')} is a pickle adapter; qlowrank reads {ADAPTER_WEIGHTS} only "
                              "(re-save it with a current PEFT, which writes safetensors)")
         raise FileNotFoundError(f"{path} not found")
     with open_safetensors(path) as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
+        try:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as err:   # safetensors' own error type: a tensor's bytes do not fit its header
+            raise ValueError(f"{path}: a tensor cannot be read ({err}); the file is corrupt") from None
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.dim() != 2:
+            raise ValueError(f"{path}: {key} is a {tensor.dim()}-D {str(tensor.dtype).removeprefix('torch.')} "
+                             "tensor; LoRA factors are 2-D floating-point matrices")
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{path}: {key} holds {bad} NaN or inf values; the adapter is broken (a diverged run?)")
+    return tensors
 
 
 def _module_names(keys: list[str], path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -209,7 +260,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     adapter_dir = Path(adapter_dir)
     config, sidecar = read_adapter_config(adapter_dir)
     weights_path = adapter_dir / ADAPTER_WEIGHTS
-    tensors = _read_weights(weights_path)
+    tensors = read_adapter_weights(weights_path)
     by_module = _module_names(list(tensors), weights_path)
     _check_base(model, sidecar, adapter_dir)
     incomplete = sorted(name for name, parts in by_module.items() if set(parts) != set(_FACTORS))

@@ -106,20 +106,40 @@ def remove_leftovers(parent: Path, name: str | None = None) -> list[Path]:
     return removed
 
 
+# errno values that mean "this write cannot succeed here": a full disk or quota, a file
+# size limit, a read-only or forbidden folder, a failing device.
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
 @contextlib.contextmanager
-def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
+def staged_dir(target: str | os.PathLike, what: str = "output", intact: str | None = None) -> Iterator[Path]:
     """A hidden staging folder beside `target` that becomes `target` when the block succeeds.
 
-    On any exception (OSError for a full disk or a read-only folder included) the staging
-    folder is removed and `target` stays as it was; the exception propagates.
+    On any exception the staging folder is removed and `target` stays as it was. A failed
+    write (full disk, read-only folder: errno in WRITE_FAILURES) is re-raised as an OSError
+    with the same errno whose message names `what` and `target` and says what is intact
+    (`intact`, default: the existing target or nothing); other exceptions pass unchanged.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(target.parent, target.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(target.parent, target.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
         yield tmp
         fsync_tree(tmp)
         replace_dir(tmp, target)
+    except OSError as err:
+        if err.errno not in WRITE_FAILURES:
+            raise
+        if intact is None:
+            intact = f"the existing {target.name} is unchanged" if target.exists() else "nothing was written"
+        # A nested staged_dir (the adapter inside a checkpoint) already explained itself: keep its cause only.
+        cause = getattr(err, "cause", None) or (f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else ""))
+        failure = OSError(err.errno, f"cannot write {what} {target}: {cause}; no partial folder was left behind "
+                                     f"and {intact}. Free disk space or use a writable folder")
+        failure.cause = cause
+        raise failure from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -87,6 +87,10 @@ def export_merged(
 
     Returns:
         The report (also written beside the weights): fidelity figures, shards, bytes.
+
+    Raises:
+        OSError: the output cannot be written (full disk, read-only folder); the staging
+            folder is removed and an existing `out_dir` is unchanged.
     """
     if format == "gguf":
         from .gguf_export import export_gguf  # beside this module; it reuses the merge plan below
@@ -104,7 +108,7 @@ def export_merged(
     entries = _plan(model)
     if base is not None:
         entries = _from_original(model, entries, Path(base))
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir, "export") as tmp:
         shards, total = _write_shards(entries, tmp, dtype, max_shard_size, progress)
         _write_config(model, tmp, dtype)
         tokenizer_source = _write_tokenizer(model, tmp, tokenizer)

@@ -9,7 +9,9 @@ from typing import Callable
 
 def one_line(err: BaseException) -> str:
     """The error's message on a single line (file contents quoted in it may hold newlines)."""
-    return " ".join(str(err).split()) or type(err).__name__
+    # qlowrank's own write errors (atomic.staged_dir) explain themselves: no "[Errno 28]" prefix.
+    text = err.strerror if isinstance(err, OSError) and hasattr(err, "cause") else str(err)
+    return " ".join(str(text).split()) or type(err).__name__
 
 
 def exit_2_on_bad_input(command: str, body: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

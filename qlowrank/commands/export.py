@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..config import QuantConfig, parse_dtype
 from .errors import exit_2_on_bad_input
@@ -40,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=exit_2_on_bad_input("export", run))
 
 
-def base_quant(sidecar: dict | None, bits: str | None, compute_dtype: str | None) -> QuantConfig:
+def base_quant(sidecar: dict | None, bits: str | None, compute_dtype: str | None,
+               source: str = "the adapter's qlowrank_adapter.json") -> QuantConfig:
     """The QuantConfig the base was trained with: the adapter's record, overridden by flags."""
     recorded = dict((sidecar or {}).get("base_quant") or {})
     if bits is None and sidecar is None:
@@ -54,18 +56,22 @@ def base_quant(sidecar: dict | None, bits: str | None, compute_dtype: str | None
         recorded["bits"] = None  # qlowrank recorded a float base
     if compute_dtype is not None:
         recorded["compute_dtype"] = compute_dtype
-    if "compute_dtype" in recorded:
-        recorded["compute_dtype"] = parse_dtype(recorded["compute_dtype"], "compute_dtype")
-    return QuantConfig(**recorded)
+    try:
+        if "compute_dtype" in recorded:
+            recorded["compute_dtype"] = parse_dtype(recorded["compute_dtype"], "compute_dtype")
+        return QuantConfig(**recorded)
+    except (TypeError, ValueError) as err:   # an unknown key, a wrong value
+        raise ValueError(f"{source}: key 'base_quant' is unusable ({err})") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adapters import load_adapter, read_adapter_config
+    from ..adapters import ADAPTER_WEIGHTS, load_adapter, read_adapter_config, read_adapter_weights
     from ..export import export_merged
     from ..loading import load_model
 
     _, sidecar = read_adapter_config(args.adapter)
-    quant = base_quant(sidecar, args.bits, args.compute_dtype)
+    read_adapter_weights(Path(args.adapter) / ADAPTER_WEIGHTS)   # a broken file fails before the model loads
+    quant = base_quant(sidecar, args.bits, args.compute_dtype, f"{args.adapter}/qlowrank_adapter.json")
     model = load_model(args.model, quant=quant, device=args.device, gguf_file=args.gguf_file,
                        trust_remote_code=args.trust_remote_code)
     load_adapter(model, args.adapter)

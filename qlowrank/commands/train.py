@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -140,15 +141,15 @@ def _check_config_value(path: Path, key: str, value) -> None:
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     else:
         ok = isinstance(value, (str, int)) and not isinstance(value, bool)   # "--bits": 4 or "4"
     if ok and choices is not None:
         ok = str(value) in choices
     if not ok:
         wanted = ("true or false" if action == "store_true" else "a file name or a list of them" if nargs == "+"
-                  else f"one of {choices}" if choices else {int: "an integer", float: "a number"}.get(kind, "a string"))
-        raise ValueError(f"--config {path}: option {key!r} is {value!r}; it must be {wanted}")
+                  else f"one of {choices}" if choices else {int: "an integer", float: "a finite number"}.get(kind, "a string"))
+        raise ValueError(f"--config {path}: option {key!r} is {value!r:.80}; it must be {wanted}")
 
 
 def load_tokenizer(model_path: str | Path):
@@ -190,13 +191,16 @@ def run(args: argparse.Namespace) -> int:
     args = resolve_options(args)
     if not args.model or not args.data:
         raise ValueError("qlowrank train needs --model and --data (as flags or in --config)")
-    config = train_config_from_args(args)
-    bits = None if str(args.bits) == "none" else int(args.bits)
-    compute = torch.bfloat16 if config.precision != "fp32" else torch.float32
-    quant = QuantConfig(bits=bits, quant_type=args.quant_type, compute_dtype=compute)
-    targets = args.target if args.target == "all-linear" else [t.strip() for t in args.target.split(",") if t.strip()]
-    lora = LoraConfig(r=args.r, alpha=args.alpha or 2 * args.r, dropout=args.dropout, target_modules=targets,
-                      use_rslora=args.rslora)
+    try:
+        config = train_config_from_args(args)
+        bits = None if str(args.bits) == "none" else int(args.bits)
+        compute = torch.bfloat16 if config.precision != "fp32" else torch.float32
+        quant = QuantConfig(bits=bits, quant_type=args.quant_type, compute_dtype=compute)
+        targets = args.target if args.target == "all-linear" else [t.strip() for t in args.target.split(",") if t.strip()]
+        lora = LoraConfig(r=args.r, alpha=args.alpha or 2 * args.r, dropout=args.dropout, target_modules=targets,
+                          use_rslora=args.rslora)
+    except ValueError as err:   # a value out of range: say where it may have come from
+        raise ValueError(f"{err}" + (f" (options from --config {args.config} and the flags)" if args.config else "")) from None
     tokenizer = load_tokenizer(args.model)
     fields = data_fields(args)
     examples = load_examples(args.data, tokenizer, args.seq, truncation=not args.no_truncation, fields=fields)

@@ -16,6 +16,7 @@ copy, a flipped bit): `find_resumable` skips a damaged checkpoint for the newest
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -127,25 +128,28 @@ def save_checkpoint(
     root = Path(root)
     target = root / f"step-{step:06d}"
     remove_leftovers(root)   # staging folders of killed runs (only this trainer writes here)
-    try:
-        with staged_dir(target) as tmp:
-            save_adapter(model, tmp / "adapter")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            rng_tensors, python_rng = _rng_state()
-            torch.save(rng_tensors, tmp / "rng.pt")
-            (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "python_rng": python_rng}, indent=1) + "\n")
-            write_manifest(tmp)   # last: it covers every file above
-    except OSError as err:
-        previous = [p.name for p in list_checkpoints(root) if p != target]
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise OSError(err.errno, f"cannot write checkpoint {target}: {err.strerror or err}; nothing of it was "
-                                 f"left behind and {kept}. Free disk space or make {root} writable, then "
-                                 "resume") from err
+    previous = [p.name for p in list_checkpoints(root) if p != target]
+    intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    with staged_dir(target, "checkpoint", intact) as tmp:
+        save_adapter(model, tmp / "adapter")
+        # Serialized in memory, then written by Python: a full disk is then a plain OSError
+        # (torch.save straight to a file turns it into an opaque RuntimeError).
+        (tmp / "optimizer.pt").write_bytes(_torch_bytes(optimizer.state_dict()))
+        (tmp / "scheduler.pt").write_bytes(_torch_bytes(scheduler.state_dict()))
+        rng_tensors, python_rng = _rng_state()
+        (tmp / "rng.pt").write_bytes(_torch_bytes(rng_tensors))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "python_rng": python_rng}, indent=1) + "\n")
+        write_manifest(tmp)   # last: it covers every file above
     if keep:
         for old in list_checkpoints(root)[:-keep]:
             _remove(old)
     return target
+
+
+def _torch_bytes(obj: Any) -> memoryview:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
 
 
 def _remove(path: Path) -> None:

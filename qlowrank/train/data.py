@@ -14,6 +14,7 @@ row for tables (`file:row N:`), so it can be fixed where it is.
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 from dataclasses import dataclass
@@ -69,25 +70,39 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
         return
     if not path.is_file():
         raise DataError(f"{path}: no such data file or saved dataset folder")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".jsonl", ".json", *TEXT_SUFFIXES):
+        raise DataError(f"{path}: unknown data format {path.suffix!r}; use .jsonl, .json, {', '.join(TABLE_SUFFIXES)}, "
+                        f"a saved dataset folder, or a text file ({', '.join(TEXT_SUFFIXES)})")
+    text = _read_text(path)
+    # Lines end at "\n" only (str.splitlines would also split at U+2028, \x85 and other
+    # characters that JSON strings may hold raw), with a "\r" before it dropped.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(lines, 1):
             if line.strip():
                 yield number, _parse_json(line, path, number)
     elif path.suffix == ".json":
         yield from _json_array_rows(text, path)
-    elif path.suffix in TEXT_SUFFIXES:
+    else:   # a text file
         block, first = [], 0
-        for number, line in enumerate(text.splitlines() + [""], 1):
+        for number, line in enumerate(lines + [""], 1):
             if line.strip():
                 first = first or number
                 block.append(line)
             elif block:
                 yield first, {"text": "\n".join(block)}
                 block, first = [], 0
-    else:
-        raise DataError(f"{path}: unknown data format {path.suffix!r}; use .jsonl, .json, {', '.join(TABLE_SUFFIXES)}, "
-                        f"a saved dataset folder, or a text file ({', '.join(TEXT_SUFFIXES)})")
+
+
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8, a leading byte-order mark dropped; bad bytes reported by line."""
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}: "
+                        f"{err.reason}); re-encode the file as UTF-8") from None
 
 
 def _parse_json(line: str, path: Path, number: int) -> Any:
@@ -95,6 +110,10 @@ def _parse_json(line: str, path: Path, number: int) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
+    except ValueError as err:   # e.g. an integer literal longer than Python's 4300-digit limit
+        raise DataError(f"{path}:{number}: unreadable JSON value ({err})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{number}: JSON nested too deeply to be a data row") from None
 
 
 def _json_array_rows(text: str, path: Path) -> Iterator[tuple[int, Any]]:
@@ -110,6 +129,10 @@ def _json_array_rows(text: str, path: Path) -> Iterator[tuple[int, Any]]:
             row, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        except ValueError as err:
+            raise DataError(f"{path}:{line}: unreadable JSON value ({err})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line}: JSON nested too deeply to be a data row") from None
         yield line, row
         pos = _skip_space(text, pos)
         if text.startswith(",", pos):
@@ -126,10 +149,26 @@ def _skip_space(text: str, pos: int) -> int:
 
 def _field(row: dict, name: str, where: str) -> str:
     if name not in row:
-        raise DataError(f"{where}: missing field {name!r} (row keys: {sorted(row)})")
+        raise DataError(f"{where}: missing field {name!r} (row keys: {_keys(row)})")
     if not isinstance(row[name], str):
         raise DataError(f"{where}: field {name!r} must be a string, got {type(row[name]).__name__}")
+    _check_unicode(row[name], where, repr(name))
     return row[name]
+
+
+def _keys(row: dict) -> str:
+    """A row's keys for an error message, short even when a key is a megabyte long."""
+    names = [repr(k[:40] + "..." if len(k) > 40 else k) for k in sorted(row)[:10]]
+    return "[" + ", ".join(names) + (", ..." if len(row) > 10 else "") + "]"
+
+
+def _check_unicode(text: str, where: str, what: str) -> None:
+    # JSON's \ud800 escapes can make strings that are not Unicode; tokenizers reject them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{where}: {what} holds an unpaired surrogate ({text[err.start]!r}), which is not "
+                        "valid Unicode") from None
 
 
 def _encode(tokenizer, text: str, special: bool) -> list[int]:
@@ -158,7 +197,7 @@ def tokenize_row(row: Any, tokenizer, where: str = "row", fields: Fields | None 
         ids = _encode(tokenizer, _field(row, f.text, where), special=True) + _eos(tokenizer)
         return Example(ids, list(ids), where)
     raise DataError(f"{where}: row has none of the fields {f.text!r}, {f.prompt!r}/{f.completion!r}, {f.messages!r} "
-                    f"(keys: {sorted(row)}); map other names with --text-field / --prompt-field / "
+                    f"(keys: {_keys(row)}); map other names with --text-field / --prompt-field / "
                     "--completion-field / --messages-field")
 
 
@@ -169,7 +208,8 @@ def _tokenize_messages(messages: Any, tokenizer, where: str, name: str = "messag
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
             raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
         if message["role"] not in _ROLES:
-            raise DataError(f"{where}: messages[{i}] has role {message['role']!r}; use one of {_ROLES}")
+            raise DataError(f"{where}: messages[{i}] has role {message['role'][:50]!r}; use one of {_ROLES}")
+        _check_unicode(message["content"], where, f"messages[{i}].content")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message, so nothing to learn; add one or drop the row")
     if not getattr(tokenizer, "chat_template", None):
