@@ -147,9 +147,10 @@ def data_cases(rng: random.Random, folder: Path, model: Path) -> list[Case]:
                              else rng.choice([b"[]", b"\xef\xbb\xbf[ ]\r\n"]))
             cases.append(Case("empty", train(path), [str(path), "no usable rows"]))
         elif style == "suffix":
-            path = path.with_suffix(rng.choice([".csv", ".parquet", ".bin", ""]))
+            path = path.with_suffix(rng.choice([".csv", ".parquet", ".bin", ".xml", ""]))
             path.write_bytes(rng.randbytes(64))
-            cases.append(Case("suffix", train(path), [str(path), "unknown data format"]))
+            known = path.suffix in (".csv", ".parquet")   # table formats: read, and found broken
+            cases.append(Case("suffix", train(path), [str(path)] + ([] if known else ["unknown data format"])))
         elif style == "missing":
             cases.append(Case("missing", train(path), [str(path), "no such data file"]))
         else:
