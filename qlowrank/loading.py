@@ -403,3 +403,11 @@ def _load_gguf(folder: Path, name: str, quant: QuantConfig, device, dtype, skip_
     if tied_keys(model):
         model.tie_weights()  # the casts above replaced the shared embedding / head parameter
     return model
+
+
+def load_tokenizer(path_or_id: str | os.PathLike, gguf_file: str | None = None):
+    """The tokenizer of a model directory, a `.gguf` file (transformers' reader), or a hub id."""
+    folder, gguf_name = _resolve(path_or_id, gguf_file)
+    if gguf_name is not None:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_name)
+    return transformers.AutoTokenizer.from_pretrained(str(folder))

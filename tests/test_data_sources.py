@@ -93,3 +93,25 @@ def test_unreadable_tables_are_named(tmp_path, tok):
     datasets.DatasetDict({"a": table, "b": table}).save_to_disk(str(tmp_path / "two"))
     with pytest.raises(DataError, match=r"splits \['a', 'b'\] and no 'train'"):
         load_examples(tmp_path / "two", tok, seq_len=64)
+
+
+def test_cli_train_reads_parquet_with_mapped_fields(tmp_path, tok, capsys):
+    import torch
+    import transformers
+
+    from qlowrank.cli import main
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = [{"question": f"Q{i}: what is assert?\nA:", "answer": " a debugging check" * (1 + i % 3)} for i in range(6)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "qa.parquet"))
+    common = ["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "qa.parquet"), "--steps", "1",
+              "--batch", "2", "--seq", "32", "--r", "2", "--no-progress", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "bad")]) == 2   # default field names: the row is named
+    assert f"qa.parquet:row 1: row has none of the fields 'text', 'prompt'/'completion'" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "out"), "--prompt-field", "question",
+                 "--completion-field", "answer"]) == 0
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

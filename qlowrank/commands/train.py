@@ -154,12 +154,9 @@ def _check_config_value(path: Path, key: str, value) -> None:
 
 def load_tokenizer(model_path: str | Path):
     """The tokenizer of a model directory or of a .gguf file."""
-    from transformers import AutoTokenizer
+    from ..loading import load_tokenizer as load
 
-    path = Path(model_path)
-    if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(path))
+    return load(model_path)
 
 
 def data_fields(args: argparse.Namespace):

@@ -1,0 +1,110 @@
+"""Every script in examples/ runs: tiny sizes in the default suite, the real SmolLM2 runs under `slow`."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from test_data import tiny_tokenizer
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def example(name: str):
+    """Import examples/<name>.py as a module (its main(argv) is the script)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    """A tiny random Llama with a real BPE tokenizer and a ChatML chat template, as a Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("examples") / "tiny"
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                      eos_token_id=tok.eos_token_id)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_will_it_fit_smoke(tmp_path, capsys):
+    assert example("will_it_fit").main(["--smoke", "--out", str(tmp_path / "fit.png")]) == 0
+    out = capsys.readouterr().out
+    row = re.search(r"mistral-7b\s+QLoRA 4-bit \(NF4\)\s+([\d.]+) GiB\s+(\d+)", out)
+    assert row and 3 < float(row.group(1)) < 8 and int(row.group(2)) >= 1   # 7B in NF4 is ~4 GiB of weights
+    assert (tmp_path / "fit.png").stat().st_size > 10_000
+
+
+def test_finetune_chat_on_a_tiny_model(tiny_chat_model, tmp_path, capsys):
+    code = example("finetune_chat").main(["--model", str(tiny_chat_model), "--steps", "4", "--seq", "64", "--lr", "1e-2",
+                                          "--out", str(tmp_path), "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert code == 0, out   # 0 means the held-out loss fell
+    assert re.search(r"held-out loss [\d.]+ -> [\d.]+", out) and "answer:" in out
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_profile_memory_on_a_tiny_model(tiny_chat_model, tmp_path, capsys):
+    assert example("profile_memory").main(["--model", str(tiny_chat_model), "--batch", "2", "--seq", "32",
+                                           "--steps", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    ratios = [float(x) for x in re.search(r"peak / full FT\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out).groups()]
+    assert ratios[0] == 1.0 and ratios[2] < ratios[1] < 1.0   # QLoRA < LoRA < full fine-tuning
+    assert {p.name for p in tmp_path.glob("memory_*.png")} == {"memory_full.png", "memory_lora.png", "memory_qlora.png"}
+
+
+def test_export_and_generate_on_a_tiny_model(tiny_chat_model, tmp_path, capsys):
+    code = example("export_and_generate").main(["--model", str(tiny_chat_model), "--out", str(tmp_path),
+                                                "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert code == 0, out   # 0 means PEFT's logits equal qlowrank's
+    assert out.count("assistant:") == 2
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
+
+
+def _run_script(name: str, *args: str, cwd: Path) -> str:
+    done = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_will_it_fit_full_and_exact(tmp_path):
+    out = _run_script("will_it_fit.py"[:-3], cwd=tmp_path)
+    assert len(re.findall(r"^(llama-3-8b|llama-3-70b|mistral-7b|qwen2.5-14b) ", out, flags=re.M)) == 16
+    # The 2-and-3-layer extrapolation equals simulating every layer.
+    exact = _run_script("will_it_fit", "--models", "llama-3-8b", "--exact", "--out", "exact.png", cwd=tmp_path)
+    assert "every layer simulated: identical" in exact
+
+
+@pytest.mark.slow
+def test_finetune_chat_smollm2(tmp_path):
+    out = _run_script("finetune_chat", cwd=tmp_path)
+    before, after = map(float, re.search(r"held-out loss ([\d.]+) -> ([\d.]+)", out).groups())
+    assert after < before - 0.3
+
+
+@pytest.mark.slow
+def test_profile_memory_smollm2(tmp_path):
+    out = _run_script("profile_memory", cwd=tmp_path)
+    ratios = [float(x) for x in re.search(r"peak / full FT\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out).groups()]
+    assert ratios[2] < ratios[1] < 1.0
+
+
+@pytest.mark.slow
+def test_export_and_generate_smollm2(tmp_path):
+    out = _run_script("export_and_generate", cwd=tmp_path)
+    assert out.count("assistant:") == 2 and "relative difference" in out
