@@ -65,7 +65,7 @@ def test_sigterm_mid_step_checkpoints_the_last_completed_step_and_resume_is_exac
     # it drew dropout masks. The partial step must be dropped, and the RNG states saved as
     # they were after step 3, or the resumed losses would differ from the uninterrupted run.
     examples = _examples(tok, 14)
-    kw = dict(steps=6, grad_accum=2, batch_size=3)
+    kw = dict(steps=5, grad_accum=2, batch_size=3)
     straight = Trainer(_model(tok, dropout=0.1), _config(tmp_path / "a", **kw), examples,
                        pad_token_id=tok.pad_token_id).train()
     model = _model(tok, dropout=0.1)
@@ -135,3 +135,10 @@ def test_train_config_seed_decides_dropout_and_data_order(tmp_path, tok):  # noq
     first = run(1, "a")
     assert run(1, "b") == first
     assert run(2, "c")[1:] != first[1:]
+
+
+def test_seeded_lora_init_is_the_same_on_every_device(device):
+    # A is drawn on the CPU and copied over, so a GPU run starts from the CPU run's factors.
+    cpu = _factors(ql.add_lora(tiny_model("llama"), ql.LoraConfig(r=4), seed=5))
+    there = _factors(ql.add_lora(tiny_model("llama").to(device), ql.LoraConfig(r=4), seed=5))
+    assert all(there[k].device.type == device and torch.equal(there[k].cpu(), cpu[k]) for k in cpu)
