@@ -1,13 +1,13 @@
 """Crash-safe directory writes: build in a hidden staging folder, fsync, then swap into place.
 
-    with staged_dir(target) as tmp:        # tmp = <parent>/.<name>.partial-<pid>-XXXX
+    with staged_dir(target) as tmp:        # tmp = <parent>/.<name>.partial-<host>-<pid>-XXXX
         ...write files into tmp...
     # on success tmp is fsynced and atomically becomes `target`; on any error (a full disk,
     # a read-only folder, an exception, Ctrl-C) tmp is deleted and `target` is untouched.
 
 A SIGKILL cannot be caught, so it may leave a staging folder behind: such folders are
 hidden, never read as results, and deleted by the next `staged_dir` in the same parent
-once the process that made them is gone (its pid is part of the name).
+once the process that made them is gone (its host and pid are part of the name).
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import functools
 import os
 import re
 import shutil
+import socket
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<pid>\d+)-")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-")
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -74,11 +76,17 @@ def replace_dir(new: Path, target: Path) -> None:
     elif _exchange(new, target):
         shutil.rmtree(new, ignore_errors=True)   # `new` now holds the old contents
     else:  # no atomic exchange: move the old one aside first, delete it only after
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-x")
+        old = target.with_name(f".{target.name}.old-{staging_tag()}-x")
         os.replace(target, old)
         os.replace(new, target)
         shutil.rmtree(old, ignore_errors=True)
     _fsync(target.parent, directory=True)
+
+
+def staging_tag() -> str:
+    """`<host>-<pid>` for staging names: a pid means something only on the machine that ran it
+    (a shared filesystem may hold folders of processes on other machines)."""
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}-{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:
@@ -100,7 +108,8 @@ def remove_leftovers(parent: Path, name: str | None = None) -> list[Path]:
         return removed
     for entry in parent.iterdir():
         match = _LEFTOVER.match(entry.name)
-        if match and name in (None, match.group("name")) and not _alive(int(match.group("pid"))):
+        mine = match and match.group("host") == staging_tag().split("-")[0]
+        if mine and name in (None, match.group("name")) and not _alive(int(match.group("pid"))):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -125,7 +134,7 @@ def staged_dir(target: str | os.PathLike, what: str = "output", intact: str | No
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(target.parent, target.name)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{staging_tag()}-", dir=target.parent))
         yield tmp
         fsync_tree(tmp)
         replace_dir(tmp, target)

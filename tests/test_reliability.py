@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
 import pytest
 import torch
 
 import qlowrank as ql
+from qlowrank.atomic import staged_dir, staging_tag
 from qlowrank.train import CheckpointError, Trainer, TrainingInterrupted, list_checkpoints, verify_checkpoint
 from conftest import tiny_model
 from test_train import RESUME_ATOL, _config, _examples, _model, tok  # noqa: F401  (tok: a fixture)
@@ -142,3 +144,24 @@ def test_seeded_lora_init_is_the_same_on_every_device(device):
     cpu = _factors(ql.add_lora(tiny_model("llama"), ql.LoraConfig(r=4), seed=5))
     there = _factors(ql.add_lora(tiny_model("llama").to(device), ql.LoraConfig(r=4), seed=5))
     assert all(there[k].device.type == device and torch.equal(there[k].cpu(), cpu[k]) for k in cpu)
+
+
+def test_staging_folders_of_dead_processes_are_removed_and_others_kept(tmp_path):
+    dead = _dead_pid()
+    host = staging_tag().split("-")[0]
+    names = {f".adapter.partial-{host}-{dead}-abc": False,             # ours, its process is gone: removed
+             f".adapter.partial-{host}-{os.getpid()}-abc": True,       # ours, still running: kept
+             f".adapter.partial-0badc0de-{dead}-abc": True,            # another machine's: kept
+             f".merged.partial-{host}-{dead}-abc": True}               # another target: kept
+    for name in names:
+        (tmp_path / name).mkdir()
+    with staged_dir(tmp_path / "adapter") as staging:
+        (staging / "file").write_text("x")
+    assert {name: (tmp_path / name).exists() for name in names} == names
+    assert (tmp_path / "adapter" / "file").read_text() == "x"
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..adapters import load_adapter, save_adapter
-from ..atomic import remove_leftovers, staged_dir
+from ..atomic import remove_leftovers, staged_dir, staging_tag
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
@@ -155,7 +155,7 @@ def _torch_bytes(obj: Any) -> memoryview:
 def _remove(path: Path) -> None:
     # Renamed out of the step-N pattern first, so a kill during the deletion cannot leave a
     # half-deleted folder that still looks like a checkpoint.
-    hidden = path.with_name(f".{path.name}.old-{os.getpid()}-x")
+    hidden = path.with_name(f".{path.name}.old-{staging_tag()}-x")
     os.replace(path, hidden)
     shutil.rmtree(hidden, ignore_errors=True)
 
