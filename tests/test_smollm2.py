@@ -68,6 +68,7 @@ def trained(tmp_path_factory):
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     quant = ql.QuantConfig(bits=4, compute_dtype=torch.float32)
     model = ql.load_model(gguf, quant=quant, lora=ql.LoraConfig(r=8, alpha=16), device="cpu", seed=0)
+    initial_a = next(iter(ql.lora_layers(model)))[1].lora_A.weight.detach().clone()
     text = "\n\n".join(topics[key] for key in sorted(topics))[:60_000]
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     windows = ids[: (len(ids) // 64) * 64].view(-1, 64)   # (N, 64)
@@ -83,7 +84,7 @@ def trained(tmp_path_factory):
         losses.append(loss.item())
     model.eval()
     return {"model": model, "tokenizer": tokenizer, "gguf": gguf, "quant": quant, "losses": losses,
-            "windows": windows, "dir": tmp_path_factory.mktemp("smollm2")}
+            "windows": windows, "dir": tmp_path_factory.mktemp("smollm2"), "initial_a": initial_a}
 
 
 def test_training_is_seeded_and_the_adapter_reloads_exactly(trained):
@@ -96,11 +97,10 @@ def test_training_is_seeded_and_the_adapter_reloads_exactly(trained):
     probe = trained["windows"][30:31]
     with torch.no_grad():
         assert torch.equal(reloaded(probe).logits, trained["model"](probe).logits)
+    del reloaded
     # The same seed gives the same LoRA init: a fresh load draws the factors the run started from.
     again = ql.load_model(trained["gguf"], quant=trained["quant"], lora=ql.LoraConfig(r=8, alpha=16), device="cpu", seed=0)
-    other = ql.load_model(trained["gguf"], quant=trained["quant"], lora=ql.LoraConfig(r=8, alpha=16), device="cpu", seed=1)
-    a, b, c = (next(iter(ql.lora_layers(m)))[1].lora_A.weight for m in (again, other, again))
-    assert torch.equal(a, c) and not torch.equal(a, b)
+    assert torch.equal(next(iter(ql.lora_layers(again)))[1].lora_A.weight, trained["initial_a"])
 
 
 def _greedy(model, tokenizer):

@@ -35,11 +35,15 @@ def _datasets():
 @contextlib.contextmanager
 def _quiet(datasets):
     # `datasets` draws a progress bar for every file it reads; a data file is read in a moment.
+    # It also logs its own ERROR line for a broken file, next to the one line qlowrank prints.
     was_disabled = datasets.utils.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
     datasets.utils.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if not was_disabled:
             datasets.utils.enable_progress_bars()
 
