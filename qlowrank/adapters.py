@@ -31,7 +31,8 @@ KEY_PREFIX = "base_model.model."
 _FACTORS = ("lora_A", "lora_B")
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = True) -> Path:
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = True,
+                 tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write the model's LoRA factors as a PEFT adapter directory.
 
     The directory is written under a temporary name and renamed into place, so a crash
@@ -42,6 +43,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool =
         out_dir: the adapter directory to create.
         overwrite: replace an existing adapter directory (a directory that holds anything
             other than an adapter is never replaced).
+        tensors: {layer name: {"lora_A": A, "lora_B": B}} to write instead of the layers'
+            own weights (factors gathered from processes that each hold a shard).
 
     Returns:
         The adapter directory.
@@ -58,10 +61,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool =
     if len(ranks) > 1 or len(alphas) > 1:
         raise ValueError(f"save_adapter needs one r / alpha / rsLoRA setting for all layers, found r={sorted(ranks)}")
     first = next(iter(layers.values()))
-    tensors = {
-        f"{KEY_PREFIX}{name}.{factor}.weight": getattr(layer, factor).weight.detach().float().cpu().contiguous()
-        for name, layer in layers.items() for factor in _FACTORS
-    }
+    def factor_of(name: str, factor: str) -> torch.Tensor:
+        weight = tensors[name][factor] if tensors is not None else getattr(layers[name], factor).weight.detach()
+        return weight.float().cpu().contiguous()
+
+    tensors = {f"{KEY_PREFIX}{name}.{factor}.weight": factor_of(name, factor) for name in layers for factor in _FACTORS}
     config = _peft_config(model, layers, first)
     out_dir = Path(out_dir)
     _check_replaceable(out_dir, overwrite)
@@ -314,7 +318,11 @@ def _copy_factors(layers: dict, by_module: dict, tensors: dict, path: Path) -> N
         for name, layer in layers.items():
             for factor in _FACTORS:
                 target = getattr(layer, factor).weight
-                target.copy_(tensors[by_module[name][factor]].to(device=target.device, dtype=target.dtype))
+                value = tensors[by_module[name][factor]].to(device=target.device, dtype=target.dtype)
+                if hasattr(target, "device_mesh"):   # a factor sharded over processes (FSDP): keep this rank's shard
+                    from torch.distributed.tensor import distribute_tensor
+                    value = distribute_tensor(value, target.device_mesh, target.placements)
+                target.copy_(value)
 
 
 def _set_scaling(layers, config: dict) -> None:

@@ -62,6 +62,7 @@ def export_merged(
     progress: bool = True,
     format: str = "safetensors",
     gguf_type: str = "f16",
+    before_tensor: Callable[[str], None] | None = None,
 ) -> dict:
     """Write the model as a merged, dequantized Hugging Face checkpoint (or one GGUF file).
 
@@ -84,6 +85,8 @@ def export_merged(
         format: "safetensors" (a Hugging Face checkpoint directory) or "gguf" (`out_dir` is then
             the .gguf file; see `qlowrank.gguf_export.export_gguf`; `dtype` is replaced by `gguf_type`).
         gguf_type: with format="gguf": f16, bf16, q8_0 or f32.
+        before_tensor: called with each tensor's key just before it is computed, in the
+            order of `export_keys(model)` (the trainer gathers that tensor's FSDP shard there).
 
     Returns:
         The report (also written beside the weights): fidelity figures, shards, bytes.
@@ -108,6 +111,8 @@ def export_merged(
     entries = _plan(model)
     if base is not None:
         entries = _from_original(model, entries, Path(base))
+    if before_tensor is not None:
+        entries = [_Entry(e.key, e.shape, e.dtype, _announced(before_tensor, e)) for e in entries]
     with staged_dir(out_dir, "export") as tmp:
         shards, total = _write_shards(entries, tmp, dtype, max_shard_size, progress)
         _write_config(model, tmp, dtype)
@@ -160,7 +165,8 @@ def _plan(model: nn.Module) -> list[_Entry]:
             entries.append(_Entry(prefix + "weight", layout, torch.float32, _weight_of(module)))
             bias = (module.base_layer if isinstance(module, LoraLinear) else module).bias
             if bias is not None:
-                entries.append(_Entry(prefix + "bias", tuple(bias.shape), bias.dtype, lambda b=bias: b.detach()))
+                owner = module.base_layer if isinstance(module, LoraLinear) else module
+                entries.append(_Entry(prefix + "bias", tuple(bias.shape), bias.dtype, lambda m=owner: m.bias.detach()))
             continue
         tensors = [(k, v) for k, v in module._parameters.items() if v is not None]
         tensors += [(k, v) for k, v in module._buffers.items() if v is not None and k not in module._non_persistent_buffers_set]
@@ -169,8 +175,24 @@ def _plan(model: nn.Module) -> list[_Entry]:
             if key in tied or id(tensor) in seen:
                 continue  # tied to a tensor already exported; from_pretrained re-ties it
             seen.add(id(tensor))
-            entries.append(_Entry(key, tuple(tensor.shape), tensor.dtype, lambda t=tensor: t.detach()))
+            # Looked up when written, not now: a sharded (FSDP) module swaps in the gathered tensor.
+            entries.append(_Entry(key, tuple(tensor.shape), tensor.dtype, lambda m=module, n=leaf: getattr(m, n).detach()))
     return entries
+
+
+def export_keys(model: nn.Module) -> list[str]:
+    """The keys export_merged writes, in the order it computes them."""
+    return [entry.key for entry in _plan(model)]
+
+
+def _announced(before: Callable[[str], None], entry: _Entry) -> Callable[[], torch.Tensor]:
+    def produce() -> torch.Tensor:
+        before(entry.key)
+        # A copy: writing hands the bytes to numpy, which pins the storage, and FSDP must be
+        # able to free the gathered parameter afterwards.
+        return entry.produce().clone()
+
+    return produce
 
 
 def _from_original(model: nn.Module, entries: list[_Entry], base: Path) -> list[_Entry]:

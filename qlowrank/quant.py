@@ -98,7 +98,7 @@ def guard_cpu_repack(layer: nn.Module) -> None:
     if not isinstance(layer, Linear4bit):
         return
     layer.support_avx512bf16_for_cpu = False
-    state = layer.weight.quant_state
+    state = getattr(layer.weight, "quant_state", None)
     if state is not None and getattr(state, "packing_format_for_cpu", False):
         data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
         layer.weight.data = data
@@ -115,7 +115,8 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """
     if isinstance(layer, Linear4bit):
         guard_cpu_repack(layer)
-        state = layer.weight.quant_state
+        # A weight gathered by FSDP comes back without its quant_state; the layer keeps it.
+        state = getattr(layer.weight, "quant_state", None) or getattr(layer, "quant_state", None)
         if state is None:
             raise ValueError("this Linear4bit was never quantized (move it to a device first)")
         return bnb_functional.dequantize_4bit(layer.weight.data, state).float()
@@ -143,8 +144,12 @@ def packed_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor that stores a quantized layer's frozen weight (codes and scales)."""
     if isinstance(layer, Linear4bit):
         guard_cpu_repack(layer)
-        state = layer.weight.quant_state
-        tensors = {"weight": layer.weight.data, "absmax": state.absmax}
+        weight = layer.weight
+        # Sharded over processes (FSDP), the weight is a DTensor: this rank holds its local shard,
+        # and the quant_state, kept whole on every rank, stays with the layer.
+        state = getattr(weight, "quant_state", None) or layer.quant_state
+        data = weight.to_local() if hasattr(weight, "to_local") else weight.data
+        tensors = {"weight": data, "absmax": state.absmax}
         if state.nested:
             tensors["absmax2"] = state.state2.absmax
             tensors["offset"] = state.offset

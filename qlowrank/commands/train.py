@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -45,7 +46,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         if default not in (None, False):
             kwargs["help"] = f"{kwargs.get('help', '')} [default: {default}]".strip()
         parser.add_argument(*names, dest=dest, default=argparse.SUPPRESS, action=action, **kwargs)
-    add("--config", help="JSON or TOML file with any of these options; flags override it")
+    # Every option has a long name that no launcher option (torchrun, accelerate launch) starts
+    # with: their parsers take abbreviations from the script's own arguments (`--r` is
+    # ambiguous to torchrun, `--config` a prefix of accelerate's `--config_file`).
+    add("--config", "--train-config", dest="config", help="JSON or TOML file with any of these options; flags override it")
     add("--model", help="model directory (safetensors) or .gguf file")
     add("--data", nargs="+", help="training data: .jsonl / .json / .parquet / .csv / text file(s) or save_to_disk folders")
     add("--eval-data", nargs="+", help="held-out data file(s) (default: --eval-fraction of --data)")
@@ -57,8 +61,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", default="qlowrank-out", help="output folder")
     add("--bits", default="4", choices=["4", "8", "none"], help="base storage (none: float base)")
     add("--quant-type", default="nf4", choices=["nf4", "fp4"])
-    add("--r", type=int, default=16, help="LoRA rank")
-    add("--alpha", type=float, default=None, help="LoRA alpha (default 2 * r)")
+    add("--lora-rank", "--r", dest="r", type=int, default=16, help="LoRA rank r")
+    add("--lora-alpha", "--alpha", dest="alpha", type=float, default=None, help="LoRA alpha (default 2 * r)")
     add("--dropout", type=float, default=0.0, help="dropout on the LoRA branch")
     add("--target", "--targets", dest="target", default="all-linear",
         help="all-linear, or comma-separated module names (q_proj,v_proj)")
@@ -66,7 +70,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seq", type=int, default=512, help="longest sequence (tokens)")
     add("--no-truncation", action="store_true", help="a row longer than --seq is an error instead of being cut")
     add("--packing", action="store_true", help="pack short examples into --seq windows")
-    add("--batch", type=int, default=4, help="sequences per micro-batch")
+    add("--batch", type=int, default=4, help="sequences per micro-batch, per process (global batch: batch x "
+        "processes x grad-accum)")
     add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     add("--lr", type=float, default=2e-4)
     add("--lora-plus-ratio", type=float, default=1.0, help="LoRA+: lora_B trains at lr * ratio (16 in the paper)")
@@ -89,6 +94,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--export", action="store_true", help="write the merged, dequantized model to OUT/merged at the end")
     add("--export-dtype", default="bf16", help="dtype of the merged export (bf16, fp16, fp32)")
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--sharding", default="none", choices=["none", "fsdp"],
+        help="several processes: none (DDP, each holds the model) or fsdp (the frozen base is sharded across them)")
 
 
 def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
@@ -177,12 +184,14 @@ def train_config_from_args(args: argparse.Namespace):
         warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm or None,
         precision=args.precision, chunk_tokens=args.chunk_tokens or None, eval_every=args.eval_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
+        sharding=None if args.sharding in (None, "none") else args.sharding,
         progress=not args.no_progress,
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import enable_gradient_checkpointing, export_merged, load_model
+    from .. import enable_gradient_checkpointing, load_model
+    from ..train.distributed import local_device
     from ..train import Trainer, load_examples, pack_examples, split_examples
 
     args = resolve_options(args)
@@ -209,13 +218,23 @@ def run(args: argparse.Namespace) -> int:
         train, held = split_examples(examples, args.eval_fraction if len(examples) >= 20 else 0.0, args.seed)
     if args.packing:
         train = pack_examples(train, args.seq)
-    print(f"data: {len(train)} training sequences, {len(held)} held out", flush=True)
-    model = load_model(args.model, quant=quant, lora=lora, device=args.device, dtype=compute, seed=args.seed)
+    main_process = int(os.environ.get("RANK", "0")) == 0   # under torchrun / accelerate launch
+    if main_process:
+        print(f"data: {len(train)} training sequences, {len(held)} held out", flush=True)
+    model = load_model(args.model, quant=quant, lora=lora, device=local_device(args.device), dtype=compute,
+                       seed=args.seed)
     if not args.no_checkpointing:
         enable_gradient_checkpointing(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     # SIGTERM / SIGINT end training with TrainingInterrupted; cli.main turns it into 143 / 130.
-    result = Trainer(model, config, train, held, pad_token_id=pad).train(resume=args.resume)
+    trainer = Trainer(model, config, train, held, pad_token_id=pad)
+    result = trainer.train(resume=args.resume)
+    if args.export:   # every rank takes part (FSDP gathers the base one block at a time); rank 0 writes
+        merged = Path(args.out) / "merged"
+        trainer.export_merged(merged, dtype=parse_dtype(args.export_dtype, "--export-dtype"), tokenizer=tokenizer,
+                              overwrite=True)
+    if not trainer.is_main:
+        return 0
     if result.memory_table and args.no_progress:  # with a progress bar the trainer printed it
         print(result.memory_table)
     if result.evals:
@@ -223,8 +242,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"eval loss: step {first['step']} {first['eval_loss']:.4f} -> step {last['step']} {last['eval_loss']:.4f}")
     print(f"adapter: {result.adapter_dir}\ncheckpoint: {result.checkpoint}\nmetrics: {Path(args.out) / 'metrics.jsonl'}")
     if args.export:
-        merged = Path(args.out) / "merged"
-        export_merged(model, merged, dtype=parse_dtype(args.export_dtype, "--export-dtype"), tokenizer=tokenizer,
-                      overwrite=True)
         print(f"merged model: {merged}")
     return 0

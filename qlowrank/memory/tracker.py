@@ -301,6 +301,11 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return get_head() if callable(get_head) else None
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    # A parameter sharded over processes (FSDP's DTensor) owns no storage itself: its local shard does.
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def register_model_tensors(tracker: TensorTracker, model: nn.Module) -> None:
     """Count a model's parameters, buffers and quantized storages under their categories."""
     from .. import quant as quantlib  # the only module that knows bitsandbytes' storages
@@ -310,8 +315,8 @@ def register_model_tensors(tracker: TensorTracker, model: nn.Module) -> None:
             for tensor in quantlib.packed_tensors(module).values():
                 tracker.add(tensor, "base_weights")
     for param in model.parameters():
-        tracker.add(param, "trainable_params" if param.requires_grad else "base_weights")
+        tracker.add(_local(param), "trainable_params" if param.requires_grad else "base_weights")
         if param.grad is not None:
-            tracker.add(param.grad, "gradients")
+            tracker.add(_local(param.grad), "gradients")
     for buffer in model.buffers():
         tracker.add(buffer, "base_weights")

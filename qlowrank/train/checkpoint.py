@@ -115,8 +115,13 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
     keep: int | None = None,
+    adapter_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write checkpoint `root/step-<step>` atomically; keep only the newest `keep` (None: all).
+
+    `adapter_tensors` / `optimizer_state` replace what the model and optimizer hold when
+    those are sharded over several processes (the trainer gathers them first).
 
     Raises:
         OSError: the checkpoint could not be written (full disk, read-only folder). Nothing
@@ -131,10 +136,10 @@ def save_checkpoint(
     previous = [p.name for p in list_checkpoints(root) if p != target]
     intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
     with staged_dir(target, "checkpoint", intact) as tmp:
-        save_adapter(model, tmp / "adapter")
+        save_adapter(model, tmp / "adapter", tensors=adapter_tensors)
         # Serialized in memory, then written by Python: a full disk is then a plain OSError
         # (torch.save straight to a file turns it into an opaque RuntimeError).
-        (tmp / "optimizer.pt").write_bytes(_torch_bytes(optimizer.state_dict()))
+        (tmp / "optimizer.pt").write_bytes(_torch_bytes(optimizer_state or optimizer.state_dict()))
         (tmp / "scheduler.pt").write_bytes(_torch_bytes(scheduler.state_dict()))
         rng_tensors, python_rng = _rng_state()
         (tmp / "rng.pt").write_bytes(_torch_bytes(rng_tensors))
