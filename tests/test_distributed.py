@@ -89,7 +89,8 @@ def _full_flags(work: Path, out: Path) -> list[str]:
     """Every `qlowrank train` option by its launcher-safe long name (--resume and --no-checkpointing: round 2)."""
     flags = {
         "--train-config": work / "dist.json", "--model": work / "model", "--data": work / "data.jsonl",
-        "--eval-data": work / "eval.jsonl", "--eval-fraction": 0.1, "--out": out, "--bits": 4, "--quant-type": "nf4",
+        "--eval-data": work / "eval.jsonl", "--eval-fraction": 0.1, "--text-field": "text", "--prompt-field": "prompt",
+        "--completion-field": "completion", "--messages-field": "messages", "--out": out, "--bits": 4, "--quant-type": "nf4",
         "--lora-rank": 4, "--lora-alpha": 8, "--dropout": 0.0, "--target": "all-linear", "--rslora": None,
         "--seq": 128, "--no-truncation": None, "--packing": None, "--batch": 2, "--grad-accum": 1, "--lr": 1e-3,
         "--lora-plus-ratio": 2.0, "--optimizer": "adamw", "--weight-decay": 0.01, "--warmup-steps": 2,
