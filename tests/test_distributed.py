@@ -22,9 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from pydoc_data.topics import topics
 from safetensors.torch import load_file
 
+import qlowrank as ql
 from qlowrank.commands.train import add_train_arguments
 from qlowrank.train import list_checkpoints, verify_checkpoint
 from test_cli import workdir  # noqa: F401  (a fixture: tiny Llama + tokenizer, data.jsonl)
@@ -181,6 +183,17 @@ def test_two_processes_ddp_and_fsdp_equal_one_process(work, round1):
         assert abs(rank["base_weights"] - one_base / 2) <= rank["quant_state"] + 0.02 * one_base, (rank, one_base)
     ddp = json.loads((work / "ddp" / "memory.json").read_text())["ranks"]
     assert [r["breakdown"]["base_weights"] for r in ddp] == [one_base, one_base]
+    # The estimator predicts one rank's share from the config alone.
+    config = transformers.AutoConfig.from_pretrained(work / "model")
+    quant, lora = ql.QuantConfig(bits=4, compute_dtype=torch.float32), ql.LoraConfig(r=4, alpha=8)
+    per_rank = ql.estimate_memory(config, quant=quant, lora=lora, batch_size=1, seq_len=128, dtype=torch.float32,
+                                  device="cpu", chunked_loss=True, processes=2, sharding="fsdp").breakdown
+    single = ql.estimate_memory(config, quant=quant, lora=lora, batch_size=1, seq_len=128, dtype=torch.float32,
+                                device="cpu", chunked_loss=True).breakdown
+    assert single["base_weights"] == one_base
+    for rank in fsdp:
+        assert per_rank["base_weights"] == pytest.approx(rank["base_weights"] + rank["quant_state"], rel=0.01)
+        assert per_rank["trainable_params"] == pytest.approx(rank["trainable_params"], rel=0.01)
 
 
 @pytest.fixture(scope="module")

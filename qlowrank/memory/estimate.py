@@ -28,6 +28,7 @@ from ..config import LoraConfig, QuantConfig, parse_dtype
 from ..inject import add_lora
 from .meta_model import build_meta_model, fused_attention, load_config, replace_quantized_layers
 from .report import breakdown_table, format_bytes
+from .sharding import SHARDINGS, per_rank_breakdown
 from .tracker import CATEGORIES, TensorTracker
 
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
@@ -118,6 +119,8 @@ def estimate_memory(
     chunked_loss: bool = False,
     loss_fn: LossFn | None = None,
     quantized_from: torch.dtype | str | None = None,
+    processes: int = 1,
+    sharding: str | None = None,
 ) -> MemoryEstimate:
     """Predict the peak memory of one training step, from a config alone.
 
@@ -125,7 +128,7 @@ def estimate_memory(
         path_or_config: a model directory, its config.json, a .gguf file, or a transformers config.
         quant: how the base is stored (None or bits=None: unquantized, in `dtype`).
         lora: the adapters; None with an unquantized base means full fine-tuning.
-        batch_size: sequences per step.
+        batch_size: sequences per step (per process when processes > 1).
         seq_len: tokens per sequence.
         gradient_checkpointing: recompute each block in backward (qlowrank's checkpointing).
         optimizer: "adamw" (fp32 states), "adamw8bit" (bitsandbytes block-wise) or "sgd" (no state).
@@ -135,6 +138,9 @@ def estimate_memory(
         loss_fn: any `(model, tokens) -> loss`, overriding the two above.
         quantized_from: dtype the weights had when quantized (default `dtype`); bitsandbytes
             dequantizes a 4-bit weight back to it in backward, so an fp32 source doubles that buffer.
+        processes: training processes (ranks); the estimate is then one rank's peak.
+        sharding: None (each rank holds the whole model: DDP) or "fsdp" (parameters split
+            across ranks, as `TrainConfig(sharding="fsdp")` does; see `memory/sharding.py`).
 
     Returns:
         A MemoryEstimate with `total_bytes`, `breakdown`, `fits()` and `max_batch_size()`.
@@ -149,6 +155,8 @@ def estimate_memory(
         raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {OPTIMIZERS}")
     if lora is None and quant.bits is not None:
         raise ValueError(f"a {quant.bits}-bit base cannot be fully fine-tuned; pass a LoraConfig (or quant bits=None)")
+    if sharding not in SHARDINGS or processes < 1:
+        raise ValueError(f"processes={processes} must be >= 1 and sharding={sharding!r} None or 'fsdp'")
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,6 +169,7 @@ def estimate_memory(
         "r": lora.r if lora else None, "batch_size": batch_size, "seq_len": seq_len,
         "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer,
         "dtype": str(dtype).removeprefix("torch."), "device": device, "chunked_loss": chunked_loss,
+        "processes": processes, "sharding": sharding,
     }
     cache: dict[int, MemoryEstimate] = {}
 
@@ -200,10 +209,15 @@ def _simulate_step(config, quant, lora, batch, seq_len, checkpointing, optimizer
         del loss
     after_backward = dict(tracker.state.live)  # weights, LoRA, gradients, optimizer states
     step_temp = optimizer_step_temporaries(trainable, optimizer, device)
-    if sum(after_backward.values()) + step_temp > tracker.state.peak_bytes:
-        breakdown, phase = {**after_backward, "temporaries": after_backward["temporaries"] + step_temp}, "optimizer"
+    # One rank's share of each candidate peak (the same figures on one process).
+    ranks, sharding = settings.get("processes", 1), settings.get("sharding")
+    at_step = per_rank_breakdown(model, {**after_backward, "temporaries": after_backward["temporaries"] + step_temp},
+                                 ranks, sharding, "optimizer")
+    in_pass = per_rank_breakdown(model, dict(tracker.state.peak_breakdown), ranks, sharding, "forward/backward")
+    if sum(at_step.values()) > sum(in_pass.values()):
+        breakdown, phase = at_step, "optimizer"
     else:
-        breakdown, phase = dict(tracker.state.peak_breakdown), "forward/backward"
+        breakdown, phase = in_pass, "forward/backward"
     owners = {id(p): (m, p) for m in model.modules() for p in m.parameters(recurse=False)}  # tied weights once
     total_params = sum(_true_numel(m, p) for m, p in owners.values())
     return MemoryEstimate(breakdown={c: int(breakdown[c]) for c in CATEGORIES}, peak_phase=phase, settings=settings,
