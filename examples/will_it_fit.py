@@ -9,12 +9,13 @@ the models' published config.json values); no weights are downloaded or allocate
 How: `qlowrank.estimate_memory` runs one training step on the meta device. A model's blocks
 are identical, so the peak is exactly linear in the number of layers: each figure simulates the
 real widths with 2 and 3 layers and extrapolates (`--exact` simulates every layer instead and
-prints both; they agree to the byte). The largest batch follows the linear trend of batch 1 and 2,
-then is checked by simulating it (and stepped back if it does not fit).
+prints both; they agree to the byte). The largest batch follows the linear trend of batch 1 and 2
+(the chunked loss works on fixed 256-token chunks, so what grows with the batch is the
+activations, linearly); `--verify` also simulates each answer and steps back if it does not fit.
 
-How long: ~15-30 s on 2 CPU cores (`--exact`: several minutes); `--smoke` (one model, one method): ~2 s.
+How long: ~20 s on 2 idle CPU cores (`--exact` or `--verify`: many minutes); `--smoke` (one model, one method): ~2 s.
 
-    python examples/will_it_fit.py [--out will_it_fit.png] [--models mistral-7b ...] [--exact]
+    python examples/will_it_fit.py [--out will_it_fit.png] [--models mistral-7b ...] [--exact] [--verify]
 """
 
 from __future__ import annotations
@@ -53,15 +54,17 @@ def with_layers(config, layers: int):
 class Predictor:
     """Peak bytes of one (model, method) at any batch size, simulations cached."""
 
-    def __init__(self, config, method: str, exact: bool = False) -> None:
-        self.config, self.exact = config, exact
+    def __init__(self, config, method: str, exact: bool = False, verify: bool = False) -> None:
+        self.config, self.exact, self.verify = config, exact, verify
         self.quant, self.lora = METHODS[method]
         self.cache: dict[int, int] = {}
+        self.phase: dict[int, str] = {}   # where the peak falls: "forward/backward" or "optimizer"
 
     def _simulate(self, config, batch: int) -> int:
-        return ql.estimate_memory(config, quant=self.quant, lora=self.lora, batch_size=batch, seq_len=SEQ,
-                                  gradient_checkpointing=True, optimizer="adamw", device="cuda",
-                                  chunked_loss=True).total_bytes
+        estimate = ql.estimate_memory(config, quant=self.quant, lora=self.lora, batch_size=batch, seq_len=SEQ,
+                                      gradient_checkpointing=True, optimizer="adamw", device="cuda", chunked_loss=True)
+        self.phase[batch] = estimate.peak_phase
+        return estimate.total_bytes
 
     def peak(self, batch: int) -> int:
         if batch not in self.cache:
@@ -78,20 +81,28 @@ class Predictor:
         one = self.peak(1)
         if one > device_bytes:
             return 0
-        per_sequence = max(self.peak(2) - one, 1)
-        batch = min(limit, 1 + (device_bytes - one) // per_sequence)
-        while batch > 1 and self.peak(batch) > device_bytes:
+        low = 1
+        # A peak in the optimizer step (full fine-tuning) does not grow with the batch until the
+        # activations overtake it: double until the peak moves into forward/backward, then
+        # follow the linear trend of two batches there (what grows is activations, linearly).
+        while self.peak(2 * low) <= device_bytes and self.phase[2 * low] == "optimizer" and 4 * low < limit:
+            low *= 2
+        a, b = 2 * low, 4 * low
+        slope = max((self.peak(b) - self.peak(a)) // (b - a), 1)
+        batch = min(limit, max(low, a + (device_bytes - self.peak(a)) // slope))
+        while self.verify and batch > 1 and self.peak(batch) > device_bytes:
             batch -= max(1, batch // 50)
         return batch
 
 
-def predict(models: list[str], devices: tuple[int, ...], methods: list[str], exact: bool = False) -> list[dict]:
+def predict(models: list[str], devices: tuple[int, ...], methods: list[str], exact: bool = False,
+            verify: bool = False) -> list[dict]:
     """One row per (model, method): peak at batch 1 and the largest batch per device size."""
     rows = []
     for model in models:
         config = load_config(CONFIGS / f"{model}.json")
         for method in methods:
-            predictor = Predictor(config, method, exact)
+            predictor = Predictor(config, method, exact, verify)
             rows.append({"model": model, "method": method, "peak_batch1": predictor.peak(1),
                          "largest_batch": {gib: predictor.largest_batch(gib * GiB) for gib in devices}})
     return rows
@@ -137,15 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--out", default="will_it_fit.png", help="the plot")
     parser.add_argument("--exact", action="store_true", help="simulate every layer (minutes) and compare")
+    parser.add_argument("--verify", action="store_true", help="simulate each largest batch too (slower)")
     parser.add_argument("--smoke", action="store_true", help="Mistral-7B, 4-bit QLoRA, 24 GiB only (a quick check)")
     args = parser.parse_args(argv)
     models, devices = (["mistral-7b"], (24,)) if args.smoke else (args.models, DEVICES_GIB)
     methods = ["QLoRA 4-bit (NF4)"] if args.smoke else list(METHODS)
     start = time.perf_counter()
-    rows = predict(models, devices, methods)
+    rows = predict(models, devices, methods, verify=args.verify)
     print(table(rows, devices))
     if args.exact:
-        exact = predict(models, devices, methods, exact=True)
+        exact = predict(models, devices, methods, exact=True, verify=args.verify)
         same = all(a["peak_batch1"] == b["peak_batch1"] and a["largest_batch"] == b["largest_batch"]
                    for a, b in zip(rows, exact))
         print(f"\nevery layer simulated: {'identical' if same else 'DIFFERENT'}\n{table(exact, devices)}")
