@@ -50,7 +50,7 @@ def measure(config, bits, r, checkpointing, batch, seq, optimizer="adamw", dtype
 def estimate(config, bits, r, checkpointing, batch, seq, optimizer="adamw", dtype=torch.bfloat16):
     return ql.estimate_memory(config, quant=ql.QuantConfig(bits=bits), lora=ql.LoraConfig(r=r) if r else None,
                               batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing,
-                              optimizer=optimizer, dtype=dtype, device="cpu")
+                              optimizer=optimizer, dtype=dtype, device="cpu", chunked_loss=False)  # as `measure`
 
 
 # 12 of the 24 combinations (all of them run in benchmarks/estimate_accuracy.py):
@@ -122,12 +122,13 @@ def test_estimate_optimizer_step_peak_for_full_finetune():
 def test_fits_and_max_batch_size_are_consistent():
     config = tiny_config("llama")
     est = estimate(config, 4, 8, True, 1, 64)
-    budget = est.total_bytes * 5
+    budget = est.process_bytes + 4 * est.total_bytes   # the runtime, then room for a few more samples
     best = est.max_batch_size(budget)
     assert best >= 2
     assert est._simulate(best).fits(budget)
     assert not est._simulate(best + 1).fits(budget)
-    assert est.max_batch_size(est.total_bytes - 1) == 0
+    assert est.max_batch_size(est.process_bytes - 1) == 0
+    assert est.fits(est.process_bytes) and not est.fits(est.total_bytes)   # fits() counts the whole process
 
 
 def test_checkpointing_and_quantization_lower_the_estimate():
@@ -140,9 +141,9 @@ def test_checkpointing_and_quantization_lower_the_estimate():
 def test_chunked_loss_lowers_the_logits_term():
     config = tiny_config("llama")
     config.vocab_size = 4096  # logits dominate
-    full = ql.estimate_memory(config, ql.QuantConfig(bits=4), ql.LoraConfig(r=8), 2, 256, device="cpu")
-    chunked = ql.estimate_memory(config, ql.QuantConfig(bits=4), ql.LoraConfig(r=8), 2, 256, device="cpu",
-                                 chunked_loss=True)
+    full = ql.estimate_memory(config, ql.QuantConfig(bits=4), ql.LoraConfig(r=8), 2, 256, device="cpu",
+                              chunked_loss=False)
+    chunked = ql.estimate_memory(config, ql.QuantConfig(bits=4), ql.LoraConfig(r=8), 2, 256, device="cpu")
     assert chunked.total_bytes < full.total_bytes
 
 

@@ -59,7 +59,9 @@ def register(subparsers) -> None:
     add_model_arguments(parser)
     parser.add_argument("--gpu", default=None, help="device memory to check against, e.g. 24GiB or 80GB")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="whose kernels to imitate")
-    parser.add_argument("--chunked-loss", action="store_true", help="the trainer's chunked cross-entropy")
+    parser.add_argument("--full-logits-loss", action="store_true",
+                        help="model the model's own loss over full fp32 logits (default: the trainer's chunked loss)")
+    parser.add_argument("--chunked-loss", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=exit_2_on_bad_input("estimate", _run))
 
@@ -71,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     estimate = estimate_memory(default_model(args.model), quant=quant, lora=lora, batch_size=args.batch,
                                seq_len=args.seq, gradient_checkpointing=not args.no_checkpointing,
                                optimizer=args.optimizer, dtype=dtype, device=args.device,
-                               chunked_loss=args.chunked_loss)
+                               chunked_loss=not args.full_logits_loss)
     result = estimate.to_dict()
     if args.gpu:
         device_bytes = parse_bytes(args.gpu)
@@ -82,9 +84,17 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=1))
         return 0
     print(estimate.table())
+    print(process_lines(estimate))
     if args.gpu:
         verdict = "fits" if result["fits"] else "does NOT fit"
-        print(f"\n{format_bytes(estimate.total_bytes)} {verdict} in {format_bytes(device_bytes)}; "
+        print(f"\nprocess peak {format_bytes(estimate.process_bytes)} {verdict} in {format_bytes(device_bytes)}; "
               f"largest batch that fits at seq {args.seq}: {result['max_batch_size']}")
-    print("(tensor memory only: add ~0.5-1 GiB on a GPU for the CUDA context and allocator caching)")
     return 0
+
+
+def process_lines(estimate) -> str:
+    """The two figures side by side: tensor peak (what MemoryProfiler counts) and process peak."""
+    what = "nvidia-smi" if estimate.settings.get("device") == "cuda" else "RSS"
+    return (f"tensor peak:  {format_bytes(estimate.total_bytes)}\n"
+            f"process peak: {format_bytes(estimate.process_bytes)} ({what}; "
+            + ", ".join(f"{k} {format_bytes(v)}" for k, v in estimate.process_breakdown.items()) + ")")

@@ -46,7 +46,7 @@ def quantized_source_dtype(model: torch.nn.Module) -> torch.dtype | None:
 def _run(args: argparse.Namespace) -> int:
     from ..checkpointing import enable_gradient_checkpointing
     from ..loading import load_model
-    from ..memory.estimate import estimate_memory
+    from ..memory.estimate import chunked_loss_fn, estimate_memory
     from ..memory.profile import profile_steps
 
     quant, lora, dtype = configs_from_args(args)
@@ -65,19 +65,24 @@ def _run(args: argparse.Namespace) -> int:
     vocab = model.get_input_embeddings().num_embeddings
     tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
     started = time.perf_counter()
-    prof = profile_steps(model, optimizer, tokens, args.steps)
+    # the trainer's loss (chunked cross-entropy), as estimate_memory models by default
+    prof = profile_steps(model, optimizer, tokens, args.steps, loss_fn=chunked_loss_fn)
     seconds = time.perf_counter() - started
     estimate = estimate_memory(model_path, quant=quant, lora=lora, batch_size=args.batch, seq_len=args.seq,
                                gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
                                dtype=dtype, device=device.type, quantized_from=quantized_source_dtype(model))
     error = 100.0 * (estimate.total_bytes - prof.peak_bytes) / max(prof.peak_bytes, 1)
+    process_error = 100.0 * (estimate.process_bytes - prof.process_peak_bytes) / max(prof.process_peak_bytes, 1)
     out = Path(args.out)
     header = (f"{model_path}: bits={args.bits} r={args.r} batch={args.batch} seq={args.seq} "
               f"checkpointing={not args.no_checkpointing} optimizer={args.optimizer} dtype={args.dtype} "
               f"device={device.type}, {args.steps} steps in {seconds:.1f} s")
     text = "\n".join([header, "", prof.table(), "",
                       f"estimate_memory for the same settings: {format_bytes(estimate.total_bytes)} "
-                      f"({error:+.1f}% vs measured {format_bytes(prof.peak_bytes)})"])
+                      f"({error:+.1f}% vs measured {format_bytes(prof.peak_bytes)})",
+                      f"estimated process peak: {format_bytes(estimate.process_bytes)} "
+                      f"({process_error:+.1f}% vs measured {format_bytes(prof.process_peak_bytes)}, "
+                      f"{'nvidia-smi' if device.type == 'cuda' else 'RSS'})"])
     print(text)
     atomic_write_text(out / "memory.txt", text + "\n")
     prof.to_json(out / "memory.json")

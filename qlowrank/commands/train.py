@@ -70,9 +70,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seq", type=int, default=512, help="longest sequence (tokens)")
     add("--no-truncation", action="store_true", help="a row longer than --seq is an error instead of being cut")
     add("--packing", action="store_true", help="pack short examples into --seq windows")
-    add("--batch", type=int, default=4, help="sequences per micro-batch, per process (global batch: batch x "
-        "processes x grad-accum)")
+    add("--batch", type=_batch_value, default=4,
+        help="sequences per micro-batch, per process (global batch: batch x processes x grad-accum), or 'auto': "
+        "the largest that fits --max-memory (keeping --global-batch)")
     add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    add("--global-batch", type=int, default=None, help="with --batch auto: sequences per optimizer step "
+        "(default: 4 x --grad-accum)")
+    add("--max-memory", default=None, help="with --batch auto: the process memory budget, e.g. 6GiB "
+        "(default: the free RAM, or the free VRAM on CUDA)")
+    add("--dry-run", action="store_true", help="print the memory estimate (tensor and process) for these settings and exit")
     add("--lr", type=float, default=2e-4)
     add("--lora-plus-ratio", type=float, default=1.0, help="LoRA+: lora_B trains at lr * ratio (16 in the paper)")
     add("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "paged_adamw8bit"])
@@ -96,6 +102,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-progress", action="store_true", help="no progress bar")
     add("--sharding", default="none", choices=["none", "fsdp"],
         help="several processes: none (DDP, each holds the model) or fsdp (the frozen base is sharded across them)")
+
+
+def _batch_value(text: str) -> int | str:
+    """--batch: a positive integer or 'auto'."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch {text!r}: give a number of sequences or 'auto'") from None
 
 
 def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
@@ -145,6 +161,8 @@ def _check_config_value(path: Path, key: str, value) -> None:
         ok = isinstance(value, bool)
     elif nargs == "+":
         ok = isinstance(value, str) or (isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value))
+    elif kind is _batch_value:
+        ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool))
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
@@ -195,8 +213,14 @@ def run(args: argparse.Namespace) -> int:
     from ..train import Trainer, load_examples, pack_examples, split_examples
 
     args = resolve_options(args)
-    if not args.model or not args.data:
+    if not args.model or (not args.data and not args.dry_run):
         raise ValueError("qlowrank train needs --model and --data (as flags or in --config)")
+    if args.batch == "auto" or args.dry_run:
+        from .plan import choose_batch, dry_run
+        if args.batch == "auto":
+            args.batch, args.grad_accum = choose_batch(args)
+        if args.dry_run:
+            return dry_run(args)
     try:
         config = train_config_from_args(args)
         bits = None if str(args.bits) == "none" else int(args.bits)

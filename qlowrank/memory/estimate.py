@@ -26,6 +26,7 @@ from torch import nn
 from ..checkpointing import enable_gradient_checkpointing
 from ..config import LoraConfig, QuantConfig, parse_dtype
 from ..inject import add_lora
+from . import process as process_model
 from .meta_model import build_meta_model, fused_attention, load_config, replace_quantized_layers
 from .report import breakdown_table, format_bytes
 from .sharding import SHARDINGS, per_rank_breakdown
@@ -65,21 +66,32 @@ class MemoryEstimate:
 
     @property
     def total_bytes(self) -> int:
-        """Predicted peak bytes of tensor memory in one training step."""
+        """Predicted peak bytes of tensor memory in one training step (what MemoryProfiler counts)."""
         return sum(self.breakdown.values())
 
+    @property
+    def process_bytes(self) -> int:
+        """Predicted peak memory of the whole training process as the OS (CPU: RSS) or the GPU
+        driver (CUDA: nvidia-smi) reports it: runtime / CUDA context + tensors + allocator overhead."""
+        return process_model.process_bytes(self.total_bytes, self.settings.get("device", "cpu"))
+
+    @property
+    def process_breakdown(self) -> dict[str, int]:
+        """process_bytes in parts: runtime (CPU) or cuda_context, tensors, allocator overhead."""
+        return process_model.process_breakdown(self.total_bytes, self.settings.get("device", "cpu"))
+
     def fits(self, device_bytes: int) -> bool:
-        """True when the predicted peak fits in `device_bytes` (no allocator/context overhead added)."""
-        return self.total_bytes <= int(device_bytes)
+        """True when the predicted process peak (`process_bytes`) fits in `device_bytes`."""
+        return self.process_bytes <= int(device_bytes)
 
     def max_batch_size(self, device_bytes: int, limit: int = 1 << 16) -> int:
-        """The largest batch size whose predicted peak fits in `device_bytes` (0: not even 1).
+        """The largest batch size whose predicted process peak fits in `device_bytes` (0: not even 1).
 
         Solved from the linear trend of batch 1 and 2, then checked by simulating the answer.
         """
         if self._simulate is None:
             raise RuntimeError("this estimate cannot re-simulate other batch sizes")
-        one, two = self._simulate(1).total_bytes, self._simulate(2).total_bytes
+        one, two = self._simulate(1).process_bytes, self._simulate(2).process_bytes
         if one > device_bytes:
             return 0
         per_sample = max(two - one, 1)
@@ -102,6 +114,8 @@ class MemoryEstimate:
     def to_dict(self) -> dict:
         """JSON-ready values."""
         return {"total_bytes": self.total_bytes, "total": format_bytes(self.total_bytes),
+                "process_bytes": self.process_bytes, "process": format_bytes(self.process_bytes),
+                "process_breakdown": self.process_breakdown,
                 "breakdown": dict(self.breakdown), "peak_phase": self.peak_phase, "settings": dict(self.settings),
                 "trainable_parameters": self.trainable_parameters, "total_parameters": self.total_parameters}
 
@@ -116,7 +130,7 @@ def estimate_memory(
     optimizer: str = "adamw",
     dtype: torch.dtype | str = torch.bfloat16,
     device: str | None = None,
-    chunked_loss: bool = False,
+    chunked_loss: bool = True,
     loss_fn: LossFn | None = None,
     quantized_from: torch.dtype | str | None = None,
     processes: int = 1,
@@ -134,7 +148,8 @@ def estimate_memory(
         optimizer: "adamw" (fp32 states), "adamw8bit" (bitsandbytes block-wise) or "sgd" (no state).
         dtype: dtype of unquantized weights (embeddings, norms, head, a float base) and activations.
         device: "cuda" or "cpu": whose kernels to imitate (default: cuda if present, else cpu).
-        chunked_loss: use the trainer's chunked cross-entropy instead of full fp32 logits.
+        chunked_loss: the trainer's chunked cross-entropy (default: what `qlowrank train` runs);
+            False: the model's own loss over the full fp32 logits.
         loss_fn: any `(model, tokens) -> loss`, overriding the two above.
         quantized_from: dtype the weights had when quantized (default `dtype`); bitsandbytes
             dequantizes a 4-bit weight back to it in backward, so an fp32 source doubles that buffer.

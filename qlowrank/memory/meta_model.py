@@ -46,7 +46,8 @@ def load_config(source: str | Path | transformers.PretrainedConfig) -> transform
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a model directory, its config.json, or a .gguf file")
     if path.suffix == ".gguf":
-        return transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        from .gguf_header import gguf_config   # the header only: transformers' reader decodes the vocabulary too
+        return gguf_config(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))

@@ -49,6 +49,24 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _cuda_context_bytes() -> int | None:
+    """This process's device memory outside the caching allocator (the CUDA context), as the
+    driver reports it: NVML's per-process figure when pynvml is installed, else the device's
+    used memory minus what the allocator reserved (which also counts other processes)."""
+    reserved = torch.cuda.memory_reserved()
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if process.pid == os.getpid() and process.usedGpuMemory:
+                return max(0, int(process.usedGpuMemory) - reserved)
+    except Exception:  # no pynvml, no NVML permission, a MIG slice: fall back to the device total
+        pass
+    free, total = torch.cuda.mem_get_info()
+    return max(0, total - free - reserved)
+
+
 class MemoryProfiler:
     """Measure live tensor memory by category around real training steps.
 
@@ -61,7 +79,8 @@ class MemoryProfiler:
         timeline_every: keep one timeline sample per this many events (memory for long runs).
 
     After the block: `peak_bytes`, `breakdown` (category -> bytes at the peak), `peak_phase`,
-    `timeline`, `rss_peak_bytes`, `cuda_max_allocated` / `cuda_max_reserved` (CUDA only).
+    `timeline`, `rss_peak_bytes`, `process_peak_bytes` (what the OS or nvidia-smi shows),
+    `cuda_max_allocated` / `cuda_max_reserved` / `cuda_context_bytes` (CUDA only).
     """
 
     def __init__(self, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -77,12 +96,14 @@ class MemoryProfiler:
         self.rss_peak_is_exact = False
         self.cuda_max_allocated: int | None = None
         self.cuda_max_reserved: int | None = None
+        self.cuda_context_bytes: int | None = None
         self._active = False
 
     def __enter__(self) -> "MemoryProfiler":
         if self.device_type == "cuda" and torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self.cuda_context_bytes = _cuda_context_bytes()
         self.rss_peak_is_exact = _reset_peak_rss()
         self.rss_start_bytes = _rss_bytes()[0]
         self._tracker.__enter__()
@@ -108,6 +129,15 @@ class MemoryProfiler:
     def peak_bytes(self) -> int:
         """Most live tensor bytes at any moment inside the block."""
         return self._tracker.state.peak_bytes
+
+    @property
+    def process_peak_bytes(self) -> int:
+        """Measured peak of the whole process, the counterpart of `MemoryEstimate.process_bytes`:
+        on CPU the peak RSS inside the block (VmHWM); on CUDA what nvidia-smi shows for this
+        process at the peak, the CUDA context plus the caching allocator's max reserved bytes."""
+        if self.cuda_max_reserved is not None:
+            return int(self.cuda_max_reserved + (self.cuda_context_bytes or 0))
+        return self.rss_peak_bytes
 
     @property
     def breakdown(self) -> dict[str, int]:
@@ -154,6 +184,8 @@ class MemoryProfiler:
             "rss_start_bytes": self.rss_start_bytes,
             "rss_peak_bytes": self.rss_peak_bytes,
             "rss_peak_is_exact": self.rss_peak_is_exact,
+            "process_peak_bytes": self.process_peak_bytes,
+            "cuda_context_bytes": self.cuda_context_bytes,
             "cuda_max_allocated": self.cuda_max_allocated,
             "cuda_max_reserved": self.cuda_max_reserved,
             "device": self.device_type,
@@ -175,11 +207,13 @@ class MemoryProfiler:
 
     def table(self) -> str:
         """A text table of the peak breakdown with RSS and CUDA allocator figures."""
-        extra = [("peak in phase", f"{self.peak_phase} (step {self.peak_step})"),
-                 ("process RSS peak", format_bytes(self.rss_peak_bytes))]
+        extra = [("peak in phase", f"{self.peak_phase} (step {self.peak_step})")]
         if self.cuda_max_allocated is not None:
             extra += [("cuda max alloc", format_bytes(self.cuda_max_allocated)),
-                      ("cuda max reserved", format_bytes(self.cuda_max_reserved))]
+                      ("cuda max reserved", format_bytes(self.cuda_max_reserved)),
+                      ("process peak", f"{format_bytes(self.process_peak_bytes)} (nvidia-smi: context + reserved)")]
+        else:
+            extra.append(("process peak", f"{format_bytes(self.process_peak_bytes)} (RSS)"))
         return breakdown_table(self.breakdown, "measured tensor memory at the peak", extra)
 
     def save_plot(self, path: str | os.PathLike, title: str = "qlowrank memory profile") -> Path:

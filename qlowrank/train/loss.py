@@ -56,6 +56,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if need_b:
                         grad_b += grad.float().sum(0)
                 del logits
+                if hidden.is_meta and start > 0:
+                    # Meta tensors (estimate_memory's simulation) carry no data. Chunk 2 allocates
+                    # what chunk 1 did while chunk 1's last buffers are still bound, and every later
+                    # chunk repeats chunk 2 (the last one with fewer rows): two chunks give the
+                    # peak of all N / chunk_tokens, so the logits term costs the same at any length.
+                    break
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total

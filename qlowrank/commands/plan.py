@@ -1,0 +1,98 @@
+"""`qlowrank train --dry-run` and `--batch auto`: the memory estimate of exactly the command's settings.
+
+The estimate models what the trainer runs: the chunked loss (unless --chunk-tokens 0),
+gradient checkpointing (unless --no-checkpointing), bf16 compute (unless --precision fp32),
+the same optimizer, and sequences padded to --seq (the worst batch). No weights are loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..config import LoraConfig, QuantConfig
+from ..memory.estimate import MemoryEstimate, estimate_memory
+from ..memory.report import format_bytes, parse_bytes
+from .estimate import process_lines
+
+
+def _device(args: argparse.Namespace) -> str:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+
+
+def estimate_for_args(args: argparse.Namespace, batch: int) -> MemoryEstimate:
+    """estimate_memory for the train command's settings at micro-batch `batch`."""
+    bits = None if str(args.bits) == "none" else int(args.bits)
+    dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
+    targets = args.target if args.target == "all-linear" else [t.strip() for t in args.target.split(",") if t.strip()]
+    lora = LoraConfig(r=args.r, alpha=args.alpha or 2 * args.r, dropout=args.dropout, target_modules=targets,
+                      use_rslora=args.rslora)
+    # paged_adamw8bit keeps the same 8-bit states as adamw8bit (paging only moves them under pressure)
+    optimizer = "adamw8bit" if args.optimizer in ("adamw8bit", "paged_adamw8bit") else "adamw"
+    loss_fn = None
+    if args.chunk_tokens and args.chunk_tokens != 256:
+        from ..train.loss import causal_lm_loss
+        loss_fn = lambda model, tokens: causal_lm_loss(model, tokens, tokens, chunk_tokens=args.chunk_tokens)  # noqa: E731
+    return estimate_memory(args.model, quant=QuantConfig(bits=bits, quant_type=args.quant_type, compute_dtype=dtype),
+                           lora=lora, batch_size=batch, seq_len=args.seq,
+                           gradient_checkpointing=not args.no_checkpointing, optimizer=optimizer, dtype=dtype,
+                           device=_device(args), chunked_loss=bool(args.chunk_tokens), loss_fn=loss_fn)
+
+
+def memory_budget(args: argparse.Namespace) -> int:
+    """--max-memory, or what this process could grow to: free VRAM on CUDA; on CPU the
+    available RAM plus what this process already holds (the estimate counts the whole process)."""
+    if args.max_memory:
+        return parse_bytes(args.max_memory)
+    if _device(args) == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    fields = {}
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            key, value = line.split(":", 1)
+            fields[key] = int(value.split()[0]) * 1024
+    with open("/proc/self/status") as handle:
+        rss = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+    return fields.get("MemAvailable", fields.get("MemFree", 0)) + rss
+
+
+def choose_batch(args: argparse.Namespace) -> tuple[int, int]:
+    """(micro-batch, grad-accum) for --batch auto: the largest micro-batch that divides the
+    global batch and whose predicted process peak fits the budget; prints the choice.
+
+    Raises:
+        ValueError: not even a micro-batch of 1 fits.
+    """
+    global_batch = args.global_batch or 4 * args.grad_accum
+    if global_batch < 1:
+        raise ValueError(f"--global-batch {global_batch} must be >= 1")
+    budget = memory_budget(args)
+    one = estimate_for_args(args, 1)
+    largest = min(one.max_batch_size(budget), global_batch)
+    if largest < 1:
+        raise ValueError(f"--batch auto: even one sequence of {args.seq} tokens needs {format_bytes(one.process_bytes)} "
+                         f"of process memory, over the {format_bytes(budget)} budget; lower --seq or use --bits 4")
+    micro = max(b for b in range(1, largest + 1) if global_batch % b == 0)
+    chosen = one._simulate(micro)
+    above = one._simulate(largest + 1) if largest < global_batch else None
+    note = (f"; micro-batch {largest + 1} would need {format_bytes(above.process_bytes)}" if above is not None
+            else "; the whole global batch fits in one micro-batch")
+    if micro != largest:
+        note += f" (largest that fits: {largest}, not a divisor of {global_batch})"
+    print(f"batch auto: micro-batch {micro} x grad-accum {global_batch // micro} = global batch {global_batch} "
+          f"(predicted process peak {format_bytes(chosen.process_bytes)} of a {format_bytes(budget)} budget{note})",
+          flush=True)
+    return micro, global_batch // micro
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """Print the estimate for exactly these settings (tensor table and process peak) and return 0."""
+    estimate = estimate_for_args(args, int(args.batch))
+    print(estimate.table())
+    print(process_lines(estimate))
+    if args.max_memory:
+        budget = parse_bytes(args.max_memory)
+        print(f"{'fits' if estimate.fits(budget) else 'does NOT fit'} in --max-memory {format_bytes(budget)}")
+    print(f"--dry-run: micro-batch {args.batch} x grad-accum {args.grad_accum}; nothing was loaded or trained")
+    return 0

@@ -1,0 +1,109 @@
+"""A transformers config from a GGUF file's header only: its key-value metadata and tensor names.
+
+transformers' GGUF reader (`load_gguf_checkpoint`) decodes every metadata value, including
+the tokenizer's vocabulary and merges one Python object at a time (seconds to tens of
+seconds for a 49k vocabulary). The estimator needs only the architecture's scalars, so
+here the header is walked with `struct`: arrays of strings are skipped by their lengths,
+and tensor data is never read. The GGUF layout is llama.cpp's `docs/gguf.md` (version 2
+and 3: little-endian, 64-bit counts and string lengths).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import transformers
+
+# GGUF value types (gguf.md, `gguf_metadata_value_type`) -> struct format of one scalar
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _read(handle: BinaryIO, fmt: str):
+    size = struct.calcsize(fmt)
+    data = handle.read(size)
+    if len(data) != size:
+        raise ValueError(f"{getattr(handle, 'name', 'GGUF file')}: truncated GGUF header")
+    return struct.unpack(fmt, data)[0]
+
+
+def _string(handle: BinaryIO) -> str:
+    return handle.read(_read(handle, "<Q")).decode("utf-8", errors="replace")
+
+
+def _value(handle: BinaryIO, kind: int):
+    if kind in _SCALARS:
+        return _read(handle, _SCALARS[kind])
+    if kind == _STRING:
+        return _string(handle)
+    if kind == _ARRAY:
+        item, count = _read(handle, "<I"), _read(handle, "<Q")
+        if item == _STRING:   # a vocabulary or merges: skip, keep only the length
+            for _ in range(count):
+                handle.seek(_read(handle, "<Q"), 1)
+            return _Skipped(count)
+        if item in _SCALARS:
+            fmt = _SCALARS[item]
+            return list(struct.unpack("<" + fmt[1] * count, handle.read(struct.calcsize(fmt) * count)))
+        return [_value(handle, item) for _ in range(count)]
+    raise ValueError(f"{getattr(handle, 'name', 'GGUF file')}: unknown GGUF value type {kind}")
+
+
+class _Skipped(int):
+    """The length of an array of strings that was not decoded."""
+
+
+def read_gguf_header(path: str | Path) -> tuple[dict, list[str]]:
+    """(metadata key -> value, tensor names) of a GGUF file, reading the header only.
+
+    Raises:
+        ValueError: not a GGUF file, or an unsupported version.
+    """
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (no GGUF magic at its start)")
+        version = _read(handle, "<I")
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_fields = _read(handle, "<Q"), _read(handle, "<Q")
+        fields = {}
+        for _ in range(n_fields):
+            key = _string(handle)
+            fields[key] = _value(handle, _read(handle, "<I"))
+        names = []
+        for _ in range(n_tensors):
+            names.append(_string(handle))
+            n_dims = _read(handle, "<I")
+            handle.seek(8 * n_dims + 4 + 8, 1)   # dims (u64 each), type (u32), offset (u64)
+    return fields, names
+
+
+def gguf_config(path: str | Path) -> transformers.PretrainedConfig:
+    """The transformers config of a GGUF model, from its header (transformers' GGUF key mapping).
+
+    Raises:
+        ValueError: an architecture transformers cannot read from GGUF.
+    """
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    fields, names = read_gguf_header(path)
+    arch = str(fields.get("general.architecture", ""))
+    model_type = "mistral" if arch == "llama" and "mistral" in str(fields.get("general.name", "")).lower() else arch
+    mapping = GGUF_CONFIG_MAPPING.get(model_type) or GGUF_CONFIG_MAPPING.get(arch)
+    if not mapping:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} has no transformers config mapping; "
+                         "pass the model's config.json instead")
+    config = {}
+    for key, value in fields.items():
+        if key.startswith(arch + "."):
+            target = mapping.get(key[len(arch) + 1:])
+            if target not in (None, -1):
+                config[target] = value
+    if "vocab_size" not in config and isinstance(fields.get("tokenizer.ggml.tokens"), _Skipped):
+        config["vocab_size"] = int(fields["tokenizer.ggml.tokens"])
+    config["tie_word_embeddings"] = "output.weight" not in names
+    result = transformers.AutoConfig.for_model(model_type, **config)
+    result._name_or_path = str(path)
+    return result
