@@ -173,7 +173,7 @@ def _check_config_value(path: Path, key: str, value) -> None:
         ok = str(value) in choices
     if not ok:
         wanted = ("true or false" if action == "store_true" else "a file name or a list of them" if nargs == "+"
-                  else f"one of {choices}" if choices else {int: "an integer", float: "a finite number"}.get(kind, "a string"))
+                  else f"one of {choices}" if choices else {int: "an integer", float: "a finite number", _batch_value: "an integer or 'auto'"}.get(kind, "a string"))
         raise ValueError(f"--config {path}: option {key!r} is {value!r:.80}; it must be {wanted}")
 
 
