@@ -33,7 +33,7 @@ CPU_HEAP_OVERHEAD_RATIO = 0.10
 # stacks. With lazy module loading (CUDA_MODULE_LOADING=LAZY, PyTorch's default since 1.13
 # with CUDA >= 11.7) PyTorch's "CUDA semantics" notes and its issue tracker report roughly
 # 300-500 MiB on recent data-centre GPUs; 500 MiB is taken, an assumption until
-# benchmarks/gpu_memory.py records the real figure (no GPU was lent so far).
+# a GPU run measures it (no GPU was lent so far; benchmarks/gpu_memory.py is where it goes).
 CUDA_CONTEXT_BYTES = 500 * 2**20
 # cuBLAS workspace: 4 MiB + 16 x 8 KiB... per handle; PyTorch's default CUBLAS_WORKSPACE_CONFIG
 # for sm_90 is ":4096:8" (8 chunks of 4 MiB = 32 MiB), allocated through the caching allocator.
@@ -42,7 +42,7 @@ CUDA_CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 # requests are rounded up to 512 B; those under 1 MiB share 2 MiB segments, those of 1-10 MiB
 # get 20 MiB segments, larger ones are rounded up to 2 MiB; freed blocks stay reserved and a
 # request that no cached block fits grows the reserve (fragmentation). 10% above the tensor
-# peak is an assumption, to be replaced by the ratio benchmarks/gpu_memory.py measures.
+# peak is an assumption, to be replaced by a measured ratio once a GPU is lent.
 CUDA_RESERVE_RATIO = 0.10
 
 
