@@ -331,7 +331,8 @@ class Trainer:
         if result.memory_table and self.config.progress:
             print(f"memory of the first two training steps (MemoryProfiler):\n{result.memory_table}", flush=True)
         if self.accelerator.is_main_process:
-            result.adapter_dir = save_adapter(self.accelerator.unwrap_model(self.model), self.out_dir / "adapter")
+            result.adapter_dir = save_adapter(self.accelerator.unwrap_model(self.model), self.out_dir / "adapter",
+                                              format="qlowrank")
         return result
 
     def _finish_profile(self, profiler: MemoryProfiler, result: TrainResult) -> None:
