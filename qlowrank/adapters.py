@@ -235,10 +235,10 @@ def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
         except Exception as err:   # safetensors' own error type: a tensor's bytes do not fit its header
             raise ValueError(f"{path}: a tensor cannot be read ({err}); the file is corrupt") from None
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point() or tensor.dim() not in (1, 2):
+        vector = key.endswith((MAGNITUDE, ".bias"))   # DoRA magnitudes and modules_to_save biases are 1-D
+        if not tensor.is_floating_point() or tensor.dim() != (1 if vector else 2):
             raise ValueError(f"{path}: {key} is a {tensor.dim()}-D {str(tensor.dtype).removeprefix('torch.')} "
-                             "tensor; adapter tensors are 2-D floating-point matrices (LoRA factors, weights) or "
-                             "1-D vectors (DoRA magnitudes, biases)")
+                             f"tensor; it must be a {'1-D floating-point vector' if vector else '2-D floating-point matrix'}")
         if not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise ValueError(f"{path}: {key} holds {bad} NaN or inf values; the adapter is broken (a diverged run?)")
