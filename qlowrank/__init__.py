@@ -17,11 +17,12 @@ from .loading import load_model, load_tokenizer
 from .lora import LoraLinear
 from .memory import MemoryEstimate, MemoryProfiler, estimate_memory
 from .quant import dequantize_weight
+from .tokens import add_tokens
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "LoraLinear", "MemoryEstimate", "MemoryProfiler", "ParameterCount", "QuantConfig", "__version__", "add_lora",
+    "LoraConfig", "LoraLinear", "add_tokens", "MemoryEstimate", "MemoryProfiler", "ParameterCount", "QuantConfig", "__version__", "add_lora",
     "count_parameters", "dequantize_weight", "disable_gradient_checkpointing", "disable_lora",
     "enable_gradient_checkpointing", "estimate_memory", "export_merged", "load_adapter", "load_model", "load_tokenizer", "lora_layers", "lora_parameters",
     "quantize_model", "save_adapter",

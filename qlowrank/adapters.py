@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,20 +21,24 @@ from torch import nn
 
 from .atomic import staged_dir
 from .config import LoraConfig, QuantConfig
-from .inject import add_lora, lora_layers
+from .inject import add_lora, lora_layers, make_trainable_copy
 from .loading import open_safetensors
+from .peft_format import adapter_lora_config, check_peft_config, peft_inexpressible, peft_lora_fields, rebuilds_base
 from .quant import quantized_bits
+from .tokens import DELTA, wrap_trainable_tokens
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 QLOWRANK_SIDECAR = "qlowrank_adapter.json"
 KEY_PREFIX = "base_model.model."
 _FACTORS = ("lora_A", "lora_B")
+MAGNITUDE = "lora_magnitude_vector"   # DoRA's per-row magnitude, PEFT's key name
+TOKEN_ADAPTER = "token_adapter"        # PEFT's key: <embedding>.token_adapter.trainable_tokens_delta
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = True,
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool = True, format: str = "peft",
                  tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Write the model's LoRA factors as a PEFT adapter directory.
+    """Write the model's adapter (LoRA factors, DoRA magnitudes, modules_to_save) as a PEFT adapter directory.
 
     The directory is written under a temporary name and renamed into place, so a crash
     never leaves a half-written adapter.
@@ -43,8 +48,12 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool =
         out_dir: the adapter directory to create.
         overwrite: replace an existing adapter directory (a directory that holds anything
             other than an adapter is never replaced).
+        format: "peft" refuses an adapter that PEFT would load into a different model (LoftQ
+            with > 1 iteration, PiSSA on a quantized base or with the randomized SVD), saying
+            why; "qlowrank" writes it anyway, with what qlowrank needs to rebuild the base in
+            the sidecar (the trainer's checkpoints use this).
         tensors: {layer name: {"lora_A": A, "lora_B": B}} to write instead of the layers'
-            own weights (factors gathered from processes that each hold a shard).
+            own factors (gathered from processes that each hold a shard, under FSDP).
 
     Returns:
         The adapter directory.
@@ -53,28 +62,53 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool =
         OSError: the folder cannot be written (full disk, read-only); nothing partial is left
             and an existing adapter there is unchanged.
     """
+    if format not in ("peft", "qlowrank"):
+        raise ValueError(f"save_adapter format={format!r}: use 'peft' or 'qlowrank'")
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA layers (call add_lora or load_model(lora=...) first)")
-    ranks = {layer.r for layer in layers.values()}
-    alphas = {(layer.alpha, layer.use_rslora) for layer in layers.values()}
-    if len(ranks) > 1 or len(alphas) > 1:
-        raise ValueError(f"save_adapter needs one r / alpha / rsLoRA setting for all layers, found r={sorted(ranks)}")
+    if len({(layer.use_rslora, layer.use_dora, layer.init) for layer in layers.values()}) > 1:
+        raise ValueError("save_adapter needs one rsLoRA / DoRA / init setting for all layers (one adapter config)")
+    reasons = peft_inexpressible(layers, base_bits(model) is not None)
+    if format == "peft" and reasons:
+        raise ValueError("save_adapter: this adapter cannot be expressed in PEFT's format: " + "; ".join(reasons)
+                         + ". save_adapter(model, dir, format='qlowrank') writes it for qlowrank, which rebuilds that "
+                         "base from the sidecar (load_adapter / qlowrank export).")
+    tensors = _adapter_tensors(model, layers, tensors)
     first = next(iter(layers.values()))
-    def factor_of(name: str, factor: str) -> torch.Tensor:
-        weight = tensors[name][factor] if tensors is not None else getattr(layers[name], factor).weight.detach()
-        return weight.float().cpu().contiguous()
-
-    tensors = {f"{KEY_PREFIX}{name}.{factor}.weight": factor_of(name, factor) for name in layers for factor in _FACTORS}
-    config = _peft_config(model, layers, first)
+    config = _peft_config(model, layers)
     out_dir = Path(out_dir)
     _check_replaceable(out_dir, overwrite)
     with staged_dir(out_dir, "adapter") as tmp:
         # Serialized in memory and written by Python, so a full disk is a plain OSError.
         (tmp / ADAPTER_WEIGHTS).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
+        if getattr(model, "qlowrank_tokenizer", None) is not None:   # the enlarged vocabulary of add_tokens
+            model.qlowrank_tokenizer.save_pretrained(str(tmp))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / QLOWRANK_SIDECAR).write_text(json.dumps(_sidecar(model, first), indent=2) + "\n")
+        (tmp / QLOWRANK_SIDECAR).write_text(json.dumps(_sidecar(model, first, reasons), indent=2) + "\n")
     return out_dir
+
+
+def _adapter_tensors(model: nn.Module, layers: dict, gathered: dict | None = None) -> dict[str, torch.Tensor]:
+    def plain(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().float().cpu().contiguous()
+
+    extras = any(layer.use_dora for layer in layers.values()) or getattr(model, "qlowrank_modules_to_save", None) \
+        or getattr(model, "qlowrank_trainable_tokens", None)
+    if gathered is not None and extras:
+        raise ValueError("save_adapter: gathered (FSDP-sharded) factors with DoRA, modules_to_save or new tokens are "
+                         "not supported yet; train those with one process or DDP")
+    tensors = {f"{KEY_PREFIX}{name}.{factor}.weight":
+               plain(gathered[name][factor] if gathered is not None else getattr(layer, factor).weight)
+               for name, layer in layers.items() for factor in _FACTORS}
+    tensors.update({f"{KEY_PREFIX}{name}.{MAGNITUDE}": plain(layer.lora_magnitude_vector)
+                    for name, layer in layers.items() if layer.use_dora})
+    for name in getattr(model, "qlowrank_trainable_tokens", {}):
+        tensors[f"{KEY_PREFIX}{name}.{TOKEN_ADAPTER}.{DELTA}"] = plain(getattr(model.get_submodule(name), DELTA))
+    for name in getattr(model, "qlowrank_modules_to_save", []):
+        for leaf, param in model.get_submodule(name).named_parameters(recurse=False):
+            tensors[f"{KEY_PREFIX}{name}.{leaf}"] = plain(param)
+    return tensors
 
 
 def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
@@ -95,34 +129,25 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return leaves if matches == wrapped else sorted(names)
 
 
-def _peft_config(model: nn.Module, layers: dict, first) -> dict:
+def _peft_config(model: nn.Module, layers: dict) -> dict:
     config = getattr(model, "config", None)
-    lora_cfg = getattr(model, "qlowrank_lora_config", None)
     is_causal = "ForCausalLM" in type(model).__name__ or "LMHead" in type(model).__name__
+    first = next(iter(layers.values()))
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if is_causal else None,
         "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
-        "r": first.r,
-        "lora_alpha": first.alpha,
-        "lora_dropout": float(getattr(lora_cfg, "dropout", 0.0)),
-        "use_rslora": first.use_rslora,
-        "target_modules": _target_modules(model, list(layers)),
+        **peft_lora_fields(model, layers, _target_modules(model, list(layers))),
         "fan_in_fan_out": bool(first.fan_in_fan_out),
         "bias": "none",
-        "modules_to_save": None,
-        "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
     }
 
 
-def _sidecar(model: nn.Module, first) -> dict:
+def _sidecar(model: nn.Module, first, peft_reasons: list[str]) -> dict:
     from . import __version__  # the package's own attribute: not importable while __init__ runs
 
     quant = getattr(model, "qlowrank_quant_config", None)
@@ -141,6 +166,12 @@ def _sidecar(model: nn.Module, first) -> dict:
         "base_architecture": type(model).__name__,
         "source": getattr(model, "qlowrank_source", None),
         "init": first.init,
+        "vocab_size": int(model.get_input_embeddings().weight.shape[0]) if hasattr(model, "get_input_embeddings") else None,
+        "loftq_iters": first.loftq_iters,
+        "svd": first.svd,
+        "seed": int(getattr(model, "qlowrank_seed", 0)),
+        "peft_loads_same_model": not peft_reasons,
+        "peft_differences": peft_reasons,
     }
 
 
@@ -157,17 +188,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[dict, dict | No
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     config = _read_json_object(path)
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type={config.get('peft_type')!r}; qlowrank reads LoRA adapters only")
-    unsupported = {
-        "use_dora": bool(config.get("use_dora")), "bias": config.get("bias", "none") != "none",
-        "modules_to_save": bool(config.get("modules_to_save")), "rank_pattern": bool(config.get("rank_pattern")),
-        "alpha_pattern": bool(config.get("alpha_pattern")), "lora_bias": bool(config.get("lora_bias")),
-    }
-    bad = [name for name, flag in unsupported.items() if flag]
-    if bad:
-        raise ValueError(f"{path} uses PEFT features qlowrank does not load: {bad} (values: "
-                         f"{ {k: config.get(k) for k in bad} })")
+    check_peft_config(config, path)
     _check_config_values(config, path)
     sidecar_path = adapter_dir / QLOWRANK_SIDECAR
     sidecar = _read_json_object(sidecar_path) if sidecar_path.is_file() else None
@@ -223,40 +244,66 @@ def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
         except Exception as err:   # safetensors' own error type: a tensor's bytes do not fit its header
             raise ValueError(f"{path}: a tensor cannot be read ({err}); the file is corrupt") from None
     for key, tensor in tensors.items():
-        if not tensor.is_floating_point() or tensor.dim() != 2:
+        vector = key.endswith((MAGNITUDE, ".bias"))   # DoRA magnitudes and modules_to_save biases are 1-D
+        if not tensor.is_floating_point() or tensor.dim() != (1 if vector else 2):
             raise ValueError(f"{path}: {key} is a {tensor.dim()}-D {str(tensor.dtype).removeprefix('torch.')} "
-                             "tensor; LoRA factors are 2-D floating-point matrices")
+                             f"tensor; it must be a {'1-D floating-point vector' if vector else '2-D floating-point matrix'}")
         if not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise ValueError(f"{path}: {key} holds {bad} NaN or inf values; the adapter is broken (a diverged run?)")
     return tensors
 
 
-def _module_names(keys: list[str], path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    names: dict[str, dict] = {}
+def _split_keys(keys: list[str], saved_modules: list[str], path: Path) -> tuple[dict, dict, dict]:
+    """({LoRA layer: {"lora_A" | "lora_B" | MAGNITUDE: key}}, {modules_to_save module: {param: key}},
+    {embedding with new-token rows: key})."""
+    layers: dict[str, dict] = {}
+    tokens: dict[str, str] = {}
+    saved: dict[str, dict] = {}
     bad = []
     for key in keys:
-        body = key.removeprefix(KEY_PREFIX)
-        stem, _, tail = body.rpartition(".")  # tail: "weight"
+        body = key.removeprefix(KEY_PREFIX).replace(".modules_to_save.default.", ".")  # older PEFT layouts
+        stem, _, tail = body.rpartition(".")
+        if f".{TOKEN_ADAPTER}.{DELTA}" in f".{body}":
+            tokens[body.split(f".{TOKEN_ADAPTER}.")[0]] = key
+            continue
+        if tail == MAGNITUDE or stem.endswith("." + MAGNITUDE):  # PEFT may keep ".default.weight" on it
+            module = body.split("." + MAGNITUDE)[0]
+            layers.setdefault(module, {})[MAGNITUDE] = key
+            continue
         module, _, factor = stem.rpartition(".")
         # PEFT may keep an adapter name: <path>.lora_A.default.weight
         if factor not in _FACTORS and module.rsplit(".", 1)[-1] in _FACTORS:
             module, _, factor = module.rpartition(".")
-        if factor not in _FACTORS or tail != "weight" or not module:
+        if factor in _FACTORS and tail == "weight" and module:
+            layers.setdefault(module, {})[factor] = key
+        elif saved_modules and any(stem == p or stem.endswith("." + p) for p in saved_modules):
+            saved.setdefault(stem, {})[tail] = key
+        else:
             bad.append(key)
-            continue
-        names.setdefault(module, {})[factor] = key
     if bad:
-        raise ValueError(f"{path}: keys that are not LoRA factors (lora_A / lora_B weights): {bad[:20]}")
-    return names
+        raise ValueError(f"{path}: keys that are neither LoRA factors, DoRA magnitudes, new-token rows nor "
+                         f"modules_to_save parameters: {bad[:20]}")
+    return layers, saved, tokens
+
+
+def read_adapter_lora(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, int]:
+    """(LoraConfig, seed) of a saved adapter: what `load_model(path, quant, lora=..., seed=...)` needs
+    to rebuild the model it was trained on (for LoftQ / PiSSA, the initialised base too)."""
+    adapter_dir = Path(adapter_dir)
+    config, sidecar = read_adapter_config(adapter_dir)
+    layers, _, _ = _split_keys(list(read_adapter_weights(adapter_dir / ADAPTER_WEIGHTS)),
+                               config.get("modules_to_save") or [], adapter_dir / ADAPTER_WEIGHTS)
+    return adapter_lora_config(config, sidecar, sorted(layers))
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
-    """Load a LoRA adapter saved by qlowrank or by PEFT into the model, in place.
+    """Load an adapter saved by qlowrank or by PEFT into the model, in place.
 
-    A model without LoRA layers gets them (on exactly the modules the file names); a model
-    with LoRA layers must have exactly the file's layers and shapes. The adapter's
-    lora_alpha / use_rslora set the layers' scaling.
+    A model without LoRA layers gets them (on exactly the modules the file names, with its
+    rank / alpha patterns, DoRA and modules_to_save); a model with LoRA layers must have
+    exactly the file's layers and shapes. A LoftQ or PiSSA adapter needs the base it was
+    trained on: load the model with `load_model(path, quant, lora=read_adapter_lora(dir)[0])`.
 
     Raises:
         ValueError: wrong base, wrong shapes, missing or unexpected keys (all listed).
@@ -265,26 +312,36 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     config, sidecar = read_adapter_config(adapter_dir)
     weights_path = adapter_dir / ADAPTER_WEIGHTS
     tensors = read_adapter_weights(weights_path)
-    by_module = _module_names(list(tensors), weights_path)
+    by_module, saved, tokens = _split_keys(list(tensors), config.get("modules_to_save") or [], weights_path)
+    lora, seed = adapter_lora_config(config, sidecar, sorted(by_module))
+    if not rebuilds_base(lora.init, lora.loftq_iters):
+        lora = replace(lora, init="kaiming")  # the base is plain quant(W); A and B come from the file
     _check_base(model, sidecar, adapter_dir)
-    incomplete = sorted(name for name, parts in by_module.items() if set(parts) != set(_FACTORS))
+    wanted = set(_FACTORS) | ({MAGNITUDE} if lora.use_dora else set())
+    incomplete = sorted(name for name, parts in by_module.items() if set(parts) != wanted)
     if incomplete:
-        raise ValueError(f"{weights_path}: these layers lack lora_A or lora_B: {incomplete[:20]}")
+        raise ValueError(f"{weights_path}: these layers lack one of {sorted(wanted)}: {incomplete[:20]}")
     modules = dict(model.named_modules())
-    not_in_model = sorted(name for name in by_module if name not in modules)
+    not_in_model = sorted(name for name in [*by_module, *saved] if name not in modules)
     if not_in_model:
         raise ValueError(
             f"{weights_path}: adapter layers that this model does not have (wrong base model?): {not_in_model[:20]}"
         )
     existing = dict(lora_layers(model))
     if not existing:
-        r = int(config["r"])
-        add_lora(model, LoraConfig(
-            r=r, alpha=config.get("lora_alpha", r), dropout=float(config.get("lora_dropout") or 0.0),
-            target_modules=sorted(by_module), exclude_modules=[], use_rslora=bool(config.get("use_rslora")),
-            init=(sidecar or {}).get("init", "kaiming"),
-        ))
+        if lora.init != "kaiming" and base_bits(model) is not None:
+            raise ValueError(
+                f"{adapter_dir} was trained from a {lora.init}-initialised base, which a quantized model no longer "
+                f"can be rebuilt into: load it with load_model(path, quant=..., lora=lora, seed={seed}) where "
+                f"lora, seed = qlowrank.adapters.read_adapter_lora({str(adapter_dir)!r}), then load_adapter")
+        add_lora(model, lora, seed=seed)
         existing = dict(lora_layers(model))
+    else:
+        _check_same_init(existing, lora, seed, model, adapter_dir)
+        for name in saved:
+            if name not in getattr(model, "qlowrank_modules_to_save", []):
+                make_trainable_copy(model, name)
+                model.qlowrank_modules_to_save = [*getattr(model, "qlowrank_modules_to_save", []), name]
     missing = sorted(set(existing) - set(by_module))
     unexpected = sorted(set(by_module) - set(existing))
     if missing or unexpected:
@@ -293,8 +350,57 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             f"{missing[:20]}; unexpected (in the file, not the model): {unexpected[:20]}"
         )
     _copy_factors(existing, by_module, tensors, weights_path)
-    _set_scaling(existing.values(), config)
+    _copy_saved(model, saved, tensors, weights_path)
+    _load_token_rows(model, tokens, tensors, config, adapter_dir)
+    _set_scaling(existing, lora)
     return model
+
+
+def _load_token_rows(model: nn.Module, tokens: dict, tensors: dict, config: dict, adapter_dir: Path) -> None:
+    """New-token rows (PEFT's trainable_token_indices): enlarge the vocabulary if needed, then set the rows."""
+    if not tokens:
+        return
+    indices = config.get("trainable_token_indices") or {}
+    id_lists = [list(v) for v in indices.values()] if isinstance(indices, dict) else [list(indices)]
+    ids = id_lists[0] if id_lists else []
+    if not ids or any(other != ids for other in id_lists):
+        raise ValueError(f"{adapter_dir}: new-token rows need one list of trainable_token_indices in "
+                         f"{ADAPTER_CONFIG}; found {indices!r}")
+    deltas = {name: tensors[key] for name, key in tokens.items()}
+    wrong = {name: tuple(d.shape) for name, d in deltas.items() if d.shape[0] != len(ids)}
+    if wrong:
+        raise ValueError(f"{adapter_dir}: new-token rows {wrong} do not match the {len(ids)} trainable_token_indices")
+    current = getattr(model, "qlowrank_trainable_tokens", None)
+    if current:
+        if sorted(current) != sorted(deltas) or any(list(v) != ids for v in current.values()):
+            raise ValueError(f"{adapter_dir}: new-token rows {sorted(deltas)} / ids {ids} differ from this model's "
+                             f"{current}")
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                getattr(model.get_submodule(name), DELTA).copy_(delta)
+        return
+    if max(ids) >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(max(ids) + 1)
+    saved = wrap_trainable_tokens(model, ids, deltas)
+    missing = sorted(set(saved) - set(deltas))
+    if missing:
+        raise ValueError(f"{adapter_dir}: no new-token rows for {missing} (an untied output head needs its own)")
+    if (adapter_dir / "tokenizer_config.json").is_file():   # save_adapter stores the enlarged tokenizer too
+        from transformers import AutoTokenizer
+        model.qlowrank_tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+
+
+def _check_same_init(existing: dict, lora, seed: int, model: nn.Module, adapter_dir: Path) -> None:
+    layer = next(iter(existing.values()))
+    if bool(layer.use_dora) != lora.use_dora:
+        raise ValueError(f"{adapter_dir}: use_dora={lora.use_dora} but the model's LoRA layers have "
+                         f"use_dora={layer.use_dora}")
+    if rebuilds_base(lora.init, lora.loftq_iters):
+        have = (layer.init, layer.loftq_iters if lora.init == "loftq" else 1, getattr(model, "qlowrank_seed", 0))
+        want = (lora.init, lora.loftq_iters if lora.init == "loftq" else 1, seed)
+        if have != want:
+            raise ValueError(f"{adapter_dir} was trained on a base initialised with (init, loftq_iters, seed)={want}, "
+                             f"this model's is {have}: its frozen weights differ")
 
 
 def _check_base(model: nn.Module, sidecar: dict | None, adapter_dir: Path) -> None:
@@ -305,28 +411,39 @@ def _check_base(model: nn.Module, sidecar: dict | None, adapter_dir: Path) -> No
 
 
 def _copy_factors(layers: dict, by_module: dict, tensors: dict, path: Path) -> None:
-    wrong = []
+    pairs = []
     for name, layer in layers.items():
-        for factor in _FACTORS:
-            target = getattr(layer, factor).weight
-            value = tensors[by_module[name][factor]]
-            if tuple(value.shape) != tuple(target.shape):
-                wrong.append(f"{name}.{factor}: file {tuple(value.shape)} vs model {tuple(target.shape)}")
+        for part, key in by_module[name].items():
+            target = layer.lora_magnitude_vector if part == MAGNITUDE else getattr(layer, part).weight
+            pairs.append((f"{name}.{part}", target, tensors[key]))
+    _copy_all(pairs, path)
+
+
+def _copy_saved(model: nn.Module, saved: dict, tensors: dict, path: Path) -> None:
+    pairs = []
+    for name, params in saved.items():
+        module = model.get_submodule(name)
+        for leaf, key in params.items():
+            pairs.append((f"{name}.{leaf}", getattr(module, leaf), tensors[key]))
+    _copy_all(pairs, path)
+
+
+def _copy_all(pairs: list, path: Path) -> None:
+    wrong = [f"{name}: file {tuple(value.shape)} vs model {tuple(target.shape)}"
+             for name, target, value in pairs if tuple(value.shape) != tuple(target.shape)]
     if wrong:
         raise ValueError(f"{path}: shape mismatches (wrong base model or rank?): {wrong[:20]}")
     with torch.no_grad():
-        for name, layer in layers.items():
-            for factor in _FACTORS:
-                target = getattr(layer, factor).weight
-                value = tensors[by_module[name][factor]].to(device=target.device, dtype=target.dtype)
-                if hasattr(target, "device_mesh"):   # a factor sharded over processes (FSDP): keep this rank's shard
-                    from torch.distributed.tensor import distribute_tensor
-                    value = distribute_tensor(value, target.device_mesh, target.placements)
-                target.copy_(value)
+        for _, target, value in pairs:
+            value = value.to(device=target.device, dtype=target.dtype)
+            if hasattr(target, "device_mesh"):   # sharded over processes (FSDP): keep this rank's shard
+                from torch.distributed.tensor import distribute_tensor
+                value = distribute_tensor(value, target.device_mesh, target.placements)
+            target.copy_(value)
 
 
-def _set_scaling(layers, config: dict) -> None:
-    for layer in layers:
-        layer.alpha = config.get("lora_alpha", layer.r)
-        layer.use_rslora = bool(config.get("use_rslora", False))
+def _set_scaling(layers: dict, lora) -> None:
+    for name, layer in layers.items():
+        _, layer.alpha = lora.rank_and_alpha(name)
+        layer.use_rslora = lora.use_rslora
         layer.scaling = layer.alpha / (layer.r ** 0.5 if layer.use_rslora else layer.r)

@@ -7,7 +7,7 @@ that names the field and the values it accepts, not deep inside a training step.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -15,7 +15,8 @@ import torch
 _QUANT_TYPES = ("nf4", "fp4")
 _BITS = (4, 8, None)
 _COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_INITS = ("kaiming", "gaussian")
+_INITS = ("kaiming", "gaussian", "loftq", "pissa")
+_SVDS = ("randomized", "full")
 
 
 def parse_dtype(value: torch.dtype | str, field_name: str = "dtype") -> torch.dtype:
@@ -90,7 +91,14 @@ class LoraConfig:
     target_modules: str | Sequence[str] = "all-linear"  # "all-linear", module names, or a regex
     exclude_modules: Sequence[str] = field(default_factory=lambda: ["lm_head"])  # never wrapped
     use_rslora: bool = False               # alpha / sqrt(r) scaling
-    init: str = "kaiming"                  # A's init: "kaiming" (loralib) or "gaussian" (N(0, 1/r))
+    init: str = "kaiming"                  # "kaiming" (loralib) / "gaussian" (N(0, 1/r)) A with zero B, or the
+                                           # quantization-aware "loftq" (arXiv 2310.08659) / "pissa" (arXiv 2404.02948)
+    loftq_iters: int = 1                   # LoftQ alternations; > 1 makes the frozen base NF4(W - s B A)
+    svd: str = "randomized"                # LoftQ / PiSSA SVD: "randomized" (rank r + 8, 4 power steps) or "full"
+    use_dora: bool = False                 # DoRA (arXiv 2402.09353): trainable magnitude x normalised (W + s B A)
+    rank_pattern: dict = field(default_factory=dict)   # module-name regex -> r (PEFT's meaning)
+    alpha_pattern: dict = field(default_factory=dict)  # module-name regex -> alpha (PEFT's meaning)
+    modules_to_save: Sequence[str] = field(default_factory=list)  # full-precision trainable modules (lm_head, ...)
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
@@ -101,6 +109,19 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.dropout={self.dropout!r} must be in [0, 1)")
         if self.init not in _INITS:
             raise ValueError(f"LoraConfig.init={self.init!r} is not supported; use one of {_INITS}")
+        if self.svd not in _SVDS:
+            raise ValueError(f"LoraConfig.svd={self.svd!r} is not supported; use one of {_SVDS}")
+        if not isinstance(self.loftq_iters, int) or self.loftq_iters < 1:
+            raise ValueError(f"LoraConfig.loftq_iters={self.loftq_iters!r} must be an integer >= 1 (the paper uses 1 to 5)")
+        for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict) or not all(
+                    isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) and v > 0 for k, v in pattern.items()):
+                raise ValueError(f"LoraConfig.{name}={pattern!r} must map module names (or regexes) to positive numbers")
+            setattr(self, name, dict(pattern))
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        self.modules_to_save = list(self.modules_to_save or [])
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 try:
@@ -124,3 +145,24 @@ class LoraConfig:
     def scaling(self) -> float:
         """The factor applied to B A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """(r, alpha) for one module: rank_pattern / alpha_pattern override the defaults.
+
+        PEFT's rule: a key matches a module whose full name is the key or ends with
+        "." + key, the key read as a regex; the first matching key wins.
+        """
+        return (_pattern_value(self.rank_pattern, module_name, self.r),
+                _pattern_value(self.alpha_pattern, module_name, self.alpha))
+
+    def layer_config(self, module_name: str) -> "LoraConfig":
+        """This config with r and alpha resolved for one module (and the patterns dropped)."""
+        r, alpha = self.rank_and_alpha(module_name)
+        return replace(self, r=r, alpha=alpha, rank_pattern={}, alpha_pattern={})
+
+
+def _pattern_value(pattern: dict, module_name: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?(?:{key})$", module_name):
+            return value
+    return default

@@ -32,6 +32,7 @@ from .atomic import staged_dir
 from .config import parse_dtype
 from .loading import checkpoint_files, key_mapper, open_safetensors, release_freed_memory, tied_keys
 from .lora import LoraLinear
+from .tokens import TrainableTokens
 
 REPORT_NAME = "qlowrank_export_report.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -158,6 +159,12 @@ def _plan(model: nn.Module) -> list[_Entry]:
         prefix = f"{name}." if name else ""
         if skip_inside is not None and prefix.startswith(skip_inside):
             continue
+        if isinstance(module, TrainableTokens):
+            skip_inside = prefix
+            if prefix + "weight" not in tied:   # a tied head is re-tied to the exported embeddings on load
+                weight = module.base_layer.weight
+                entries.append(_Entry(prefix + "weight", tuple(weight.shape), torch.float32, module.merged_weight))
+            continue
         if isinstance(module, LoraLinear) or quantlib.is_quantized_linear(module):
             skip_inside = prefix
             out_features, in_features = module.out_features, module.in_features
@@ -197,6 +204,12 @@ def _announced(before: Callable[[str], None], entry: _Entry) -> Callable[[], tor
 
 def _from_original(model: nn.Module, entries: list[_Entry], base: Path) -> list[_Entry]:
     """Replace each producer by the original checkpoint's tensor (+ scale * B A for LoRA layers)."""
+    changed = sorted({layer.init for layer in model.modules() if isinstance(layer, LoraLinear)
+                      and (layer.init == "pissa" or (layer.init == "loftq" and layer.loftq_iters > 1))})
+    if changed:
+        raise ValueError(f"base={base}: this model was initialised with {changed}, which replaced the frozen weights "
+                         "(PiSSA's residual, LoftQ's quant(W - s B A)); its LoRA factors are not an update to the "
+                         "original weights. Export without base= (from the weights the model trained on).")
     files = checkpoint_files(base)
     mapped = key_mapper({e.key for e in entries}, model.base_model_prefix)
     where = {}
@@ -317,6 +330,7 @@ def _write_config(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
 
 
 def _write_tokenizer(model: nn.Module, folder: Path, tokenizer) -> str | None:
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "qlowrank_tokenizer", None)  # add_tokens'
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
         return "given"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -18,6 +17,7 @@ from torch import nn
 from . import quant as quantlib
 from .config import LoraConfig, QuantConfig
 from .lora import LoraLinear, _is_conv1d, is_linear_like
+from .quant_init import layer_generator, quantize_with_init  # noqa: F401  (layer_generator: public here too)
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ def quantize_model(
     quant: QuantConfig,
     skip: Sequence[str] = (),
     device: torch.device | str | None = None,
+    lora: LoraConfig | None = None,
+    seed: int | None = None,
 ) -> nn.Module:
     """Replace every nn.Linear / Conv1D with a frozen bitsandbytes layer, in place.
 
@@ -85,6 +87,9 @@ def quantize_model(
         quant: bits 4 or 8 (bits=None returns the model unchanged).
         skip: module names (or name suffixes) to leave in full precision.
         device: where the quantized weights live; default: where each weight is now.
+        lora: with `init="loftq"` / `"pissa"`, each LoRA target is initialised from its float
+            weight as it is quantized (call `add_lora(model, lora)` next to attach the factors).
+        seed: seed of those initialisations' randomized SVDs (None: 0).
 
     Returns:
         The same model, for chaining.
@@ -101,12 +106,20 @@ def quantize_model(
             raise ValueError(f"cannot quantize {name}: its weight is on the meta device (load real weights first)")
         target = torch.device(device) if device is not None else module.weight.device
         weight = module.weight.t() if _is_conv1d(module) else module.weight  # (out, in)
-        new = quantlib.quantize_linear(weight, module.bias, quant, target)
+        new = quantize_layer(name, weight, module.bias, quant, target, lora, keep, seed)
         new.fan_in_fan_out = _is_conv1d(module)
         new.train(module.training)
         _set_submodule(model, name, new)
         del module
     return model
+
+
+def quantize_layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, quant: QuantConfig,
+                   device: torch.device, lora: LoraConfig | None, heads: set[str], seed: int | None = None) -> nn.Module:
+    """One frozen quantized layer from its float (out, in) weight; LoftQ / PiSSA-initialised when it is a target."""
+    if lora is not None and lora.init in ("loftq", "pissa") and _is_target(name, lora, heads):
+        return quantize_with_init(weight, bias, quant, lora.layer_config(name), device, layer_generator(seed or 0, name))
+    return quantlib.quantize_linear(weight, bias, quant, device)
 
 
 def _is_target(name: str, lora: LoraConfig, heads: set[str]) -> bool:
@@ -122,13 +135,19 @@ def _is_target(name: str, lora: LoraConfig, heads: set[str]) -> bool:
 def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None = None) -> nn.Module:
     """Wrap the target linear layers with LoraLinear and freeze every other parameter.
 
+    Each layer gets its own r / alpha from `lora.rank_pattern` / `alpha_pattern`; the
+    modules named in `lora.modules_to_save` become trainable float32 copies (a module tied
+    to another one, such as an lm_head sharing the input embeddings, is untied first).
+
     Args:
-        model: any module with linear layers.
-        lora: rank, alpha, targets, init.
+        model: any module with linear layers (quantized or not).
+        lora: rank, alpha, targets, init, DoRA, patterns, modules to save.
         seed: makes the random A factors reproducible: each layer draws from its own CPU
             generator seeded by (seed, layer name), so a layer's init does not depend on
             which other layers are targeted, on the device, or on torch's global RNG.
-            None draws from torch's global generator.
+            None draws from torch's global generator. It also seeds a PiSSA SVD on a float
+            base (None: 0); LoftQ / PiSSA on a quantized base are computed while quantizing
+            (`quantize_model(..., lora=...)`, `load_model`).
 
     Raises:
         ValueError: a target name or regex matches no linear layer (the message lists the
@@ -142,20 +161,86 @@ def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None = None) -> nn.
     _check_targets_found(lora, candidates, targets)
     for param in model.parameters():
         param.requires_grad_(False)
+    saved = _modules_to_save(model, lora, {name for name, _ in targets})
     for name, module in targets:
-        wrapped = LoraLinear(module, lora)
-        if seed is not None:
-            wrapped.reset_lora_parameters(layer_generator(seed, name))
+        wrapped = LoraLinear(module, lora.layer_config(name), name=name, seed=seed)
         wrapped.train(module.training)
         _set_submodule(model, name, wrapped)
+    for name in saved:
+        make_trainable_copy(model, name)
     model.qlowrank_lora_config = lora
+    model.qlowrank_modules_to_save = saved
+    model.qlowrank_seed = 0 if seed is None else seed   # what the init SVDs were seeded with
     return model
 
 
-def layer_generator(seed: int, name: str) -> torch.Generator:
-    """A CPU generator for one layer: a function of (seed, layer name) only (crc32, not
-    Python's per-process randomized hash(), so it is the same in every process)."""
-    return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
+def _modules_to_save(model: nn.Module, lora: LoraConfig, targets: set[str]) -> list[str]:
+    if not lora.modules_to_save:
+        return []
+    names = [name for name, _ in model.named_modules()
+             if name and not _inside_lora(name) and _name_matches(name, lora.modules_to_save)]
+    found = {p for p in lora.modules_to_save for name in names if _name_matches(name, [p])}
+    missing = [p for p in lora.modules_to_save if p not in found]
+    if missing:
+        raise ValueError(f"LoraConfig.modules_to_save {missing} matched no module of this model")
+    both = sorted(set(names) & targets)
+    if both:
+        raise ValueError(f"{both} are both LoRA targets and modules_to_save; a module is adapted or trained "
+                         "whole, not both: remove it from one of the two lists (exclude_modules for the targets)")
+    return names
+
+
+def make_trainable_copy(model: nn.Module, name: str) -> nn.Module:
+    """Make one module (lm_head, embed_tokens, ...) fully trainable in float32, untied from any other module.
+
+    A quantized linear layer is replaced by a float nn.Linear holding its dequantized weight.
+    The module keeps its dtype at its boundary: inputs are cast to float32 and outputs back
+    to the dtype its weight had, so a bf16 model around it is unchanged.
+    """
+    module = model.get_submodule(name)
+    if quantlib.is_quantized_linear(module):
+        weight = quantlib.dequantize_weight(module)  # (out, in) float32
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
+        new.weight = nn.Parameter(weight)
+        if module.bias is not None:
+            new.bias = nn.Parameter(module.bias.detach().float().clone())
+        _set_submodule(model, name, new)
+        module, outer_dtype = new, getattr(model, "dtype", torch.float32)
+    else:
+        outer_dtype = next(module.parameters()).dtype
+    shared = {id(p) for other_name, other in model.named_modules() if other_name != name
+              for p in other.parameters(recurse=False)}
+    for leaf, param in list(module.named_parameters(recurse=False)):
+        if id(param) in shared or param.dtype != torch.float32:
+            # A copy: training a tied lm_head must not move the input embeddings (PEFT's rule too).
+            setattr(module, leaf, nn.Parameter(param.detach().float().clone()))
+        getattr(module, leaf).requires_grad_(True)
+    if any(id(p) in shared for p in module.parameters()) or _was_tied(model, name):
+        model.config.tie_word_embeddings = False
+    if outer_dtype != torch.float32 and not getattr(module, "_qlowrank_dtype_hooks", False):
+        module.register_forward_pre_hook(_to_float32)
+        module.register_forward_hook(lambda mod, args, out, dtype=outer_dtype: _cast_output(out, dtype))
+        module._qlowrank_dtype_hooks = True
+    module.qlowrank_trainable_copy = True
+    return module
+
+
+def _was_tied(model: nn.Module, name: str) -> bool:
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return False
+    heads = _output_head_names(model)
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    is_input = inputs is not None and model.get_submodule(name) is inputs
+    return name in heads or is_input
+
+
+def _to_float32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _cast_output(out, dtype: torch.dtype):
+    return out.to(dtype) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
 
 def _check_targets_found(lora: LoraConfig, candidates: list, targets: list) -> None:
@@ -184,8 +269,12 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable LoRA factors (everything whose name has the `lora_` prefix)."""
-    return [p for name, p in model.named_parameters() if ".lora_" in name or name.startswith("lora_")]
+    """Everything an adapter trains: the LoRA factors and DoRA magnitudes (the `lora_` prefix), the
+    parameters of `modules_to_save`, and the rows of new tokens (`add_tokens`)."""
+    saved = tuple(f"{name}." for name in getattr(model, "qlowrank_modules_to_save", []))
+    return [p for name, p in model.named_parameters()
+            if ".lora_" in name or name.startswith("lora_") or name.endswith(".trainable_tokens_delta")
+            or (saved and name.startswith(saved))]
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from . import quant as quantlib
 from .config import LoraConfig, QuantConfig, parse_dtype
-from .inject import _linear_layers, _name_matches, _output_head_names, _set_submodule, add_lora, quantize_model
+from .inject import (_linear_layers, _name_matches, _output_head_names, _set_submodule, add_lora, quantize_layer,
+                     quantize_model)
 from .lora import _is_conv1d
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -83,7 +84,9 @@ def load_model(
             None = `quant.compute_dtype`.
         skip_modules: linear layer names (or name suffixes) to keep in float.
         progress: show a tqdm bar while streaming tensors.
-        seed: with `lora`, makes the LoRA init reproducible (see `add_lora`).
+        seed: with `lora`, makes the LoRA init reproducible (see `add_lora`); it also seeds
+            LoftQ / PiSSA's randomized SVDs, which run layer by layer on each float weight
+            as it streams in (None: 0).
 
     Returns:
         The transformers model (eval mode) with bitsandbytes layers and, if asked, LoRA
@@ -101,10 +104,10 @@ def load_model(
     dtype = parse_dtype(dtype, "dtype") if dtype is not None else quant.compute_dtype
     folder, gguf_name = _resolve(path_or_id, gguf_file)
     if gguf_name is not None:
-        model = _load_gguf(folder, gguf_name, quant, device, dtype, skip_modules)
+        model = _load_gguf(folder, gguf_name, quant, device, dtype, skip_modules, lora, seed)
         source = {"id": str(path_or_id), "path": str(folder), "gguf_file": gguf_name, "format": "gguf"}
     else:
-        model = _load_safetensors(folder, quant, device, dtype, trust_remote_code, skip_modules, progress)
+        model = _load_safetensors(folder, quant, device, dtype, trust_remote_code, skip_modules, progress, lora, seed)
         source = {"id": str(path_or_id), "path": str(folder), "gguf_file": None, "format": "safetensors"}
     model.eval()
     model.config._name_or_path = str(path_or_id)
@@ -266,7 +269,8 @@ def tied_keys(model: nn.Module) -> set[str]:
     return set(tied.keys() if isinstance(tied, dict) else tied)
 
 
-def _load_safetensors(folder, quant, device, dtype, trust_remote_code, skip_modules, progress) -> nn.Module:
+def _load_safetensors(folder, quant, device, dtype, trust_remote_code, skip_modules, progress, lora=None,
+                      seed=None) -> nn.Module:
     files = checkpoint_files(folder)
     model = _build_empty(folder, trust_remote_code, dtype)
     expected = set(model.state_dict().keys())
@@ -296,7 +300,7 @@ def _load_safetensors(folder, quant, device, dtype, trust_remote_code, skip_modu
                 loaded.add(key)
                 if module_name in to_quantize and leaf in ("weight", "bias"):
                     pending.setdefault(module_name, {})[leaf] = tensor
-                    _quantize_if_complete(model, module_name, pending, quant, device, dtype)
+                    _quantize_if_complete(model, module_name, pending, quant, device, dtype, heads, lora, seed)
                 else:
                     _assign(module, leaf, tensor, device, dtype)
     bar.close()
@@ -329,7 +333,7 @@ def _assign(module: nn.Module, leaf: str, tensor: torch.Tensor, device: torch.de
         module._buffers[leaf] = tensor
 
 
-def _quantize_if_complete(model, name, pending, quant, device, dtype) -> None:
+def _quantize_if_complete(model, name, pending, quant, device, dtype, heads, lora, seed) -> None:
     module = model.get_submodule(name)
     parts = pending[name]
     if "weight" not in parts or (module.bias is not None and "bias" not in parts):
@@ -337,7 +341,8 @@ def _quantize_if_complete(model, name, pending, quant, device, dtype) -> None:
     weight = parts["weight"].t() if _is_conv1d(module) else parts["weight"]  # (out, in)
     bias = parts.get("bias")
     bias = bias.to(dtype) if bias is not None else None
-    new = quantlib.quantize_linear(weight.to(device), bias, quant, device)
+    # LoftQ / PiSSA run here, on the one float weight in flight (quantize_layer decides).
+    new = quantize_layer(name, weight.to(device), bias, quant, device, lora, heads, seed)
     new.fan_in_fan_out = _is_conv1d(module)
     new.train(module.training)
     _set_submodule(model, name, new)
@@ -378,7 +383,7 @@ def _check_keys(model, folder, expected, loaded, unexpected, pending) -> None:
         )
 
 
-def _load_gguf(folder: Path, name: str, quant: QuantConfig, device, dtype, skip_modules) -> nn.Module:
+def _load_gguf(folder: Path, name: str, quant: QuantConfig, device, dtype, skip_modules, lora=None, seed=None) -> nn.Module:
     try:
         # float32: transformers dequantizes the GGUF blocks; quantizing from float32 avoids a
         # second rounding through bf16 before NF4 / int8.
@@ -393,7 +398,7 @@ def _load_gguf(folder: Path, name: str, quant: QuantConfig, device, dtype, skip_
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.to(device)
-    quantize_model(model, quant, skip=skip_modules, device=device)  # bits=None: unchanged
+    quantize_model(model, quant, skip=skip_modules, device=device, lora=lora, seed=seed)  # bits=None: unchanged
     for module in model.modules():
         if quantlib.is_quantized_linear(module):
             continue

@@ -145,8 +145,11 @@ def test_load_adapter_errors_list_what_is_wrong(checkpoints, tmp_path):
 
     config_path = tmp_path / "llama_adapter" / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(ValueError, match=r"PEFT features qlowrank does not load: \['use_dora'\]"):
+    config_path.write_text(json.dumps({**config, "bias": "all"}))
+    with pytest.raises(ValueError, match=r"PEFT features qlowrank does not load: \['bias'\]"):
+        ql.load_adapter(llama, tmp_path / "llama_adapter")
+    config_path.write_text(json.dumps({**config, "use_dora": True}))   # DoRA without its magnitude vectors
+    with pytest.raises(ValueError, match=r"these layers lack one of \['lora_A', 'lora_B', 'lora_magnitude_vector'\]"):
         ql.load_adapter(llama, tmp_path / "llama_adapter")
     config_path.write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="peft_type='IA3'"):

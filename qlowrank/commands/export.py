@@ -65,15 +65,19 @@ def base_quant(sidecar: dict | None, bits: str | None, compute_dtype: str | None
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adapters import ADAPTER_WEIGHTS, load_adapter, read_adapter_config, read_adapter_weights
+    from ..adapters import ADAPTER_WEIGHTS, load_adapter, read_adapter_config, read_adapter_lora, read_adapter_weights
     from ..export import export_merged
     from ..loading import load_model
+    from ..peft_format import rebuilds_base
 
     _, sidecar = read_adapter_config(args.adapter)
     read_adapter_weights(Path(args.adapter) / ADAPTER_WEIGHTS)   # a broken file fails before the model loads
     quant = base_quant(sidecar, args.bits, args.compute_dtype, f"{args.adapter}/qlowrank_adapter.json")
+    lora, seed = read_adapter_lora(args.adapter)
+    # LoftQ (> 1 iteration) and PiSSA trained on a base of their own: rebuild it the same way.
+    rebuild = rebuilds_base(lora.init, lora.loftq_iters)
     model = load_model(args.model, quant=quant, device=args.device, gguf_file=args.gguf_file,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, lora=lora if rebuild else None, seed=seed)
     load_adapter(model, args.adapter)
     base = args.model if args.from_original else None
     export_merged(model, args.out, dtype=parse_dtype(args.dtype), base=base, overwrite=args.overwrite,

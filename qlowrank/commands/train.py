@@ -67,6 +67,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--target", "--targets", dest="target", default="all-linear",
         help="all-linear, or comma-separated module names (q_proj,v_proj)")
     add("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    add("--init", default="kaiming", choices=["kaiming", "gaussian", "loftq", "pissa"],
+        help="LoRA init; loftq / pissa are quantization-aware (computed from the float weights while loading)")
+    add("--loftq-iters", type=int, default=1, help="LoftQ alternations (> 1 also changes the frozen base)")
+    add("--dora", action="store_true", help="DoRA: a trainable magnitude per output row")
+    add("--train-modules", default=None,
+        help="comma-separated modules trained whole in float32 (PEFT's modules_to_save), e.g. lm_head,embed_tokens")
     add("--seq", type=int, default=512, help="longest sequence (tokens)")
     add("--no-truncation", action="store_true", help="a row longer than --seq is an error instead of being cut")
     add("--packing", action="store_true", help="pack short examples into --seq windows")
@@ -228,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
         quant = QuantConfig(bits=bits, quant_type=args.quant_type, compute_dtype=compute)
         targets = args.target if args.target == "all-linear" else [t.strip() for t in args.target.split(",") if t.strip()]
         lora = LoraConfig(r=args.r, alpha=args.alpha or 2 * args.r, dropout=args.dropout, target_modules=targets,
-                          use_rslora=args.rslora)
+                          use_rslora=args.rslora, init=args.init, loftq_iters=args.loftq_iters, use_dora=args.dora,
+                          modules_to_save=[m.strip() for m in (args.train_modules or "").split(",") if m.strip()])
     except ValueError as err:   # a value out of range: say where it may have come from
         raise ValueError(f"{err}" + (f" (options from --config {args.config} and the flags)" if args.config else "")) from None
     tokenizer = load_tokenizer(args.model)

@@ -136,7 +136,7 @@ def save_checkpoint(
     previous = [p.name for p in list_checkpoints(root) if p != target]
     intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
     with staged_dir(target, "checkpoint", intact) as tmp:
-        save_adapter(model, tmp / "adapter", tensors=adapter_tensors)
+        save_adapter(model, tmp / "adapter", tensors=adapter_tensors, format="qlowrank")
         # Serialized in memory, then written by Python: a full disk is then a plain OSError
         # (torch.save straight to a file turns it into an opaque RuntimeError).
         (tmp / "optimizer.pt").write_bytes(_torch_bytes(optimizer_state or optimizer.state_dict()))

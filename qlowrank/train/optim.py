@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import quant as quantlib
-from ..inject import lora_layers
+from ..inject import lora_layers, lora_parameters
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
@@ -34,7 +34,8 @@ def build_optimizer(
         betas: Adam's moment decay rates.
 
     Returns:
-        The optimizer; param group 0 holds every lora_A, group 1 every lora_B.
+        The optimizer; param group 0 holds every lora_A, group 1 every lora_B, and a group 2
+        (at lr) the DoRA magnitudes and modules_to_save parameters, when there are any.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} is not supported; use one of {OPTIMIZERS}")
@@ -47,6 +48,10 @@ def build_optimizer(
         {"params": [layer.lora_A.weight for layer in layers], "lr": lr, "name": "lora_A"},
         {"params": [layer.lora_B.weight for layer in layers], "lr": lr * lora_plus_ratio, "name": "lora_B"},
     ]
+    factors = {id(p) for group in groups for p in group["params"]}
+    others = [p for p in lora_parameters(model) if id(p) not in factors and p.requires_grad]
+    if others:
+        groups.append({"params": others, "lr": lr, "name": "magnitudes_and_saved_modules"})
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
     return quantlib.make_8bit_optimizer(name, groups, lr=lr, betas=betas, weight_decay=weight_decay)

@@ -257,7 +257,8 @@ class Trainer:
         optimizer_state = dist_.full_optimizer_state(self.raw_optimizer) if sharded else None
         path = None
         if self.is_main:
-            path = save_checkpoint(self.out_dir / "checkpoints", self.step, self.model, self.raw_optimizer,
+            path = save_checkpoint(self.out_dir / "checkpoints", self.step, self.accelerator.unwrap_model(self.model),
+                                   self.raw_optimizer,
                                    self.scheduler, state, self.config.keep_checkpoints,
                                    adapter_tensors=adapter_tensors, optimizer_state=optimizer_state)
         dist_.barrier()
@@ -266,8 +267,8 @@ class Trainer:
     def save_adapter(self, out_dir: str | Path) -> Path:
         """Write the adapter (rank 0; every rank must call it under FSDP, which gathers the factors)."""
         tensors = dist_.full_lora_tensors(self.model) if self.sharding == "fsdp" else None
-        if self.is_main:
-            save_adapter(self.model, out_dir, tensors=tensors)
+        if self.is_main:   # the trainer's adapter keeps LoftQ/PiSSA bases that PEFT's format cannot express
+            save_adapter(self.accelerator.unwrap_model(self.model), out_dir, tensors=tensors, format="qlowrank")
         dist_.barrier()
         return Path(out_dir)
 
