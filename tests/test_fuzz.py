@@ -277,7 +277,8 @@ def config_cases(rng: random.Random, folder: Path, model: Path, data: Path) -> l
             kind_of, choices, nargs, action = _KINDS[option]
             # (a string for a plain string option would be valid: only lists and objects are wrong there)
             wrong = {int: [3.5, "3", True], float: ["fast", True]}.get(kind_of, []) + [[1], {"a": 1}]
-            value = rng.choice(wrong) if action != "store_true" else rng.choice(["yes", 1, None])
+            # (null is not wrong anywhere: a config file's null means "this option's default")
+            value = rng.choice(wrong) if action != "store_true" else rng.choice(["yes", 1, 0])
             if nargs == "+":
                 value = rng.choice([3, [], [1], {"a": 1}])
             path.write_text(json.dumps({option: value}))
