@@ -47,8 +47,11 @@ def _train_args(workdir, out, *extra):
 
 
 def _start(args, cwd, program=()):
+    # A suite started in the background (`cmd &`, nohup) inherits SIGINT as ignored, which
+    # qlowrank deliberately keeps; these children must see SIGINT as a terminal would.
     return subprocess.Popen([*(program or QLOWRANK), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _losses(out):
@@ -119,8 +122,12 @@ def test_real_sigint_through_the_cli_exits_130_after_checkpointing(workdir, caps
         os.kill(os.getpid(), signal.SIGINT)
 
     sender = threading.Thread(target=interrupt_when_training, daemon=True)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # see _start: not ignored here
     sender.start()
-    code = main([str(a) for a in _train_args(workdir, out, "--steps", "100000", "--eval-fraction", "0")])
+    try:
+        code = main([str(a) for a in _train_args(workdir, out, "--steps", "100000", "--eval-fraction", "0")])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     sender.join()
     assert code == 130
     last = len(_losses(out))
