@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -108,3 +109,15 @@ def test_profile_memory_smollm2(tmp_path):
 def test_export_and_generate_smollm2(tmp_path):
     out = _run_script("export_and_generate", cwd=tmp_path)
     assert out.count("assistant:") == 2 and "relative difference" in out
+
+
+def test_multi_process_script_trains_on_two_processes(tiny_chat_model, tmp_path):
+    """examples/multi_process.sh: accelerate launch, 2 processes (gloo on this CPU), one adapter from rank 0."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(EXAMPLES / "multi_process.sh"), str(tiny_chat_model), str(tmp_path), "2"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes" in run.stdout, run.stdout[-2000:]      # the global batch line names both ranks
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    losses = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 2    # rank 0 alone writes the metrics: one line per step, not two
