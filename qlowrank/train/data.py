@@ -323,15 +323,25 @@ def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int)
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
-def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids, labels (-100 on padding), and either an
-    attention_mask or, for packed examples, position_ids that restart at every segment.
+def batch_width(longest: int, multiple: int = 1, cap: int | None = None) -> int:
+    """The padded width of a batch: `longest` rounded up to `multiple`, but never above `cap`
+    (the longest example of the run), and never below `longest`."""
+    width = -(-longest // multiple) * multiple if multiple > 1 else longest
+    return max(longest, min(width, cap)) if cap is not None else width
+
+
+def collate(examples: Sequence[Example], pad_token_id: int, multiple: int = 1,
+            cap: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example (rounded up to `multiple`, at most `cap`): input_ids,
+    labels (-100 on padding), and either an attention_mask or, for packed examples,
+    position_ids that restart at every segment.
 
     Packed batches carry no attention_mask: transformers builds the block-diagonal causal mask
     from the restarting position ids only when the 2D mask is absent. Right padding needs no
     mask for causal attention (no real token attends to a later position) and its labels are -100.
+    Rounding the width keeps the number of distinct batch shapes small; see TrainConfig.pad_multiple.
     """
-    width = max(len(e.input_ids) for e in examples)
+    width = batch_width(max(len(e.input_ids) for e in examples), multiple, cap)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)   # (B, T)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)      # (B, T)
     mask = torch.zeros((len(examples), width), dtype=torch.long)                      # (B, T)

@@ -82,12 +82,16 @@ class TrainConfig:
     profile_memory: bool = True         # measure the first step with MemoryProfiler
     progress: bool = True               # tqdm bar
     sharding: str | None = None         # None (one process, or DDP: every rank holds the model) | "fsdp"
+    pad_multiple: int = 64              # pad each batch's length up to a multiple of this (at most the run's
+                                        # longest example). Every new batch shape makes the CPU's kernels
+                                        # (oneDNN) keep memory for it, so RSS grew each step with free
+                                        # lengths; 64 bounds the shapes (benchmarks/soak.py). 1: no rounding
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32", "auto"):
             raise ValueError(f"TrainConfig.precision={self.precision!r}: use bf16, fp32 or auto (fp16 needs loss "
                              "scaling and is unusable on CPUs; bf16 does not)")
-        for name in ("batch_size", "grad_accum", "log_every"):
+        for name in ("batch_size", "grad_accum", "log_every", "pad_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
         if self.steps is not None and self.steps < 1:
@@ -141,6 +145,8 @@ class Trainer:
         self.config, self.train_examples, self.eval_examples = config, list(train), list(eval)
         self.pad_token_id, self.on_step = pad_token_id, on_step
         self.out_dir = Path(config.out_dir)
+        # Batches are padded at most to the run's longest example: rounding never adds a shape above it.
+        self._longest = max(len(e.input_ids) for e in self.train_examples + self.eval_examples)
         if any(len(e.segments) > 1 for e in self.train_examples + self.eval_examples):
             check_packed_attention(model)
         device = next(model.parameters()).device
@@ -218,7 +224,8 @@ class Trainer:
             self.position = [epoch + 1, 0]
 
     def _batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.accelerator.device) for k, v in collate(examples, self.pad_token_id).items()}
+        batch = collate(examples, self.pad_token_id, self.config.pad_multiple, self._longest)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self._autocast():
