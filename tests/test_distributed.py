@@ -94,7 +94,7 @@ def _full_flags(work: Path, out: Path) -> list[str]:
         "--eval-data": work / "eval.jsonl", "--eval-fraction": 0.1, "--text-field": "text", "--prompt-field": "prompt",
         "--completion-field": "completion", "--messages-field": "messages", "--out": out, "--bits": 4, "--quant-type": "nf4",
         "--lora-rank": 4, "--lora-alpha": 8, "--dropout": 0.0, "--target": "all-linear", "--rslora": None,
-        "--seq": 128, "--no-truncation": None, "--packing": None, "--batch": 2, "--grad-accum": 1, "--lr": 1e-3,
+        "--seq": 128, "--no-truncation": None, "--packing": None, "--pad-multiple": 16, "--batch": 2, "--grad-accum": 1, "--lr": 1e-3,
         "--lora-plus-ratio": 2.0, "--optimizer": "adamw", "--weight-decay": 0.01, "--warmup-steps": 2,
         "--min-lr-ratio": 0.1, "--max-grad-norm": 1.0, "--steps": 10, "--epochs": 1, "--precision": "fp32",
         "--chunk-tokens": 16, "--eval-every": 5, "--save-every": 5, "--keep-checkpoints": 5, "--seed": 3,
