@@ -43,6 +43,9 @@ MODELS = {
                     num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=True),
     "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=False),
+    # Llama-3-8B exactly (its 128,256-token vocabulary), for torchtune's published QLoRA figure
+    "llama3_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
 }
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
