@@ -10,11 +10,20 @@ the MLP), batch 2 x 2048 tokens, gradient checkpointing, torch AdamW, 3 steps. R
 profiler's tensor peak, torch.cuda.max_memory_allocated / reserved, the estimate, and
 torchtune's published 7.4 GiB peak for Llama 3.1 8B QLoRA (their batch and sequence lengths
 come from their dataset, so that comparison is indicative only).
+
+Process level (issue 9): after the steps it asks `nvidia-smi --query-compute-apps=pid,used_memory`
+for this process's figure, beside torch.cuda.memory_reserved() at the same moment and the
+max reserved over the steps. Their differences measure the two CUDA constants of
+qlowrank/memory/process.py: the context (nvidia-smi minus reserved) and the allocator's
+reserve above the allocated peak (max reserved / max allocated - 1); the script prints both
+beside the assumed values, and `estimate_memory(...).process_bytes` beside nvidia-smi.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import time
 
 import torch
@@ -29,6 +38,55 @@ CONFIG = transformers.LlamaConfig(
     num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
 QUANT = ql.QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
 LORA = ql.LoraConfig(r=8, alpha=16)
+
+
+def nvidia_smi_process_bytes(pid: int) -> int | None:
+    """This process's device memory as nvidia-smi lists it (MiB -> bytes); None when nvidia-smi is
+    missing or does not list the pid (e.g. inside a container with its own PID namespace)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(pid) and fields[1].isdigit():
+            return int(fields[1]) * 2**20
+    return None
+
+
+def process_rows(estimate, prof) -> list[tuple[str, int | None]]:
+    """nvidia-smi's figure beside the allocator's and the process model's (all bytes)."""
+    torch.cuda.synchronize()
+    reserved_now = torch.cuda.memory_reserved()
+    smi = nvidia_smi_process_bytes(os.getpid())
+    return [
+        ("nvidia-smi used_memory (this pid)", smi),
+        ("torch.cuda.memory_reserved (same moment)", reserved_now),
+        ("torch.cuda.max_memory_reserved", prof.cuda_max_reserved),
+        ("MemoryProfiler.process_peak_bytes", prof.process_peak_bytes),
+        ("estimate_memory(...).process_bytes", estimate.process_bytes),
+    ]
+
+
+def print_process_check(estimate, prof) -> None:
+    """The process-level table, and the CUDA constants it measures next to process.py's assumptions."""
+    from qlowrank.memory import process as model
+
+    rows = process_rows(estimate, prof)
+    print(f"\n{'process level':<44}{'GiB':>8}")
+    for name, value in rows:
+        print(f"{name:<44}{'n/a' if value is None else f'{value / 2**30:.3f}':>8}")
+    smi, reserved_now = rows[0][1], rows[1][1]
+    reserve = prof.cuda_max_reserved / prof.cuda_max_allocated - 1
+    print(f"allocator reserve: max reserved / max allocated - 1 = {100 * reserve:.1f}% "
+          f"(process.py assumes {100 * model.CUDA_RESERVE_RATIO:.0f}%)")
+    if smi is None:
+        print("nvidia-smi did not list this process: the context cannot be measured here")
+        return
+    print(f"CUDA context: nvidia-smi - memory_reserved = {(smi - reserved_now) / 2**20:.0f} MiB (process.py assumes "
+          f"{(model.CUDA_CONTEXT_BYTES + model.CUDA_CUBLAS_WORKSPACE_BYTES) / 2**20:.0f} MiB with the cuBLAS workspace)")
+    print(f"process model error against nvidia-smi: {100 * (estimate.process_bytes / smi - 1):+.1f}%")
 
 
 def main() -> None:
@@ -83,6 +141,7 @@ def main() -> None:
     print(f"\n{'':<42}{'GiB':>8}{'vs max_allocated':>18}")
     for name, value in rows:
         print(f"{name:<42}{value / gib:>8.2f}{100 * (value - prof.cuda_max_allocated) / prof.cuda_max_allocated:>+17.1f}%")
+    print_process_check(estimate, prof)
     print(f"\n{torch.cuda.get_device_name()}, batch {args.batch} x {args.seq}, {seconds:.2f} s/step")
 
 
