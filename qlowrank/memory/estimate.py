@@ -62,6 +62,7 @@ class MemoryEstimate:
     settings: dict = field(default_factory=dict)
     trainable_parameters: int = 0
     total_parameters: int = 0
+    facts: process_model.ModelFacts | None = None   # what the CPU process model needs (sizes, source)
     _simulate: Callable[[int], "MemoryEstimate"] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -72,13 +73,19 @@ class MemoryEstimate:
     @property
     def process_bytes(self) -> int:
         """Predicted peak memory of the whole training process as the OS (CPU: RSS) or the GPU
-        driver (CUDA: nvidia-smi) reports it: runtime / CUDA context + tensors + allocator overhead."""
-        return process_model.process_bytes(self.total_bytes, self.settings.get("device", "cpu"))
+        driver (CUDA: nvidia-smi) reports it: runtime / CUDA context + tensors + allocator overhead;
+        on a CPU the larger of the loading and the training peak (`memory/process.py`)."""
+        return process_model.process_bytes(self.total_bytes, self.settings.get("device", "cpu"), self.facts)
 
     @property
     def process_breakdown(self) -> dict[str, int]:
-        """process_bytes in parts: runtime (CPU) or cuda_context, tensors, allocator overhead."""
-        return process_model.process_breakdown(self.total_bytes, self.settings.get("device", "cpu"))
+        """process_bytes in parts: CUDA: cuda_context, tensors, allocator_reserve; CPU: runtime,
+        tensors, heap (they sum to training_peak), then training_peak and load_peak."""
+        return process_model.process_breakdown(self.total_bytes, self.settings.get("device", "cpu"), self.facts)
+
+    def _training_process_bytes(self) -> int:
+        # the part of process_bytes that grows with the batch (loading does not)
+        return self.process_breakdown.get("training_peak", self.process_bytes)
 
     def fits(self, device_bytes: int) -> bool:
         """True when the predicted process peak (`process_bytes`) fits in `device_bytes`."""
@@ -91,11 +98,11 @@ class MemoryEstimate:
         """
         if self._simulate is None:
             raise RuntimeError("this estimate cannot re-simulate other batch sizes")
-        one, two = self._simulate(1).process_bytes, self._simulate(2).process_bytes
-        if one > device_bytes:
+        if not self._simulate(1).fits(device_bytes):
             return 0
+        one, two = self._simulate(1)._training_process_bytes(), self._simulate(2)._training_process_bytes()
         per_sample = max(two - one, 1)
-        batch = min(limit, 1 + (int(device_bytes) - one) // per_sample)
+        batch = min(limit, 1 + max(0, int(device_bytes) - one) // per_sample)
         while batch > 1 and not self._simulate(batch).fits(device_bytes):
             batch -= max(1, batch // 50)  # the trend is near-linear: a few small steps back suffice
         return max(batch, 1)
@@ -178,13 +185,14 @@ def estimate_memory(
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: estimate for 'cuda' or 'cpu'")
     config = load_config(path_or_config)
+    source = source_of(path_or_config)
     loss_fn = loss_fn or (chunked_loss_fn if chunked_loss else default_loss)
     settings = {
         "model": getattr(config, "_name_or_path", "") or config.model_type, "bits": quant.bits,
         "r": lora.r if lora else None, "batch_size": batch_size, "seq_len": seq_len,
         "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer,
         "dtype": str(dtype).removeprefix("torch."), "device": device, "chunked_loss": chunked_loss,
-        "processes": processes, "sharding": sharding,
+        "processes": processes, "sharding": sharding, "source": source[0],
     }
     cache: dict[int, MemoryEstimate] = {}
 
@@ -192,16 +200,42 @@ def estimate_memory(
         if batch not in cache:
             cache[batch] = _simulate_step(config, quant, lora, batch, seq_len, gradient_checkpointing,
                                           optimizer, dtype, source_dtype, device, loss_fn,
-                                          {**settings, "batch_size": batch})
+                                          {**settings, "batch_size": batch}, source)
             cache[batch]._simulate = simulate
         return cache[batch]
 
     return simulate(batch_size)
 
 
+def source_of(path_or_config: str | Path | transformers.PretrainedConfig) -> tuple[str, int | None]:
+    """("gguf" or "safetensors", bytes of the files `load_model` maps); None when there are no
+    weight files (a config alone): the process model then assumes a checkpoint in the compute dtype."""
+    if isinstance(path_or_config, transformers.PretrainedConfig):
+        return "safetensors", None
+    path = Path(path_or_config)
+    if path.suffix == ".gguf":
+        return "gguf", path.stat().st_size
+    folder = path if path.is_dir() else path.parent
+    sizes = [f.stat().st_size for f in folder.glob("*.safetensors")]
+    return "safetensors", (sum(sizes) if sizes else None)
+
+
+def _model_facts(model: nn.Module, quant: QuantConfig, dtype: torch.dtype, source: tuple[str, int | None]):
+    """Sizes the process model needs, read off the meta model before quantization and LoRA."""
+    from transformers.pytorch_utils import Conv1D   # GPT-2's transposed linear layers, quantized too
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head)
+    base_params = sum(p.numel() for p in model.parameters())
+    kind, size = source
+    return dict(linear_params=linear, base_params=base_params, bits=quant.bits, source=kind,
+                source_bytes=size if size is not None else base_params * dtype.itemsize)
+
+
 def _simulate_step(config, quant, lora, batch, seq_len, checkpointing, optimizer, dtype, source_dtype, device,
-                   loss_fn, settings) -> MemoryEstimate:
+                   loss_fn, settings, source=("safetensors", None)) -> MemoryEstimate:
     model = build_meta_model(config, dtype)
+    facts = _model_facts(model, quant, dtype, source)
     if quant.bits is not None:
         replace_quantized_layers(model, quant, device, source_dtype)
     if lora is not None:
@@ -236,7 +270,8 @@ def _simulate_step(config, quant, lora, batch, seq_len, checkpointing, optimizer
     owners = {id(p): (m, p) for m in model.modules() for p in m.parameters(recurse=False)}  # tied weights once
     total_params = sum(_true_numel(m, p) for m, p in owners.values())
     return MemoryEstimate(breakdown={c: int(breakdown[c]) for c in CATEGORIES}, peak_phase=phase, settings=settings,
-                          trainable_parameters=sum(p.numel() for p in trainable), total_parameters=total_params)
+                          trainable_parameters=sum(p.numel() for p in trainable), total_parameters=total_params,
+                          facts=process_model.ModelFacts(base_bytes=int(breakdown["base_weights"]), **facts))
 
 
 def _true_numel(module: nn.Module, param: torch.Tensor) -> int:
