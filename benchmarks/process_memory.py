@@ -1,22 +1,30 @@
 """Predicted vs measured process memory: estimate_memory(...).process_bytes against the peak RSS of real training.
 
-    flock /tmp/qlowrank-heavy.lock .venv/bin/python benchmarks/process_memory.py            # all configurations
-    .venv/bin/python benchmarks/process_memory.py --only tiny-4bit                         # one, by name
+    flock /tmp/qlowrank-heavy.lock .venv/bin/python benchmarks/process_memory.py          # all 17, ~25 min here
+    flock /tmp/qlowrank-heavy.lock .venv/bin/python benchmarks/process_memory.py --only tiny-4bit
+    .venv/bin/python benchmarks/process_memory.py --fit benchmarks/process_memory.json      # re-derive the constants
+    .venv/bin/python benchmarks/process_memory.py --repredict benchmarks/process_memory.json --out DIR
 
 Every configuration is measured in a fresh process that does what `qlowrank train` does:
 `load_model` (streamed from safetensors, or the SmolLM2 GGUF), checkpointing unless
 switched off, `Trainer` with bf16 autocast, the chunked loss and torch AdamW, on batches of
-`seq` random tokens, for `--steps` steps (steps 1-2 under MemoryProfiler, as in training).
-Measured: the process's peak RSS over the training steps (VmHWM reset after loading, i.e.
-`MemoryProfiler.process_peak_bytes` extended to the whole run) and `ru_maxrss` over the whole
-process. Predicted: `estimate_memory` with the same settings; the error is against the
-training peak. The random checkpoints are written once per configuration by another fresh
+`seq` random tokens (fixed length), for 3 steps (steps 1-2 under MemoryProfiler, as in
+training). Measured: the peak RSS while loading (VmHWM after `load_model`) and while
+training (VmHWM reset after loading, i.e. `MemoryProfiler.process_peak_bytes` extended to the
+whole run); the process peak is the larger, what ru_maxrss of an untouched process reports.
+Also recorded: RSS split into anonymous and file pages, and glibc's heap statistics, after
+importing, after loading and after training. Predicted: `estimate_memory` with the same
+settings. The random checkpoints are written once per configuration by another fresh
 process, so their construction does not count. Writes process_memory.json / .png to --out.
+
+`--fit` derives the CPU constants of qlowrank/memory/process.py from the configurations in
+FIT (the rest are held out) and prints the table with the model as it is now in process.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -33,8 +41,12 @@ HERE = Path(__file__).resolve()
 SMOLLM2 = "smollm2"
 LLAMA_TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=False)
+LLAMA_SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)  # random weights, safetensors
+LLAMA_MID = dict(vocab_size=16384, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, tie_word_embeddings=False)   # tests/test_process_rss.py's "mid"
 LLAMA_500M = dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,
-                  num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False)   # 546M parameters
+                  num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False)   # 501M parameters
 CONFIGS: dict[str, dict] = {
     "demo (smollm2 4-bit b4 s160)": dict(model=SMOLLM2, bits=4, batch=4, seq=160),
     "smollm2 8-bit b4 s160": dict(model=SMOLLM2, bits=8, batch=4, seq=160),
@@ -42,9 +54,17 @@ CONFIGS: dict[str, dict] = {
     "smollm2 4-bit no-ckpt b4 s160": dict(model=SMOLLM2, bits=4, batch=4, seq=160, checkpointing=False),
     "smollm2 4-bit b2 s512": dict(model=SMOLLM2, bits=4, batch=2, seq=512),
     "smollm2 4-bit no-ckpt b2 s512": dict(model=SMOLLM2, bits=4, batch=2, seq=512, checkpointing=False),
-    "llama-546M 4-bit b2 s256": dict(model=LLAMA_500M, bits=4, batch=2, seq=256),
-    "llama-546M 8-bit b1 s256": dict(model=LLAMA_500M, bits=8, batch=1, seq=256),
+    "llama-501M 4-bit b2 s256": dict(model=LLAMA_500M, bits=4, batch=2, seq=256),
+    "llama-501M 8-bit b1 s256": dict(model=LLAMA_500M, bits=8, batch=1, seq=256),
+    "llama-501M float b1 s256": dict(model=LLAMA_500M, bits=None, batch=1, seq=256),
+    "llama-501M 4-bit no-ckpt b2 s512": dict(model=LLAMA_500M, bits=4, batch=2, seq=512, checkpointing=False),
+    "smollm2-shape safetensors 4-bit b4 s160": dict(model=LLAMA_SMOLLM2_SHAPE, bits=4, batch=4, seq=160),
     "tiny-4bit": dict(model=LLAMA_TINY, bits=4, batch=2, seq=64),
+    "llama-mid 8-bit no-ckpt b4 s256": dict(model=LLAMA_MID, bits=8, batch=4, seq=256, checkpointing=False),
+    "llama-mid float b4 s256": dict(model=LLAMA_MID, bits=None, batch=4, seq=256),
+    "llama-mid 4-bit b4 s256": dict(model=LLAMA_MID, bits=4, batch=4, seq=256),
+    "llama-mid float no-ckpt b4 s512": dict(model=LLAMA_MID, bits=None, batch=4, seq=512, checkpointing=False),
+    "smollm2-shape safetensors float b4 s160": dict(model=LLAMA_SMOLLM2_SHAPE, bits=None, batch=4, seq=160),
 }
 
 
@@ -54,6 +74,23 @@ def _vm(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _status() -> dict:
+    """RSS split into anonymous and file-backed pages, and glibc's heap statistics (mallinfo2)."""
+    import ctypes
+
+    out = {key: _vm(key) for key in ("VmRSS", "RssAnon", "RssFile")}
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+        info_type = type("Mallinfo2", (ctypes.Structure,), {"_fields_": [(f, ctypes.c_size_t) for f in fields]})
+        libc.mallinfo2.restype = info_type
+        info = libc.mallinfo2()
+        out.update({"heap_in_use": info.uordblks, "heap_free": info.fordblks, "mmapped": info.hblkhd})
+    except (OSError, AttributeError):
+        pass
+    return out
 
 
 def settings_of(spec: dict) -> dict:
@@ -92,6 +129,7 @@ def measure(spec: dict, path: str) -> dict:
     from qlowrank.train import Example, TrainConfig, Trainer
 
     quant, lora = quant_lora(spec)
+    imported = _status()
     model = ql.load_model(path, quant=quant, lora=lora, device="cpu", dtype=torch.bfloat16, progress=False, seed=0)
     if spec["checkpointing"]:
         ql.enable_gradient_checkpointing(model)
@@ -99,14 +137,19 @@ def measure(spec: dict, path: str) -> dict:
     generator = torch.Generator().manual_seed(0)
     examples = [Example(ids, list(ids)) for ids in
                 torch.randint(0, vocab, (spec["batch"] * spec["steps"], spec["seq"]), generator=generator).tolist()]
-    rss_loaded = _vm("VmRSS")
+    rss_loaded, load_peak, loaded = _vm("VmRSS"), _vm("VmHWM"), _status()
+    base_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     with open("/proc/self/clear_refs", "w") as handle:   # VmHWM := VmRSS: the peak of training only
         handle.write("5")
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(out_dir=out, steps=spec["steps"], batch_size=spec["batch"], precision="bf16",
                              progress=False, seed=0)
         result = Trainer(model, config, examples, []).train()
-    return {"rss_loaded": rss_loaded, "train_peak_rss": _vm("VmHWM"),
+    return {"rss_loaded": rss_loaded, "load_peak_rss": load_peak, "model_bytes_loaded": base_bytes,
+            "source_bytes": sum(f.stat().st_size for f in Path(path).parent.glob(Path(path).name)) if Path(path).is_file()
+            else sum(f.stat().st_size for f in Path(path).glob("*.safetensors")),
+            "train_peak_rss": _vm("VmHWM"), "status_imported": imported, "status_loaded": loaded,
+            "status_trained": _status(),
             "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "profiler_tensor_peak": result.memory["peak_bytes"], "profiler_process_peak": result.memory["rss_peak_bytes"]}
 
@@ -119,16 +162,123 @@ def predict(spec: dict, path: str):
                               dtype=torch.bfloat16, device="cpu")
 
 
+def prediction(spec: dict, path: str) -> dict:
+    """The estimate's figures and the sizes the process model read (kept, so --fit needs no model files)."""
+    estimate = predict(spec, path)
+    parts = estimate.process_breakdown
+    return {"predicted_process": estimate.process_bytes, "predicted_tensor": estimate.total_bytes,
+            "predicted_training_peak": parts["training_peak"], "predicted_load_peak": parts["load_peak"],
+            "facts": dataclasses.asdict(estimate.facts)}
+
+
+def with_errors(row: dict) -> dict:
+    """Errors against the whole process's peak (loading or training, whichever is larger) and
+    against the training peak alone (what MemoryProfiler.process_peak_bytes measures)."""
+    row["process_peak_rss"] = max(row["load_peak_rss"], row["train_peak_rss"])
+    row["error"] = row["predicted_process"] / row["process_peak_rss"] - 1
+    row["training_error"] = row["predicted_training_peak"] / row["train_peak_rss"] - 1
+    return row
+
+
 def run_config(name: str, cache: Path) -> dict:
     spec = settings_of(CONFIGS[name])
     path = model_path(spec, cache)
     with tempfile.NamedTemporaryFile(suffix=".json") as handle:
-        subprocess.run([sys.executable, str(HERE), "--worker", json.dumps(spec), path, handle.name], check=True)
+        # Through a shell that forks (not execs) the worker: a child exec'd straight from this process
+        # inherits this process's high-water mark in ru_maxrss (Linux keeps the larger of the pre-exec
+        # mm's peak and its own), so ru_maxrss would report this driver's RSS, not the worker's.
+        subprocess.run(["/bin/sh", "-c", '"$@"; exit $?', "sh", sys.executable, str(HERE), "--worker",
+                        json.dumps(spec), path, handle.name], check=True)
         measured = json.loads(Path(handle.name).read_text())
-    estimate = predict(spec, path)
-    return {"name": name, **measured, "predicted_process": estimate.process_bytes,
-            "predicted_tensor": estimate.total_bytes,
-            "error": estimate.process_bytes / measured["train_peak_rss"] - 1}
+    return with_errors({"name": name, "spec": spec, **measured, **prediction(spec, path)})
+
+
+# The configurations each CPU constant of qlowrank/memory/process.py is derived from (the rest are held out).
+FIT = {"runtime": "tiny-4bit", "float": ("qlowrank train: mid float b4 s256", "llama-501M float b1 s256"),
+       4: "llama-501M 4-bit b2 s256", 8: "llama-501M 8-bit b1 s256", "gguf": "demo (smollm2 4-bit b4 s160)"}
+
+
+# Whole-process peaks of `qlowrank train` runs by tests/test_process_rss.py (fresh processes; this
+# machine, 2026-11-29 04:17-04:33 UTC, two runs: 636 and 623 MiB), for a configuration this
+# benchmark had not measured yet: LLAMA_MID, float base, batch 4 x 256, checkpointing. Its
+# loading peak is far below (predicted 504 MiB), so the process peak is the training peak.
+CLI_RUNS = [{"name": "qlowrank train: mid float b4 s256", "model": LLAMA_MID, "bits": None, "batch": 4, "seq": 256,
+             "train_peak_rss": int(629.5 * 2**20)}]
+
+
+def cli_rows() -> list[dict]:
+    """CLI_RUNS with the estimate's figures (from the config: their checkpoints are gone)."""
+    import qlowrank as ql
+    import transformers
+
+    rows = []
+    for run in CLI_RUNS:
+        spec = settings_of({k: run[k] for k in ("model", "bits", "batch", "seq")})
+        quant, lora = quant_lora(spec)
+        estimate = ql.estimate_memory(transformers.LlamaConfig(**spec["model"]), quant=quant, lora=lora,
+                                      batch_size=spec["batch"], seq_len=spec["seq"], device="cpu", dtype=torch.bfloat16)
+        rows.append({"name": run["name"], "train_peak_rss": run["train_peak_rss"], "predicted_tensor": estimate.total_bytes,
+                     "facts": dataclasses.asdict(estimate.facts)})
+    return rows
+
+
+def fit(rows: list[dict]) -> dict:
+    """Derive the CPU constants from the FIT configurations' measurements (closed form, see process.py)."""
+    by = {r["name"]: r for r in rows + cli_rows()}
+    mib = 2**20
+
+    def get(name):
+        r = by[name]
+        f = r["facts"]
+        return r, f, 2 * f["linear_params"], r["predicted_tensor"]
+
+    r, f, lin, t = get(FIT["runtime"])
+    runtime = r["train_peak_rss"] - t
+    load_runtime = r["load_peak_rss"] - f["source_bytes"] - f["base_bytes"]
+    (r1, f1, lin1, t1), (r2, f2, lin2, t2) = get(FIT["float"][0]), get(FIT["float"][1])
+    y1, y2 = r1["train_peak_rss"] - runtime - t1, r2["train_peak_rss"] - runtime - t2
+    ratio_float = (y2 - y1) / (lin2 - lin1)
+    floor = y1 - ratio_float * lin1   # valid when both tensor peaks exceed the floor (checked below)
+    assert min(t1, t2) >= floor, "the floor exceeds a fitting configuration's tensor peak"
+    constants = {"CPU_RUNTIME_BYTES": runtime / mib, "CPU_LOAD_RUNTIME_BYTES": load_runtime / mib,
+                 "CPU_HEAP_FLOOR_BYTES": floor / mib, "CPU_HEAP_RATIO[None]": ratio_float}
+    for bits in (4, 8):
+        r, f, lin, t = get(FIT[bits])
+        constants[f"CPU_HEAP_RATIO[{bits}]"] = (r["train_peak_rss"] - runtime - t - min(floor, t)) / lin
+        constants[f"CPU_LOAD_QUANT_RATIO[{bits}]"] = (r["load_peak_rss"] - load_runtime - f["source_bytes"]
+                                                     - f["base_bytes"]) / lin
+    r, f, lin, t = get(FIT["gguf"])
+    constants["CPU_GGUF_LOAD_RATIO"] = (r["load_peak_rss"] - load_runtime - f["source_bytes"]) / (4 * f["base_params"])
+    return constants
+
+
+def fitted_names() -> set[str]:
+    return {n for v in FIT.values() for n in ((v,) if isinstance(v, str) else v)}
+
+
+# The process model before this benchmark ran: runtime 432 MiB + tensors x 1.10 (an assumption).
+BEFORE_RUNTIME, BEFORE_RATIO = 432 * 2**20, 1.10
+
+
+def print_table(rows: list[dict]) -> None:
+    mib = 2**20
+    fitted = fitted_names()
+    print("\n| configuration | role | tensor peak (est.) | load peak est. / measured | training peak est. / measured "
+          "| process est. | process measured | error | training-only error | before the fit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        before = (BEFORE_RUNTIME + BEFORE_RATIO * r["predicted_tensor"]) / r["process_peak_rss"] - 1
+        print(f"| {r['name']} | {'fit' if r['name'] in fitted else 'held out'} | {r['predicted_tensor'] / mib:.0f} MiB | "
+              f"{r['predicted_load_peak'] / mib:.0f} / {r['load_peak_rss'] / mib:.0f} MiB | "
+              f"{r['predicted_training_peak'] / mib:.0f} / {r['train_peak_rss'] / mib:.0f} MiB | "
+              f"{r['predicted_process'] / mib:.0f} MiB | {r['process_peak_rss'] / mib:.0f} MiB | "
+              f"{100 * r['error']:+.1f}% | {100 * r['training_error']:+.1f}% | {100 * before:+.1f}% |")
+    for label, subset in (("all", rows), ("held out", [r for r in rows if r["name"] not in fitted])):
+        if subset:
+            errors = sorted(abs(r["error"]) for r in subset)
+            median = (errors[(len(errors) - 1) // 2] + errors[len(errors) // 2]) / 2
+            print(f"|error| {label}: median {100 * median:.1f}%, worst {100 * errors[-1]:.1f}% over {len(subset)} "
+                  "configurations")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -136,20 +286,25 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
     gib = 2**30
-    xs = [r["train_peak_rss"] / gib for r in rows]
-    ys = [r["predicted_process"] / gib for r in rows]
-    ax.scatter(xs, ys)
-    for r, x, y in zip(rows, xs, ys):
-        ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, -3), textcoords="offset points")
-    top = max(xs + ys) * 1.1
+    fitted = fitted_names()
+    for used, marker, label in ((True, "s", "used to fit the constants"), (False, "o", "held out")):
+        subset = [r for r in rows if (r["name"] in fitted) == used]
+        ax.scatter([r["process_peak_rss"] / gib for r in subset], [r["predicted_process"] / gib for r in subset],
+                   marker=marker, label=label)
+        for r in subset:
+            ax.annotate(r["name"], (r["process_peak_rss"] / gib, r["predicted_process"] / gib), fontsize=6,
+                        xytext=(4, -3), textcoords="offset points")
+    top = max(max(r["process_peak_rss"], r["predicted_process"]) for r in rows) / gib * 1.1
     ax.plot([0, top], [0, top], color="grey", lw=0.6)
     ax.fill_between([0, top], [0, 0.95 * top], [0, 1.05 * top], color="grey", alpha=0.15, label="within 5%")
-    ax.set_xlabel("measured peak RSS of training (GiB)")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("measured peak RSS of the process (GiB): max(loading, training)")
     ax.set_ylabel("estimate_memory(...).process_bytes (GiB)")
-    ax.set_title("process memory: predicted vs measured (CPU, fresh process each)")
-    ax.legend()
+    ax.set_title("process memory on a CPU: predicted vs measured (fresh process each)")
+    ax.legend(loc="upper left")
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
@@ -159,6 +314,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/process_memory", help="folder for the JSON and the plot")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "qlowrank-process-memory"),
                         help="where the random checkpoints are kept between runs")
+    parser.add_argument("--fit", metavar="JSON", help="derive process.py's CPU constants from a run's JSON, "
+                        "then print the table (measures nothing)")
+    parser.add_argument("--repredict", metavar="JSON", help="the current process model against a run's measurements")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,28 +327,31 @@ def main() -> None:
         spec, path, out = json.loads(args.worker[0]), args.worker[1], Path(args.worker[2])
         out.write_text(json.dumps(measure(spec, path)))
         return
-    names = args.only or [n for n in CONFIGS if n != "tiny-4bit"]
-    rows = []
-    for name in names:
-        rows.append(run_config(name, Path(args.cache)))
-        r = rows[-1]
-        print(f"{name}: predicted {r['predicted_process'] / 2**20:.0f} MiB, measured {r['train_peak_rss'] / 2**20:.0f} MiB "
-              f"({100 * r['error']:+.1f}%)", flush=True)
-    mib = 2**20
-    print(f"\n| configuration | tensor peak (est.) | process (est.) | measured train peak RSS | error | ru_maxrss |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['name']} | {r['predicted_tensor'] / mib:.0f} MiB | {r['predicted_process'] / mib:.0f} MiB | "
-              f"{r['train_peak_rss'] / mib:.0f} MiB | {100 * r['error']:+.1f}% | {r['ru_maxrss'] / mib:.0f} MiB |")
-    errors = sorted(abs(r["error"]) for r in rows)
-    print(f"\n|error| median {100 * errors[len(errors) // 2]:.1f}%, worst {100 * errors[-1]:.1f}% over {len(rows)} "
-          "configurations")
     out = Path(args.out)
+    if args.fit or args.repredict:   # no measurement: the figures of an earlier run
+        rows = json.loads(Path(args.fit or args.repredict).read_text())
+        if args.repredict:   # the current process model on those measurements (needs the model files)
+            for r in rows:
+                spec = settings_of(CONFIGS[r["name"]])
+                r.update(spec=spec, **prediction(spec, model_path(spec, Path(args.cache))))
+        if args.fit:
+            for name, value in fit(rows).items():
+                print(f"{name} = {value:.3f}")
+    else:
+        rows = []
+        for name in args.only or list(CONFIGS):
+            rows.append(run_config(name, Path(args.cache)))
+            r = rows[-1]
+            print(f"{name}: predicted {r['predicted_process'] / 2**20:.0f} MiB, measured {r['process_peak_rss'] / 2**20:.0f} "
+                  f"MiB ({100 * r['error']:+.1f}%)", flush=True)
+    rows = [with_errors(r) for r in rows]
+    print_table(rows)
+    if args.fit:
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / "process_memory.json").write_text(json.dumps(rows, indent=1))
     plot(rows, out / "process_memory.png")
     print(f"wrote {out / 'process_memory.json'}, {out / 'process_memory.png'}")
-
 
 if __name__ == "__main__":
     main()
