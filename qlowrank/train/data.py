@@ -326,7 +326,7 @@ def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int)
 def batch_width(longest: int, multiple: int = 1, cap: int | None = None) -> int:
     """The padded width of a batch: `longest` rounded up to `multiple`, but never above `cap`
     (the longest example of the run), and never below `longest`."""
-    width = -(-longest // multiple) * multiple if multiple > 1 else longest
+    width = -(-longest // multiple) * multiple
     return max(longest, min(width, cap)) if cap is not None else width
 
 
