@@ -82,7 +82,7 @@ def worker(variant: str, seed: int, steps: int, eval_every: int) -> dict:
                          warmup_steps=max(1, steps // 10), min_lr_ratio=0.1, precision="bf16", seed=seed,
                          eval_every=eval_every, profile_memory=False, progress=False, keep_checkpoints=1,
                          # seed 0's runs predate length bucketing: keep every run on the same batch shapes
-                         pad_multiple=1)
+                         pad_multiple=1, group_by_length=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.perf_counter()
     result = Trainer(model, config, train, held, pad_token_id=pad).train()

@@ -4,6 +4,13 @@ Only block inputs are kept during the forward pass; each block is recomputed in 
 We always use PyTorch's non-reentrant checkpoint: the reentrant one needs an input that
 requires grad, and with frozen embeddings nothing upstream of the first block does, which
 is where "element 0 of tensors does not require grad" comes from in other tools.
+
+By default the attention kernel's output is kept rather than recomputed (selective
+checkpointing): its forward is the one op of a block whose recompute costs much and whose
+output is small, one (batch, heads, seq, head_dim) tensor plus a (batch, heads, seq) float32
+log-sum-exp per block. On SmolLM2-135M at 4 x 512 on 2 CPU cores this took a step from
+5.21 s to 4.95 s (benchmarks/RESULTS.md, issue 14). The estimator runs the same policy on
+meta tensors, so the bytes it keeps are in every memory prediction.
 """
 
 from __future__ import annotations
@@ -13,15 +20,36 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+_aten = torch.ops.aten
+# Every fused attention kernel PyTorch dispatches F.scaled_dot_product_attention to.
+ATTENTION_OPS = frozenset(
+    getattr(_aten, name).default
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(_aten, name)
+)
 
 
-def _checkpointed_forward(forward):
+def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_attention_contexts():
+    return create_selective_checkpoint_contexts(_keep_attention)
+
+
+def _checkpointed_forward(forward, keep_attention: bool):
+    context_fn = _keep_attention_contexts if keep_attention else None
+
     @functools.wraps(forward)
     def wrapper(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        if context_fn is None:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
     return wrapper
 
 
@@ -34,6 +62,7 @@ def _block_types_of(model: nn.Module) -> tuple[type, ...]:
 def enable_gradient_checkpointing(
     model: nn.Module,
     block_types: type | Sequence[type] | None = None,
+    keep_attention: bool = True,
 ) -> int:
     """Recompute each block's activations in backward instead of storing them.
 
@@ -41,6 +70,9 @@ def enable_gradient_checkpointing(
         model: a transformers model (its blocks are found from `_no_split_modules`) or any
             nn.Module, in which case `block_types` names the repeated block class(es).
         block_types: the module class(es) to checkpoint; default: the transformers blocks.
+        keep_attention: keep each block's attention output instead of recomputing it
+            (faster; costs about one hidden-state-sized tensor per block). False recomputes
+            everything, the smallest footprint.
 
     Returns:
         The number of blocks that will be checkpointed.
@@ -63,7 +95,7 @@ def enable_gradient_checkpointing(
         raise ValueError(f"enable_gradient_checkpointing: no module of type {names} in {type(model).__name__}")
     for block in blocks:
         if not getattr(block, "_qlowrank_checkpointed", False):
-            block.forward = _checkpointed_forward(block.forward)
+            block.forward = _checkpointed_forward(block.forward, keep_attention)
             block._qlowrank_checkpointed = True
     if hasattr(model, "config") and hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a KV cache is useless in training and defeats recomputation

@@ -76,8 +76,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seq", type=int, default=512, help="longest sequence (tokens)")
     add("--no-truncation", action="store_true", help="a row longer than --seq is an error instead of being cut")
     add("--packing", action="store_true", help="pack short examples into --seq windows")
-    add("--pad-multiple", type=int, default=64, help="pad each batch's length up to a multiple of this (at most the "
-        "longest example): few batch shapes keep the CPU kernels' memory flat (1: pad to the batch's longest only)")
+    add("--pad-multiple", type=int, default=None, help="pad each batch's length up to a multiple of this (at most the "
+        "longest example): few batch shapes keep the CPU kernels' memory flat (1: pad to the batch's longest only) "
+        "[default: an eighth of the longest example, rounded up to 8]")
+    add("--no-group-by-length", action="store_true", help="batch examples in plain random order instead of "
+        "grouping similar lengths (grouping spends less compute on padding)")
     add("--batch", type=_batch_value, default=4,
         help="sequences per micro-batch, per process (global batch: batch x processes x grad-accum), or 'auto': "
         "the largest that fits --max-memory (keeping --global-batch)")
@@ -210,7 +213,7 @@ def train_config_from_args(args: argparse.Namespace):
         warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm or None,
         precision=args.precision, chunk_tokens=args.chunk_tokens or None, eval_every=args.eval_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
-        pad_multiple=args.pad_multiple, sharding=None if args.sharding in (None, "none") else args.sharding,
+        pad_multiple=args.pad_multiple, group_by_length=not args.no_group_by_length, sharding=None if args.sharding in (None, "none") else args.sharding,
         progress=not args.no_progress,
     )
 

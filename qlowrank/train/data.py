@@ -323,6 +323,37 @@ def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int)
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
+LENGTH_GROUP_WINDOW = 64   # batches sorted together: wide enough to find neighbours, small enough to stay random
+
+
+def epoch_order(lengths: Sequence[int], group: int, rng: random.Random, by_length: bool = True) -> list[int]:
+    """One epoch's example order, drawn from `rng`; with `by_length`, each run of `group`
+    consecutive examples has similar lengths, so a batch of them needs little padding.
+
+    Length grouping shuffles, sorts each window of LENGTH_GROUP_WINDOW groups by length, cuts it
+    into groups and shuffles the groups (a short final group stays last, so every group starts
+    at a multiple of `group`). Every example still appears once per epoch.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not by_length or group < 2:
+        return order
+    span = group * LENGTH_GROUP_WINDOW
+    groups: list[list[int]] = []
+    for start in range(0, len(order), span):
+        window = sorted(order[start:start + span], key=lambda i: lengths[i], reverse=True)
+        groups += [window[i:i + group] for i in range(0, len(window), group)]
+    short = [groups.pop()] if len(groups[-1]) < group else []
+    rng.shuffle(groups)
+    return [i for g in groups + short for i in g]
+
+
+def auto_pad_multiple(longest: int) -> int:
+    """The default padding step: an eighth of the longest example, rounded up to 8, so a run
+    meets at most ~8 batch widths (few shapes keep CPU memory flat, benchmarks/soak.py)."""
+    return max(8, -(-longest // 64) * 8)
+
+
 def batch_width(longest: int, multiple: int = 1, cap: int | None = None) -> int:
     """The padded width of a batch: `longest` rounded up to `multiple`, but never above `cap`
     (the longest example of the run), and never below `longest`."""

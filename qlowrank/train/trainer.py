@@ -43,7 +43,7 @@ from . import distributed as dist_
 from .checkpoint import (
     find_resumable, latest_checkpoint, load_checkpoint, restore_rng, rng_snapshot, save_checkpoint, set_aside,
 )
-from .data import Example, collate
+from .data import Example, auto_pad_multiple, collate, epoch_order
 from .loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, count_predicted_tokens
 from .packing import check_packed_attention
 from .optim import build_optimizer, build_scheduler
@@ -52,7 +52,8 @@ from .signals import StopSignals, TrainingInterrupted
 # Fields that decide which examples each step sees: a resume with other values would not
 # continue the same run. batch_size and grad_accum may change with the number of processes
 # as long as the global batch (batch_size x processes x grad_accum) stays the same.
-_TRAJECTORY_FIELDS = ("seed", "optimizer")
+_TRAJECTORY_FIELDS = ("seed", "optimizer", "group_by_length")
+_FIELD_BEFORE_IT_EXISTED = {"group_by_length": False}   # what older checkpoints ran with
 
 
 @dataclass
@@ -82,17 +83,19 @@ class TrainConfig:
     profile_memory: bool = True         # measure the first step with MemoryProfiler
     progress: bool = True               # tqdm bar
     sharding: str | None = None         # None (one process, or DDP: every rank holds the model) | "fsdp"
-    pad_multiple: int = 64              # pad each batch's length up to a multiple of this (at most the run's
+    group_by_length: bool = True        # batch examples of similar length (data.epoch_order): less padding
+    pad_multiple: int | None = None     # pad each batch's length up to a multiple of this (at most the run's
                                         # longest example). Every new batch shape makes the CPU's kernels
                                         # (oneDNN) keep memory for it, so RSS grew each step with free
-                                        # lengths; 64 bounds the shapes (benchmarks/soak.py). 1: no rounding
+                                        # lengths; rounding bounds the shapes (benchmarks/soak.py). None: an
+                                        # eighth of the longest example (data.auto_pad_multiple); 1: none
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32", "auto"):
             raise ValueError(f"TrainConfig.precision={self.precision!r}: use bf16, fp32 or auto (fp16 needs loss "
                              "scaling and is unusable on CPUs; bf16 does not)")
         for name in ("batch_size", "grad_accum", "log_every", "pad_multiple"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"TrainConfig.steps={self.steps} must be >= 1 (or None to train for `epochs`)")
@@ -147,6 +150,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         # Batches are padded at most to the run's longest example: rounding never adds a shape above it.
         self._longest = max(len(e.input_ids) for e in self.train_examples + self.eval_examples)
+        self._pad_multiple = config.pad_multiple or auto_pad_multiple(self._longest)
         if any(len(e.segments) > 1 for e in self.train_examples + self.eval_examples):
             check_packed_attention(model)
         device = next(model.parameters()).device
@@ -158,6 +162,7 @@ class Trainer:
         self.autocast_dtype = self._autocast_dtype()
         self.global_micro = config.batch_size * self.world        # sequences per micro-batch over all ranks
         self.global_batch = self.global_micro * config.grad_accum  # sequences per optimizer step
+        self._lengths = [len(e.input_ids) for e in self.train_examples]
         self.micro_per_epoch = math.ceil(len(self.train_examples) / self.global_micro)
         self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.micro_per_epoch / config.grad_accum))
         # The model (self.model) stays the user's module; DDP / FSDP wrap a module whose
@@ -214,8 +219,10 @@ class Trainer:
         """
         while True:
             epoch, offset = self.position
-            order = list(range(len(self.train_examples)))
-            random.Random(self.config.seed * 100_003 + epoch).shuffle(order)
+            # Grouped by the global batch (not the micro-batch), so a resume on another number of
+            # processes with the same global batch still sees the same examples in each step.
+            order = epoch_order(self._lengths, self.global_batch, random.Random(self.config.seed * 100_003 + epoch),
+                                self.config.group_by_length)
             while offset < len(order):
                 chosen = [self.train_examples[i] for i in order[offset:offset + self.global_micro]]
                 offset += len(chosen)
@@ -224,7 +231,7 @@ class Trainer:
             self.position = [epoch + 1, 0]
 
     def _batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        batch = collate(examples, self.pad_token_id, self.config.pad_multiple, self._longest)
+        batch = collate(examples, self.pad_token_id, self._pad_multiple, self._longest)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -327,6 +334,7 @@ class Trainer:
         if self.sharding == "fsdp":
             dist_.shard_optimizer_state_(self.raw_optimizer)
         saved = state["config"]
+        saved = {**_FIELD_BEFORE_IT_EXISTED, **saved}
         changed = [f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in _TRAJECTORY_FIELDS
                    if saved.get(k) != getattr(self.config, k)]
         saved_global = state.get("global_batch", saved["batch_size"] * saved["grad_accum"])
