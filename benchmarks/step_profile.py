@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/step_profile.py                       # SmolLM2-135M, batch 4 x 512 (vs_peft's recipe)
     .venv/bin/python benchmarks/step_profile.py --batch 4 --seq 160   # the demo's shape
+    .venv/bin/python benchmarks/step_profile.py --lib ql-compile      # with regional torch.compile
 
 The real SmolLM2-135M (converted once by benchmarks/vs_peft.py's cache), NF4 + double quant,
 bf16 compute, LoRA r=16 on all linear layers, gradient checkpointing, chunked loss, AdamW.
@@ -28,6 +29,8 @@ GROUPS = [
     ("attention", ("scaled_dot_product", "_flash_attention", "_efficient_attention", "softmax")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn")),
     ("optimizer", ("_foreach", "adam")),
+    # --lib ql-compile: inductor's fused loops (what eager runs as separate elementwise ops)
+    ("compiled elementwise (fused)", ("cpp_fused", "graph_", "inductor", "compiledfunction", "torch-compiled")),
     ("copies/casts", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat")),
     ("elementwise", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::silu", "aten::rsqrt", "aten::pow",
                      "aten::mean", "aten::neg", "aten::exp", "aten::sum", "aten::logsumexp", "aten::gather", "aten::where",
@@ -48,7 +51,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--lib", default="qlowrank", help="qlowrank | peft | ql16 (see vs_peft.py)")
+    parser.add_argument("--lib", default="qlowrank", help="qlowrank | peft | ql16 | ql-recompute | ql-compile (vs_peft.py)")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
 

@@ -183,6 +183,7 @@ def worker(lib: str, model_name: str, steps: int, batch: int, seq: int, seed: in
         "cuda_max_allocated": torch.cuda.max_memory_allocated() if DEVICE == "cuda" else None,
         "cuda_max_reserved": torch.cuda.max_memory_reserved() if DEVICE == "cuda" else None, "device": DEVICE,
         "params": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in params),
+        "matmul_params": matmul_parameters(model) if lib.startswith("ql") else None,
     }
 
 
@@ -201,11 +202,26 @@ def bf16_matmul_flops(rounds: int = 5) -> float:
     return best
 
 
+def matmul_parameters(model) -> int:
+    """Weights that take part in a matmul, at their logical size: every linear layer (4-bit
+    ones count out x in, not their packed bytes; LoRA factors included) and the output head,
+    but not an input embedding, which is a lookup (tied to the head, it counts once there)."""
+    from qlowrank.lora import is_linear_like, linear_shape
+
+    total = 0
+    for module in model.modules():
+        if is_linear_like(module):
+            out_features, in_features = linear_shape(module)
+            total += out_features * in_features
+    return total
+
+
 def model_flops_per_step(result: dict, batch: int, seq: int) -> float:
     # Forward 2N, input-gradient 2N, weight-gradient 2N only for what trains (LoRA: ~0);
-    # checkpoint recomputation is overhead, not model FLOPs. Attention scores are left out.
+    # checkpoint recomputation is overhead, not model FLOPs. Attention scores are left out,
+    # so this undercounts: utilisation is a lower bound.
     tokens = batch * seq
-    return tokens * (4 * result["params"] + 2 * result["trainable"])
+    return tokens * (4 * result["matmul_params"] + 2 * result["trainable"])
 
 
 def run_worker_process(lib: str, model: str, args) -> dict:
@@ -240,7 +256,10 @@ def summarize(results: list[dict], args, peak_flops: float) -> str:
                 continue
             m = {k: (None if any(r[k] is None for r in rows) else statistics.median(r[k] for r in rows)) for k in
                  ("step_s", "tokens_per_s", "warmup_s", "peak_tensor_bytes", "peak_rss_bytes", "final_loss", "eval_loss")}
-            m["util"] = 100 * model_flops_per_step(rows[0], args.batch, args.seq) / m["step_s"] / peak_flops
+            # The same model's FLOPs for every library, counted on qlowrank's model
+            counted = next((r for r in results if r["model"] == model and r.get("matmul_params")), None)
+            m["util"] = (float("nan") if counted is None else
+                         100 * model_flops_per_step(counted, args.batch, args.seq) / m["step_s"] / peak_flops)
             m["runs"] = rows
             med[model, lib] = m
             lines.append(f"| {model} | {lib} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {m['warmup_s']:.1f} | "
@@ -284,8 +303,14 @@ def main() -> None:
     parser.add_argument("--libs", default="qlowrank,peft", type=lambda s: s.split(","),
                         help=f"comma-separated, from {','.join(LIBS)}")
     parser.add_argument("--out", default=str(HERE / "vs_peft.json"))
+    parser.add_argument("--summarize", help="print the tables of an earlier run's JSON (no new runs)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.summarize:
+        saved = json.loads(Path(args.summarize).read_text())
+        saved_args = argparse.Namespace(**saved["args"])
+        print(summarize(saved["results"], saved_args, saved["peak_flops"]))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.models[0], args.steps, args.batch, args.seq, seed=0)))
         return
@@ -304,8 +329,9 @@ def main() -> None:
                 r = results[-1]
                 print(f"run {run + 1} {model:10s} {lib:12s} {r['step_s']:.2f} s/step (warm-up {r['warmup_s']:.1f} s)  "
                       f"loss {r['final_loss']:.4f}  peak {_gib(r['peak_tensor_bytes'])} GiB", flush=True)
-    table = summarize(results, args, bf16_matmul_flops())
-    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    peak_flops = bf16_matmul_flops()
+    table = summarize(results, args, peak_flops)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "peak_flops": peak_flops, "results": results}, indent=1))
     print(table)
 
 
