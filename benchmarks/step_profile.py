@@ -30,7 +30,7 @@ GROUPS = [
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn")),
     ("optimizer", ("_foreach", "adam")),
     # --lib ql-compile: inductor's fused loops (what eager runs as separate elementwise ops)
-    ("compiled elementwise (fused)", ("cpp_fused", "graph_", "inductor", "compiledfunction", "torch-compiled")),
+    ("compiled elementwise (fused)", ("cpp_fused", "compiledfxgraph", "inductor", "compiledfunction", "torch-compiled")),
     ("copies/casts", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat")),
     ("elementwise", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::silu", "aten::rsqrt", "aten::pow",
                      "aten::mean", "aten::neg", "aten::exp", "aten::sum", "aten::logsumexp", "aten::gather", "aten::where",

@@ -36,7 +36,7 @@ def _eager_under_dispatch_modes(eager, compiled):
     return forward
 
 
-def compile_blocks(model: nn.Module, block_types: type | Sequence[type] | None = None, dynamic: bool | None = None) -> int:
+def compile_blocks(model: nn.Module, block_types: type | Sequence[type] | None = None, dynamic: bool | None = True) -> int:
     """Compile every repeated block of `model` in place with torch.compile (inductor).
 
     Call it after `enable_gradient_checkpointing`: a block's checkpoint wrapper is then
@@ -47,8 +47,9 @@ def compile_blocks(model: nn.Module, block_types: type | Sequence[type] | None =
     Args:
         model: a transformers model (blocks from `_no_split_modules`) or any nn.Module.
         block_types: the block class(es) to compile; default: the transformers blocks.
-        dynamic: torch.compile's `dynamic`; None compiles the first shape exactly and the
-            second as shape-generic, so varying batch lengths cost at most two compiles.
+        dynamic: torch.compile's `dynamic`. True (default) compiles shape-generic code at
+            once, so batches of varying length reuse one compile (None: the first shape
+            exactly, then a second, generic compile at the next shape).
 
     Returns:
         The number of blocks compiled.

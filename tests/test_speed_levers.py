@@ -14,7 +14,7 @@ from qlowrank.checkpointing import ATTENTION_OPS, KEEP_ATTENTION_MIN_SEQ
 from qlowrank.compile import compile_blocks, compiling_is_available
 from qlowrank.memory import MemoryProfiler, estimate_memory
 from qlowrank.train import Trainer
-from qlowrank.train.data import auto_pad_multiple, epoch_order
+from qlowrank.train.data import epoch_order
 from conftest import VOCAB, tiny_config, tiny_model, token_batch
 from test_train import _config, _examples, _model, tok  # noqa: F401  (tok is a fixture)
 
@@ -110,11 +110,6 @@ def test_epoch_order_groups_similar_lengths_and_keeps_every_example():
     assert len(groups[-1]) == 3                      # the short group comes last, all others are full
     assert order != epoch_order(lengths, 4, random.Random(2))    # the order still depends on the seed
     assert plain == (lambda o: (random.Random(1).shuffle(o), o)[1])(list(range(len(lengths))))
-
-
-def test_auto_pad_multiple_allows_about_eight_widths():
-    assert auto_pad_multiple(160) == 24 and auto_pad_multiple(2048) == 256 and auto_pad_multiple(20) == 8
-    assert all(auto_pad_multiple(n) % 8 == 0 for n in range(1, 5000, 37))
 
 
 def _padded_tokens(tmp_path, tok, group_by_length):  # noqa: F811

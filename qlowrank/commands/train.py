@@ -76,9 +76,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seq", type=int, default=512, help="longest sequence (tokens)")
     add("--no-truncation", action="store_true", help="a row longer than --seq is an error instead of being cut")
     add("--packing", action="store_true", help="pack short examples into --seq windows")
-    add("--pad-multiple", type=int, default=None, help="pad each batch's length up to a multiple of this (at most the "
-        "longest example): few batch shapes keep the CPU kernels' memory flat (1: pad to the batch's longest only) "
-        "[default: an eighth of the longest example, rounded up to 8]")
+    add("--pad-multiple", type=int, default=64, help="pad each batch's length up to a multiple of this (at most the "
+        "longest example): few batch shapes keep the CPU kernels' memory flat (1: pad to the batch's longest only)")
     add("--no-group-by-length", action="store_true", help="batch examples in plain random order instead of "
         "grouping similar lengths (grouping spends less compute on padding)")
     add("--batch", type=_batch_value, default=4,

@@ -348,12 +348,6 @@ def epoch_order(lengths: Sequence[int], group: int, rng: random.Random, by_lengt
     return [i for g in groups + short for i in g]
 
 
-def auto_pad_multiple(longest: int) -> int:
-    """The default padding step: an eighth of the longest example, rounded up to 8, so a run
-    meets at most ~8 batch widths (few shapes keep CPU memory flat, benchmarks/soak.py)."""
-    return max(8, -(-longest // 64) * 8)
-
-
 def batch_width(longest: int, multiple: int = 1, cap: int | None = None) -> int:
     """The padded width of a batch: `longest` rounded up to `multiple`, but never above `cap`
     (the longest example of the run), and never below `longest`."""

@@ -44,7 +44,7 @@ from .checkpoint import (
     find_resumable, latest_checkpoint, load_checkpoint, restore_rng, rng_snapshot, save_checkpoint, set_aside,
 )
 from ..compile import compile_blocks
-from .data import Example, auto_pad_multiple, collate, epoch_order
+from .data import Example, collate, epoch_order
 from .loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, count_predicted_tokens
 from .packing import check_packed_attention
 from .optim import build_optimizer, build_scheduler
@@ -87,18 +87,18 @@ class TrainConfig:
     compile: bool = False               # torch.compile each decoder block (compile.py): faster steps after a
                                         # one-off compile of ~10 s per new shape on a CPU; pays on long runs
     group_by_length: bool = True        # batch examples of similar length (data.epoch_order): less padding
-    pad_multiple: int | None = None     # pad each batch's length up to a multiple of this (at most the run's
+    pad_multiple: int = 64              # pad each batch's length up to a multiple of this (at most the run's
                                         # longest example). Every new batch shape makes the CPU's kernels
                                         # (oneDNN) keep memory for it, so RSS grew each step with free
-                                        # lengths; rounding bounds the shapes (benchmarks/soak.py). None: an
-                                        # eighth of the longest example (data.auto_pad_multiple); 1: none
+                                        # lengths; 64 bounds the shapes (benchmarks/soak.py: finer steps of
+                                        # 24 with grouping let RSS grow 7.5% in 120 steps). 1: no rounding
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32", "auto"):
             raise ValueError(f"TrainConfig.precision={self.precision!r}: use bf16, fp32 or auto (fp16 needs loss "
                              "scaling and is unusable on CPUs; bf16 does not)")
         for name in ("batch_size", "grad_accum", "log_every", "pad_multiple"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"TrainConfig.steps={self.steps} must be >= 1 (or None to train for `epochs`)")
@@ -153,7 +153,6 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         # Batches are padded at most to the run's longest example: rounding never adds a shape above it.
         self._longest = max(len(e.input_ids) for e in self.train_examples + self.eval_examples)
-        self._pad_multiple = config.pad_multiple or auto_pad_multiple(self._longest)
         if any(len(e.segments) > 1 for e in self.train_examples + self.eval_examples):
             check_packed_attention(model)
         device = next(model.parameters()).device
@@ -211,9 +210,14 @@ class Trainer:
         the others (DDP and FSDP synchronize there), and it adds no loss and no gradient."""
         size = self.config.batch_size
         mine = list(chosen[self.rank * size:(self.rank + 1) * size])
+        first = (mine or chosen)[0]
+        masked = Example(first.input_ids, [IGNORE_INDEX] * len(first.input_ids), "padding", first.segments)
         if not mine:
-            first = chosen[0]
-            mine = [Example(first.input_ids, [IGNORE_INDEX] * len(first.input_ids), "padding", first.segments)]
+            mine = [masked]
+        if self.config.compile and len(mine) < size:
+            # A smaller batch is a new shape, which torch.compile would compile again (~20 s):
+            # fill it with masked rows, which add no loss and no gradient.
+            mine += [masked] * (size - len(mine))
         return mine
 
     def _micro_batches(self) -> Iterator[list[Example]]:
@@ -236,7 +240,7 @@ class Trainer:
             self.position = [epoch + 1, 0]
 
     def _batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        batch = collate(examples, self.pad_token_id, self._pad_multiple, self._longest)
+        batch = collate(examples, self.pad_token_id, self.config.pad_multiple, self._longest)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
