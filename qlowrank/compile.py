@@ -5,10 +5,11 @@ depth; the embedding, the loss and bitsandbytes' kernels stay eager. What pays o
 inductor fusing a block's elementwise work (norms, rotary, activation, residuals), which
 eager bf16 runs as dozens of separate passes over memory.
 
-Measured on SmolLM2-135M, batch 4 x 512, 2 CPU cores (benchmarks/RESULTS.md, issue 14):
-the step went from 4.95 s to 3.92 s with attention outputs kept, after a one-off compile
-of ~10 s (cold cache) per new batch shape and grad mode. That fixed cost dominates a
-one-minute run, so it is opt-in: `TrainConfig(compile=True)`, `qlowrank train --compile`.
+Measured on 2 CPU cores (benchmarks/RESULTS.md, issue 14): SmolLM2-135M at batch 4 x 512
+went from 4.71 to 4.00 s a step, a random 554M Llama from 9.85 to 9.13 s, after a one-off
+compile of ~20 s (cold; 4-5 s once inductor's on-disk cache holds it). That fixed cost
+outweighs the gain in a one-minute run, so it is opt-in: `TrainConfig(compile=True)`,
+`qlowrank train --compile`, `qlowrank demo --compile`.
 """
 
 from __future__ import annotations
