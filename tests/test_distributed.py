@@ -107,7 +107,11 @@ def _full_flags(work: Path, out: Path) -> list[str]:
     # Adapter variants (issue 12) change what is trained, not how it is distributed; their
     # names are covered by the launcher-prefix test, their behaviour by test_adapter_variants.
     variants = {"--init", "--loftq-iters", "--dora", "--train-modules"}
-    known = set(flags) | later | planning | variants
+    # Speed options: --compile changes how fast, not what (tests/test_speed_levers.py; a compile
+    # per process would cost ~40 s here). Length grouping is on by default, so this run also
+    # checks that it groups by the global batch, which 1 and 2 processes share.
+    speed = {"--compile", "--no-group-by-length"}
+    known = set(flags) | later | planning | variants | speed
     missing = [names[0] for names in _train_options().values() if not known & set(names)]
     assert not missing, f"add these new options to _full_flags (every option must be launched once): {missing}"
     return [str(part) for flag, value in flags.items() for part in ((flag,) if value is None else (flag, value))]
