@@ -10,7 +10,7 @@ checkpointing): its forward is the one op of a block whose recompute grows with 
 its output stays small, one (batch, heads, seq, head_dim) tensor plus a (batch, heads, seq)
 float32 log-sum-exp per block. Choosing what to keep costs a Python dispatch per op, which
 short sequences do not earn back: on SmolLM2-135M (2 CPU cores) keeping took a 4 x 512 step
-from 5.21 s to 4.95 s but a 4 x 128 step from 1.23 s to 1.30 s (benchmarks/RESULTS.md,
+from 4.95 s to 4.71 s but a 4 x 128 step from 1.23 s to 1.30 s (benchmarks/RESULTS.md,
 issue 14), hence KEEP_ATTENTION_MIN_SEQ. The estimator runs the same policy on meta
 tensors, so the bytes it keeps are in every memory prediction.
 """

@@ -14,9 +14,8 @@ outweighs the gain in a one-minute run, so it is opt-in: `TrainConfig(compile=Tr
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import functools
+from typing import Sequence
 
 import torch
 from torch import nn

@@ -214,7 +214,8 @@ def train_config_from_args(args: argparse.Namespace):
         warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm or None,
         precision=args.precision, chunk_tokens=args.chunk_tokens or None, eval_every=args.eval_every,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
-        pad_multiple=args.pad_multiple, compile=args.compile, group_by_length=not args.no_group_by_length, sharding=None if args.sharding in (None, "none") else args.sharding,
+        pad_multiple=args.pad_multiple, compile=args.compile, group_by_length=not args.no_group_by_length,
+        sharding=None if args.sharding in (None, "none") else args.sharding,
         progress=not args.no_progress,
     )
 
