@@ -173,10 +173,10 @@ def worker(lib: str, model_name: str, steps: int, batch: int, seq: int, seed: in
     model.eval()
     with torch.no_grad():
         eval_loss = loss_fn(model, batches[-1].to(DEVICE)).item()
+    step_s = statistics.median(times)
     return {
         "lib": lib, "model": model_name, "load_s": load_s, "warmup_s": warmup_s, "step_times": times,
-        "step_s": statistics.median(times), "threads": torch.get_num_threads(),
-        "tokens_per_s": batch * seq / statistics.median(times), "final_loss": losses[-1], "eval_loss": eval_loss,
+        "step_s": step_s, "threads": torch.get_num_threads(), "tokens_per_s": batch * seq / step_s, "final_loss": losses[-1], "eval_loss": eval_loss,
         "peak_tensor_bytes": prof.peak_bytes if prof else None, "breakdown": prof.breakdown if prof else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         # whole-run allocator peaks (load, timed steps, profiled step, eval); None on a CPU

@@ -100,6 +100,8 @@ CUDA_CUBLAS_WORKSPACE_BYTES = 32 * MIB
 # request that no cached block fits grows the reserve (fragmentation). 10% above the tensor
 # peak is an assumption.
 CUDA_RESERVE_RATIO = 0.10
+# Headroom for --batch auto on CUDA: the size of the allocator-reserve assumption, until measured.
+CUDA_PREDICTION_MARGIN = 0.10
 
 
 @dataclass(frozen=True)
@@ -112,10 +114,6 @@ class ModelFacts:
     bits: int | None = None    # 4, 8 or None (a float base)
     source: str = "safetensors"   # "safetensors" (also a config alone: assumed) or "gguf"
     source_bytes: int = 0      # bytes of the checkpoint files loading maps (the .gguf file)
-
-
-# Headroom for --batch auto on CUDA: the size of the allocator-reserve assumption, until measured.
-CUDA_PREDICTION_MARGIN = 0.10
 
 
 def prediction_margin(device: str) -> float:

@@ -343,7 +343,7 @@ def epoch_order(lengths: Sequence[int], group: int, rng: random.Random, by_lengt
     for start in range(0, len(order), span):
         window = sorted(order[start:start + span], key=lambda i: lengths[i], reverse=True)
         groups += [window[i:i + group] for i in range(0, len(window), group)]
-    short = [groups.pop()] if len(groups[-1]) < group else []
+    short = [groups.pop()] if groups and len(groups[-1]) < group else []
     rng.shuffle(groups)
     return [i for g in groups + short for i in g]
 

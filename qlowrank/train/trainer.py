@@ -210,14 +210,12 @@ class Trainer:
         the others (DDP and FSDP synchronize there), and it adds no loss and no gradient."""
         size = self.config.batch_size
         mine = list(chosen[self.rank * size:(self.rank + 1) * size])
-        first = (mine or chosen)[0]
-        masked = Example(first.input_ids, [IGNORE_INDEX] * len(first.input_ids), "padding", first.segments)
-        if not mine:
-            mine = [masked]
-        if self.config.compile and len(mine) < size:
-            # A smaller batch is a new shape, which torch.compile would compile again (~20 s):
-            # fill it with masked rows, which add no loss and no gradient.
-            mine += [masked] * (size - len(mine))
+        # With torch.compile a smaller batch is a new shape, compiled again (~20 s): fill it up too.
+        fewest = size if self.config.compile else 1
+        if len(mine) < fewest:
+            first = (mine or chosen)[0]
+            masked = Example(first.input_ids, [IGNORE_INDEX] * len(first.input_ids), "padding", first.segments)
+            mine += [masked] * (fewest - len(mine))
         return mine
 
     def _micro_batches(self) -> Iterator[list[Example]]:
@@ -342,8 +340,7 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.raw_optimizer, self.scheduler)
         if self.sharding == "fsdp":
             dist_.shard_optimizer_state_(self.raw_optimizer)
-        saved = state["config"]
-        saved = {**_FIELD_BEFORE_IT_EXISTED, **saved}
+        saved = {**_FIELD_BEFORE_IT_EXISTED, **state["config"]}
         changed = [f"{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}" for k in _TRAJECTORY_FIELDS
                    if saved.get(k) != getattr(self.config, k)]
         saved_global = state.get("global_batch", saved["batch_size"] * saved["grad_accum"])
