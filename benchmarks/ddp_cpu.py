@@ -37,7 +37,7 @@ def worker(args) -> None:
 
     import qlowrank as ql
     from qlowrank.train import Example, TrainConfig, Trainer
-    from qlowrank.train.distributed import local_model_bytes
+    from qlowrank.train.parallel import local_model_bytes
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,

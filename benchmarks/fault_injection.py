@@ -37,14 +37,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import torch
 import transformers
-from pydoc_data.topics import topics
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from qlowrank.adapters import read_adapter_config, read_adapter_weights
+from qlowrank.adapter.io import read_adapter_config, read_adapter_weights
 from qlowrank.train.checkpoint import list_checkpoints, verify_checkpoint
 
 # 24 steps = 12 checkpoint writes per run: room for four checkpoint kills, each aimed at one of the

@@ -36,7 +36,7 @@ def worker(args) -> None:
 
     import qlowrank as ql
     from qlowrank.train import Example, TrainConfig, Trainer
-    from qlowrank.train.distributed import local_device, local_model_bytes
+    from qlowrank.train.parallel import local_device, local_model_bytes
 
     device = local_device("cuda")
     torch.cuda.set_device(device)

@@ -31,7 +31,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vs_peft  # noqa: E402
 
-
 # torchtune's published Llama-3-8B QLoRA figure as issue 14 quotes it (one RTX 4090, batch 2, seq
 # 2048): 7.4 GiB peak memory, 2,413 tokens/s. Quoted, not measured here, and not re-checked
 # against torchtune's README (its table was not among the stored copies this session could read).

@@ -30,7 +30,7 @@ def write_rows(path: Path) -> None:
 
 
 def run(data: Path, grouped: bool, steps: int, work: Path) -> dict:
-    from qlowrank.embedded import smollm2_gguf
+    from qlowrank.model.embedded import smollm2_gguf
 
     out = work / ("grouped" if grouped else "plain")
     command = [sys.executable, "-m", "qlowrank", "train", "--model", str(smollm2_gguf()), "--data", str(data),

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 import qlowrank as ql
-from qlowrank.embedded import smollm2_gguf
-from qlowrank.quant import quantize_linear
-from qlowrank.quant_init import layer_generator, quantize_with_init
+from qlowrank.model.embedded import smollm2_gguf
+from qlowrank.nn.init import layer_generator, quantize_with_init
+from qlowrank.nn.quant import quantize_linear
 
 HERE = Path(__file__).resolve().parent
 METHODS = {  # name -> LoraConfig fields (None: plain quantization, no init)

@@ -101,7 +101,7 @@ def peak_rss() -> int:
 
 def model_bytes(model) -> int:
     """Bytes the loaded model holds: packed 4-bit codes + scales, plus every float tensor."""
-    from qlowrank import quant as quantlib
+    from qlowrank.nn import quant as quantlib
 
     total = 0
     for module in model.modules():

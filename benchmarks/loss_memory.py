@@ -27,7 +27,7 @@ def _rss_peak_bytes() -> int:
 
 
 def run_case(method: str, dtype: str, vocab: int, seq: int, batch: int, hidden: int, device: str) -> dict:
-    from qlowrank.train.loss import chunked_cross_entropy
+    from qlowrank.nn.loss import chunked_cross_entropy
 
     torch.manual_seed(0)
     autocast = dtype == "bf16-autocast"

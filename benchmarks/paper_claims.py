@@ -128,7 +128,7 @@ MODES = ("full fine-tuning", "LoRA r=16, 16-bit base", "QLoRA r=16, NF4 base")
 
 def measure_one(model_name: str, mode: str, batch: int, seq: int) -> tuple:
     """One profiled run (2 steps), in its own process so that its RSS peak is its own."""
-    from qlowrank.embedded import smollm2_gguf
+    from qlowrank.model.embedded import smollm2_gguf
 
     bits = 4 if mode.startswith("QLoRA") else None
     lora = None if mode.startswith("full") else ql.LoraConfig(r=16)
@@ -159,7 +159,7 @@ def measure_one(model_name: str, mode: str, batch: int, seq: int) -> tuple:
 def measured(batch: int, seq: int) -> tuple[list[str], list]:
     import multiprocessing
 
-    from qlowrank.embedded import smollm2_gguf
+    from qlowrank.model.embedded import smollm2_gguf
 
     context = multiprocessing.get_context("spawn")
     results = []

@@ -115,7 +115,7 @@ def make_checkpoint(config_kwargs: dict, folder: Path) -> None:
 def model_path(spec: dict, cache: Path) -> str:
     """The GGUF path, or a random checkpoint for the spec's config (written once, in a fresh process)."""
     if spec["model"] == SMOLLM2:
-        from qlowrank.embedded import smollm2_gguf
+        from qlowrank.model.embedded import smollm2_gguf
         return str(smollm2_gguf())
     folder = cache / ("llama-" + "-".join(str(spec["model"][k]) for k in sorted(spec["model"])))
     if not (folder / "config.json").is_file():
@@ -208,8 +208,9 @@ CLI_RUNS = [{"name": "qlowrank train: mid float b4 s256", "model": LLAMA_MID, "b
 
 def cli_rows() -> list[dict]:
     """CLI_RUNS with the estimate's figures (from the config: their checkpoints are gone)."""
-    import qlowrank as ql
     import transformers
+
+    import qlowrank as ql
 
     rows = []
     for run in CLI_RUNS:

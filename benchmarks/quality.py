@@ -56,9 +56,9 @@ def worker(variant: str, seed: int, steps: int, eval_every: int) -> dict:
     import torch
 
     import qlowrank as ql
-    from qlowrank.commands.train import load_tokenizer
-    from qlowrank.demo_data import build_conversations
-    from qlowrank.embedded import smollm2_gguf
+    from qlowrank.cli.train import load_tokenizer
+    from qlowrank.data.demo import build_conversations
+    from qlowrank.model.embedded import smollm2_gguf
     from qlowrank.train import TrainConfig, Trainer, load_examples
 
     spec = dict(VARIANTS[variant])

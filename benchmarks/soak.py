@@ -70,9 +70,9 @@ def worker(policy: str, steps: int, out: Path) -> None:
     import torch
 
     from qlowrank import LoraConfig, QuantConfig, enable_gradient_checkpointing, load_model
-    from qlowrank.commands.train import load_tokenizer
-    from qlowrank.demo_data import build_conversations
-    from qlowrank.embedded import smollm2_gguf
+    from qlowrank.cli.train import load_tokenizer
+    from qlowrank.data.demo import build_conversations
+    from qlowrank.model.embedded import smollm2_gguf
     from qlowrank.train import Example, TrainConfig, Trainer, tokenize_row
 
     if policy == "mallopt" and LIBC.mallopt(M_MMAP_THRESHOLD, 1 << 20) != 1:

@@ -52,7 +52,11 @@ def build(folder: Path):
     from torchtune.models.convert_weights import hf_to_tune
     from torchtune.models.llama3_2._component_builders import lora_llama3_2
     from torchtune.modules.loss import CEWithChunkedOutputLoss
-    from torchtune.modules.peft import get_adapter_params, set_trainable_params, validate_missing_and_unexpected_for_lora
+    from torchtune.modules.peft import (
+        get_adapter_params,
+        set_trainable_params,
+        validate_missing_and_unexpected_for_lora,
+    )
 
     if folder.name != "smollm2":
         raise SystemExit("the torchtune peer is built for SmolLM2-135M only (--models smollm2)")

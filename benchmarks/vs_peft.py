@@ -61,7 +61,7 @@ def prepare_model(name: str) -> Path:
     """Write the model once as a bf16 safetensors checkpoint both libraries load from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from qlowrank.embedded import smollm2_gguf
+    from qlowrank.model.embedded import smollm2_gguf
 
     folder = CACHE / name
     if (folder / "config.json").exists():
@@ -89,6 +89,7 @@ def prepare_model(name: str) -> Path:
 def token_batches(folder: Path, batch: int, seq: int, count: int) -> list[torch.Tensor]:
     """`count` training batches and one held-out batch of real English (Python's docs)."""
     from pydoc_data.topics import topics
+
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -104,7 +105,7 @@ def token_batches(folder: Path, batch: int, seq: int, count: int) -> list[torch.
 def build(lib: str, folder: Path):
     """(model, trainable params, loss_fn) for one library's recipe."""
     import qlowrank as ql
-    from qlowrank.train.loss import causal_lm_loss
+    from qlowrank.nn.loss import causal_lm_loss
 
     lora = ql.LoraConfig(r=16, alpha=32, target_modules="all-linear")
     if lib == "torchtune":
@@ -116,7 +117,7 @@ def build(lib: str, folder: Path):
         model = ql.load_model(folder, quant=quant, lora=lora, device=DEVICE, progress=False)
         ql.enable_gradient_checkpointing(model, keep_attention=False if lib == "ql-recompute" else None)
         if lib == "ql-compile":
-            from qlowrank.compile import compile_blocks
+            from qlowrank.model.compile import compile_blocks
             compile_blocks(model)
         return model, ql.lora_parameters(model), lambda m, x: causal_lm_loss(m, x, x)
     from transformers import AutoModelForCausalLM
@@ -206,7 +207,7 @@ def matmul_parameters(model) -> int:
     """Weights that take part in a matmul, at their logical size: every linear layer (4-bit
     ones count out x in, not their packed bytes; LoRA factors included) and the output head,
     but not an input embedding, which is a lookup (tied to the head, it counts once there)."""
-    from qlowrank.lora import is_linear_like, linear_shape
+    from qlowrank.nn.layers import is_linear_like, linear_shape
 
     total = 0
     for module in model.modules():

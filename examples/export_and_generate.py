@@ -36,7 +36,7 @@ def quick_adapter(model_path: str, out: Path) -> Path:
     """Train a LoRA adapter for a few steps on Python-docs chat pairs (a stand-in for a real fine-tune)."""
     import json
 
-    from qlowrank.demo_data import build_conversations
+    from qlowrank.data.demo import build_conversations
     from qlowrank.train import TrainConfig, Trainer, load_examples
 
     tokenizer = ql.load_tokenizer(model_path)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.model is None:
-        from qlowrank.embedded import smollm2_gguf
+        from qlowrank.model.embedded import smollm2_gguf
         args.model = str(smollm2_gguf())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from qlowrank.train import TrainConfig, Trainer, load_examples
 
 def write_pydoc_chat(folder: Path) -> tuple[Path, Path]:
     """A chat JSONL pair built from Python's own reference docs (held-out topics in the eval file)."""
-    from qlowrank.demo_data import build_conversations
+    from qlowrank.data.demo import build_conversations
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = folder / "train.jsonl", folder / "eval.jsonl"
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     if args.model is None:
-        from qlowrank.embedded import smollm2_gguf
+        from qlowrank.model.embedded import smollm2_gguf
         args.model = str(smollm2_gguf())
 
     tokenizer = ql.load_tokenizer(args.model)

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="profile-memory", help="folder for the plots")
     args = parser.parse_args(argv)
     if args.model is None:
-        from qlowrank.embedded import smollm2_gguf
+        from qlowrank.model.embedded import smollm2_gguf
         args.model = str(smollm2_gguf())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

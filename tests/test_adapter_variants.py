@@ -7,15 +7,14 @@ import json
 import peft
 import pytest
 import torch
-
-import qlowrank as ql
-from qlowrank.cli import main
-from qlowrank.train.optim import build_optimizer
 import transformers
-
 from conftest import rel_error, tiny_config, tiny_model, token_batch
 from test_adapters import FP32_REL_TOL, logits, perturb_b
 from test_cli import workdir  # noqa: F401  (a tiny Llama with a real tokenizer, and a data file)
+
+import qlowrank as ql
+from qlowrank.cli.main import main
+from qlowrank.train.optim import build_optimizer
 
 
 def perturb_all(model: torch.nn.Module, seed: int = 3) -> None:

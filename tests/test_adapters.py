@@ -7,11 +7,11 @@ import json
 import peft
 import pytest
 import torch
+from conftest import rel_error, tiny_model, token_batch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qlowrank as ql
-from conftest import rel_error, tiny_model, token_batch
 
 # Relative logits error allowed between qlowrank and PEFT computing the same adapter on the
 # same base in float32. The only difference is where the scale is applied (PEFT: s * (B A x);

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from qlowrank.train import Trainer, causal_lm_loss, collate
-from qlowrank.train.data import IGNORE_INDEX, batch_width
 from conftest import tiny_model
 from test_packing import FP32_LOSS_TOLERANCE, _examples
-from test_train import _config, _examples as _text_examples, _model, tok  # noqa: F401  (tok is a fixture)
+from test_train import _config, _model, tok  # noqa: F401  (tok is a fixture)
+from test_train import _examples as _text_examples
+
+from qlowrank.data.dataset import IGNORE_INDEX, batch_width
+from qlowrank.train import Trainer, causal_lm_loss, collate
 
 
 def test_batch_width_rounds_up_to_the_multiple_but_never_past_the_cap():

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pydoc_data.topics import topics
 
 import pytest
 import torch
 import transformers
-from pydoc_data.topics import topics
 from safetensors.torch import load_file
-
-from qlowrank.cli import main
 from test_data import tiny_tokenizer
+
+from qlowrank.cli.main import main
 
 QLOWRANK = [sys.executable, "-m", "qlowrank"]   # the same entry point as the `qlowrank` script
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from conftest import tiny_model
 
 import qlowrank as ql
-from conftest import tiny_model
 
 
 def _meta_model(config, auto=transformers.AutoModelForCausalLM):

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+from pydoc_data.topics import topics
 
 import pytest
-from pydoc_data.topics import topics
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from qlowrank.train.data import DataError, collate, load_examples, pack_examples, read_rows, split_examples, tokenize_row
-from qlowrank.train.loss import IGNORE_INDEX
+from qlowrank.data.dataset import (
+    DataError,
+    collate,
+    load_examples,
+    pack_examples,
+    read_rows,
+    split_examples,
+    tokenize_row,
+)
+from qlowrank.nn.loss import IGNORE_INDEX
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # SmolLM2's ChatML layout, without its default system prompt.

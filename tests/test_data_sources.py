@@ -6,9 +6,9 @@ import json
 
 import datasets
 import pytest
-
-from qlowrank.train.data import DataError, Fields, load_examples, tokenize_row
 from test_data import tiny_tokenizer
+
+from qlowrank.data.dataset import DataError, Fields, load_examples, tokenize_row
 
 CHAT = [{"role": "user", "content": "What does pass do?"}, {"role": "assistant", "content": "Nothing at all."}]
 ROWS = [
@@ -99,7 +99,7 @@ def test_cli_train_reads_parquet_with_mapped_fields(tmp_path, tok, capsys):
     import torch
     import transformers
 
-    from qlowrank.cli import main
+    from qlowrank.cli.main import main
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -9,9 +9,9 @@ import sys
 import pytest
 import transformers
 
-from qlowrank.demo_data import build_conversations
-from qlowrank.train.data import tokenize_row
-from qlowrank.train.loss import IGNORE_INDEX
+from qlowrank.data.dataset import tokenize_row
+from qlowrank.data.demo import build_conversations
+from qlowrank.nn.loss import IGNORE_INDEX
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,8 @@ EXPORT_LOSS_ATOL = 0.05
 
 
 def test_demo_data_holds_out_whole_topics_and_masks_smollm2_chat(tmp_path):
-    from qlowrank.commands.train import load_tokenizer
-    from qlowrank.embedded import smollm2_gguf
+    from qlowrank.cli.train import load_tokenizer
+    from qlowrank.model.embedded import smollm2_gguf
 
     train, held = build_conversations()
     assert len(train) > 100 and len(held) > 15
@@ -36,7 +36,7 @@ def test_demo_data_holds_out_whole_topics_and_masks_smollm2_chat(tmp_path):
 
 def test_demo_runs_to_the_end_and_the_eval_loss_falls(tmp_path):
     out = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "qlowrank.cli", "demo", "--steps", "12", "--out", str(out),
+    done = subprocess.run([sys.executable, "-m", "qlowrank", "demo", "--steps", "12", "--out", str(out),
                            "--max-new-tokens", "12"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "demo.json").read_text())

@@ -19,17 +19,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
 import transformers
-from pydoc_data.topics import topics
 from safetensors.torch import load_file
+from test_cli import workdir  # noqa: F401  (a fixture: tiny Llama + tokenizer, data.jsonl)
 
 import qlowrank as ql
-from qlowrank.commands.train import add_train_arguments
+from qlowrank.cli.train import add_train_arguments
 from qlowrank.train import list_checkpoints, verify_checkpoint
-from test_cli import workdir  # noqa: F401  (a fixture: tiny Llama + tokenizer, data.jsonl)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "qlowrank"]
 ONE = [sys.executable, "-m", "qlowrank"]

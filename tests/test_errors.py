@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 
 import qlowrank as ql
-from qlowrank import quant as quantlib
-from conftest import tiny_model
+from qlowrank.nn import quant as quantlib
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rel_error, tiny_model, token_batch
 from safetensors.torch import load_file, save_file
 
 import qlowrank as ql
-from qlowrank.cli import main as cli_main
-from conftest import rel_error, tiny_model, token_batch
+from qlowrank.cli.main import main as cli_main
 
 # float32 export of a float32-computing model: the merged weight is dequant(W) + s B A in
 # float32 instead of x W^T + s B (A x); re-association changes a few float32 roundings
@@ -133,8 +133,8 @@ def test_bf16_export_within_bf16_bound_and_from_original(checkpoints, tmp_path):
 
 
 def test_tokenizer_and_generation_config_travel_with_the_export(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
     import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {f"w{i}": i for i in range(255)} | {"[UNK]": 255}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))

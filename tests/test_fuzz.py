@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_cli import workdir  # noqa: F401  (a fixture: tiny Llama checkpoint + tokenizer, data.jsonl)
 
 import qlowrank as ql
-from qlowrank.cli import main
-from test_cli import workdir  # noqa: F401  (a fixture: tiny Llama checkpoint + tokenizer, data.jsonl)
+from qlowrank.cli.main import main
 
 SEED = 10
 N_DATA, N_ADAPTER, N_CONFIG = 190, 80, 40
@@ -248,8 +248,8 @@ def adapter_cases(rng: random.Random, folder: Path, model: Path, adapter: Path) 
 
 
 def config_cases(rng: random.Random, folder: Path, model: Path, data: Path) -> list[Case]:
-    from qlowrank.cli import build_parser
-    from qlowrank.commands.train import DEFAULTS, _KINDS
+    from qlowrank.cli.main import build_parser
+    from qlowrank.cli.train import _KINDS, DEFAULTS
 
     build_parser()   # registers every train option in DEFAULTS / _KINDS
     options = sorted(k for k in DEFAULTS if k != "config")

@@ -8,10 +8,10 @@ import io
 import pytest
 import torch
 import transformers
+from test_data import tiny_tokenizer
 
 import qlowrank as ql
-from qlowrank.cli import main
-from test_data import tiny_tokenizer
+from qlowrank.cli.main import main
 
 PROMPT = "What does the assert statement do?"
 

@@ -6,11 +6,11 @@ import gguf
 import pytest
 import torch
 import transformers
+from conftest import rel_error, tiny_config
+from test_data import tiny_tokenizer
 
 import qlowrank as ql
-from conftest import rel_error, tiny_config
-from qlowrank.cli import main
-from test_data import tiny_tokenizer
+from qlowrank.cli.main import main
 
 # Unit roundoff of each GGUF type, relative to a weight: fp16 keeps 11 significant bits, bf16 8.
 # Q8_0 rounds each block of 32 weights to steps of absmax/127, an error of up to absmax/254;

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model, token_batch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qlowrank as ql
-from qlowrank import quant as quantlib
-from qlowrank.lora import LoraLinear
-from conftest import tiny_model, token_batch
+from qlowrank.nn import quant as quantlib
+from qlowrank.nn.lora import LoraLinear
 
 FP32 = dict(compute_dtype=torch.float32)
 
@@ -71,7 +71,7 @@ def test_float_load_single_file_with_lora_ready_to_train(tmp_path):
     counts = ql.count_parameters(loaded)
     assert counts.trainable == sum(p.numel() for p in ql.lora_parameters(loaded)) > 0
     assert all(isinstance(loaded.get_submodule(n), LoraLinear) for n, _ in ql.lora_layers(loaded))
-    assert loaded.qlowrank_source["format"] == "safetensors"
+    assert state_of(loaded).source["format"] == "safetensors"
 
 
 def test_dtype_of_float_weights_defaults_to_compute_dtype(checkpoints):

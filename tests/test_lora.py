@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model, token_batch
 from torch import nn
 
 import qlowrank as ql
-from qlowrank import quant as quantlib
-from conftest import token_batch, tiny_model
+from qlowrank.nn import quant as quantlib
 
 ARCHS = ["llama", "mistral", "qwen2", "gpt2", "bert"]
 QUANTS = {

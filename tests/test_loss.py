@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model, token_batch
 
 import qlowrank as ql
-from conftest import token_batch, tiny_model
-from qlowrank.train.loss import IGNORE_INDEX, causal_lm_loss, chunked_cross_entropy
+from qlowrank.nn.loss import IGNORE_INDEX, causal_lm_loss, chunked_cross_entropy
 
 # fp32: the chunked path sums per-chunk losses in a different order than one big
 # cross_entropy; measured differences on these shapes: loss 4.8e-7, gradients 3e-8. 1e-5 /

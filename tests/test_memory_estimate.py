@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 import transformers
+from conftest import VOCAB, tiny_config
 
 import qlowrank as ql
-from conftest import VOCAB, tiny_config
 
 # The targets for the estimator against the profiler's measured peak.
 MEDIAN_REL_ERROR = 0.05
@@ -36,7 +36,7 @@ def measure(config, bits, r, checkpointing, batch, seq, optimizer="adamw", dtype
     elif optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=1e-3)
     else:
-        from qlowrank.quant import make_8bit_optimizer
+        from qlowrank.nn.quant import make_8bit_optimizer
         opt = make_8bit_optimizer(optimizer, params, lr=1e-3)
     tokens = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
     with ql.MemoryProfiler(model=model, optimizer=opt) as prof:

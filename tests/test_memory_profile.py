@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 import transformers
+from conftest import tiny_config, tiny_model, token_batch
 
 import qlowrank as ql
-from conftest import tiny_config, tiny_model, token_batch
-from qlowrank.cli import main
+from qlowrank.cli.main import main
 from qlowrank.memory import CATEGORIES, format_bytes, parse_bytes
 
 
@@ -40,7 +40,7 @@ def test_every_category_is_counted_exactly():
     model, opt = lora_setup(bits=4)
     lora = ql.lora_parameters(model)
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    from qlowrank.quant import packed_tensors, is_quantized_linear
+    from qlowrank.nn.quant import is_quantized_linear, packed_tensors
     scales = [t for m in model.modules() if is_quantized_linear(m)
               for name, t in packed_tensors(m).items() if name != "weight"]
     buffers = list(model.buffers())

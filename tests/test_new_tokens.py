@@ -8,11 +8,11 @@ import peft
 import pytest
 import torch
 import transformers
-
-import qlowrank as ql
 from conftest import rel_error
 from test_adapters import FP32_REL_TOL, logits
 from test_cli import workdir  # noqa: F401  (a tiny Llama with a real BPE tokenizer)
+
+import qlowrank as ql
 
 NEW = ["<|tool|>", "<|/tool|>"]
 
@@ -68,7 +68,7 @@ def test_new_rows_train_old_rows_stay_and_the_export_has_the_new_vocabulary(work
     fresh, _ = load(workdir, tied)
     ql.load_adapter(fresh, tmp_path / "adapter")   # enlarges the vocabulary and restores the rows
     assert rel_error(logits(fresh, batch), logits(model, batch)) < FP32_REL_TOL
-    assert len(fresh.qlowrank_tokenizer) == old_vocab + 2
+    assert len(state_of(fresh).tokenizer) == old_vocab + 2
 
     report = ql.export_merged(model, tmp_path / "merged", dtype=torch.float32, progress=False)
     assert report["relative_logits_error"] < FP32_REL_TOL

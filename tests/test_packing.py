@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import VOCAB, tiny_model
 
 import qlowrank as ql
+from qlowrank.model.packing import ISOLATION_TOLERANCE, check_packed_attention, packed_attention_leaks
 from qlowrank.train import Example, causal_lm_loss, collate, pack_examples
-from qlowrank.train.packing import ISOLATION_TOLERANCE, check_packed_attention, packed_attention_leaks
-from conftest import VOCAB, tiny_model
 
 # fp32 on CPU: the packed row and the lone example run the same arithmetic on a different
 # sequence length, so reductions may be blocked differently; measured: 0 (Llama, Mistral)

@@ -7,16 +7,16 @@ import time
 import pytest
 import torch
 import transformers
+from conftest import tiny_config
 
 import qlowrank as ql
-from conftest import tiny_config
-from qlowrank.cli import main
+from qlowrank.cli.main import main
 from qlowrank.memory.estimate import chunked_loss_fn
 
 
 def test_gguf_config_comes_from_the_header_in_under_two_seconds():
-    from qlowrank.embedded import smollm2_gguf
     from qlowrank.memory.meta_model import load_config
+    from qlowrank.model.embedded import smollm2_gguf
 
     try:
         path = smollm2_gguf()
@@ -33,7 +33,7 @@ def test_gguf_config_comes_from_the_header_in_under_two_seconds():
 
 
 def test_not_a_gguf_file_is_named(tmp_path):
-    from qlowrank.memory.gguf_header import read_gguf_header
+    from qlowrank.model.gguf_header import read_gguf_header
 
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"NOPE" + bytes(20))
@@ -101,7 +101,7 @@ def test_load_peak_follows_the_checkpoint_files(tmp_path):
 
 
 def test_a_gguf_load_counts_the_float32_copy_transformers_makes():
-    from qlowrank.embedded import smollm2_gguf
+    from qlowrank.model.embedded import smollm2_gguf
 
     try:
         path = smollm2_gguf()

@@ -7,17 +7,17 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
 import transformers
-from pydoc_data.topics import topics
-
-from qlowrank.cli import build_parser
-from qlowrank.commands.plan import estimate_for_args
-from qlowrank.commands.train import resolve_options
-from qlowrank.memory.process import CPU_PREDICTION_MARGIN
 from test_data import tiny_tokenizer
+
+from qlowrank.cli.main import build_parser
+from qlowrank.cli.plan import estimate_for_args
+from qlowrank.cli.train import resolve_options
+from qlowrank.memory.process import CPU_PREDICTION_MARGIN
 
 # Relative tolerance of the predicted whole-process peak against the measured one: the
 # process model's measured error, derived in qlowrank/memory/process.py (worst held-out error
@@ -32,7 +32,7 @@ PROCESS_RSS_TOLERANCE = CPU_PREDICTION_MARGIN
 # of training. ru_maxrss at the end is reported too.
 CHILD = r"""
 import resource, sys, threading, time
-from qlowrank.cli import main
+from qlowrank.cli.main import main
 
 def hwm():
     with open("/proc/self/status") as handle:

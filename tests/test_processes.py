@@ -18,10 +18,10 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from qlowrank.cli import main
-from qlowrank.train import list_checkpoints, verify_checkpoint
 from test_cli import workdir  # noqa: F401  (a fixture: tiny Llama + tokenizer, data.jsonl)
+
+from qlowrank.cli.main import main
+from qlowrank.train import list_checkpoints, verify_checkpoint
 
 QLOWRANK = [sys.executable, "-m", "qlowrank"]
 # A child that runs `qlowrank train` and, the first time a checkpoint manifest is written
@@ -30,7 +30,7 @@ QLOWRANK = [sys.executable, "-m", "qlowrank"]
 SECOND_SIGNAL = textwrap.dedent("""
     import os, signal, sys, time
     import qlowrank.train.checkpoint as checkpoint
-    from qlowrank.cli import main
+    from qlowrank.cli.main import main
     write_manifest = checkpoint.write_manifest
     def interrupted_write(folder):
         os.kill(os.getpid(), signal.SIGINT)

@@ -7,7 +7,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 import qlowrank as ql
-from qlowrank import quant as quantlib
+from qlowrank.nn import quant as quantlib
 
 # Relative Frobenius round-trip error ||W - dequant(quant(W))|| / ||W|| on N(0, 0.02)
 # weights (512 x 1024), measured over seeds 0-4 on this CPU:

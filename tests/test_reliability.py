@@ -8,12 +8,12 @@ import subprocess
 
 import pytest
 import torch
+from conftest import tiny_model
+from test_train import RESUME_ATOL, _config, _examples, _model, tok  # noqa: F401  (tok: a fixture)
 
 import qlowrank as ql
 from qlowrank.atomic import staged_dir, staging_tag
 from qlowrank.train import CheckpointError, Trainer, TrainingInterrupted, list_checkpoints, verify_checkpoint
-from conftest import tiny_model
-from test_train import RESUME_ATOL, _config, _examples, _model, tok  # noqa: F401  (tok: a fixture)
 
 
 def _factors(model) -> dict[str, torch.Tensor]:

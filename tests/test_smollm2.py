@@ -15,10 +15,10 @@ import os
 import subprocess
 import sys
 import textwrap
+from pydoc_data.topics import topics
 
 import pytest
 import torch
-from pydoc_data.topics import topics
 
 import qlowrank as ql
 
@@ -62,7 +62,8 @@ PLAIN_GENERATE = textwrap.dedent("""
 def trained(tmp_path_factory):
     """SmolLM2 in 4-bit with fp32 compute, LoRA r=8 (seed 0), 10 AdamW steps on fixed text."""
     import transformers
-    from qlowrank.embedded import smollm2_gguf
+
+    from qlowrank.model.embedded import smollm2_gguf
 
     gguf = smollm2_gguf()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import qlowrank as ql
-from qlowrank.cli import main
+from qlowrank.cli.main import main
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ SMOLLM2_F16_TOLERANCE = 8 * 2.0**-11
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from qlowrank.embedded import smollm2_gguf
+    from qlowrank.model.embedded import smollm2_gguf
 
     return smollm2_gguf()
 

@@ -7,16 +7,16 @@ import random
 
 import pytest
 import torch
+from conftest import VOCAB, tiny_config, tiny_model, token_batch
+from test_train import _config, _examples, _model, tok  # noqa: F401  (tok is a fixture)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qlowrank as ql
-from qlowrank.checkpointing import ATTENTION_OPS, KEEP_ATTENTION_MIN_SEQ
-from qlowrank.compile import compile_blocks, compiling_is_available
+from qlowrank.data.dataset import epoch_order
 from qlowrank.memory import MemoryProfiler, estimate_memory
+from qlowrank.model.checkpointing import ATTENTION_OPS, KEEP_ATTENTION_MIN_SEQ
+from qlowrank.model.compile import compile_blocks, compiling_is_available
 from qlowrank.train import Trainer
-from qlowrank.train.data import epoch_order
-from conftest import VOCAB, tiny_config, tiny_model, token_batch
-from test_train import _config, _examples, _model, tok  # noqa: F401  (tok is a fixture)
 
 
 class _CountAttention(TorchDispatchMode):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import qlowrank as ql
-from conftest import tiny_model
 from qlowrank.train import Example, TrainConfig, Trainer
 
 

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+from pydoc_data.topics import topics
 
 import pytest
 import torch
 import transformers
-from pydoc_data.topics import topics
+from test_data import tiny_tokenizer
 
 import qlowrank as ql
 from qlowrank.train import (
-    NonFiniteLossError, TrainConfig, Trainer, build_optimizer, list_checkpoints, lr_factor, pack_examples, tokenize_row,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    build_optimizer,
+    list_checkpoints,
+    lr_factor,
+    pack_examples,
+    tokenize_row,
 )
-from test_data import tiny_tokenizer
 
 # Resume restores the adapter (float32 safetensors), the optimizer state, the scheduler, the
 # RNG states and the data position exactly, and CPU kernels are deterministic: measured

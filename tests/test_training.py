@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model, token_batch
 from torch import nn
 
 import qlowrank as ql
-from conftest import token_batch, tiny_model
 
 # Non-reentrant checkpointing recomputes the same fp32 ops in the same order; observed
 # differences are exactly 0 on this CPU. 1e-6 absolute leaves room for other backends.

@@ -22,12 +22,12 @@ import subprocess
 
 import pytest
 import torch
-
-import qlowrank as ql
-from qlowrank.cli import main
-from qlowrank.train import Trainer, list_checkpoints, verify_checkpoint
 from test_cli import workdir  # noqa: F401  (a fixture: tiny Llama checkpoint + tokenizer)
 from test_train import _config, _examples, _model, tok  # noqa: F401  (tok: a fixture)
+
+import qlowrank as ql
+from qlowrank.cli.main import main
+from qlowrank.train import Trainer, list_checkpoints, verify_checkpoint
 
 
 @contextlib.contextmanager

@@ -23,9 +23,9 @@ import torch
 import transformers
 from torch import nn
 
-from ..checkpointing import enable_gradient_checkpointing
 from ..config import LoraConfig, QuantConfig, parse_dtype
-from ..inject import add_lora
+from ..model.checkpointing import enable_gradient_checkpointing
+from ..model.surgery import add_lora
 from . import process as process_model
 from .meta_model import build_meta_model, fused_attention, load_config, replace_quantized_layers
 from .report import breakdown_table, format_bytes
@@ -47,7 +47,7 @@ def default_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 def chunked_loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """The trainer's chunked cross-entropy (never materializes the full fp32 logits)."""
     try:
-        from ..train.loss import causal_lm_loss
+        from ..nn.loss import causal_lm_loss
     except ImportError as err:
         raise ImportError(f"chunked_loss=True needs qlowrank.train.loss.causal_lm_loss ({err})") from None
     return causal_lm_loss(model, tokens, tokens)
@@ -222,7 +222,7 @@ def source_of(path_or_config: str | Path | transformers.PretrainedConfig) -> tup
 
 def _model_facts(model: nn.Module, quant: QuantConfig, dtype: torch.dtype, source: tuple[str, int | None]):
     """Sizes the process model needs, read off the meta model before quantization and LoRA."""
-    from transformers.pytorch_utils import Conv1D   # GPT-2's transposed linear layers, quantized too
+    from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layers, quantized too
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head)

@@ -46,7 +46,7 @@ def load_config(source: str | Path | transformers.PretrainedConfig) -> transform
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a model directory, its config.json, or a .gguf file")
     if path.suffix == ".gguf":
-        from .gguf_header import gguf_config   # the header only: transformers' reader decodes the vocabulary too
+        from ..model.gguf_header import gguf_config  # the header only: transformers' reader decodes the vocabulary too
         return gguf_config(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -232,19 +232,19 @@ def fused_attention(device_type: str) -> Iterator[None]:
 def replace_quantized_layers(model: nn.Module, quant: QuantConfig, device_type: str,
                              source_dtype: torch.dtype | None = None, skip: tuple[str, ...] = ()) -> int:
     """Swap every linear layer quantize_model would quantize for a MetaQuantLinear; returns the count."""
-    from ..inject import _linear_layers, _name_matches, _output_head_names, _set_submodule
-    from ..lora import linear_shape
+    from ..model.inspect import linear_layers, name_matches, output_head_names, set_submodule
+    from ..nn.layers import linear_shape
 
-    keep = _output_head_names(model)
+    keep = output_head_names(model)
     count = 0
-    for name, module in _linear_layers(model):
-        if name in keep or _name_matches(name, skip):
+    for name, module in linear_layers(model):
+        if name in keep or name_matches(name, skip):
             continue
         out_features, in_features = linear_shape(module)
         has_bias = getattr(module, "bias", None) is not None
         weight_dtype = source_dtype or module.weight.dtype
         stand_in = MetaQuantLinear(out_features, in_features, quant, weight_dtype, device_type, has_bias)
         stand_in.fan_in_fan_out = type(module).__name__ == "Conv1D"
-        _set_submodule(model, name, stand_in.train(module.training))
+        set_submodule(model, name, stand_in.train(module.training))
         count += 1
     return count

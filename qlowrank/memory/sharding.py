@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..checkpointing import _block_types_of
+from ..model.inspect import block_types
 
 SHARDINGS = (None, "fsdp")
 
@@ -50,7 +50,7 @@ def per_rank_breakdown(model: nn.Module, breakdown: dict[str, int], processes: i
         if processes > 1:
             out["gradients"] = out.get("gradients", 0) + _bytes(trainable)   # DDP's bucket copy
         return out
-    block_types = _block_types_of(model)
+    block_types = block_types(model)
     blocks = [m for m in model.modules() if block_types and isinstance(m, block_types)]
     if not blocks:
         raise ValueError(f"sharding='fsdp': no decoder blocks found in {type(model).__name__}")

@@ -308,7 +308,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 def register_model_tensors(tracker: TensorTracker, model: nn.Module) -> None:
     """Count a model's parameters, buffers and quantized storages under their categories."""
-    from .. import quant as quantlib  # the only module that knows bitsandbytes' storages
+    from ..nn import quant as quantlib  # the only module that knows bitsandbytes' storages
 
     for module in model.modules():
         if quantlib.is_quantized_linear(module):

@@ -1,11 +1,27 @@
 """Training: the Trainer loop, data loading and masking, the chunked loss, optimizers and checkpoints."""
 
-from .checkpoint import (
-    CheckpointError, find_resumable, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
-    verify_checkpoint, write_manifest,
+from ..data.dataset import (
+    DataError,
+    Example,
+    Fields,
+    collate,
+    load_examples,
+    pack_examples,
+    read_rows,
+    split_examples,
+    tokenize_row,
 )
-from .data import DataError, Example, Fields, collate, load_examples, pack_examples, read_rows, split_examples, tokenize_row
-from .loss import IGNORE_INDEX, causal_lm_loss, chunked_cross_entropy
+from ..nn.loss import IGNORE_INDEX, causal_lm_loss, chunked_cross_entropy
+from .checkpoint import (
+    CheckpointError,
+    find_resumable,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+)
 from .optim import OPTIMIZERS, build_optimizer, build_scheduler, lr_factor
 from .signals import TrainingInterrupted
 from .trainer import NonFiniteLossError, TrainConfig, Trainer, TrainResult

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from .. import quant as quantlib
-from ..inject import lora_layers, lora_parameters
+from ..model.surgery import lora_layers, lora_parameters
+from ..nn import quant as quantlib
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 

@@ -35,18 +35,24 @@ from accelerate.utils import DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import save_adapter
-from ..export import export_keys, export_merged
+from ..adapter.io import save_adapter
+from ..data.dataset import Example, collate, epoch_order
+from ..export.merge import export_keys, export_merged
 from ..memory import MemoryProfiler
 from ..memory.report import atomic_write_text, format_bytes
-from . import distributed as dist_
+from ..model.compile import compile_blocks
+from ..model.packing import check_packed_attention
+from ..nn.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, count_predicted_tokens
+from . import parallel as dist_
 from .checkpoint import (
-    find_resumable, latest_checkpoint, load_checkpoint, restore_rng, rng_snapshot, save_checkpoint, set_aside,
+    find_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    rng_snapshot,
+    save_checkpoint,
+    set_aside,
 )
-from ..compile import compile_blocks
-from .data import Example, collate, epoch_order
-from .loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, count_predicted_tokens
-from .packing import check_packed_attention
 from .optim import build_optimizer, build_scheduler
 from .signals import StopSignals, TrainingInterrupted
 

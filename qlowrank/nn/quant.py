@@ -13,7 +13,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .config import QuantConfig
+from ..config import QuantConfig
 
 # bitsandbytes logs a harmless "Failed to load CPU gemm_4bit_forward from kernels-community"
 # on import when the optional `kernels` package is absent; it then uses its own kernels.

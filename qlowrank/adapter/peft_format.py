@@ -21,7 +21,8 @@ from collections import Counter
 
 from torch import nn
 
-from .config import LoraConfig
+from ..config import LoraConfig
+from ..state import state_of
 
 PEFT_INITS = {True: "kaiming", "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}
 
@@ -49,7 +50,7 @@ def _most_common(values: list):
 
 def peft_lora_fields(model: nn.Module, layers: dict, targets: list[str]) -> dict:
     """r, lora_alpha, rank/alpha patterns, DoRA, modules_to_save and init of an adapter_config.json."""
-    lora_cfg = getattr(model, "qlowrank_lora_config", None)
+    lora_cfg = state_of(model).lora
     r = _most_common([layer.r for layer in layers.values()])
     alpha = _most_common([layer.alpha for layer in layers.values()])
     # Full module paths as keys: PEFT reads a key as a regex anchored at a "." boundary, so a
@@ -67,12 +68,12 @@ def peft_lora_fields(model: nn.Module, layers: dict, targets: list[str]) -> dict
         "alpha_pattern": alpha_pattern,
         "use_rslora": first.use_rslora,
         "use_dora": bool(first.use_dora),
-        "modules_to_save": list(getattr(model, "qlowrank_modules_to_save", [])) or None,
+        "modules_to_save": list(state_of(model).modules_to_save) or None,
         "init_lora_weights": init,
         "lora_dropout": float(getattr(lora_cfg, "dropout", 0.0)),
         "target_modules": targets,
         "trainable_token_indices": {name.rsplit(".", 1)[-1]: ids for name, ids in  # PEFT's short names
-                                    getattr(model, "qlowrank_trainable_tokens", {}).items()} or None,
+                                    state_of(model).trainable_tokens.items()} or None,
     }
 
 

@@ -191,7 +191,7 @@ def _check_config_value(path: Path, key: str, value) -> None:
 
 def load_tokenizer(model_path: str | Path):
     """The tokenizer of a model directory or of a .gguf file."""
-    from ..loading import load_tokenizer as load
+    from ..model.load import load_tokenizer as load
 
     return load(model_path)
 
@@ -222,8 +222,8 @@ def train_config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from .. import enable_gradient_checkpointing, load_model
-    from ..train.distributed import local_device
     from ..train import Trainer, load_examples, pack_examples, split_examples
+    from ..train.parallel import local_device
 
     args = resolve_options(args)
     if not args.model or (not args.data and not args.dry_run):

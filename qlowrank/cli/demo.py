@@ -46,8 +46,8 @@ def _check_export(merged_dir: Path, held: list, question: str, max_new_tokens: i
     """Held-out eval loss and one answer of the exported checkpoint, through plain transformers only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..nn.loss import count_predicted_tokens
     from ..train import collate
-    from ..train.loss import count_predicted_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).to(device).eval()
@@ -69,8 +69,8 @@ def _check_export(merged_dir: Path, held: list, question: str, max_new_tokens: i
 
 def run(args: argparse.Namespace) -> int:
     from .. import LoraConfig, QuantConfig, count_parameters, enable_gradient_checkpointing, export_merged, load_model
-    from ..demo_data import build_conversations
-    from ..embedded import smollm2_gguf
+    from ..data.demo import build_conversations
+    from ..model.embedded import smollm2_gguf
     from ..train import TrainConfig, Trainer, load_examples
 
     started = time.perf_counter()

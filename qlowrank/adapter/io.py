@@ -19,13 +19,14 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .atomic import staged_dir
-from .config import LoraConfig, QuantConfig
-from .inject import add_lora, lora_layers, make_trainable_copy
-from .loading import open_safetensors
+from ..atomic import staged_dir
+from ..config import LoraConfig, QuantConfig
+from ..model.load import open_safetensors
+from ..model.surgery import add_lora, lora_layers, make_trainable_copy
+from ..model.tokens import DELTA, wrap_trainable_tokens
+from ..nn.quant import quantized_bits
+from ..state import state_of
 from .peft_format import adapter_lora_config, check_peft_config, peft_inexpressible, peft_lora_fields, rebuilds_base
-from .quant import quantized_bits
-from .tokens import DELTA, wrap_trainable_tokens
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -82,8 +83,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool =
     with staged_dir(out_dir, "adapter") as tmp:
         # Serialized in memory and written by Python, so a full disk is a plain OSError.
         (tmp / ADAPTER_WEIGHTS).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
-        if getattr(model, "qlowrank_tokenizer", None) is not None:   # the enlarged vocabulary of add_tokens
-            model.qlowrank_tokenizer.save_pretrained(str(tmp))
+        if state_of(model).tokenizer is not None:   # the enlarged vocabulary of add_tokens
+            state_of(model).tokenizer.save_pretrained(str(tmp))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / QLOWRANK_SIDECAR).write_text(json.dumps(_sidecar(model, first, reasons), indent=2) + "\n")
     return out_dir
@@ -93,8 +94,8 @@ def _adapter_tensors(model: nn.Module, layers: dict, gathered: dict | None = Non
     def plain(t: torch.Tensor) -> torch.Tensor:
         return t.detach().float().cpu().contiguous()
 
-    extras = any(layer.use_dora for layer in layers.values()) or getattr(model, "qlowrank_modules_to_save", None) \
-        or getattr(model, "qlowrank_trainable_tokens", None)
+    extras = any(layer.use_dora for layer in layers.values()) or state_of(model).modules_to_save \
+        or state_of(model).trainable_tokens
     if gathered is not None and extras:
         raise ValueError("save_adapter: gathered (FSDP-sharded) factors with DoRA, modules_to_save or new tokens are "
                          "not supported yet; train those with one process or DDP")
@@ -103,9 +104,9 @@ def _adapter_tensors(model: nn.Module, layers: dict, gathered: dict | None = Non
                for name, layer in layers.items() for factor in _FACTORS}
     tensors.update({f"{KEY_PREFIX}{name}.{MAGNITUDE}": plain(layer.lora_magnitude_vector)
                     for name, layer in layers.items() if layer.use_dora})
-    for name in getattr(model, "qlowrank_trainable_tokens", {}):
+    for name in state_of(model).trainable_tokens:
         tensors[f"{KEY_PREFIX}{name}.{TOKEN_ADAPTER}.{DELTA}"] = plain(getattr(model.get_submodule(name), DELTA))
-    for name in getattr(model, "qlowrank_modules_to_save", []):
+    for name in state_of(model).modules_to_save:
         for leaf, param in model.get_submodule(name).named_parameters(recurse=False):
             tensors[f"{KEY_PREFIX}{name}.{leaf}"] = plain(param)
     return tensors
@@ -148,9 +149,9 @@ def _peft_config(model: nn.Module, layers: dict) -> dict:
 
 
 def _sidecar(model: nn.Module, first, peft_reasons: list[str]) -> dict:
-    from . import __version__  # the package's own attribute: not importable while __init__ runs
+    from ..version import __version__  # the package's own attribute: not importable while __init__ runs
 
-    quant = getattr(model, "qlowrank_quant_config", None)
+    quant = state_of(model).quant
     bits = base_bits(model)
     if quant is None:
         quant = QuantConfig(bits=bits)
@@ -164,12 +165,12 @@ def _sidecar(model: nn.Module, first, peft_reasons: list[str]) -> dict:
         },
         "base_model_type": getattr(config, "model_type", None),
         "base_architecture": type(model).__name__,
-        "source": getattr(model, "qlowrank_source", None),
+        "source": state_of(model).source,
         "init": first.init,
         "vocab_size": int(model.get_input_embeddings().weight.shape[0]) if hasattr(model, "get_input_embeddings") else None,
         "loftq_iters": first.loftq_iters,
         "svd": first.svd,
-        "seed": int(getattr(model, "qlowrank_seed", 0)),
+        "seed": int(state_of(model).seed),
         "peft_loads_same_model": not peft_reasons,
         "peft_differences": peft_reasons,
     }
@@ -339,9 +340,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     else:
         _check_same_init(existing, lora, seed, model, adapter_dir)
         for name in saved:
-            if name not in getattr(model, "qlowrank_modules_to_save", []):
+            if name not in state_of(model).modules_to_save:
                 make_trainable_copy(model, name)
-                model.qlowrank_modules_to_save = [*getattr(model, "qlowrank_modules_to_save", []), name]
+                state_of(model).modules_to_save = [*state_of(model).modules_to_save, name]
     missing = sorted(set(existing) - set(by_module))
     unexpected = sorted(set(by_module) - set(existing))
     if missing or unexpected:
@@ -370,7 +371,7 @@ def _load_token_rows(model: nn.Module, tokens: dict, tensors: dict, config: dict
     wrong = {name: tuple(d.shape) for name, d in deltas.items() if d.shape[0] != len(ids)}
     if wrong:
         raise ValueError(f"{adapter_dir}: new-token rows {wrong} do not match the {len(ids)} trainable_token_indices")
-    current = getattr(model, "qlowrank_trainable_tokens", None)
+    current = state_of(model).trainable_tokens
     if current:
         if sorted(current) != sorted(deltas) or any(list(v) != ids for v in current.values()):
             raise ValueError(f"{adapter_dir}: new-token rows {sorted(deltas)} / ids {ids} differ from this model's "
@@ -387,7 +388,7 @@ def _load_token_rows(model: nn.Module, tokens: dict, tensors: dict, config: dict
         raise ValueError(f"{adapter_dir}: no new-token rows for {missing} (an untied output head needs its own)")
     if (adapter_dir / "tokenizer_config.json").is_file():   # save_adapter stores the enlarged tokenizer too
         from transformers import AutoTokenizer
-        model.qlowrank_tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+        state_of(model).tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
 
 
 def _check_same_init(existing: dict, lora, seed: int, model: nn.Module, adapter_dir: Path) -> None:
@@ -396,7 +397,7 @@ def _check_same_init(existing: dict, lora, seed: int, model: nn.Module, adapter_
         raise ValueError(f"{adapter_dir}: use_dora={lora.use_dora} but the model's LoRA layers have "
                          f"use_dora={layer.use_dora}")
     if rebuilds_base(lora.init, lora.loftq_iters):
-        have = (layer.init, layer.loftq_iters if lora.init == "loftq" else 1, getattr(model, "qlowrank_seed", 0))
+        have = (layer.init, layer.loftq_iters if lora.init == "loftq" else 1, state_of(model).seed)
         want = (lora.init, lora.loftq_iters if lora.init == "loftq" else 1, seed)
         if have != want:
             raise ValueError(f"{adapter_dir} was trained on a base initialised with (init, loftq_iters, seed)={want}, "

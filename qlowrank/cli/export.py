@@ -65,10 +65,10 @@ def base_quant(sidecar: dict | None, bits: str | None, compute_dtype: str | None
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adapters import ADAPTER_WEIGHTS, load_adapter, read_adapter_config, read_adapter_lora, read_adapter_weights
-    from ..export import export_merged
-    from ..loading import load_model
-    from ..peft_format import rebuilds_base
+    from ..adapter.io import ADAPTER_WEIGHTS, load_adapter, read_adapter_config, read_adapter_lora, read_adapter_weights
+    from ..adapter.peft_format import rebuilds_base
+    from ..export.merge import export_merged
+    from ..model.load import load_model
 
     _, sidecar = read_adapter_config(args.adapter)
     read_adapter_weights(Path(args.adapter) / ADAPTER_WEIGHTS)   # a broken file fails before the model loads

@@ -11,7 +11,6 @@ how well the model learned the documentation's manner of answering, not memorize
 from __future__ import annotations
 
 import re
-
 from pydoc_data.topics import topics
 
 _UNDERLINE = re.compile(r"^([*=\-~^\"])\1{2,}$")

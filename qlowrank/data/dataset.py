@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .loss import IGNORE_INDEX
+from ..nn.loss import IGNORE_INDEX
 from .sources import TABLE_SUFFIXES, SourceError, is_table_source, read_table_rows
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")

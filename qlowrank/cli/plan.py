@@ -33,7 +33,7 @@ def estimate_for_args(args: argparse.Namespace, batch: int) -> MemoryEstimate:
     optimizer = "adamw8bit" if args.optimizer in ("adamw8bit", "paged_adamw8bit") else "adamw"
     loss_fn = None
     if args.chunk_tokens and args.chunk_tokens != 256:
-        from ..train.loss import causal_lm_loss
+        from ..nn.loss import causal_lm_loss
         loss_fn = lambda model, tokens: causal_lm_loss(model, tokens, tokens, chunk_tokens=args.chunk_tokens)  # noqa: E731
     return estimate_memory(args.model, quant=QuantConfig(bits=bits, quant_type=args.quant_type, compute_dtype=dtype),
                            lora=lora, batch_size=batch, seq_len=args.seq,

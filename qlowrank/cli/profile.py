@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from ..memory.report import atomic_write_text, format_bytes
 from .errors import exit_2_on_bad_input
 from .estimate import add_model_arguments, configs_from_args, default_model
@@ -30,7 +31,7 @@ def build_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer
         return torch.optim.AdamW(params, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
-    from ..quant import make_8bit_optimizer
+    from ..nn.quant import make_8bit_optimizer
     return make_8bit_optimizer(name, params, lr=lr)
 
 
@@ -44,10 +45,10 @@ def quantized_source_dtype(model: torch.nn.Module) -> torch.dtype | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..checkpointing import enable_gradient_checkpointing
-    from ..loading import load_model
     from ..memory.estimate import chunked_loss_fn, estimate_memory
     from ..memory.profile import profile_steps
+    from ..model.checkpointing import enable_gradient_checkpointing
+    from ..model.load import load_model
 
     quant, lora, dtype = configs_from_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

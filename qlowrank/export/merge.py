@@ -26,13 +26,14 @@ import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import quant as quantlib
-from .adapters import base_bits
-from .atomic import staged_dir
-from .config import parse_dtype
-from .loading import checkpoint_files, key_mapper, open_safetensors, release_freed_memory, tied_keys
-from .lora import LoraLinear
-from .tokens import TrainableTokens
+from ..adapter.io import base_bits
+from ..atomic import staged_dir
+from ..config import parse_dtype
+from ..model.load import checkpoint_files, key_mapper, open_safetensors, release_freed_memory, tied_keys
+from ..model.tokens import TrainableTokens
+from ..nn import quant as quantlib
+from ..nn.lora import LoraLinear
+from ..state import state_of
 
 REPORT_NAME = "qlowrank_export_report.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -97,7 +98,7 @@ def export_merged(
             folder is removed and an existing `out_dir` is unchanged.
     """
     if format == "gguf":
-        from .gguf_export import export_gguf  # beside this module; it reuses the merge plan below
+        from .gguf import export_gguf  # beside this module; it reuses the merge plan below
         return export_gguf(model, out_dir, gguf_type=gguf_type, tokenizer=tokenizer, overwrite=overwrite,
                            probe=probe, base=base)
     if format != "safetensors":
@@ -140,7 +141,7 @@ def _weight_of(layer: nn.Module) -> Callable[[], torch.Tensor]:
 
     def produce() -> torch.Tensor:
         if isinstance(layer, LoraLinear):
-            layer._check_finite()
+            layer.check_finite()
             weight = layer.merged_weight()  # (out, in) float32: dequant(W) + scale * B @ A
         else:
             weight = quantlib.dequantize_weight(layer)
@@ -238,7 +239,7 @@ def _original_producer(path: Path, ckpt_key: str, entry: _Entry, layer: LoraLine
             raise ValueError(f"{path.name}: {ckpt_key!r} has shape {tuple(tensor.shape)}, the model has {entry.shape}")
         if layer is None:
             return tensor
-        layer._check_finite()
+        layer.check_finite()
         delta = layer.delta_weight().cpu()  # (out, in) float32
         return tensor.float() + (delta.t() if layer.fan_in_fan_out else delta)
 
@@ -330,11 +331,11 @@ def _write_config(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
 
 
 def _write_tokenizer(model: nn.Module, folder: Path, tokenizer) -> str | None:
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "qlowrank_tokenizer", None)  # add_tokens'
+    tokenizer = tokenizer if tokenizer is not None else state_of(model).tokenizer  # add_tokens'
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
         return "given"
-    source = getattr(model, "qlowrank_source", None)
+    source = state_of(model).source
     if not source:
         return None
     origin = Path(source["path"])

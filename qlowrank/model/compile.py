@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .checkpointing import repeated_blocks
+from .inspect import repeated_blocks
 
 
 def _eager_under_dispatch_modes(eager, compiled):

@@ -14,10 +14,13 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from . import quant as quantlib
-from .config import LoraConfig, QuantConfig
-from .lora import LoraLinear, _is_conv1d, is_linear_like
-from .quant_init import layer_generator, quantize_with_init  # noqa: F401  (layer_generator: public here too)
+from ..config import LoraConfig, QuantConfig
+from ..nn import quant as quantlib
+from ..nn.init import layer_generator, quantize_with_init  # noqa: F401  (layer_generator: public here too)
+from ..nn.layers import is_conv1d
+from ..nn.lora import LoraLinear
+from ..state import state_of
+from .inspect import inside_lora, linear_layers, name_matches, output_head_names, set_submodule
 
 
 @dataclass(frozen=True)
@@ -33,39 +36,6 @@ class ParameterCount:
 
     def __str__(self) -> str:
         return f"trainable {self.trainable:,} of {self.total:,} ({100 * self.trainable_fraction:.4f}%)"
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _output_head_names(model: nn.Module) -> set[str]:
-    """Names of the output projection (lm_head / decoder) that must stay unquantized and unwrapped."""
-    heads: set[str] = set()
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if head is not None:
-        heads.update(name for name, module in model.named_modules() if module is head)
-    return heads
-
-
-def _name_matches(name: str, patterns: Sequence[str]) -> bool:
-    # PEFT's rule: a listed name matches a module whose full path is it or ends with ".<it>".
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [
-        (name, module) for name, module in model.named_modules()
-        if name and is_linear_like(module) and not _inside_lora(name)
-    ]
-
-
-def _inside_lora(name: str) -> bool:
-    parts = name.split(".")
-    return any(part.startswith("lora_") or part == "base_layer" for part in parts)
 
 
 def quantize_model(
@@ -96,20 +66,20 @@ def quantize_model(
     """
     if quant.bits is None:
         return model
-    keep = _output_head_names(model)
+    keep = output_head_names(model)
     # Hold names, not modules, so each float weight is freed as soon as it is replaced.
-    for name in [name for name, _ in _linear_layers(model)]:
+    for name in [name for name, _ in linear_layers(model)]:
         module = model.get_submodule(name)
-        if quantlib.is_quantized_linear(module) or name in keep or _name_matches(name, skip):
+        if quantlib.is_quantized_linear(module) or name in keep or name_matches(name, skip):
             continue
         if module.weight.is_meta:
             raise ValueError(f"cannot quantize {name}: its weight is on the meta device (load real weights first)")
         target = torch.device(device) if device is not None else module.weight.device
-        weight = module.weight.t() if _is_conv1d(module) else module.weight  # (out, in)
+        weight = module.weight.t() if is_conv1d(module) else module.weight  # (out, in)
         new = quantize_layer(name, weight, module.bias, quant, target, lora, keep, seed)
-        new.fan_in_fan_out = _is_conv1d(module)
+        new.fan_in_fan_out = is_conv1d(module)
         new.train(module.training)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         del module
     return model
 
@@ -123,13 +93,13 @@ def quantize_layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, q
 
 
 def _is_target(name: str, lora: LoraConfig, heads: set[str]) -> bool:
-    if _name_matches(name, lora.exclude_modules):
+    if name_matches(name, lora.exclude_modules):
         return False
     if lora.target_modules == "all-linear":
         return name not in heads
     if isinstance(lora.target_modules, str):
         return re.fullmatch(lora.target_modules, name) is not None
-    return _name_matches(name, lora.target_modules)
+    return name_matches(name, lora.target_modules)
 
 
 def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None = None) -> nn.Module:
@@ -155,8 +125,8 @@ def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None = None) -> nn.
     """
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ValueError("this model already has LoRA layers; load an adapter with load_adapter instead of add_lora twice")
-    heads = _output_head_names(model)
-    candidates = _linear_layers(model)
+    heads = output_head_names(model)
+    candidates = linear_layers(model)
     targets = [(name, module) for name, module in candidates if _is_target(name, lora, heads)]
     _check_targets_found(lora, candidates, targets)
     for param in model.parameters():
@@ -165,12 +135,12 @@ def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None = None) -> nn.
     for name, module in targets:
         wrapped = LoraLinear(module, lora.layer_config(name), name=name, seed=seed)
         wrapped.train(module.training)
-        _set_submodule(model, name, wrapped)
+        set_submodule(model, name, wrapped)
     for name in saved:
         make_trainable_copy(model, name)
-    model.qlowrank_lora_config = lora
-    model.qlowrank_modules_to_save = saved
-    model.qlowrank_seed = 0 if seed is None else seed   # what the init SVDs were seeded with
+    state_of(model).lora = lora
+    state_of(model).modules_to_save = saved
+    state_of(model).seed = 0 if seed is None else seed   # what the init SVDs were seeded with
     return model
 
 
@@ -178,8 +148,8 @@ def _modules_to_save(model: nn.Module, lora: LoraConfig, targets: set[str]) -> l
     if not lora.modules_to_save:
         return []
     names = [name for name, _ in model.named_modules()
-             if name and not _inside_lora(name) and _name_matches(name, lora.modules_to_save)]
-    found = {p for p in lora.modules_to_save for name in names if _name_matches(name, [p])}
+             if name and not inside_lora(name) and name_matches(name, lora.modules_to_save)]
+    found = {p for p in lora.modules_to_save for name in names if name_matches(name, [p])}
     missing = [p for p in lora.modules_to_save if p not in found]
     if missing:
         raise ValueError(f"LoraConfig.modules_to_save {missing} matched no module of this model")
@@ -204,7 +174,7 @@ def make_trainable_copy(model: nn.Module, name: str) -> nn.Module:
         new.weight = nn.Parameter(weight)
         if module.bias is not None:
             new.bias = nn.Parameter(module.bias.detach().float().clone())
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         module, outer_dtype = new, getattr(model, "dtype", torch.float32)
     else:
         outer_dtype = next(module.parameters()).dtype
@@ -229,7 +199,7 @@ def _was_tied(model: nn.Module, name: str) -> bool:
     config = getattr(model, "config", None)
     if not getattr(config, "tie_word_embeddings", False):
         return False
-    heads = _output_head_names(model)
+    heads = output_head_names(model)
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     is_input = inputs is not None and model.get_submodule(name) is inputs
     return name in heads or is_input
@@ -248,7 +218,7 @@ def _check_targets_found(lora: LoraConfig, candidates: list, targets: list) -> N
     if not candidates:
         raise ValueError("add_lora found no linear layers (nn.Linear, Conv1D, bitsandbytes 4/8-bit) in this model")
     if isinstance(lora.target_modules, list):
-        found = {p for p in lora.target_modules for name, _ in targets if _name_matches(name, [p])}
+        found = {p for p in lora.target_modules for name, _ in targets if name_matches(name, [p])}
         missing = [p for p in lora.target_modules if p not in found]
         if missing:
             raise ValueError(
@@ -271,7 +241,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Everything an adapter trains: the LoRA factors and DoRA magnitudes (the `lora_` prefix), the
     parameters of `modules_to_save`, and the rows of new tokens (`add_tokens`)."""
-    saved = tuple(f"{name}." for name in getattr(model, "qlowrank_modules_to_save", []))
+    saved = tuple(f"{name}." for name in state_of(model).modules_to_save)
     return [p for name, p in model.named_parameters()
             if ".lora_" in name or name.startswith("lora_") or name.endswith(".trainable_tokens_delta")
             or (saved and name.startswith(saved))]

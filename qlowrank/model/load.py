@@ -28,11 +28,12 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import quant as quantlib
-from .config import LoraConfig, QuantConfig, parse_dtype
-from .inject import (_linear_layers, _name_matches, _output_head_names, _set_submodule, add_lora, quantize_layer,
-                     quantize_model)
-from .lora import _is_conv1d
+from ..config import LoraConfig, QuantConfig, parse_dtype
+from ..nn import quant as quantlib
+from ..nn.layers import is_conv1d
+from ..state import state_of
+from .inspect import linear_layers, name_matches, output_head_names, set_submodule
+from .surgery import add_lora, quantize_layer, quantize_model
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -90,7 +91,7 @@ def load_model(
 
     Returns:
         The transformers model (eval mode) with bitsandbytes layers and, if asked, LoRA
-        wrappers. `model.qlowrank_quant_config` and `model.qlowrank_source` record how it was
+        wrappers. `state_of(model).quant` and `state_of(model).source` record how it was
         loaded (save_adapter and export_merged read them).
 
     Raises:
@@ -111,8 +112,8 @@ def load_model(
         source = {"id": str(path_or_id), "path": str(folder), "gguf_file": None, "format": "safetensors"}
     model.eval()
     model.config._name_or_path = str(path_or_id)
-    model.qlowrank_quant_config = quant
-    model.qlowrank_source = source
+    state_of(model).quant = quant
+    state_of(model).source = source
     if lora is not None:
         add_lora(model, lora, seed=seed)
     return model
@@ -275,11 +276,11 @@ def _load_safetensors(folder, quant, device, dtype, trust_remote_code, skip_modu
     model = _build_empty(folder, trust_remote_code, dtype)
     expected = set(model.state_dict().keys())
     mapped = key_mapper(expected, model.base_model_prefix)
-    heads = _output_head_names(model)
+    heads = output_head_names(model)
     to_quantize = set()
     if quant.bits is not None:
         to_quantize = {
-            name for name, _ in _linear_layers(model) if name not in heads and not _name_matches(name, skip_modules)
+            name for name, _ in linear_layers(model) if name not in heads and not name_matches(name, skip_modules)
         }
     pending: dict[str, dict[str, torch.Tensor]] = {}  # linear name -> arrived weight / bias
     loaded: set[str] = set()
@@ -338,14 +339,14 @@ def _quantize_if_complete(model, name, pending, quant, device, dtype, heads, lor
     parts = pending[name]
     if "weight" not in parts or (module.bias is not None and "bias" not in parts):
         return  # the other half is in a later tensor or shard
-    weight = parts["weight"].t() if _is_conv1d(module) else parts["weight"]  # (out, in)
+    weight = parts["weight"].t() if is_conv1d(module) else parts["weight"]  # (out, in)
     bias = parts.get("bias")
     bias = bias.to(dtype) if bias is not None else None
     # LoftQ / PiSSA run here, on the one float weight in flight (quantize_layer decides).
     new = quantize_layer(name, weight.to(device), bias, quant, device, lora, heads, seed)
-    new.fan_in_fan_out = _is_conv1d(module)
+    new.fan_in_fan_out = is_conv1d(module)
     new.train(module.training)
-    _set_submodule(model, name, new)
+    set_submodule(model, name, new)
     del pending[name]
     release_freed_memory()
 

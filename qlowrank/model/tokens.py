@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..state import state_of
+
 DELTA = "trainable_tokens_delta"   # PEFT's parameter name (its key adds ".token_adapter")
 
 
@@ -89,7 +91,7 @@ def add_tokens(model: nn.Module, tokenizer, tokens: Sequence[str], special: bool
     if len(tokenizer) > vocab:
         model.resize_token_embeddings(len(tokenizer))
     wrap_trainable_tokens(model, new_ids)
-    model.qlowrank_tokenizer = tokenizer
+    state_of(model).tokenizer = tokenizer
     return new_ids
 
 
@@ -119,5 +121,5 @@ def wrap_trainable_tokens(model: nn.Module, token_ids: Sequence[int],
         model.set_output_embeddings(TrainableTokens(head, token_ids, rows(head_name)))
         saved[head_name] = list(token_ids)
     model.set_input_embeddings(wrapper)
-    model.qlowrank_trainable_tokens = saved
+    state_of(model).trainable_tokens = saved
     return saved

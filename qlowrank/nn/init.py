@@ -22,8 +22,8 @@ import zlib
 import torch
 from torch import nn
 
+from ..config import LoraConfig, QuantConfig
 from . import quant as quantlib
-from .config import LoraConfig, QuantConfig
 
 OVERSAMPLE = 8      # extra random directions of the randomized SVD (Halko et al.: 5-10 suffice)
 POWER_ITERS = 4     # power iterations: the quantization residual's spectrum decays slowly

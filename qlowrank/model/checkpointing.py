@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from .inspect import repeated_blocks
+
 _aten = torch.ops.aten
 # Every fused attention kernel PyTorch dispatches F.scaled_dot_product_attention to.
 ATTENTION_OPS = frozenset(
@@ -62,32 +64,6 @@ def _checkpointed_forward(forward, keep_attention: bool | None):
             return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, context_fn=_keep_attention_contexts, **kwargs)
     return wrapper
-
-
-def _block_types_of(model: nn.Module) -> tuple[type, ...]:
-    # transformers names its repeated decoder/encoder blocks in `_no_split_modules`.
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
-
-
-def repeated_blocks(model: nn.Module, block_types: type | Sequence[type] | None = None, what: str = "") -> list[nn.Module]:
-    """The model's repeated blocks (transformers' `_no_split_modules`, or `block_types`).
-
-    Raises:
-        ValueError: no block type was given and none could be found, or none matched.
-    """
-    what = what or "enable_gradient_checkpointing"
-    if block_types is None:
-        types = _block_types_of(model)
-        if not types:
-            raise ValueError(f"{what} cannot find the repeated blocks of {type(model).__name__}; "
-                             "pass block_types=<your block class>")
-    else:
-        types = tuple(block_types) if isinstance(block_types, (list, tuple)) else (block_types,)
-    blocks = [m for m in model.modules() if isinstance(m, types)]
-    if not blocks:
-        raise ValueError(f"{what}: no module of type {[t.__name__ for t in types]} in {type(model).__name__}")
-    return blocks
 
 
 def enable_gradient_checkpointing(

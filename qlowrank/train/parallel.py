@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import quant as quantlib
-from ..checkpointing import _block_types_of
-from ..inject import lora_layers
-from .loss import causal_lm_loss
+from ..model.inspect import block_types
+from ..model.surgery import lora_layers
+from ..nn import quant as quantlib
+from ..nn.loss import causal_lm_loss
 
 SHARDINGS = ("fsdp",)
 
@@ -119,7 +119,7 @@ def shard_base(root: LossModule, device: torch.device) -> None:
         raise ValueError(f"sharding='fsdp' does not support 8-bit (LLM.int8) bases: FSDP drops the int8 layers' "
                          f"CB/SCB state when it gathers them ({eight_bit[0]}, ...). Use bits=4 with FSDP, or 8-bit "
                          "without sharding (DDP)")
-    block_types = _block_types_of(model)
+    block_types = block_types(model)
     blocks = [m for m in model.modules() if block_types and isinstance(m, block_types)]
     if not blocks:
         raise ValueError(f"sharding='fsdp': no decoder blocks found in {type(model).__name__} (its "

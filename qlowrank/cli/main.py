@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from ..version import __version__
 
 # Each module in qlowrank/commands/ defines register(subparsers), which adds its parser
 # and sets `func` (args -> exit code). Add a module here when its command is ready.
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qlowrank {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        importlib.import_module(f"qlowrank.commands.{name}").register(subparsers)
+        importlib.import_module(f"qlowrank.cli.{name}").register(subparsers)
     return parser
 
 

@@ -49,7 +49,7 @@ def default_model(path: str | None) -> str:
     """The --model argument, or the embedded SmolLM2-135M GGUF when none is given."""
     if path:
         return path
-    from ..embedded import smollm2_gguf
+    from ..model.embedded import smollm2_gguf
     return str(smollm2_gguf())
 
 

@@ -18,27 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import LoraConfig
 from . import quant as quantlib
-from .config import LoraConfig
-from .quant_init import INIT_ATTRIBUTE, layer_generator, pissa_float_inplace
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2) is a linear layer with its weight stored (in, out).
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """Layers LoraLinear can wrap: nn.Linear, transformers' Conv1D, bitsandbytes 4/8-bit."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module) or quantlib.is_quantized_linear(module)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of any linear-like layer."""
-    if _is_conv1d(module):
-        in_features, out_features = module.weight.shape
-        return out_features, in_features
-    return module.out_features, module.in_features
+from .init import INIT_ATTRIBUTE, layer_generator, pissa_float_inplace
+from .layers import is_conv1d, is_linear_like, linear_shape
 
 
 class LoraLinear(nn.Module):
@@ -71,7 +54,7 @@ class LoraLinear(nn.Module):
         self.svd = config.svd                # PiSSA on a float base runs its SVD here
         self.loftq_iters = config.loftq_iters
         self._original_weight = None         # a merged DoRA layer's pre-merge weight
-        self.fan_in_fan_out = _is_conv1d(base_layer) or getattr(base_layer, "fan_in_fan_out", False)
+        self.fan_in_fan_out = is_conv1d(base_layer) or getattr(base_layer, "fan_in_fan_out", False)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         device = _weight_device(base_layer)
         self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=torch.float32)  # (r, in)
@@ -190,7 +173,7 @@ class LoraLinear(nn.Module):
         self._refuse_quantized("merge")
         if self.merged:
             return
-        self._check_finite()
+        self.check_finite()
         original = self.base_weight().clone()  # a float32 base returns its own storage
         self._set_base(self.merged_weight())
         self._original_weight = original if self.use_dora else None  # DoRA's rescale is not undone by a subtraction
@@ -212,7 +195,7 @@ class LoraLinear(nn.Module):
             new = weight_out_in.t() if self.fan_in_fan_out else weight_out_in
             weight.copy_(new.to(device=weight.device, dtype=weight.dtype))
 
-    def _check_finite(self) -> None:
+    def check_finite(self) -> None:
         tensors = {"lora_A": self.lora_A.weight, "lora_B": self.lora_B.weight}
         if self.use_dora:
             tensors["lora_magnitude_vector"] = self.lora_magnitude_vector

@@ -27,7 +27,8 @@ import torch
 import transformers
 from torch import nn
 
-from .export import _from_original, _plan
+from ..state import state_of
+from .merge import _from_original, _plan
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # HF class -> GGUF architecture. llama.cpp's own converter writes Mistral as "llama" too.
@@ -103,7 +104,7 @@ def resolve_tokenizer(model: nn.Module, tokenizer=None):
     """The tokenizer given, else the one of the checkpoint the model was loaded from."""
     if tokenizer is not None:
         return tokenizer
-    source = getattr(model, "qlowrank_source", None)
+    source = state_of(model).source
     if not source:
         raise ValueError("GGUF export needs the tokenizer (a GGUF file carries it): pass tokenizer=..., "
                          "or load the model with qlowrank.load_model so its source is known")
@@ -114,7 +115,7 @@ def resolve_tokenizer(model: nn.Module, tokenizer=None):
 
 def _pre_tokenizer_name(model: nn.Module, spec: dict) -> str:
     """llama.cpp's name for the pre-tokenizer (how text is split before BPE)."""
-    source = getattr(model, "qlowrank_source", None) or {}
+    source = state_of(model).source or {}
     if source.get("gguf_file"):   # a GGUF source states it; transformers' rebuilt tokenizer would not show it
         gguf = _gguf()
         reader = gguf.GGUFReader(str(Path(source["path"]) / source["gguf_file"]))
@@ -287,7 +288,7 @@ def export_gguf(
 
 def probe_gguf(model: nn.Module, gguf_path: str | os.PathLike, seq: int = 32) -> dict:
     """Relative logits error of a GGUF file, read by transformers' own GGUF reader, against `model`."""
-    from .export import _logits
+    from .merge import _logits
 
     gguf_path = Path(gguf_path)
     config = model.config

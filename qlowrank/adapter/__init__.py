@@ -1,0 +1,1 @@
+"""Adapter files in PEFT's layout, both ways."""

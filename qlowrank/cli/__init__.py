@@ -1,0 +1,1 @@
+"""The command line: `qlowrank train | estimate | profile | export | demo | generate`."""

@@ -1,0 +1,1 @@
+"""Training data: readers, tokenization, packing, batching."""

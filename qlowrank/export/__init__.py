@@ -1,0 +1,1 @@
+"""Merged exports: dequantized safetensors checkpoints and GGUF files."""

@@ -1,0 +1,1 @@
+"""Whole models: loading (streamed), surgery (quantize, add LoRA), inspection, checkpointing, compile."""

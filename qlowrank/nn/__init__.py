@@ -1,0 +1,1 @@
+"""Layers: the bitsandbytes boundary, LoraLinear (and DoRA), LoftQ / PiSSA init, the chunked loss."""
