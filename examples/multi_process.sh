@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
-MODEL="${1:-$("$PY" -c 'from qlowrank.embedded import smollm2_gguf; print(smollm2_gguf())')}"
+MODEL="${1:-$("$PY" -c 'from qlowrank.model.embedded import smollm2_gguf; print(smollm2_gguf())')}"
 OUT="${2:-multi-process}"
 STEPS="${3:-30}"
 

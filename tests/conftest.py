@@ -1,12 +1,20 @@
-"""Shared fixtures: tiny random models built from configs, and the device parametrization."""
+"""Shared fixtures and helpers: tiny random models and tokenizers built from configs, data, tolerances."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
 import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+import qlowrank as ql
+from qlowrank.data.dataset import Example, tokenize_row
+from qlowrank.train import TrainConfig
 
 DEVICES = [
     "cpu",
@@ -73,3 +81,119 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         tiny_model(arch).save_pretrained(root / arch)
         folders[arch] = root / arch
     return folders
+
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# SmolLM2's ChatML layout, without its default system prompt.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer trained in ~0.1 s on Python's docs, with a ChatML template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([topics[k] for k in sorted(topics)[:10]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny Llama checkpoint with a real BPE tokenizer, and a prompt/completion data file."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    with open(root / "data.jsonl", "w") as handle:
+        for key in sorted(topics)[:24]:
+            handle.write(json.dumps({"prompt": f"Topic {key}:\n", "completion": topics[key][:120]}) + "\n")
+    (root / "run.json").write_text(json.dumps({"model": str(root / "model"), "data": [str(root / "data.jsonl")],
+                                               "seq": 64, "batch": 2, "r": 4, "lr": 5e-3, "steps": 50,
+                                               "out": str(root / "out"), "no_progress": True}))
+    return root
+
+
+def doc_examples(tok, n=24):
+    keys = sorted(topics)[:n]
+    rows = [{"prompt": f"Topic {k}:\n", "completion": topics[k].split("\n\n")[1][:80]} for k in keys]
+    return [tokenize_row(r, tok) for r in rows]
+
+
+def trainable_model(tok, seed=0, dropout=0.0, head_scale=8.0, checkpointing=False):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    # A frozen 0.02-init head bounds the logits (design.md): scale it so the loss can fall.
+    model.lm_head.weight.data.mul_(head_scale)
+    ql.quantize_model(model, ql.QuantConfig(bits=4, compute_dtype=torch.float32))
+    ql.add_lora(model, ql.LoraConfig(r=8, alpha=16, dropout=dropout))
+    if checkpointing:
+        ql.enable_gradient_checkpointing(model)
+    return model
+
+
+def train_config(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path / "out"), batch_size=4, lr=1e-2, precision="fp32", progress=False,
+                profile_memory=False, chunk_tokens=64)
+    return TrainConfig(**{**base, **kw})
+
+
+# Relative logits error allowed between qlowrank and PEFT computing the same adapter on the
+# same base in float32. The only difference is where the scale is applied (PEFT: s * (B A x);
+# qlowrank: (s B) A x), a few float32 roundings (2^-24 each). Measured <= 3.1e-7 on these
+# tiny models (4-bit and float bases, scale 3); 1e-5 leaves 30x headroom and is still far
+# below the adapter's own effect on the logits (asserted > 100x TOL in each test).
+FP32_REL_TOL = 1e-5
+# LLM.int8 quantizes activations row-wise at run time (step = absmax / 127, ~0.019 sigma
+# for these hidden sizes); inputs that differ by float rounding can land on different codes,
+# so the same adapter on the same 8-bit base differs by one code step here and there.
+# Measured 5e-4 .. 1.9e-3; bound 0.02 = one full step of relative error.
+INT8_REL_TOL = 0.02
+
+
+def perturb_b(model: torch.nn.Module, seed: int = 3, std: float = 0.05) -> None:
+    """Give every B a non-zero value, so the adapter changes the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in ql.lora_layers(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * std)
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+# fp32 on CPU: the packed row and the lone example run the same arithmetic on a different
+# sequence length, so reductions may be blocked differently; measured: 0 (Llama, Mistral)
+# and 1.3e-7 relative (Qwen2, GPT-2). 1e-5 is that with two orders of margin; the leak
+# between examples that packing must prevent moves these losses by >1e-3.
+FP32_LOSS_TOLERANCE = 1e-5
+# 4-bit base + LoRA under bf16 autocast: the same shapes argument, but each difference is
+# rounded at bf16's 2^-8; measured worst 6.6e-5 relative over 5 seeds. 2e-3 = 30x that.
+BF16_LOSS_TOLERANCE = 2e-3
+
+
+def random_examples(lengths: list[int], seed: int = 0) -> list[Example]:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(1, VOCAB, (n,), generator=generator).tolist()
+        out.append(Example(ids, list(ids), f"ex{len(out)}"))
+    return out

@@ -8,11 +8,10 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import rel_error, tiny_config, tiny_model, token_batch
-from test_adapters import FP32_REL_TOL, logits, perturb_b
-from test_cli import workdir  # noqa: F401  (a tiny Llama with a real tokenizer, and a data file)
+from conftest import FP32_REL_TOL, logits, perturb_b, rel_error, tiny_config, tiny_model, token_batch
 
 import qlowrank as ql
+from qlowrank.adapter.io import read_adapter_lora
 from qlowrank.cli.main import main
 from qlowrank.train.optim import build_optimizer
 
@@ -210,7 +209,7 @@ def test_what_peft_cannot_rebuild_is_refused_then_saved_for_qlowrank(checkpoints
     ids = token_batch()
     with pytest.raises(ValueError, match="loftq-initialised base"):
         ql.load_adapter(ql.load_model(checkpoints["llama"], quant=fp32(4), progress=False), tmp_path / "adapter")
-    config, seed = ql.adapters.read_adapter_lora(tmp_path / "adapter")
+    config, seed = read_adapter_lora(tmp_path / "adapter")
     assert (config.init, config.loftq_iters, seed) == ("loftq", 5, 2)
     rebuilt = ql.load_model(checkpoints["llama"], quant=fp32(4), lora=config, seed=seed, progress=False)
     ql.load_adapter(rebuilt, tmp_path / "adapter")

@@ -7,36 +7,11 @@ import json
 import peft
 import pytest
 import torch
-from conftest import rel_error, tiny_model, token_batch
+from conftest import FP32_REL_TOL, INT8_REL_TOL, logits, perturb_b, rel_error, tiny_model, token_batch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qlowrank as ql
-
-# Relative logits error allowed between qlowrank and PEFT computing the same adapter on the
-# same base in float32. The only difference is where the scale is applied (PEFT: s * (B A x);
-# qlowrank: (s B) A x), a few float32 roundings (2^-24 each). Measured <= 3.1e-7 on these
-# tiny models (4-bit and float bases, scale 3); 1e-5 leaves 30x headroom and is still far
-# below the adapter's own effect on the logits (asserted > 100x TOL in each test).
-FP32_REL_TOL = 1e-5
-# LLM.int8 quantizes activations row-wise at run time (step = absmax / 127, ~0.019 sigma
-# for these hidden sizes); inputs that differ by float rounding can land on different codes,
-# so the same adapter on the same 8-bit base differs by one code step here and there.
-# Measured 5e-4 .. 1.9e-3; bound 0.02 = one full step of relative error.
-INT8_REL_TOL = 0.02
-
-
-def perturb_b(model: torch.nn.Module, seed: int = 3, std: float = 0.05) -> None:
-    """Give every B a non-zero value, so the adapter changes the logits."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in ql.lora_layers(model):
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * std)
-
-
-def logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits.float()
 
 
 @pytest.mark.parametrize("arch,bits", [("llama", 4), ("gpt2", 4), ("mistral", 4), ("llama", None), ("gpt2", 8)])

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_packing import FP32_LOSS_TOLERANCE, _examples
-from test_train import _config, _model, tok  # noqa: F401  (tok is a fixture)
-from test_train import _examples as _text_examples
+from conftest import FP32_LOSS_TOLERANCE, doc_examples, random_examples, tiny_model, train_config, trainable_model
 
 from qlowrank.data.dataset import IGNORE_INDEX, batch_width
 from qlowrank.train import Trainer, causal_lm_loss, collate
@@ -25,7 +22,7 @@ def test_batch_width_rounds_up_to_the_multiple_but_never_past_the_cap():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_padding_to_a_multiple_changes_no_loss(arch):
     model = tiny_model(arch)
-    examples = _examples([5, 11, 23])
+    examples = random_examples([5, 11, 23])
     plain = collate(examples, pad_token_id=0)
     rounded = collate(examples, pad_token_id=0, multiple=16)
     assert plain["input_ids"].shape[1] == 23 and rounded["input_ids"].shape[1] == 32
@@ -38,12 +35,12 @@ def test_padding_to_a_multiple_changes_no_loss(arch):
 
 
 def _widths_and_losses(tmp_path, tok, pad_multiple):  # noqa: F811
-    examples = _text_examples(tok)
-    model = _model(tok)
+    examples = doc_examples(tok)
+    model = trainable_model(tok)
     widths = []
     # The trainer's chunked loss calls the decoder, not model.forward: watch the token embedding.
     model.get_input_embeddings().register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
-    result = Trainer(model, _config(tmp_path, steps=6, pad_multiple=pad_multiple), examples,
+    result = Trainer(model, train_config(tmp_path, steps=6, pad_multiple=pad_multiple), examples,
                      pad_token_id=tok.pad_token_id).train()
     return set(widths), result.losses, max(len(e.input_ids) for e in examples)
 
@@ -60,4 +57,4 @@ def test_the_trainer_pads_to_few_shapes_with_the_same_losses(tmp_path, tok):  # 
 
 def test_a_pad_multiple_below_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match="pad_multiple"):
-        _config(tmp_path, pad_multiple=0)
+        train_config(tmp_path, pad_multiple=0)

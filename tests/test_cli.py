@@ -5,37 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pydoc_data.topics import topics
 
-import pytest
-import torch
 import transformers
 from safetensors.torch import load_file
-from test_data import tiny_tokenizer
 
 from qlowrank.cli.main import main
 
 QLOWRANK = [sys.executable, "-m", "qlowrank"]   # the same entry point as the `qlowrank` script
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A tiny Llama checkpoint with a real BPE tokenizer, and a prompt/completion data file."""
-    root = tmp_path_factory.mktemp("cli")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    with open(root / "data.jsonl", "w") as handle:
-        for key in sorted(topics)[:24]:
-            handle.write(json.dumps({"prompt": f"Topic {key}:\n", "completion": topics[key][:120]}) + "\n")
-    (root / "run.json").write_text(json.dumps({"model": str(root / "model"), "data": [str(root / "data.jsonl")],
-                                               "seq": 64, "batch": 2, "r": 4, "lr": 5e-3, "steps": 50,
-                                               "out": str(root / "out"), "no_progress": True}))
-    return root
 
 
 def _run(*args, cwd):

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-from pydoc_data.topics import topics
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from qlowrank.data.dataset import (
     DataError,
@@ -19,30 +16,6 @@ from qlowrank.data.dataset import (
     tokenize_row,
 )
 from qlowrank.nn.loss import IGNORE_INDEX
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# SmolLM2's ChatML layout, without its default system prompt.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A real byte-level BPE tokenizer trained in ~0.1 s on Python's docs, with a ChatML template."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([topics[k] for k in sorted(topics)[:10]], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 def _ids(tok, text):

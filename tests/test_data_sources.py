@@ -6,7 +6,7 @@ import json
 
 import datasets
 import pytest
-from test_data import tiny_tokenizer
+from conftest import tiny_tokenizer
 
 from qlowrank.data.dataset import DataError, Fields, load_examples, tokenize_row
 

@@ -25,7 +25,6 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-from test_cli import workdir  # noqa: F401  (a fixture: tiny Llama + tokenizer, data.jsonl)
 
 import qlowrank as ql
 from qlowrank.cli.train import add_train_arguments

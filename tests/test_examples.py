@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from test_data import tiny_tokenizer
+from conftest import tiny_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_cli import workdir  # noqa: F401  (a fixture: tiny Llama checkpoint + tokenizer, data.jsonl)
 
 import qlowrank as ql
 from qlowrank.cli.main import main

@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 import transformers
-from test_data import tiny_tokenizer
+from conftest import tiny_tokenizer
 
 import qlowrank as ql
 from qlowrank.cli.main import main

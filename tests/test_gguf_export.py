@@ -6,8 +6,7 @@ import gguf
 import pytest
 import torch
 import transformers
-from conftest import rel_error, tiny_config
-from test_data import tiny_tokenizer
+from conftest import rel_error, tiny_config, tiny_tokenizer
 
 import qlowrank as ql
 from qlowrank.cli.main import main

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import qlowrank as ql
 from qlowrank.nn import quant as quantlib
 from qlowrank.nn.lora import LoraLinear
+from qlowrank.state import state_of
 
 FP32 = dict(compute_dtype=torch.float32)
 

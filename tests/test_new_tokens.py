@@ -10,9 +10,9 @@ import torch
 import transformers
 from conftest import rel_error
 from test_adapters import FP32_REL_TOL, logits
-from test_cli import workdir  # noqa: F401  (a tiny Llama with a real BPE tokenizer)
 
 import qlowrank as ql
+from qlowrank.state import state_of
 
 NEW = ["<|tool|>", "<|/tool|>"]
 

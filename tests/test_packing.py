@@ -4,29 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import BF16_LOSS_TOLERANCE, FP32_LOSS_TOLERANCE, random_examples, tiny_model
 
 import qlowrank as ql
 from qlowrank.model.packing import ISOLATION_TOLERANCE, check_packed_attention, packed_attention_leaks
 from qlowrank.train import Example, causal_lm_loss, collate, pack_examples
-
-# fp32 on CPU: the packed row and the lone example run the same arithmetic on a different
-# sequence length, so reductions may be blocked differently; measured: 0 (Llama, Mistral)
-# and 1.3e-7 relative (Qwen2, GPT-2). 1e-5 is that with two orders of margin; the leak
-# between examples that packing must prevent moves these losses by >1e-3.
-FP32_LOSS_TOLERANCE = 1e-5
-# 4-bit base + LoRA under bf16 autocast: the same shapes argument, but each difference is
-# rounded at bf16's 2^-8; measured worst 6.6e-5 relative over 5 seeds. 2e-3 = 30x that.
-BF16_LOSS_TOLERANCE = 2e-3
-
-
-def _examples(lengths: list[int], seed: int = 0) -> list[Example]:
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(1, VOCAB, (n,), generator=generator).tolist()
-        out.append(Example(ids, list(ids), f"ex{len(out)}"))
-    return out
 
 
 def _per_example_losses(model: torch.nn.Module, packed: list[Example], autocast: bool = False) -> dict[tuple, float]:
@@ -64,7 +46,7 @@ def _assert_close(packed: dict, alone: dict, tolerance: float) -> None:
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
 def test_packed_examples_have_the_losses_they_have_alone(arch):
     model = tiny_model(arch)
-    examples = _examples([5, 9, 3, 12, 7, 6])
+    examples = random_examples([5, 9, 3, 12, 7, 6])
     packed = pack_examples(examples, seq_len=24)
     assert max(len(p.segments) for p in packed) >= 2
     check_packed_attention(model)
@@ -77,7 +59,7 @@ def test_packed_losses_hold_on_a_4bit_base_with_lora_under_bf16():
     ql.add_lora(model, ql.LoraConfig(r=4))
     for _, layer in ql.lora_layers(model):   # B = 0 would hide the LoRA path
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
-    examples = _examples([6, 10, 4, 8], seed=1)
+    examples = random_examples([6, 10, 4, 8], seed=1)
     packed = pack_examples(examples, seq_len=20)
     _assert_close(_per_example_losses(model, packed, autocast=True), _alone_losses(model, examples, autocast=True),
                   BF16_LOSS_TOLERANCE)
@@ -86,7 +68,7 @@ def test_packed_losses_hold_on_a_4bit_base_with_lora_under_bf16():
 def test_without_restarting_positions_packed_examples_leak():
     """The check above can fail: the old concatenate-and-attend packing changes the losses."""
     model = tiny_model("llama")
-    examples = _examples([5, 9, 3, 12, 7, 6])
+    examples = random_examples([5, 9, 3, 12, 7, 6])
     packed = pack_examples(examples, seq_len=24)
     alone = _alone_losses(model, examples)
     leaky = {}
@@ -119,6 +101,6 @@ def test_the_trainer_refuses_packed_data_for_a_model_that_leaks(tmp_path):
 
     leaky = _MaskedAlways(tiny_model("llama"))
     assert packed_attention_leaks(leaky) > 1e3 * ISOLATION_TOLERANCE
-    packed = pack_examples(_examples([5, 9, 3, 12]), seq_len=24)
+    packed = pack_examples(random_examples([5, 9, 3, 12]), seq_len=24)
     with pytest.raises(ValueError, match="attend to each other"):
         Trainer(leaky, TrainConfig(out_dir=str(tmp_path), steps=1, progress=False), packed)

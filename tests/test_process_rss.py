@@ -12,7 +12,7 @@ from pydoc_data.topics import topics
 import pytest
 import torch
 import transformers
-from test_data import tiny_tokenizer
+from conftest import tiny_tokenizer
 
 from qlowrank.cli.main import build_parser
 from qlowrank.cli.plan import estimate_for_args

@@ -18,7 +18,6 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import workdir  # noqa: F401  (a fixture: tiny Llama + tokenizer, data.jsonl)
 
 from qlowrank.cli.main import main
 from qlowrank.train import list_checkpoints, verify_checkpoint

@@ -7,8 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_config, tiny_model, token_batch
-from test_train import _config, _examples, _model, tok  # noqa: F401  (tok is a fixture)
+from conftest import doc_examples, tiny_config, tiny_model, token_batch, train_config, trainable_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qlowrank as ql
@@ -114,10 +113,10 @@ def test_epoch_order_groups_similar_lengths_and_keeps_every_example():
 
 def _padded_tokens(tmp_path, tok, group_by_length):  # noqa: F811
     widths = []
-    model = _model(tok)
+    model = trainable_model(tok)
     model.get_input_embeddings().register_forward_pre_hook(lambda module, args: widths.append(args[0].numel()))
-    result = Trainer(model, _config(tmp_path, steps=6, group_by_length=group_by_length, pad_multiple=1),
-                     _examples(tok), pad_token_id=tok.pad_token_id).train()
+    result = Trainer(model, train_config(tmp_path, steps=6, group_by_length=group_by_length, pad_multiple=1),
+                     doc_examples(tok), pad_token_id=tok.pad_token_id).train()
     return sum(widths[1:7]), result      # widths[0] is the eval before training
 
 

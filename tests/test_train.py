@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-from pydoc_data.topics import topics
 
 import pytest
 import torch
-import transformers
-from test_data import tiny_tokenizer
+from conftest import doc_examples, train_config, trainable_model
 
 import qlowrank as ql
 from qlowrank.train import (
     NonFiniteLossError,
-    TrainConfig,
     Trainer,
     build_optimizer,
     list_checkpoints,
     lr_factor,
     pack_examples,
-    tokenize_row,
 )
 
 # Resume restores the adapter (float32 safetensors), the optimizer state, the scheduler, the
@@ -29,40 +25,9 @@ from qlowrank.train import (
 RESUME_ATOL = 1e-6
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-def _examples(tok, n=24):
-    keys = sorted(topics)[:n]
-    rows = [{"prompt": f"Topic {k}:\n", "completion": topics[k].split("\n\n")[1][:80]} for k in keys]
-    return [tokenize_row(r, tok) for r in rows]
-
-
-def _model(tok, seed=0, dropout=0.0, head_scale=8.0, checkpointing=False):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    # A frozen 0.02-init head bounds the logits (design.md): scale it so the loss can fall.
-    model.lm_head.weight.data.mul_(head_scale)
-    ql.quantize_model(model, ql.QuantConfig(bits=4, compute_dtype=torch.float32))
-    ql.add_lora(model, ql.LoraConfig(r=8, alpha=16, dropout=dropout))
-    if checkpointing:
-        ql.enable_gradient_checkpointing(model)
-    return model
-
-
-def _config(tmp_path, **kw):
-    base = dict(out_dir=str(tmp_path / "out"), batch_size=4, lr=1e-2, precision="fp32", progress=False,
-                profile_memory=False, chunk_tokens=64)
-    return TrainConfig(**{**base, **kw})
-
-
 def test_loss_falls_eval_improves_and_outputs_are_written(tmp_path, tok):
-    examples = _examples(tok)
-    trainer = Trainer(_model(tok, checkpointing=True), _config(tmp_path, steps=16, warmup_steps=2, eval_every=8, precision="bf16",
+    examples = doc_examples(tok)
+    trainer = Trainer(trainable_model(tok, checkpointing=True), train_config(tmp_path, steps=16, warmup_steps=2, eval_every=8, precision="bf16",
                                            profile_memory=True),
                       examples[:20], examples[20:], pad_token_id=tok.pad_token_id)
     result = trainer.train()
@@ -76,7 +41,7 @@ def test_loss_falls_eval_improves_and_outputs_are_written(tmp_path, tok):
     assert all(m["tokens_per_s"] > 0 and m["peak_mem_gib"] > 0 for m in lines if "loss" in m)
     assert set(json.loads((out / "memory.json").read_text())["breakdown"]) >= {"trainable_params", "optimizer_states"}
     # The saved adapter reproduces the trained model on a fresh copy of the same base.
-    fresh = _model(tok)
+    fresh = trainable_model(tok)
     ql.load_adapter(fresh, result.adapter_dir)
     ids = torch.tensor([examples[0].input_ids])
     trainer.model.eval(), fresh.eval()
@@ -95,22 +60,22 @@ def _interrupt_at(step):
 def test_resume_after_ctrl_c_reproduces_the_uninterrupted_trajectory(tmp_path, tok, capsys):
     # 14 examples / batch 3 -> 5 micro-batches per epoch; grad_accum 2 -> steps cross epoch
     # boundaries mid-step, and dropout makes the RNG state matter.
-    examples = _examples(tok, 14)
+    examples = doc_examples(tok, 14)
     kw = dict(steps=6, grad_accum=2, batch_size=3, warmup_steps=2)
-    straight = Trainer(_model(tok, dropout=0.1), _config(tmp_path / "a", **kw), examples,
+    straight = Trainer(trainable_model(tok, dropout=0.1), train_config(tmp_path / "a", **kw), examples,
                        pad_token_id=tok.pad_token_id).train()
-    first = Trainer(_model(tok, dropout=0.1), _config(tmp_path / "b", **kw), examples,
+    first = Trainer(trainable_model(tok, dropout=0.1), train_config(tmp_path / "b", **kw), examples,
                     pad_token_id=tok.pad_token_id, on_step=_interrupt_at(3))
     with pytest.raises(KeyboardInterrupt):
         first.train()
     assert "checkpoint of step 3 written" in capsys.readouterr().out
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "out" / "checkpoints")] == ["step-000003"]
-    resumed = Trainer(_model(tok, dropout=0.1), _config(tmp_path / "b", **kw), examples, pad_token_id=tok.pad_token_id)
+    resumed = Trainer(trainable_model(tok, dropout=0.1), train_config(tmp_path / "b", **kw), examples, pad_token_id=tok.pad_token_id)
     result = resumed.train(resume=True)
     assert len(result.losses) == 3 and result.final_step == 6
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(straight.losses[3:]), atol=RESUME_ATOL, rtol=0)
     # A different batch size would change the data order: refused, with the reason.
-    other = Trainer(_model(tok), _config(tmp_path / "b", **{**kw, "batch_size": 2}), examples,
+    other = Trainer(trainable_model(tok), train_config(tmp_path / "b", **{**kw, "batch_size": 2}), examples,
                     pad_token_id=tok.pad_token_id)
     with pytest.raises(ValueError, match="batch_size: 3 -> 2"):
         other.train(resume=True)
@@ -122,20 +87,20 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
             _, layer = next(iter(ql.lora_layers(trainer.model)))
             layer.lora_B.weight.data.fill_(float("nan"))
 
-    trainer = Trainer(_model(tok), _config(tmp_path, steps=6, save_every=2), _examples(tok),
+    trainer = Trainer(trainable_model(tok), train_config(tmp_path, steps=6, save_every=2), doc_examples(tok),
                       pad_token_id=tok.pad_token_id, on_step=poison)
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 4.*Last good checkpoint: .*step-000002"):
         trainer.train()
     assert trainer.step == 3
     checkpoints = list_checkpoints(tmp_path / "out" / "checkpoints")
     assert [p.name for p in checkpoints] == ["step-000002"]
-    fresh = _model(tok)
+    fresh = trainable_model(tok)
     ql.load_adapter(fresh, checkpoints[0] / "adapter")
     assert all(torch.isfinite(p).all() for p in ql.lora_parameters(fresh))
 
 
 def test_lora_plus_groups_and_schedule(tok):
-    model = _model(tok)
+    model = trainable_model(tok)
     optimizer = build_optimizer(model, "adamw", lr=1e-3, lora_plus_ratio=16)
     a, b = optimizer.param_groups
     n_layers = len(list(ql.lora_layers(model)))
@@ -148,16 +113,16 @@ def test_lora_plus_groups_and_schedule(tok):
 
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit"])
 def test_8bit_adamw_with_lora_plus_trains_on_packed_data(tmp_path, tok, optimizer):
-    examples = pack_examples(_examples(tok), seq_len=48)
-    config = _config(tmp_path, steps=8, optimizer=optimizer, lora_plus_ratio=4, lr=5e-3, chunk_tokens=None)
-    result = Trainer(_model(tok), config, examples, pad_token_id=tok.pad_token_id).train()
+    examples = pack_examples(doc_examples(tok), seq_len=48)
+    config = train_config(tmp_path, steps=8, optimizer=optimizer, lora_plus_ratio=4, lr=5e-3, chunk_tokens=None)
+    result = Trainer(trainable_model(tok), config, examples, pad_token_id=tok.pad_token_id).train()
     assert sum(result.losses[-2:]) / 2 < sum(result.losses[:2]) / 2 - 0.3, result.losses
 
 
 def test_epochs_set_the_step_count_and_every_example_is_seen_once_per_epoch(tmp_path, tok):
-    examples = _examples(tok, 10)
+    examples = doc_examples(tok, 10)
     seen = []
-    trainer = Trainer(_model(tok), _config(tmp_path, epochs=2, batch_size=4, grad_accum=1), examples,
+    trainer = Trainer(trainable_model(tok), train_config(tmp_path, epochs=2, batch_size=4, grad_accum=1), examples,
                       pad_token_id=tok.pad_token_id)
     stream = trainer._micro_batches()
     for _ in range(trainer.micro_per_epoch * 2):

@@ -22,8 +22,7 @@ import subprocess
 
 import pytest
 import torch
-from test_cli import workdir  # noqa: F401  (a fixture: tiny Llama checkpoint + tokenizer)
-from test_train import _config, _examples, _model, tok  # noqa: F401  (tok: a fixture)
+from conftest import doc_examples, train_config, trainable_model
 
 import qlowrank as ql
 from qlowrank.cli.main import main
@@ -84,7 +83,7 @@ def _leftovers(folder: pathlib.Path) -> list[str]:
 def run(tmp_path_factory, tok):  # noqa: F811
     """A trainer after 2 steps, with checkpoints step-000001 and step-000002 and an adapter."""
     folder = tmp_path_factory.mktemp("run")
-    trainer = Trainer(_model(tok), _config(folder, steps=2, save_every=1, keep_checkpoints=None), _examples(tok, 8),
+    trainer = Trainer(trainable_model(tok), train_config(folder, steps=2, save_every=1, keep_checkpoints=None), doc_examples(tok, 8),
                       pad_token_id=tok.pad_token_id)
     trainer.train()
     return trainer, folder / "out"

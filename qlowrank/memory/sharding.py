@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..model.inspect import block_types
+from ..model.inspect import find_block_types
 
 SHARDINGS = (None, "fsdp")
 
@@ -50,8 +50,8 @@ def per_rank_breakdown(model: nn.Module, breakdown: dict[str, int], processes: i
         if processes > 1:
             out["gradients"] = out.get("gradients", 0) + _bytes(trainable)   # DDP's bucket copy
         return out
-    block_types = block_types(model)
-    blocks = [m for m in model.modules() if block_types and isinstance(m, block_types)]
+    types = find_block_types(model)
+    blocks = [m for m in model.modules() if types and isinstance(m, types)]
     if not blocks:
         raise ValueError(f"sharding='fsdp': no decoder blocks found in {type(model).__name__}")
     in_blocks = {id(p) for block in blocks for p in block.parameters()}

@@ -10,6 +10,7 @@ from ..nn.layers import is_linear_like
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path `name` with `new`."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -26,11 +27,13 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def name_matches(name: str, patterns: Sequence[str]) -> bool:
+    """True when `name` is one of `patterns` or ends with ".<pattern>"."""
     # PEFT's rule: a listed name matches a module whose full path is it or ends with ".<it>".
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) for every linear-like layer, not counting those inside a LoRA wrapper."""
     return [
         (name, module) for name, module in model.named_modules()
         if name and is_linear_like(module) and not inside_lora(name)
@@ -38,11 +41,13 @@ def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def inside_lora(name: str) -> bool:
+    """True for a module path inside a LoRA wrapper (its factors or its wrapped base layer)."""
     parts = name.split(".")
     return any(part.startswith("lora_") or part == "base_layer" for part in parts)
 
 
-def block_types(model: nn.Module) -> tuple[type, ...]:
+def find_block_types(model: nn.Module) -> tuple[type, ...]:
+    """The classes of the repeated blocks transformers lists in `_no_split_modules` (empty if none)."""
     # transformers names its repeated decoder/encoder blocks in `_no_split_modules`.
     names = set(getattr(model, "_no_split_modules", None) or [])
     return tuple({type(m) for m in model.modules() if type(m).__name__ in names})
@@ -56,7 +61,7 @@ def repeated_blocks(model: nn.Module, block_types: type | Sequence[type] | None 
     """
     what = what or "enable_gradient_checkpointing"
     if block_types is None:
-        types = block_types(model)
+        types = find_block_types(model)
         if not types:
             raise ValueError(f"{what} cannot find the repeated blocks of {type(model).__name__}; "
                              "pass block_types=<your block class>")

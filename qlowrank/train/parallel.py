@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.inspect import block_types
+from ..model.inspect import find_block_types
 from ..model.surgery import lora_layers
 from ..nn import quant as quantlib
 from ..nn.loss import causal_lm_loss
@@ -119,8 +119,8 @@ def shard_base(root: LossModule, device: torch.device) -> None:
         raise ValueError(f"sharding='fsdp' does not support 8-bit (LLM.int8) bases: FSDP drops the int8 layers' "
                          f"CB/SCB state when it gathers them ({eight_bit[0]}, ...). Use bits=4 with FSDP, or 8-bit "
                          "without sharding (DDP)")
-    block_types = block_types(model)
-    blocks = [m for m in model.modules() if block_types and isinstance(m, block_types)]
+    types = find_block_types(model)
+    blocks = [m for m in model.modules() if types and isinstance(m, types)]
     if not blocks:
         raise ValueError(f"sharding='fsdp': no decoder blocks found in {type(model).__name__} (its "
                          "`_no_split_modules` names none); FSDP shards one block at a time")
