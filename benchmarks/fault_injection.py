@@ -44,7 +44,7 @@ import transformers
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from qlowrank.adapter.io import read_adapter_config, read_adapter_weights
+from qlowrank.adapter import read_adapter_config, read_adapter_weights
 from qlowrank.train.checkpoint import list_checkpoints, verify_checkpoint
 
 # 24 steps = 12 checkpoint writes per run: room for four checkpoint kills, each aimed at one of the

@@ -1,6 +1,6 @@
 """qlowrank: LoRA fine-tuning on a frozen 4-bit / 8-bit base, with memory you can predict."""
 
-from .adapter.io import load_adapter, save_adapter
+from .adapter import load_adapter, save_adapter
 from .config import LoraConfig, QuantConfig
 from .export.merge import export_merged
 from .memory import MemoryEstimate, MemoryProfiler, estimate_memory

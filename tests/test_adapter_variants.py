@@ -11,7 +11,7 @@ import transformers
 from conftest import FP32_REL_TOL, logits, perturb_b, rel_error, tiny_config, tiny_model, token_batch
 
 import qlowrank as ql
-from qlowrank.adapter.io import read_adapter_lora
+from qlowrank.adapter import read_adapter_lora
 from qlowrank.cli.main import main
 from qlowrank.train.optim import build_optimizer
 

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
 
 def load_for_generation(args: argparse.Namespace):
     """(model, tokenizer) as the options describe: the base (quantized as trained) + adapter, or a merged export."""
-    from ..adapter.io import load_adapter, read_adapter_config
+    from ..adapter import load_adapter, read_adapter_config
     from ..model.load import load_model
     from .estimate import default_model
     from .export import base_quant

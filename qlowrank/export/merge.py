@@ -26,7 +26,7 @@ import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapter.io import base_bits
+from ..adapter import base_bits
 from ..atomic import staged_dir
 from ..config import parse_dtype
 from ..model.load import checkpoint_files, key_mapper, open_safetensors, release_freed_memory, tied_keys

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapter.io import load_adapter, save_adapter
+from ..adapter import load_adapter, save_adapter
 from ..atomic import remove_leftovers, staged_dir, staging_tag
 
 STATE_FILE = "trainer_state.json"

@@ -35,7 +35,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapter.io import save_adapter
+from ..adapter import save_adapter
 from ..data.dataset import Example, collate, epoch_order
 from ..export.merge import export_keys, export_merged
 from ..memory import MemoryProfiler
