@@ -139,7 +139,7 @@ def trainable_model(tok, seed=0, dropout=0.0, head_scale=8.0, checkpointing=Fals
     config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    # A frozen 0.02-init head bounds the logits (design.md): scale it so the loss can fall.
+    # LoRA leaves the 0.02-init head frozen, which bounds the logits (and so the loss): scale it so the loss can fall.
     model.lm_head.weight.data.mul_(head_scale)
     ql.quantize_model(model, ql.QuantConfig(bits=4, compute_dtype=torch.float32))
     ql.add_lora(model, ql.LoraConfig(r=8, alpha=16, dropout=dropout))

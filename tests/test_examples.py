@@ -60,9 +60,31 @@ def test_profile_memory_on_a_tiny_model(tiny_chat_model, tmp_path, capsys):
     assert example("profile_memory").main(["--model", str(tiny_chat_model), "--batch", "2", "--seq", "32",
                                            "--steps", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    measured, predicted = _byte_row(out, "peak (measured)"), _byte_row(out, "estimate_memory")
+    full, lora, qlora = measured
+    assert qlora < lora < full   # the frozen base costs less in 4 bits, and LoRA keeps no full-size Adam states
     ratios = [float(x) for x in re.search(r"peak / full FT\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out).groups()]
-    assert ratios[0] == 1.0 and ratios[2] < ratios[1] < 1.0   # QLoRA < LoRA < full fine-tuning
+    assert ratios == pytest.approx([1.0, lora / full, qlora / full], abs=0.006)   # printed with two decimals
+    for seen, told, tolerance in zip(measured, predicted, (FULL_FT_TOLERANCE, ESTIMATE_TOLERANCE, ESTIMATE_TOLERANCE)):
+        assert abs(told - seen) <= tolerance * seen, (told, seen)
     assert {p.name for p in tmp_path.glob("memory_*.png")} == {"memory_full.png", "memory_lora.png", "memory_qlora.png"}
+
+
+
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+# The tensor estimate and the profiler agree to the byte on the categories they share; on this
+# tiny model the printed peaks differ by ~0.5 KiB of ~800 KiB (0.06%: the profiler's view of
+# allocator-rounded transients). 1% is that with room, and 10x below the 12% LoRA vs QLoRA gap.
+ESTIMATE_TOLERANCE = 0.01
+# Full fine-tuning on this tiny model: estimated 1.03 MiB against 1006 KiB measured (+4.8%, the
+# printed figures, run on 2026-12-04); 6% bounds it. Not yet explained; the LoRA runs are exact.
+FULL_FT_TOLERANCE = 0.06
+
+
+def _byte_row(out: str, label: str) -> list[float]:
+    """The three byte figures of one row of the example's table (full, lora, qlora)."""
+    row = re.search(rf"^{re.escape(label)}\s+(.*)$", out, flags=re.M).group(1)
+    return [float(v) * UNITS[u] for v, u in re.findall(r"([\d.]+) (B|KiB|MiB|GiB)", row)]
 
 
 def test_export_and_generate_on_a_tiny_model(tiny_chat_model, tmp_path, capsys):

@@ -18,7 +18,7 @@ CHECKPOINT_RTOL = 1e-5
 def _qlora_llama(device="cpu", compute_dtype=torch.bfloat16, head_scale=1.0, hidden=None):
     model = tiny_model("llama").to(device)
     if head_scale != 1.0:
-        # A frozen 0.02-init head bounds the logits (see design.md); scale it so the loss can fall far.
+        # LoRA leaves the 0.02-init head frozen, which bounds the logits (and so the loss): scale it so the loss can fall far.
         model.lm_head.weight.data.mul_(head_scale)
     ql.quantize_model(model, ql.QuantConfig(bits=4, compute_dtype=compute_dtype))
     ql.add_lora(model, ql.LoraConfig(r=8, alpha=16))
