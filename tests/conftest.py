@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import qlowrank as ql
-from qlowrank.data.dataset import Example, tokenize_row
+from qlowrank.data import Example, tokenize_row
 from qlowrank.train import TrainConfig
 
 DEVICES = [

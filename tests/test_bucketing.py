@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import FP32_LOSS_TOLERANCE, doc_examples, random_examples, tiny_model, train_config, trainable_model
 
-from qlowrank.data.dataset import IGNORE_INDEX, batch_width
+from qlowrank.data import batch_width
+from qlowrank.nn.loss import IGNORE_INDEX
 from qlowrank.train import Trainer, causal_lm_loss, collate
 
 

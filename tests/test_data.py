@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qlowrank.data.dataset import (
+from qlowrank.data import (
     DataError,
     collate,
     load_examples,

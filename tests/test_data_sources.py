@@ -8,7 +8,7 @@ import datasets
 import pytest
 from conftest import tiny_tokenizer
 
-from qlowrank.data.dataset import DataError, Fields, load_examples, tokenize_row
+from qlowrank.data import DataError, Fields, load_examples, tokenize_row
 
 CHAT = [{"role": "user", "content": "What does pass do?"}, {"role": "assistant", "content": "Nothing at all."}]
 ROWS = [

@@ -9,7 +9,7 @@ import sys
 import pytest
 import transformers
 
-from qlowrank.data.dataset import tokenize_row
+from qlowrank.data import tokenize_row
 from qlowrank.data.demo import build_conversations
 from qlowrank.nn.loss import IGNORE_INDEX
 

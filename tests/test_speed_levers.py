@@ -11,7 +11,7 @@ from conftest import doc_examples, tiny_config, tiny_model, token_batch, train_c
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qlowrank as ql
-from qlowrank.data.dataset import epoch_order
+from qlowrank.data import epoch_order
 from qlowrank.memory import MemoryProfiler, estimate_memory
 from qlowrank.model.checkpointing import ATTENTION_OPS, KEEP_ATTENTION_MIN_SEQ
 from qlowrank.model.compile import compile_blocks, compiling_is_available

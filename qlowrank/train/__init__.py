@@ -1,6 +1,6 @@
 """Training: the Trainer loop, data loading and masking, the chunked loss, optimizers and checkpoints."""
 
-from ..data.dataset import (
+from ..data import (
     DataError,
     Example,
     Fields,

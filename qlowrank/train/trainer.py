@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapter import save_adapter
-from ..data.dataset import Example, collate, epoch_order
+from ..data import Example, collate, epoch_order
 from ..export.merge import export_keys, export_merged
 from ..memory import MemoryProfiler
 from ..memory.report import atomic_write_text, format_bytes
