@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
+from . import dora
 from . import quant as quantlib
 from .init import INIT_ATTRIBUTE, layer_generator, pissa_float_inplace
 from .layers import is_conv1d, is_linear_like, linear_shape
@@ -144,14 +145,9 @@ class LoraLinear(nn.Module):
         update = F.linear(F.linear(h, a), b)  # (B, T, r) -> (B, T, out)
         if not self.use_dora:
             return result + update.to(result.dtype)
-        # DoRA: rescale each output row of (W + s B A) x to the magnitude m. The norm is a
-        # detached (out,) vector; what this keeps for backward is one (B, T, out) tensor (the
-        # undecorated output, for m's gradient); the dequantized weight is transient.
+        # The dequantized weight behind the row norm is transient.
         bias = getattr(self.base_layer, "bias", None)
-        plain = result if bias is None else result - bias.to(result.dtype)
-        scale = (self.lora_magnitude_vector / self.weight_norm()).to(result.dtype)  # (out,)
-        out = scale * (plain + update.to(result.dtype))
-        return out if bias is None else out + bias.to(out.dtype)
+        return dora.rescale_output(result, update, self.lora_magnitude_vector, self.weight_norm(), bias)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A in float32, shape (out, in) (the Linear layout, also for Conv1D)."""
@@ -164,8 +160,7 @@ class LoraLinear(nn.Module):
             return weight
         weight = weight + self.delta_weight()
         if self.use_dora:
-            magnitude = self.lora_magnitude_vector.detach().float()
-            weight = weight * (magnitude / torch.linalg.vector_norm(weight, dim=1))[:, None]
+            weight = dora.rescale_weight(weight, self.lora_magnitude_vector.detach().float())
         return weight
 
     def merge(self) -> None:
