@@ -174,4 +174,4 @@ def _set_scaling(layers: dict, lora) -> None:
     for name, layer in layers.items():
         _, layer.alpha = lora.rank_and_alpha(name)
         layer.use_rslora = lora.use_rslora
-        layer.scaling = layer.alpha / (layer.r ** 0.5 if layer.use_rslora else layer.r)
+        layer.scaling = replace(lora, r=layer.r, alpha=layer.alpha).scaling   # LoraConfig says how, once
