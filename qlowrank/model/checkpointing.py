@@ -70,6 +70,7 @@ def enable_gradient_checkpointing(
     model: nn.Module,
     block_types: type | Sequence[type] | None = None,
     keep_attention: bool | None = None,
+    keep_blocks: int = 0,
 ) -> int:
     """Recompute each block's activations in backward instead of storing them.
 
@@ -81,14 +82,24 @@ def enable_gradient_checkpointing(
             (faster on long sequences; costs about one hidden-state-sized tensor per block).
             None (default): keep it for sequences of KEEP_ATTENTION_MIN_SEQ tokens or more.
             False recomputes everything, the smallest footprint.
+        keep_blocks: how many of the last blocks keep their activations (not checkpointed):
+            partial checkpointing trades memory for the recompute of those blocks. Their
+            backward runs first, so their activations are freed early in the backward pass.
+            0 (default) checkpoints every block. Blocks already checkpointed stay so: call
+            `disable_gradient_checkpointing` first to change an earlier choice.
 
     Returns:
         The number of blocks that will be checkpointed.
 
     Raises:
-        ValueError: no block type was given and none could be found, or none matched.
+        ValueError: no block type was given and none could be found, or none matched; or
+            keep_blocks is negative or more than the model has.
     """
     blocks = repeated_blocks(model, block_types)
+    if not 0 <= keep_blocks <= len(blocks):
+        raise ValueError(f"keep_blocks={keep_blocks}: this model has {len(blocks)} blocks; "
+                         f"keep between 0 (checkpoint all) and {len(blocks)} (checkpoint none)")
+    blocks = blocks[:len(blocks) - keep_blocks]
     for block in blocks:
         if not getattr(block, "_qlowrank_checkpointed", False):
             block.forward = _checkpointed_forward(block.forward, keep_attention)
