@@ -248,6 +248,8 @@ def run(args) -> list[Phase]:
         difference = float((after - before).norm() / before.norm())
         phases[-1].note = f"logits relative difference {difference:.2e}"
         largest_shard = max(p.stat().st_size for p in base.glob("*.safetensors"))
+        if args.skip_export:
+            return phases
         report = phase("export merged bf16", None,
                        lambda: ql.export_merged(reloaded, merged, dtype=torch.bfloat16, progress=False))
         phases[-1].note = (f"largest shard {format_bytes(largest_shard)}; probe relative logits error "
@@ -284,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the preset's)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per training phase")
     parser.add_argument("--skip-seq", type=int, nargs="*", default=[], help="sequence lengths to leave out")
+    parser.add_argument("--skip-export", action="store_true", help="stop after the adapter round trip")
     parser.add_argument("--dir", default=None, help="where the temporary folder goes (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoint, adapter and export")
     parser.add_argument("--json", default=str(Path(__file__).with_name("large_model.json")))
