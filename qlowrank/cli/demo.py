@@ -68,7 +68,11 @@ def _check_export(merged_dir: Path, held: list, question: str, max_new_tokens: i
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import LoraConfig, QuantConfig, count_parameters, enable_gradient_checkpointing, export_merged, load_model
+    from ..config import LoraConfig, QuantConfig
+    from ..export.merge import export_merged
+    from ..model.checkpointing import enable_gradient_checkpointing
+    from ..model.load import load_model
+    from ..model.surgery import count_parameters
     from ..data.demo import build_conversations
     from ..model.embedded import smollm2_gguf
     from ..train import TrainConfig, Trainer, load_examples

@@ -221,7 +221,8 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import enable_gradient_checkpointing, load_model
+    from ..model.checkpointing import enable_gradient_checkpointing
+    from ..model.load import load_model
     from ..train import Trainer, load_examples, pack_examples, split_examples
     from ..train.parallel import local_device
 
