@@ -2,7 +2,7 @@
 
 from .adapter import load_adapter, save_adapter
 from .config import LoraConfig, QuantConfig
-from .export.merge import export_merged
+from .export import export_merged
 from .memory import MemoryEstimate, MemoryProfiler, estimate_memory
 from .model.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from .model.load import load_model, load_tokenizer

@@ -69,7 +69,7 @@ def _check_export(merged_dir: Path, held: list, question: str, max_new_tokens: i
 
 def run(args: argparse.Namespace) -> int:
     from ..config import LoraConfig, QuantConfig
-    from ..export.merge import export_merged
+    from ..export import export_merged
     from ..model.checkpointing import enable_gradient_checkpointing
     from ..model.load import load_model
     from ..model.surgery import count_parameters

@@ -67,7 +67,7 @@ def base_quant(sidecar: dict | None, bits: str | None, compute_dtype: str | None
 def run(args: argparse.Namespace) -> int:
     from ..adapter import ADAPTER_WEIGHTS, load_adapter, read_adapter_config, read_adapter_lora, read_adapter_weights
     from ..adapter.peft_format import rebuilds_base
-    from ..export.merge import export_merged
+    from ..export import export_merged
     from ..model.load import load_model
 
     _, sidecar = read_adapter_config(args.adapter)

@@ -28,7 +28,8 @@ import transformers
 from torch import nn
 
 from ..state import state_of
-from .merge import _from_original, _plan
+from .plan import export_plan, from_original
+from .probe import model_logits
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # HF class -> GGUF architecture. llama.cpp's own converter writes Mistral as "llama" too.
@@ -233,9 +234,9 @@ def export_gguf(
     config = model.config
     start = time.time()
     writer_name = name or Path(str(getattr(config, "_name_or_path", "") or "model")).stem or "model"
-    entries = _plan(model)
+    entries = export_plan(model)
     if base is not None:
-        entries = _from_original(model, entries, Path(base))
+        entries = from_original(model, entries, Path(base))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA,
                                      config.num_hidden_layers)
     heads = config.num_attention_heads
@@ -288,16 +289,15 @@ def export_gguf(
 
 def probe_gguf(model: nn.Module, gguf_path: str | os.PathLike, seq: int = 32) -> dict:
     """Relative logits error of a GGUF file, read by transformers' own GGUF reader, against `model`."""
-    from .merge import _logits
 
     gguf_path = Path(gguf_path)
     config = model.config
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (2, min(seq, config.max_position_embeddings)), generator=generator)
-    reference = _logits(model, ids)
+    reference = model_logits(model, ids)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                                dtype=torch.float32)
-    logits = _logits(loaded.to(model.device), ids)
+    logits = model_logits(loaded.to(model.device), ids)
     del loaded
     error = (logits - reference).norm() / reference.norm()
     return {"relative_logits_error": float(error),

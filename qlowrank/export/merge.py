@@ -17,7 +17,6 @@ import os
 import shutil
 import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,11 +28,10 @@ from tqdm.auto import tqdm
 from ..adapter import base_bits
 from ..atomic import staged_dir
 from ..config import parse_dtype
-from ..model.load import checkpoint_files, key_mapper, open_safetensors, release_freed_memory, tied_keys
-from ..model.tokens import TrainableTokens
-from ..nn import quant as quantlib
-from ..nn.lora import LoraLinear
+from ..model.load import release_freed_memory
 from ..state import state_of
+from .plan import ExportEntry, announced, export_plan, from_original
+from .probe import probe_fidelity
 
 REPORT_NAME = "qlowrank_export_report.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -42,14 +40,6 @@ TOKENIZER_FILES = (
     "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 DEFAULT_SHARD_BYTES = 2 * 2**30
-
-
-@dataclass
-class _Entry:
-    key: str                                # state-dict key in the exported checkpoint
-    shape: tuple[int, ...]                  # shape as stored (Conv1D weights: (in, out))
-    dtype: torch.dtype                      # dtype before the export cast
-    produce: Callable[[], torch.Tensor]     # computes the tensor when its shard is written
 
 
 def export_merged(
@@ -110,11 +100,11 @@ def export_merged(
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(f"export_merged needs a transformers model (it writes config.json); got {type(model).__name__}")
     start = time.time()
-    entries = _plan(model)
+    entries = export_plan(model)
     if base is not None:
-        entries = _from_original(model, entries, Path(base))
+        entries = from_original(model, entries, Path(base))
     if before_tensor is not None:
-        entries = [_Entry(e.key, e.shape, e.dtype, _announced(before_tensor, e)) for e in entries]
+        entries = [ExportEntry(e.key, e.shape, e.dtype, announced(before_tensor, e)) for e in entries]
     with staged_dir(out_dir, "export") as tmp:
         shards, total = _write_shards(entries, tmp, dtype, max_shard_size, progress)
         _write_config(model, tmp, dtype)
@@ -135,117 +125,6 @@ def export_merged(
     return report
 
 
-def _weight_of(layer: nn.Module) -> Callable[[], torch.Tensor]:
-    """Producer of a wrapped / quantized layer's float32 weight, in its checkpoint layout."""
-    fan_in_fan_out = getattr(layer, "fan_in_fan_out", False)
-
-    def produce() -> torch.Tensor:
-        if isinstance(layer, LoraLinear):
-            layer.check_finite()
-            weight = layer.merged_weight()  # (out, in) float32: dequant(W) + scale * B @ A
-        else:
-            weight = quantlib.dequantize_weight(layer)
-        return weight.t() if fan_in_fan_out else weight  # Conv1D checkpoints store (in, out)
-
-    return produce
-
-
-def _plan(model: nn.Module) -> list[_Entry]:
-    """Every tensor the exported state dict holds, with how to compute it (nothing computed yet)."""
-    entries: list[_Entry] = []
-    skip_inside: str | None = None
-    seen: set[int] = set()
-    tied = tied_keys(model)
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if skip_inside is not None and prefix.startswith(skip_inside):
-            continue
-        if isinstance(module, TrainableTokens):
-            skip_inside = prefix
-            if prefix + "weight" not in tied:   # a tied head is re-tied to the exported embeddings on load
-                weight = module.base_layer.weight
-                entries.append(_Entry(prefix + "weight", tuple(weight.shape), torch.float32, module.merged_weight))
-            continue
-        if isinstance(module, LoraLinear) or quantlib.is_quantized_linear(module):
-            skip_inside = prefix
-            out_features, in_features = module.out_features, module.in_features
-            layout = (in_features, out_features) if getattr(module, "fan_in_fan_out", False) else (out_features, in_features)
-            entries.append(_Entry(prefix + "weight", layout, torch.float32, _weight_of(module)))
-            bias = (module.base_layer if isinstance(module, LoraLinear) else module).bias
-            if bias is not None:
-                owner = module.base_layer if isinstance(module, LoraLinear) else module
-                entries.append(_Entry(prefix + "bias", tuple(bias.shape), bias.dtype, lambda m=owner: m.bias.detach()))
-            continue
-        tensors = [(k, v) for k, v in module._parameters.items() if v is not None]
-        tensors += [(k, v) for k, v in module._buffers.items() if v is not None and k not in module._non_persistent_buffers_set]
-        for leaf, tensor in tensors:
-            key = prefix + leaf
-            if key in tied or id(tensor) in seen:
-                continue  # tied to a tensor already exported; from_pretrained re-ties it
-            seen.add(id(tensor))
-            # Looked up when written, not now: a sharded (FSDP) module swaps in the gathered tensor.
-            entries.append(_Entry(key, tuple(tensor.shape), tensor.dtype, lambda m=module, n=leaf: getattr(m, n).detach()))
-    return entries
-
-
-def export_keys(model: nn.Module) -> list[str]:
-    """The keys export_merged writes, in the order it computes them."""
-    return [entry.key for entry in _plan(model)]
-
-
-def _announced(before: Callable[[str], None], entry: _Entry) -> Callable[[], torch.Tensor]:
-    def produce() -> torch.Tensor:
-        before(entry.key)
-        # A copy: writing hands the bytes to numpy, which pins the storage, and FSDP must be
-        # able to free the gathered parameter afterwards.
-        return entry.produce().clone()
-
-    return produce
-
-
-def _from_original(model: nn.Module, entries: list[_Entry], base: Path) -> list[_Entry]:
-    """Replace each producer by the original checkpoint's tensor (+ scale * B A for LoRA layers)."""
-    changed = sorted({layer.init for layer in model.modules() if isinstance(layer, LoraLinear)
-                      and (layer.init == "pissa" or (layer.init == "loftq" and layer.loftq_iters > 1))})
-    if changed:
-        raise ValueError(f"base={base}: this model was initialised with {changed}, which replaced the frozen weights "
-                         "(PiSSA's residual, LoftQ's quant(W - s B A)); its LoRA factors are not an update to the "
-                         "original weights. Export without base= (from the weights the model trained on).")
-    files = checkpoint_files(base)
-    mapped = key_mapper({e.key for e in entries}, model.base_model_prefix)
-    where = {}
-    for ckpt_key, path in files.weight_map.items():
-        key = mapped(ckpt_key)
-        if key is not None:
-            where[key] = (path, ckpt_key)
-    missing = [e.key for e in entries if e.key not in where]
-    if missing:
-        raise ValueError(f"base={base}: the original checkpoint lacks {missing[:20]}; is it the model's base?")
-    modules = dict(model.named_modules())
-    result = []
-    for entry in entries:
-        path, ckpt_key = where[entry.key]
-        layer = modules.get(entry.key.rpartition(".")[0])
-        delta_layer = layer if isinstance(layer, LoraLinear) and entry.key.endswith(".weight") else None
-        result.append(_Entry(entry.key, entry.shape, entry.dtype, _original_producer(path, ckpt_key, entry, delta_layer)))
-    return result
-
-
-def _original_producer(path: Path, ckpt_key: str, entry: _Entry, layer: LoraLinear | None):
-    def produce() -> torch.Tensor:
-        with open_safetensors(path) as handle:
-            tensor = handle.get_tensor(ckpt_key)
-        if tuple(tensor.shape) != entry.shape:
-            raise ValueError(f"{path.name}: {ckpt_key!r} has shape {tuple(tensor.shape)}, the model has {entry.shape}")
-        if layer is None:
-            return tensor
-        layer.check_finite()
-        delta = layer.delta_weight().cpu()  # (out, in) float32
-        return tensor.float() + (delta.t() if layer.fan_in_fan_out else delta)
-
-    return produce
-
-
 # safetensors' dtype names (the format's header spells them like this).
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
@@ -254,15 +133,15 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _stored_dtype(entry: _Entry, dtype: torch.dtype) -> torch.dtype:
+def _stored_dtype(entry: ExportEntry, dtype: torch.dtype) -> torch.dtype:
     return dtype if entry.dtype.is_floating_point else entry.dtype
 
 
-def _nbytes(entry: _Entry, dtype: torch.dtype) -> int:
+def _nbytes(entry: ExportEntry, dtype: torch.dtype) -> int:
     return _stored_dtype(entry, dtype).itemsize * int(torch.Size(entry.shape).numel())
 
 
-def _write_safetensors(path: Path, entries: list[_Entry], dtype: torch.dtype, bar) -> None:
+def _write_safetensors(path: Path, entries: list[ExportEntry], dtype: torch.dtype, bar) -> None:
     """Write one safetensors file, computing, writing and freeing one tensor at a time.
 
     The format is an 8-byte little-endian header length, a JSON header with each tensor's
@@ -296,8 +175,8 @@ def _write_safetensors(path: Path, entries: list[_Entry], dtype: torch.dtype, ba
             bar.update(1)
 
 
-def _write_shards(entries: list[_Entry], folder: Path, dtype: torch.dtype, max_bytes: int, progress: bool):
-    shards: list[list[_Entry]] = [[]]
+def _write_shards(entries: list[ExportEntry], folder: Path, dtype: torch.dtype, max_bytes: int, progress: bool):
+    shards: list[list[ExportEntry]] = [[]]
     size = 0
     for entry in entries:
         if shards[-1] and size + _nbytes(entry, dtype) > max_bytes:
@@ -349,39 +228,3 @@ def _write_tokenizer(model: nn.Module, folder: Path, tokenizer) -> str | None:
     return str(origin) if copied else None
 
 
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(ids.to(model.device)).logits.float().cpu()
-    finally:
-        model.train(was_training)
-
-
-def probe_fidelity(model: nn.Module, exported_dir: str | os.PathLike, dtype: torch.dtype, seq: int = 32) -> dict:
-    """Relative logits error of an exported checkpoint against the model it came from.
-
-    A fixed random batch (2 x seq tokens, seed 0) runs through both; the error is
-    ||logits_export - logits_model|| / ||logits_model|| (Frobenius), and argmax agreement is the
-    fraction of positions whose top token is the same.
-    """
-    config = model.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or seq
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (2, min(seq, limit)), generator=generator)
-    reference = _logits(model, ids)
-    # CPUs have no fp16 matmul kernels (thousands of times slower than bf16): an fp16 export
-    # is probed with its fp16-rounded weights computed in float32 there.
-    run_dtype = torch.float32 if dtype == torch.float16 and model.device.type == "cpu" else dtype
-    exported = type(model).from_pretrained(str(exported_dir), dtype=run_dtype).to(model.device)
-    logits = _logits(exported, ids)
-    del exported
-    error = (logits - reference).norm() / reference.norm()
-    return {
-        "probe_tokens": list(ids.shape),
-        "probe_compute_dtype": str(run_dtype).removeprefix("torch."),
-        "relative_logits_error": float(error),
-        "max_abs_logits_error": float((logits - reference).abs().max()),
-        "argmax_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
-    }

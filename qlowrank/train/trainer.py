@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..adapter import save_adapter
 from ..data import Example, collate, epoch_order
-from ..export.merge import export_keys, export_merged
+from ..export import export_keys, export_merged
 from ..memory import MemoryProfiler
 from ..memory.report import atomic_write_text, format_bytes
 from ..model.compile import compile_blocks
