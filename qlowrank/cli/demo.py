@@ -69,12 +69,12 @@ def _check_export(merged_dir: Path, held: list, question: str, max_new_tokens: i
 
 def run(args: argparse.Namespace) -> int:
     from ..config import LoraConfig, QuantConfig
+    from ..data.demo import build_conversations
     from ..export import export_merged
     from ..model.checkpointing import enable_gradient_checkpointing
+    from ..model.embedded import smollm2_gguf
     from ..model.load import load_model
     from ..model.surgery import count_parameters
-    from ..data.demo import build_conversations
-    from ..model.embedded import smollm2_gguf
     from ..train import TrainConfig, Trainer, load_examples
 
     started = time.perf_counter()

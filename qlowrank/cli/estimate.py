@@ -5,44 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from ..config import LoraConfig, QuantConfig, parse_dtype
 from ..memory.report import format_bytes, parse_bytes
+from . import options
 from .errors import exit_2_on_bad_input
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments `estimate` and `profile` share: model, quantization, LoRA, batch shape, optimizer."""
+def add_model_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """What `estimate` and `profile` accept: the model, every flag of `train` that changes memory
+    (cli/options.py), the batch, the optimizer and the dtype."""
     parser.add_argument("--model", default=None,
                         help="model directory, config.json or .gguf (default: the embedded SmolLM2-135M GGUF)")
-    parser.add_argument("--bits", default="4", choices=["4", "8", "none"], help="base storage (none: float base)")
-    parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
-    parser.add_argument("--no-double-quant", action="store_true", help="keep the 4-bit block scales in fp32")
-    parser.add_argument("--r", type=int, default=16, help="LoRA rank (0 with --bits none: full fine-tuning)")
-    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * r)")
-    parser.add_argument("--targets", default="all-linear", help="all-linear, or comma-separated names (q_proj,v_proj)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences per step")
-    parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
-    parser.add_argument("--no-checkpointing", action="store_true", help="keep all activations (no recomputation)")
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "sgd"])
+    options.add_shared_options(parser.add_argument, {"seq": 2048, **(defaults or {})})
+    parser.add_argument("--batch", type=int, default=(defaults or {}).get("batch", 1), help="sequences per micro-batch")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "paged_adamw8bit", "sgd"])
     parser.add_argument("--dtype", default="bf16", help="dtype of float weights and activations (bf16, fp32)")
-
-
-def configs_from_args(args: argparse.Namespace) -> tuple[QuantConfig, LoraConfig | None, torch.dtype]:
-    """QuantConfig, LoraConfig (None: full fine-tuning) and dtype from the shared arguments."""
-    dtype = parse_dtype(args.dtype, "--dtype")
-    bits = None if args.bits == "none" else int(args.bits)
-    compute = dtype if dtype != torch.float16 else torch.bfloat16
-    quant = QuantConfig(bits=bits, quant_type=args.quant_type, double_quant=not args.no_double_quant,
-                        compute_dtype=compute)
-    if args.r == 0:
-        if bits is not None:
-            raise SystemExit("--r 0 (full fine-tuning) needs --bits none: a quantized base cannot be trained")
-        return quant, None, dtype
-    targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",") if t.strip()]
-    alpha = args.alpha if args.alpha is not None else 2 * args.r
-    return quant, LoraConfig(r=args.r, alpha=alpha, target_modules=targets), dtype
 
 
 def default_model(path: str | None) -> str:
@@ -69,11 +45,9 @@ def register(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ..memory.estimate import estimate_memory
 
-    quant, lora, dtype = configs_from_args(args)
-    estimate = estimate_memory(default_model(args.model), quant=quant, lora=lora, batch_size=args.batch,
-                               seq_len=args.seq, gradient_checkpointing=not args.no_checkpointing,
-                               optimizer=args.optimizer, dtype=dtype, device=args.device,
-                               chunked_loss=not args.full_logits_loss)
+    if args.full_logits_loss:
+        args.chunk_tokens = 0
+    estimate = estimate_memory(default_model(args.model), **options.estimate_arguments(args, args.batch, args.device))
     result = estimate.to_dict()
     if args.gpu:
         device_bytes = parse_bytes(args.gpu)

@@ -11,10 +11,10 @@ import argparse
 
 import torch
 
-from ..config import LoraConfig, QuantConfig
 from ..memory.estimate import MemoryEstimate, estimate_memory
 from ..memory.process import prediction_margin
 from ..memory.report import format_bytes, parse_bytes
+from . import options
 from .estimate import process_lines
 
 
@@ -23,22 +23,8 @@ def _device(args: argparse.Namespace) -> str:
 
 
 def estimate_for_args(args: argparse.Namespace, batch: int) -> MemoryEstimate:
-    """estimate_memory for the train command's settings at micro-batch `batch`."""
-    bits = None if str(args.bits) == "none" else int(args.bits)
-    dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
-    targets = args.target if args.target == "all-linear" else [t.strip() for t in args.target.split(",") if t.strip()]
-    lora = LoraConfig(r=args.r, alpha=args.alpha or 2 * args.r, dropout=args.dropout, target_modules=targets,
-                      use_rslora=args.rslora)
-    # paged_adamw8bit keeps the same 8-bit states as adamw8bit (paging only moves them under pressure)
-    optimizer = "adamw8bit" if args.optimizer in ("adamw8bit", "paged_adamw8bit") else "adamw"
-    loss_fn = None
-    if args.chunk_tokens and args.chunk_tokens != 256:
-        from ..nn.loss import causal_lm_loss
-        loss_fn = lambda model, tokens: causal_lm_loss(model, tokens, tokens, chunk_tokens=args.chunk_tokens)  # noqa: E731
-    return estimate_memory(args.model, quant=QuantConfig(bits=bits, quant_type=args.quant_type, compute_dtype=dtype),
-                           lora=lora, batch_size=batch, seq_len=args.seq,
-                           gradient_checkpointing=not args.no_checkpointing, optimizer=optimizer, dtype=dtype,
-                           device=_device(args), chunked_loss=bool(args.chunk_tokens), loss_fn=loss_fn)
+    """estimate_memory for the train command's settings at micro-batch `batch` (cli/options.py translates them)."""
+    return estimate_memory(args.model, **options.estimate_arguments(args, batch, _device(args)))
 
 
 def memory_budget(args: argparse.Namespace) -> int:
@@ -80,8 +66,8 @@ def choose_batch(args: argparse.Namespace) -> tuple[int, int]:
                          f"of process memory (+{margin:.0%} headroom), over the {format_bytes(budget)} budget; "
                          "lower --seq or use --bits 4")
     micro = max(b for b in range(1, largest + 1) if global_batch % b == 0)
-    chosen = one._simulate(micro)
-    above = one._simulate(largest + 1) if largest < global_batch else None
+    chosen = one.at_batch(micro)
+    above = one.at_batch(largest + 1) if largest < global_batch else None
     note = (f"; micro-batch {largest + 1} would need {format_bytes(above.process_bytes)}" if above is not None
             else "; the whole global batch fits in one micro-batch")
     if micro != largest:

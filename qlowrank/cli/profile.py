@@ -9,30 +9,20 @@ from pathlib import Path
 import torch
 
 from ..memory.report import atomic_write_text, format_bytes
+from . import options
 from .errors import exit_2_on_bad_input
-from .estimate import add_model_arguments, configs_from_args, default_model
+from .estimate import add_model_arguments, default_model
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("profile", help="measure memory of real training steps (table, JSON, PNG)",
                                    description=__doc__)
-    add_model_arguments(parser)
-    parser.set_defaults(batch=2, seq=128)
+    add_model_arguments(parser, {"batch": 2, "seq": 128})
     parser.add_argument("--steps", type=int, default=3, help="training steps to run (the peak is over all)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--out", default="memory-profile", help="folder for memory.txt, memory.json, memory.png")
     parser.set_defaults(func=exit_2_on_bad_input("profile", _run))
-
-
-def build_optimizer(name: str, params: list, lr: float) -> torch.optim.Optimizer:
-    """torch AdamW / SGD, or bitsandbytes' AdamW8bit (through qlowrank.quant)."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    from ..nn.quant import make_8bit_optimizer
-    return make_8bit_optimizer(name, params, lr=lr)
 
 
 def quantized_source_dtype(model: torch.nn.Module) -> torch.dtype | None:
@@ -49,8 +39,9 @@ def _run(args: argparse.Namespace) -> int:
     from ..memory.profile import profile_steps
     from ..model.checkpointing import enable_gradient_checkpointing
     from ..model.load import load_model
+    from ..train.optim import make_optimizer
 
-    quant, lora, dtype = configs_from_args(args)
+    quant, lora, dtype = options.quant_config(args), options.lora_config(args, allow_full=True), options.compute_dtype(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_path = default_model(args.model)
     model = load_model(model_path, quant=quant, lora=lora, device=device, dtype=dtype)
@@ -61,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
         enable_gradient_checkpointing(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(args.optimizer, params, args.lr)
+    optimizer = make_optimizer(args.optimizer, params, lr=args.lr)
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
     tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
@@ -69,9 +60,8 @@ def _run(args: argparse.Namespace) -> int:
     # the trainer's loss (chunked cross-entropy), as estimate_memory models by default
     prof = profile_steps(model, optimizer, tokens, args.steps, loss_fn=chunked_loss_fn)
     seconds = time.perf_counter() - started
-    estimate = estimate_memory(model_path, quant=quant, lora=lora, batch_size=args.batch, seq_len=args.seq,
-                               gradient_checkpointing=not args.no_checkpointing, optimizer=args.optimizer,
-                               dtype=dtype, device=device.type, quantized_from=quantized_source_dtype(model))
+    estimate = estimate_memory(model_path, **{**options.estimate_arguments(args, args.batch, device.type),
+                                              "quantized_from": quantized_source_dtype(model)})
     error = 100.0 * (estimate.total_bytes - prof.peak_bytes) / max(prof.peak_bytes, 1)
     # The profiler sees the training steps: compare with the estimate's training peak (on a
     # CPU the process peak may be the loading one, printed beside it).

@@ -16,10 +16,10 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
-from ..config import LoraConfig, QuantConfig, parse_dtype
+from ..config import parse_dtype
+from . import options
 from .errors import exit_2_on_bad_input
+from .options import add_shared_options
 
 
 def register(subparsers) -> None:
@@ -51,6 +51,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     # ambiguous to torchrun, `--config` a prefix of accelerate's `--config_file`).
     add("--config", "--train-config", dest="config", help="JSON or TOML file with any of these options; flags override it")
     add("--model", help="model directory (safetensors) or .gguf file")
+    add_shared_options(add)   # base, adapter, step shape, loss, checkpointing: as estimate has them
     add("--data", nargs="+", help="training data: .jsonl / .json / .parquet / .csv / text file(s) or save_to_disk folders")
     add("--eval-data", nargs="+", help="held-out data file(s) (default: --eval-fraction of --data)")
     add("--text-field", default="text", help="row field (column) holding whole texts")
@@ -59,23 +60,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--messages-field", default="messages", help="row field holding chat messages")
     add("--eval-fraction", type=float, default=0.05, help="share of --data held out when --eval-data is absent")
     add("--out", default="qlowrank-out", help="output folder")
-    add("--bits", default="4", choices=["4", "8", "none"], help="base storage (none: float base)")
-    add("--quant-type", default="nf4", choices=["nf4", "fp4"])
-    add("--lora-rank", "--r", dest="r", type=int, default=16, help="LoRA rank r")
-    add("--lora-alpha", "--alpha", dest="alpha", type=float, default=None, help="LoRA alpha (default 2 * r)")
-    add("--dropout", type=float, default=0.0, help="dropout on the LoRA branch")
-    add("--target", "--targets", dest="target", default="all-linear",
-        help="all-linear, or comma-separated module names (q_proj,v_proj)")
-    add("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
-    add("--init", default="kaiming", choices=["kaiming", "gaussian", "loftq", "pissa"],
-        help="LoRA init; loftq / pissa are quantization-aware (computed from the float weights while loading)")
-    add("--loftq-iters", type=int, default=1, help="LoftQ alternations (> 1 also changes the frozen base)")
-    add("--dora", action="store_true", help="DoRA: a trainable magnitude per output row")
-    add("--train-modules", default=None,
-        help="comma-separated modules trained whole in float32 (PEFT's modules_to_save), e.g. lm_head,embed_tokens")
-    add("--seq", type=int, default=512, help="longest sequence (tokens)")
     add("--no-truncation", action="store_true", help="a row longer than --seq is an error instead of being cut")
-    add("--packing", action="store_true", help="pack short examples into --seq windows")
     add("--pad-multiple", type=int, default=64, help="pad each batch's length up to a multiple of this (at most the "
         "longest example): few batch shapes keep the CPU kernels' memory flat (1: pad to the batch's longest only)")
     add("--no-group-by-length", action="store_true", help="batch examples in plain random order instead of "
@@ -83,7 +68,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch", type=_batch_value, default=4,
         help="sequences per micro-batch, per process (global batch: batch x processes x grad-accum), or 'auto': "
         "the largest that fits --max-memory (keeping --global-batch)")
-    add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     add("--global-batch", type=int, default=None, help="with --batch auto: sequences per optimizer step "
         "(default: 4 x --grad-accum)")
     add("--max-memory", default=None, help="with --batch auto: the process memory budget, e.g. 6GiB "
@@ -99,10 +83,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--steps", type=int, default=None, help="optimizer steps (default: --epochs)")
     add("--epochs", type=float, default=1.0)
     add("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype of the compute")
-    add("--chunk-tokens", type=int, default=256, help="rows of logits per chunk of the loss (0: naive full logits)")
-    add("--no-checkpointing", action="store_true", help="keep activations instead of recomputing them")
-    add("--compile", action="store_true", help="torch.compile each decoder block: 7-15%% faster steps on a CPU "
-        "after a one-off compile of ~20 s; pays on runs longer than a few minutes")
     add("--eval-every", type=int, default=0, help="evaluate every N steps (always before and after)")
     add("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     add("--keep-checkpoints", type=int, default=2)
@@ -204,22 +184,6 @@ def data_fields(args: argparse.Namespace):
                   messages=args.messages_field)
 
 
-def train_config_from_args(args: argparse.Namespace):
-    """The TrainConfig the CLI options describe."""
-    from ..train import TrainConfig
-
-    return TrainConfig(
-        out_dir=args.out, steps=args.steps, epochs=args.epochs, batch_size=args.batch, grad_accum=args.grad_accum,
-        lr=args.lr, lora_plus_ratio=args.lora_plus_ratio, optimizer=args.optimizer, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm or None,
-        precision=args.precision, chunk_tokens=args.chunk_tokens or None, eval_every=args.eval_every,
-        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
-        pad_multiple=args.pad_multiple, compile=args.compile, group_by_length=not args.no_group_by_length,
-        sharding=None if args.sharding in (None, "none") else args.sharding,
-        progress=not args.no_progress,
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     from ..model.checkpointing import enable_gradient_checkpointing
     from ..model.load import load_model
@@ -236,16 +200,11 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             return dry_run(args)
     try:
-        config = train_config_from_args(args)
-        bits = None if str(args.bits) == "none" else int(args.bits)
-        compute = torch.bfloat16 if config.precision != "fp32" else torch.float32
-        quant = QuantConfig(bits=bits, quant_type=args.quant_type, compute_dtype=compute)
-        targets = args.target if args.target == "all-linear" else [t.strip() for t in args.target.split(",") if t.strip()]
-        lora = LoraConfig(r=args.r, alpha=args.alpha or 2 * args.r, dropout=args.dropout, target_modules=targets,
-                          use_rslora=args.rslora, init=args.init, loftq_iters=args.loftq_iters, use_dora=args.dora,
-                          modules_to_save=[m.strip() for m in (args.train_modules or "").split(",") if m.strip()])
+        config = options.train_config(args)
+        quant, lora = options.quant_config(args), options.lora_config(args)
     except ValueError as err:   # a value out of range: say where it may have come from
         raise ValueError(f"{err}" + (f" (options from --config {args.config} and the flags)" if args.config else "")) from None
+    compute = quant.compute_dtype
     tokenizer = load_tokenizer(args.model)
     fields = data_fields(args)
     examples = load_examples(args.data, tokenizer, args.seq, truncation=not args.no_truncation, fields=fields)

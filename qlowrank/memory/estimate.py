@@ -23,16 +23,15 @@ import torch
 import transformers
 from torch import nn
 
-from ..config import LoraConfig, QuantConfig, parse_dtype
+from ..config import ESTIMATE_OPTIMIZERS, SHARDINGS, LoraConfig, QuantConfig, parse_dtype
 from ..model.checkpointing import enable_gradient_checkpointing
 from ..model.surgery import add_lora
 from . import process as process_model
 from .meta_model import build_meta_model, fused_attention, load_config, replace_quantized_layers
 from .report import breakdown_table, format_bytes
-from .sharding import SHARDINGS, per_rank_breakdown
+from .sharding import per_rank_breakdown
 from .tracker import CATEGORIES, TensorTracker
 
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 _BNB_MIN_8BIT_SIZE = 4096   # bitsandbytes keeps 32-bit state for tensors smaller than this
 _BNB_BLOCK = 256            # bitsandbytes' 8-bit optimizer block size (one fp32 absmax each)
 
@@ -86,6 +85,12 @@ class MemoryEstimate:
     def _training_process_bytes(self) -> int:
         # the part of process_bytes that grows with the batch (loading does not)
         return self.process_breakdown.get("training_peak", self.process_bytes)
+
+    def at_batch(self, batch_size: int) -> "MemoryEstimate":
+        """The same estimate at another batch size (simulated once, then cached)."""
+        if self._simulate is None:
+            raise RuntimeError("this estimate cannot re-simulate other batch sizes")
+        return self._simulate(batch_size)
 
     def fits(self, device_bytes: int) -> bool:
         """True when the predicted process peak (`process_bytes`) fits in `device_bytes`."""
@@ -142,6 +147,8 @@ def estimate_memory(
     quantized_from: torch.dtype | str | None = None,
     processes: int = 1,
     sharding: str | None = None,
+    grad_accum: int = 1,
+    packing: bool = False,
 ) -> MemoryEstimate:
     """Predict the peak memory of one training step, from a config alone.
 
@@ -163,6 +170,9 @@ def estimate_memory(
         processes: training processes (ranks); the estimate is then one rank's peak.
         sharding: None (each rank holds the whole model: DDP) or "fsdp" (parameters split
             across ranks, as `TrainConfig(sharding="fsdp")` does; see `memory/sharding.py`).
+        grad_accum: micro-batches per optimizer step (recorded in the settings; one micro-batch's
+            tensor peak does not change with it under LoRA).
+        packing: examples packed into --seq windows (recorded; the shapes are the same).
 
     Returns:
         A MemoryEstimate with `total_bytes`, `breakdown`, `fits()` and `max_batch_size()`.
@@ -173,14 +183,14 @@ def estimate_memory(
     quant = quant or QuantConfig(bits=None)
     dtype = parse_dtype(dtype, "estimate_memory dtype")
     source_dtype = parse_dtype(quantized_from, "quantized_from") if quantized_from is not None else dtype
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {OPTIMIZERS}")
+    if optimizer not in ESTIMATE_OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {ESTIMATE_OPTIMIZERS}")
     if lora is None and quant.bits is not None:
         raise ValueError(f"a {quant.bits}-bit base cannot be fully fine-tuned; pass a LoraConfig (or quant bits=None)")
     if sharding not in SHARDINGS or processes < 1:
         raise ValueError(f"processes={processes} must be >= 1 and sharding={sharding!r} None or 'fsdp'")
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
+    if batch_size < 1 or seq_len < 1 or grad_accum < 1:
+        raise ValueError(f"batch_size={batch_size}, seq_len={seq_len} and grad_accum={grad_accum} must be positive")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: estimate for 'cuda' or 'cpu'")
@@ -193,6 +203,9 @@ def estimate_memory(
         "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer,
         "dtype": str(dtype).removeprefix("torch."), "device": device, "chunked_loss": chunked_loss,
         "processes": processes, "sharding": sharding, "source": source[0],
+        # Recorded, not yet modelled: the tensor peak of one micro-batch is the same with
+        # accumulation (LoRA's gradients are small) and with packing (the same padded shapes).
+        "grad_accum": grad_accum, "packing": packing,
     }
     cache: dict[int, MemoryEstimate] = {}
 

@@ -7,10 +7,9 @@ import math
 import torch
 from torch import nn
 
+from ..config import TRAIN_OPTIMIZERS
 from ..model.surgery import lora_layers, lora_parameters
 from ..nn import quant as quantlib
-
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
 def build_optimizer(
@@ -37,8 +36,8 @@ def build_optimizer(
         The optimizer; param group 0 holds every lora_A, group 1 every lora_B, and a group 2
         (at lr) the DoRA magnitudes and modules_to_save parameters, when there are any.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer {name!r} is not supported; use one of {OPTIMIZERS}")
+    if name not in TRAIN_OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is not supported; use one of {TRAIN_OPTIMIZERS}")
     if lr <= 0 or lora_plus_ratio <= 0:
         raise ValueError(f"lr={lr} and lora_plus_ratio={lora_plus_ratio} must be positive")
     layers = [layer for _, layer in lora_layers(model)]
@@ -52,9 +51,18 @@ def build_optimizer(
     others = [p for p in lora_parameters(model) if id(p) not in factors and p.requires_grad]
     if others:
         groups.append({"params": others, "lr": lr, "name": "magnitudes_and_saved_modules"})
+    return make_optimizer(name, groups, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def make_optimizer(name: str, params, lr: float, **kwargs) -> torch.optim.Optimizer:
+    """Construct optimizer `name` over `params` (tensors or param groups): torch's AdamW or SGD, or
+    bitsandbytes' 8-bit AdamW (through nn/quant.py). `build_optimizer` picks the LoRA groups; this
+    only builds, so `qlowrank profile` uses it for full fine-tuning too."""
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
-    return quantlib.make_8bit_optimizer(name, groups, lr=lr, betas=betas, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, **kwargs)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, **{k: v for k, v in kwargs.items() if k != "betas"})
+    return quantlib.make_8bit_optimizer(name, params, lr=lr, **kwargs)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
