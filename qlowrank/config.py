@@ -1,4 +1,4 @@
-"""Configuration dataclasses: how the base is quantized and where LoRA adapters go.
+"""Configuration dataclasses: how the base is quantized, where LoRA adapters go and how training runs.
 
 Every field is validated on construction, so a typo fails at the call site with a message
 that names the field and the values it accepts, not deep inside a training step.
@@ -7,8 +7,8 @@ that names the field and the values it accepts, not deep inside a training step.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import torch
 
@@ -17,6 +17,22 @@ _BITS = (4, 8, None)
 _COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _INITS = ("kaiming", "gaussian", "loftq", "pissa")
 _SVDS = ("randomized", "full")
+_PRECISIONS = ("bf16", "fp32", "auto")
+
+# Optimizers the Trainer builds over the LoRA factors (train/optim.py): torch's AdamW, or
+# bitsandbytes' block-wise 8-bit AdamW, plain or paged (its states may move to CPU memory
+# under pressure). What `TrainConfig.optimizer` and `qlowrank train --optimizer` accept.
+TRAIN_OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+# Optimizers whose state memory the estimator models (memory/estimate.py): AdamW (two fp32
+# states), 8-bit AdamW (two uint8 states; paged ones hold the same bytes) and SGD (no state,
+# for full fine-tuning comparisons). Not all of them train LoRA here, hence a name of its own.
+ESTIMATE_OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+# How several training processes hold the model. None: every rank holds all of it (one
+# process, or DDP); "fsdp": the frozen base and the factors are split over the ranks (FSDP2,
+# train/parallel.py), each rank gathering one decoder block at a time.
+SHARDINGS = (None, "fsdp")
+# Rows of logits alive at once in the chunked loss (nn/loss.py): 256 x 49152 fp32 = 48 MiB.
+DEFAULT_CHUNK_TOKENS = 256
 
 
 def parse_dtype(value: torch.dtype | str, field_name: str = "dtype") -> torch.dtype:
@@ -155,7 +171,7 @@ class LoraConfig:
         return (_pattern_value(self.rank_pattern, module_name, self.r),
                 _pattern_value(self.alpha_pattern, module_name, self.alpha))
 
-    def layer_config(self, module_name: str) -> "LoraConfig":
+    def layer_config(self, module_name: str) -> LoraConfig:
         """This config with r and alpha resolved for one module (and the patterns dropped)."""
         r, alpha = self.rank_and_alpha(module_name)
         return replace(self, r=r, alpha=alpha, rank_pattern={}, alpha_pattern={})
@@ -166,3 +182,56 @@ def _pattern_value(pattern: dict, module_name: str, default):
         if re.match(rf"(.*\.)?(?:{key})$", module_name):
             return value
     return default
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every field has a CLI flag of the same name (dashes for underscores)."""
+
+    out_dir: str = "qlowrank-out"       # adapter, checkpoints/, metrics.jsonl, memory.json go here
+    steps: int | None = None            # optimizer steps; None: run `epochs` epochs
+    epochs: float = 1.0                 # used when steps is None
+    batch_size: int = 4                 # sequences per micro-batch, per process
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    lr: float = 2e-4                    # peak learning rate (of lora_A; lora_B: lr * lora_plus_ratio)
+    lora_plus_ratio: float = 1.0        # LoRA+ (arXiv 2402.12354): B's lr multiplier; 1 = plain LoRA
+    optimizer: str = "adamw"            # one of TRAIN_OPTIMIZERS
+    weight_decay: float = 0.0
+    warmup_steps: int = 0               # linear warmup, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0   # gradient clipping; None or 0 disables
+    precision: str = "auto"             # bf16 | fp32 | auto (bf16 where the device supports it)
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS  # chunked loss rows; None: naive full logits
+    eval_every: int = 0                 # evaluate every N steps (0: only before and after training)
+    save_every: int = 0                 # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int | None = 2    # newest checkpoints kept (None: all)
+    log_every: int = 1                  # metrics.jsonl line every N steps
+    seed: int = 0                       # data order and dropout (torch and random are seeded at the start of a
+                                        # fresh run); the CLI also seeds LoRA init and the eval split with it
+    profile_memory: bool = True         # measure the first step with MemoryProfiler
+    progress: bool = True               # tqdm bar
+    sharding: str | None = None         # one of SHARDINGS: None (one process, or DDP) | "fsdp"
+    compile: bool = False               # torch.compile each decoder block (compile.py): 7-15% faster steps on a
+                                        # CPU after a one-off compile of ~20 s; pays on runs of many minutes
+    group_by_length: bool = True        # batch examples of similar length (data.epoch_order): less padding
+    pad_multiple: int = 64              # pad each batch's length up to a multiple of this (at most the run's
+                                        # longest example). Every new batch shape makes the CPU's kernels
+                                        # (oneDNN) keep memory for it, so RSS grew each step with free
+                                        # lengths; 64 bounds the shapes (benchmarks/soak.py: finer steps of
+                                        # 24 with grouping let RSS grow 7.5% in 120 steps). 1: no rounding
+
+    def __post_init__(self) -> None:
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"TrainConfig.precision={self.precision!r}: use bf16, fp32 or auto (fp16 needs loss "
+                             "scaling and is unusable on CPUs; bf16 does not)")
+        if self.optimizer not in TRAIN_OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r} is not supported; use one of {TRAIN_OPTIMIZERS}")
+        for name in ("batch_size", "grad_accum", "log_every", "pad_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"TrainConfig.steps={self.steps} must be >= 1 (or None to train for `epochs`)")
+        if self.steps is None and self.epochs <= 0:
+            raise ValueError(f"TrainConfig.epochs={self.epochs} must be > 0")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"TrainConfig.sharding={self.sharding!r}: use None (DDP on several processes) or 'fsdp'")

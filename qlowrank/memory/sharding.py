@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..config import SHARDINGS
 from ..model.inspect import find_block_types
-
-SHARDINGS = (None, "fsdp")
 
 
 def _bytes(tensors) -> int:

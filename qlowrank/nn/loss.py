@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import DEFAULT_CHUNK_TOKENS  # rows of logits alive at once (one definition, with the options)
+
 IGNORE_INDEX = -100          # label value that contributes no loss (transformers' convention)
-DEFAULT_CHUNK_TOKENS = 256   # rows of logits alive at once: 256 x 49152 fp32 = 48 MiB
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
