@@ -128,7 +128,8 @@ def write_shards(config: transformers.PretrainedConfig, folder: Path, seed: int 
     groups: dict[str, list[str]] = {}
     for key in shapes:
         parts = key.split(".")
-        group = f"layer{int(parts[2]):03d}" if parts[:2] == ["model", "layers"] else "other"
+        # One shard per decoder layer; the embeddings and the head (1 GiB each at vocab 128k) apart.
+        group = f"layer{int(parts[2]):03d}" if parts[:2] == ["model", "layers"] else parts[-2]
         groups.setdefault(group, []).append(key)
     generator = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
@@ -140,7 +141,8 @@ def write_shards(config: transformers.PretrainedConfig, folder: Path, seed: int 
             if key.endswith("norm.weight"):
                 tensors[key] = torch.ones(shapes[key], dtype=torch.bfloat16)
             else:
-                tensors[key] = (torch.randn(shapes[key], generator=generator) * 0.02).to(torch.bfloat16)
+                # drawn in bf16 directly: no float32 copy of a 1 GiB embedding
+                tensors[key] = torch.randn(shapes[key], generator=generator, dtype=torch.bfloat16).mul_(0.02)
             weight_map[key] = shard
         save_file(tensors, str(folder / shard), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
