@@ -1,5 +1,6 @@
 """Training: the Trainer loop, data loading and masking, the chunked loss, optimizers and checkpoints."""
 
+from ..config import TRAIN_OPTIMIZERS, TrainConfig
 from ..data import (
     DataError,
     Example,
@@ -22,14 +23,38 @@ from .checkpoint import (
     verify_checkpoint,
     write_manifest,
 )
-from .optim import OPTIMIZERS, build_optimizer, build_scheduler, lr_factor
+from .optim import build_optimizer, build_scheduler, lr_factor
 from .signals import TrainingInterrupted
-from .trainer import NonFiniteLossError, TrainConfig, Trainer, TrainResult
+from .trainer import NonFiniteLossError, Trainer, TrainResult
 
 __all__ = [
-    "CheckpointError", "TrainingInterrupted", "find_resumable", "verify_checkpoint", "write_manifest",
-    "DataError", "Example", "IGNORE_INDEX", "NonFiniteLossError", "OPTIMIZERS", "TrainConfig", "TrainResult", "Trainer",
-    "build_optimizer", "build_scheduler", "causal_lm_loss", "chunked_cross_entropy", "collate", "latest_checkpoint",
-    "Fields", "list_checkpoints", "load_checkpoint", "load_examples", "lr_factor", "pack_examples", "read_rows", "save_checkpoint",
-    "split_examples", "tokenize_row",
+    "IGNORE_INDEX",
+    "TRAIN_OPTIMIZERS",
+    "CheckpointError",
+    "DataError",
+    "Example",
+    "Fields",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "TrainingInterrupted",
+    "build_optimizer",
+    "build_scheduler",
+    "causal_lm_loss",
+    "chunked_cross_entropy",
+    "collate",
+    "find_resumable",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_examples",
+    "lr_factor",
+    "pack_examples",
+    "read_rows",
+    "save_checkpoint",
+    "split_examples",
+    "tokenize_row",
+    "verify_checkpoint",
+    "write_manifest",
 ]

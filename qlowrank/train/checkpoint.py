@@ -30,6 +30,7 @@ from torch import nn
 
 from ..adapter import load_adapter, save_adapter
 from ..atomic import remove_leftovers, staged_dir, staging_tag
+from ..config import TrainConfig
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
@@ -245,3 +246,36 @@ def load_checkpoint(
     version, internal, gauss = state.pop("python_rng")
     random.setstate((version, tuple(internal), gauss))
     return state
+
+
+# Fields that decide which examples each step sees: a resume with other values would not
+# continue the same run. batch_size and grad_accum may change with the number of processes
+# as long as the global batch (batch_size x processes x grad_accum) stays the same.
+_TRAJECTORY_FIELDS = ("seed", "optimizer", "group_by_length")
+_FIELD_BEFORE_IT_EXISTED = {"group_by_length": False}   # what older checkpoints ran with
+
+
+def resume_position(path: Path, state: dict[str, Any], config: TrainConfig, processes: int) -> list[int]:
+    """The data position (epoch, examples used) to continue from, once `state` (load_checkpoint's)
+    is known to continue the same run under `config` on `processes` ranks.
+
+    Raises:
+        ValueError: the data order would change (seed, optimizer, grouping or global batch differ).
+    """
+    saved = {**_FIELD_BEFORE_IT_EXISTED, **state["config"]}
+    changed = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in _TRAJECTORY_FIELDS
+               if saved.get(k) != getattr(config, k)]
+    global_batch = config.batch_size * processes * config.grad_accum
+    saved_global = state.get("global_batch", saved["batch_size"] * saved["grad_accum"])
+    if saved_global != global_batch:
+        changed += [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in ("batch_size", "grad_accum")
+                    if saved.get(k) != getattr(config, k)]
+        changed.append(f"global batch (batch_size x processes x grad_accum) {saved_global} -> "
+                       f"{config.batch_size} x {processes} x {config.grad_accum} = {global_batch}")
+    if changed:
+        raise ValueError(f"cannot resume {path}: the run's data order would change ({'; '.join(changed)}); "
+                         "resume with the settings it was started with")
+    epoch, where = state["position"]
+    if state.get("position_unit") != "examples":   # older checkpoints counted micro-batches of one process
+        where *= saved["batch_size"]
+    return [epoch, where]

@@ -1,36 +1,44 @@
-"""Several processes: global sums, the loss as one module, FSDP2 sharding of the frozen base, gathering for rank 0.
+"""How the processes of a run share the work: the strategy objects `Single | DDP | FSDP`, chosen once.
 
-The trainer is the only place that knows about ranks; it uses these helpers.
+The trainer asks its strategy, never the rank, what to do: wrap the loss module, run a
+micro-batch (DDP all-reduces only on the last one of a step), clip, add numbers up over
+the ranks, write files on rank 0, gather sharded tensors before writing them, measure
+memory. `choose_strategy` picks one from the launch (torchrun / accelerate launch set up
+the process group; accelerate's own FSDP plugin means the same as `sharding="fsdp"`).
 
-- `LossModule` wraps a model so that one forward call computes the summed causal-LM loss
-  (chunked head included). DDP and FSDP hook into a module's forward, so the whole loss,
-  not only the decoder, must run inside the wrapped module's `forward`.
-- `all_reduce_sum` adds a few numbers over all ranks in one collective.
-- `shard_base` applies torch's FSDP2 `fully_shard` to every decoder block, then to the
-  root. bitsandbytes 4-bit weights shard in their uint8 storage; the quantization state
-  (`quant_state`: absmax, code book) stays whole on every rank, and bitsandbytes restores
-  it onto the gathered weight in forward. LLM.int8 layers lose their `CB`/`SCB` state when
-  gathered, so 8-bit bases are refused.
-- `full_lora_tensors`, `full_optimizer_state` gather what rank 0 writes;
-  `shard_optimizer_state_` re-shards a loaded full state; `UnitGatherer` unshards one FSDP
-  unit at a time so that a merged export streams with one block gathered at once.
+- `Single`: one process. The loss module runs as it is; sums and gathers return their input.
+- `DDP`: every rank holds the whole model; accelerate wraps the loss module in
+  DistributedDataParallel, which averages gradients over the ranks.
+- `FSDP`: the frozen base and the factors are split over the ranks (FSDP2, fsdp.py); rank 0
+  gathers the factors and optimizer states before it writes them.
+
+`LossModule` wraps a model so that one forward call computes the summed causal-LM loss
+(chunked head included): DDP and FSDP hook into a module's forward, so the whole loss, not
+only the decoder, must run inside the wrapped module's `forward`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, ContextManager, TypeVar
 
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 
-from ..model.inspect import find_block_types
-from ..model.surgery import lora_layers
-from ..nn import quant as quantlib
+from ..export import export_keys, export_merged
+from ..memory import MemoryProfiler
 from ..nn.loss import causal_lm_loss
+from . import fsdp
+from .fsdp import local_model_bytes
+from .metrics import MemoryRecord, fsdp_memory, peak_memory_bytes, with_rank_lines
 
-SHARDINGS = ("fsdp",)
+T = TypeVar("T")
 
 
 class LossModule(nn.Module):
@@ -89,164 +97,179 @@ def gather_objects(value: Any) -> list[Any]:
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (nothing on one process)."""
     if is_distributed():
         dist.barrier()
 
 
-# ---- FSDP ----
-def _is_dtensor(tensor: Any) -> bool:
-    return type(tensor).__name__ == "DTensor" or hasattr(tensor, "device_mesh") and hasattr(tensor, "full_tensor")
+class Strategy:
+    """What every strategy offers the trainer; the defaults are what one process does.
 
-
-def shard_base(root: LossModule, device: torch.device) -> None:
-    """FSDP2: `fully_shard` each decoder block of `root.model`, then `root` itself, in place.
-
-    Every rank must hold the same model: the LoRA factors are broadcast from rank 0 first
-    (FSDP, unlike DDP, does not synchronize parameters).
-
-    Raises:
-        ValueError: not launched on several processes, an 8-bit base, or no decoder blocks found.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("sharding='fsdp' needs a process group: launch with torchrun or accelerate launch "
-                         "(see README, 'More than one process or GPU')")
-    model = root.model
-    eight_bit = [name for name, m in model.named_modules() if quantlib.quantized_bits(m) == 8]
-    if eight_bit:
-        raise ValueError(f"sharding='fsdp' does not support 8-bit (LLM.int8) bases: FSDP drops the int8 layers' "
-                         f"CB/SCB state when it gathers them ({eight_bit[0]}, ...). Use bits=4 with FSDP, or 8-bit "
-                         "without sharding (DDP)")
-    types = find_block_types(model)
-    blocks = [m for m in model.modules() if types and isinstance(m, types)]
-    if not blocks:
-        raise ValueError(f"sharding='fsdp': no decoder blocks found in {type(model).__name__} (its "
-                         "`_no_split_modules` names none); FSDP shards one block at a time")
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                dist.broadcast(param.data, src=0)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(root, mesh=mesh)
-
-
-def fsdp_units(root: nn.Module) -> dict[str, nn.Module]:
-    """Name -> module of every FSDP2 unit under `root` ("" is the root)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return {name: m for name, m in root.named_modules() if isinstance(m, FSDPModule)}
-
-
-def full_lora_tensors(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """{layer name: {"lora_A": tensor, "lora_B": tensor}}, gathered whole (collective: call on every rank)."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, layer in lora_layers(model):
-        out[name] = {}
-        for factor in ("lora_A", "lora_B"):
-            weight = getattr(layer, factor).weight.detach()
-            out[name][factor] = (weight.full_tensor() if _is_dtensor(weight) else weight).float().cpu()
-    return out
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() with every sharded state tensor gathered whole (collective)."""
-    state = optimizer.state_dict()
-    # state_dict() shares each parameter's state dict with the optimizer: build new ones.
-    state["state"] = {index: {key: value.full_tensor().cpu() if _is_dtensor(value) else value
-                              for key, value in param_state.items()}
-                      for index, param_state in state["state"].items()}
-    return state
-
-
-def shard_optimizer_state_(optimizer: torch.optim.Optimizer) -> None:
-    """After load_state_dict of a full state: turn each state tensor shaped like its sharded
-    parameter into a DTensor with the parameter's placement (collective)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if not _is_dtensor(param):
-                continue
-            for key, value in list(optimizer.state.get(param, {}).items()):
-                if torch.is_tensor(value) and not _is_dtensor(value) and tuple(value.shape) == tuple(param.shape):
-                    optimizer.state[param][key] = distribute_tensor(value.to(param.device), param.device_mesh,
-                                                                    param.placements)
-
-
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> float:
-    """Clip the global gradient norm of (possibly sharded) parameters; return the norm before clipping.
-
-    With FSDP each rank holds a disjoint shard of each gradient, so the squared norm is the
-    sum over ranks of the local shards' squared norms.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    local = [g.to_local() if _is_dtensor(g) else g for g in grads]
-    squares = sum(float(g.float().pow(2).sum()) for g in local)
-    device = local[0].device if local else torch.device("cpu")
-    total = all_reduce_sum([squares], device)[0] ** 0.5
-    coefficient = max_norm / (total + 1e-6)
-    if coefficient < 1:
-        for g in local:
-            g.mul_(coefficient)
-    return total
-
-
-def local_model_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes this rank holds of the model: {"base_weights", "quant_state", "trainable_params"}.
-
-    With FSDP a parameter is a DTensor and only its local shard counts; a 4-bit layer's
-    quant_state (absmax and, with double quantization, its own absmax and code) is whole on
-    every rank and is counted apart as "quant_state" (it is part of the base).
-    """
-    seen: set[int] = set()
-    out = {"base_weights": 0, "quant_state": 0, "trainable_params": 0}
-
-    def count(tensor: torch.Tensor, key: str) -> None:
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        storage = local.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            out[key] += storage.nbytes()
-
-    for module in model.modules():
-        if quantlib.quantized_bits(module) == 4:
-            for name, tensor in quantlib.packed_tensors(module).items():
-                count(tensor, "base_weights" if name == "weight" else "quant_state")
-    for param in model.parameters():
-        count(param, "trainable_params" if param.requires_grad else "base_weights")
-    for buffer in model.buffers():
-        count(buffer, "base_weights")
-    return out
-
-
-class UnitGatherer:
-    """Unshard the FSDP unit that owns a parameter, one unit at a time (collective, same order on every rank).
-
-    `open(name)` takes a parameter name relative to `root.model`; the unit holding it is
-    gathered and the previously gathered one is resharded, so at most one decoder block
-    (or the root's own embeddings / head / norms) is whole at once.
+    Attributes:
+        device: where this process computes.
+        world, rank, is_main: number of processes, this one's index, and whether it is rank 0
+            (the one that writes files and prints).
+        module: the loss module as the strategy wrapped it (set by `wrap`).
     """
 
-    def __init__(self, root: LossModule) -> None:
-        units = fsdp_units(root)
-        # Longest prefix first: a block's names before the root's "".
-        self.units = sorted(units.items(), key=lambda item: -len(item[0]))
-        self.current: nn.Module | None = None
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.is_main = accelerator.is_main_process
+        self.module: nn.Module | None = None
 
-    def open(self, name: str) -> None:
-        full = f"model.{name}"
-        unit = next(m for prefix, m in self.units if not prefix or full.startswith(prefix + "."))
-        if unit is self.current:
-            return
-        self.close()
-        unit.unshard()
-        self.current = unit
+    def wrap(self, loss_module: LossModule) -> nn.Module:
+        """Wrap the loss module for this strategy; call it before building the optimizer."""
+        self.module = loss_module
+        return loss_module
 
-    def close(self) -> None:
-        if self.current is not None:
-            self.current.reshard()
-            self.current = None
+    def micro_batch(self, last: bool) -> AbstractContextManager:
+        """The context a micro-batch's forward and backward run in (`last`: the step's last one)."""
+        return nullcontext()
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
+        """Clip the gradients' global norm to `max_norm`; return the norm before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the ranks."""
+        return all_reduce_sum(values, self.device)
+
+    def max(self, value: float) -> float:
+        """The largest `value` over the ranks."""
+        return all_reduce_max(value, self.device)
+
+    def from_main(self, compute: Callable[[], T]) -> T:
+        """`compute()` run on rank 0 alone, its result given to every rank."""
+        return gather_objects(compute() if self.is_main else None)[0]
+
+    def on_main(self, write: Callable[[], T]) -> T | None:
+        """`write()` run on rank 0 alone (None elsewhere); every rank waits until it is done."""
+        result = write() if self.is_main else None
+        barrier()
+        return result
+
+    def adapter_tensors(self, model: nn.Module) -> dict | None:
+        """The whole LoRA factors to write, or None: the model's own (collective under FSDP)."""
+        return None
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """The whole optimizer state to write, or None: optimizer.state_dict() (collective under FSDP)."""
+        return None
+
+    def loaded(self, optimizer: torch.optim.Optimizer) -> None:
+        """After a checkpoint's full optimizer state was loaded (FSDP shards it again)."""
+
+    def export_merged(self, model: nn.Module, out_dir: str | Path, **kwargs) -> dict | None:
+        """export_merged of `model`, written by rank 0 (every rank must call it)."""
+        return self.on_main(lambda: export_merged(model, out_dir, **kwargs))
+
+    @contextmanager
+    def memory_profile(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[MemoryRecord]:
+        """Measure the steps run inside the block with MemoryProfiler; the record is filled on the way
+        out, also when the block raises (an interrupted run still reports what it measured)."""
+        record = MemoryRecord()
+        profiler = MemoryProfiler(model=model, optimizer=optimizer)
+        try:
+            with profiler:
+                yield record
+        finally:
+            record.summary, record.table = profiler.summary(), profiler.table()
+            self.add_ranks(record)
+
+    def add_ranks(self, record: MemoryRecord) -> None:
+        """Add the other ranks' figures to this rank's memory record (nothing on one process)."""
+
+    def describe(self) -> str:
+        """What the run's first line says about the strategy, after the global batch."""
+        return ""
+
+    def final_memory(self, model: nn.Module) -> MemoryRecord | None:
+        """What to record about memory once training ends (None: the profiled steps say it)."""
+        return None
+
+
+class Single(Strategy):
+    """One process: the model runs as it is, nothing is synchronized."""
+
+
+class DDP(Strategy):
+    """Several processes, each holding the whole model; gradients are averaged once per step."""
+
+    def wrap(self, loss_module: LossModule) -> nn.Module:
+        self.module = self.accelerator.prepare(loss_module)
+        return self.module
+
+    def micro_batch(self, last: bool) -> AbstractContextManager:
+        # DDP all-reduces once per step: not after the micro-batches before the last.
+        return nullcontext() if last else self.accelerator.no_sync(self.module)
+
+    def add_ranks(self, record: MemoryRecord) -> None:
+        # Every rank measured itself; each records them all (its own numbers stay on top).
+        with_rank_lines(record, gather_objects(
+            {k: record.summary[k] for k in ("peak_bytes", "rss_peak_bytes", "breakdown")}))
+
+
+class FSDP(Strategy):
+    """Several processes sharing the frozen base (FSDP2 per decoder block); rank 0 writes gathered copies."""
+
+    def describe(self) -> str:
+        return f" (FSDP: the base is sharded over {self.world} ranks)"
+
+    def wrap(self, loss_module: LossModule) -> nn.Module:
+        loss_module.to(self.device)
+        fsdp.shard_base(loss_module, self.device)
+        self.module = loss_module
+        return loss_module
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
+        return fsdp.clip_grad_norm_(params, max_norm)
+
+    def adapter_tensors(self, model: nn.Module) -> dict | None:
+        return fsdp.full_lora_tensors(model)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        return fsdp.full_optimizer_state(optimizer)
+
+    def loaded(self, optimizer: torch.optim.Optimizer) -> None:
+        fsdp.shard_optimizer_state_(optimizer)
+
+    def export_merged(self, model: nn.Module, out_dir: str | Path, **kwargs) -> dict | None:
+        """The ranks gather one block at a time while rank 0 streams it to disk; the probe batch
+        (a forward of the unsharded model) is skipped."""
+        if kwargs.get("format", "safetensors") != "safetensors":
+            raise ValueError("under FSDP the merged export is written as safetensors only; export GGUF afterwards "
+                             "from the adapter with `qlowrank export --format gguf`")
+        gatherer = fsdp.UnitGatherer(self.module)
+        report = None
+        if self.is_main:
+            report = export_merged(model, out_dir, before_tensor=gatherer.open, probe=False, **kwargs)
+        else:
+            for key in export_keys(model):
+                gatherer.open(key)
+        gatherer.close()
+        barrier()
+        return report
+
+    @contextmanager
+    def memory_profile(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[MemoryRecord]:
+        # MemoryProfiler's dispatch mode does not see through FSDP's DTensors: each rank records
+        # what it holds of the model and its peak RSS at the end instead (final_memory).
+        yield MemoryRecord()
+
+    def final_memory(self, model: nn.Module) -> MemoryRecord | None:
+        """Per rank: bytes held of the model (sharded base, whole quant_state, LoRA shard) and peak RSS."""
+        mine = {**local_model_bytes(model), "rss_peak_bytes": peak_memory_bytes(self.device)}
+        return fsdp_memory(gather_objects(mine))
+
+
+def choose_strategy(device: torch.device, sharding: str | None) -> Strategy:
+    """The strategy for this launch: FSDP when asked for (`sharding="fsdp"` or accelerate's FSDP
+    plugin), DDP on several processes, else Single. `device`: where the model is."""
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    if sharding == "fsdp" or accelerator.distributed_type == DistributedType.FSDP:
+        return FSDP(accelerator)
+    if accelerator.num_processes > 1:
+        return DDP(accelerator)
+    return Single(accelerator)

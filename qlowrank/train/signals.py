@@ -44,7 +44,7 @@ class StopSignals:
         self.count = 0                      # how many arrived
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 previous = signal.getsignal(signum)
