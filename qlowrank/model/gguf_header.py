@@ -81,26 +81,34 @@ def read_gguf_header(path: str | Path) -> tuple[dict, list[str]]:
 
 
 def gguf_config(path: str | Path) -> transformers.PretrainedConfig:
-    """The transformers config of a GGUF model, from its header (transformers' GGUF key mapping).
+    """The transformers config of a GGUF model, from its header only.
+
+    It equals the config transformers' own GGUF reader builds (`load_gguf_checkpoint`, whose
+    key mapping and defaults it uses): the streamed reader builds its model from it, and its
+    logits must equal transformers'.
 
     Raises:
         ValueError: an architecture transformers cannot read from GGUF.
     """
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
     fields, names = read_gguf_header(path)
     arch = str(fields.get("general.architecture", ""))
-    model_type = "mistral" if arch == "llama" and "mistral" in str(fields.get("general.name", "")).lower() else arch
+    # transformers' rule, kept as it is so that both readers build the same model: a "llama"
+    # file is Mistral when general.name is exactly "mistral" (its test is list membership).
+    model_type = "mistral" if arch == "llama" and fields.get("general.name") == "mistral" else arch
     mapping = GGUF_CONFIG_MAPPING.get(model_type) or GGUF_CONFIG_MAPPING.get(arch)
     if not mapping:
         raise ValueError(f"{path}: GGUF architecture {arch!r} has no transformers config mapping; "
                          "pass the model's config.json instead")
-    config = {}
+    config = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, GGUF_CONFIG_DEFAULTS_MAPPING.get(arch) or {}))
+    sections = {arch: mapping, "tokenizer": GGUF_CONFIG_MAPPING["tokenizer"],
+                "general": {"name": "_model_name_or_path"}}
     for key, value in fields.items():
-        if key.startswith(arch + "."):
-            target = mapping.get(key[len(arch) + 1:])
-            if target not in (None, -1):
-                config[target] = value
+        prefix, _, rest = key.partition(".")
+        target = sections.get(prefix, {}).get(rest)
+        if target not in (None, -1) and not isinstance(value, _Skipped):
+            config[target] = value
     if "vocab_size" not in config and isinstance(fields.get("tokenizer.ggml.tokens"), _Skipped):
         config["vocab_size"] = int(fields["tokenizer.ggml.tokens"])
     config["tie_word_embeddings"] = "output.weight" not in names

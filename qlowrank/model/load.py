@@ -4,17 +4,15 @@ For a safetensors checkpoint the model is built on the meta device (no float wei
 allocated), then the files are streamed one shard and one tensor at a time: each linear
 weight is quantized the moment it arrives and its float copy is dropped, so peak host RAM
 stays near the quantized model plus one (memory-mapped) shard instead of the whole float
-model. GGUF files go through transformers' own GGUF reader, which dequantizes the whole
-file first (GGUF models are small enough for that; the streamed path is for big ones).
+model. GGUF files are streamed the same way by `model/gguf.py` (one tensor dequantized at a
+time); `gguf_reader="transformers"` uses transformers' own GGUF reader instead, which
+dequantizes the whole file to float32 first.
 
 Nothing is ever unpickled: `.bin` / `.pt` checkpoints are refused with a message.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import json
 import os
 import re
@@ -23,21 +21,20 @@ from pathlib import Path
 
 import torch
 import transformers
-from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import LoraConfig, QuantConfig, parse_dtype
 from ..nn import quant as quantlib
-from ..nn.layers import is_conv1d
 from ..state import state_of
-from .inspect import linear_layers, name_matches, output_head_names, set_submodule
-from .surgery import add_lora, quantize_layer, quantize_model
+from .stream import LoadSettings, TensorSink, empty_model, release_freed_memory, tied_keys  # noqa: F401 (export/ imports the last two from here)
+from .surgery import add_lora, quantize_model
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+GGUF_READERS = ("streamed", "transformers")  # load_model(gguf_reader=...)
 
 
 @dataclass
@@ -68,6 +65,7 @@ def load_model(
     skip_modules: tuple[str, ...] = (),
     progress: bool = True,
     seed: int | None = None,
+    gguf_reader: str = "streamed",
 ) -> nn.Module:
     """Load a causal LM with its linear layers quantized while loading, optionally with LoRA.
 
@@ -88,6 +86,11 @@ def load_model(
         seed: with `lora`, makes the LoRA init reproducible (see `add_lora`); it also seeds
             LoftQ / PiSSA's randomized SVDs, which run layer by layer on each float weight
             as it streams in (None: 0).
+        gguf_reader: how a GGUF file is read. "streamed" (default): qlowrank's reader
+            dequantizes one tensor at a time and quantizes it at once, so loading peaks near
+            the quantized model (Llama, Mistral, SmolLM2, Qwen2). "transformers": transformers'
+            reader, which dequantizes the whole file to float32 first (any architecture it
+            knows; the fallback for the others).
 
     Returns:
         The transformers model (eval mode) with bitsandbytes layers and, if asked, LoRA
@@ -103,12 +106,15 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     quant.check_device(device)
     dtype = parse_dtype(dtype, "dtype") if dtype is not None else quant.compute_dtype
+    if gguf_reader not in GGUF_READERS:
+        raise ValueError(f"gguf_reader={gguf_reader!r}: use one of {GGUF_READERS}")
+    settings = LoadSettings(quant, device, dtype, tuple(skip_modules), lora, seed, progress)
     folder, gguf_name = _resolve(path_or_id, gguf_file)
     if gguf_name is not None:
-        model = _load_gguf(folder, gguf_name, quant, device, dtype, skip_modules, lora, seed)
+        model = _load_gguf(folder, gguf_name, settings, gguf_reader)
         source = {"id": str(path_or_id), "path": str(folder), "gguf_file": gguf_name, "format": "gguf"}
     else:
-        model = _load_safetensors(folder, quant, device, dtype, trust_remote_code, skip_modules, progress, lora, seed)
+        model = _load_safetensors(folder, settings, trust_remote_code)
         source = {"id": str(path_or_id), "path": str(folder), "gguf_file": None, "format": "safetensors"}
     model.eval()
     model.config._name_or_path = str(path_or_id)
@@ -238,13 +244,7 @@ def _build_empty(folder: Path, trust_remote_code: bool, dtype: torch.dtype) -> n
             f"{folder / 'config.json'} holds a quantization_config: this checkpoint is already quantized. "
             "load_model needs the float (bf16/fp16/fp32) checkpoint and quantizes it itself."
         )
-    cls = _model_class(config, folder, trust_remote_code)
-    # Parameters on meta (no memory), buffers real: non-persistent buffers such as rotary
-    # inv_freq are computed in __init__ and are not in the checkpoint.
-    with init_empty_weights(include_buffers=False):
-        if cls is transformers.AutoModelForCausalLM:
-            return cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        return cls._from_config(config, dtype=dtype)
+    return empty_model(config, dtype, _model_class(config, folder, trust_remote_code), trust_remote_code)
 
 
 def key_mapper(expected: set[str], prefix: str):
@@ -262,30 +262,13 @@ def key_mapper(expected: set[str], prefix: str):
     return mapped
 
 
-def tied_keys(model: nn.Module) -> set[str]:
-    """State-dict keys that are tied to another tensor (not stored in checkpoints)."""
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return set()
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return set(tied.keys() if isinstance(tied, dict) else tied)
-
-
-def _load_safetensors(folder, quant, device, dtype, trust_remote_code, skip_modules, progress, lora=None,
-                      seed=None) -> nn.Module:
+def _load_safetensors(folder: Path, settings: LoadSettings, trust_remote_code: bool) -> nn.Module:
     files = checkpoint_files(folder)
-    model = _build_empty(folder, trust_remote_code, dtype)
-    expected = set(model.state_dict().keys())
-    mapped = key_mapper(expected, model.base_model_prefix)
-    heads = output_head_names(model)
-    to_quantize = set()
-    if quant.bits is not None:
-        to_quantize = {
-            name for name, _ in linear_layers(model) if name not in heads and not name_matches(name, skip_modules)
-        }
-    pending: dict[str, dict[str, torch.Tensor]] = {}  # linear name -> arrived weight / bias
-    loaded: set[str] = set()
+    model = _build_empty(folder, trust_remote_code, settings.dtype)
+    sink = TensorSink(model, settings)
+    mapped = key_mapper(sink.expected, model.base_model_prefix)
     unexpected: list[str] = []
-    bar = tqdm(total=len(files.weight_map), desc="loading", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(files.weight_map), desc="loading", unit="tensor", disable=not settings.progress)
     for shard in files.files():
         with open_safetensors(shard) as handle:  # one memory-mapped shard at a time
             for ckpt_key in handle.keys():
@@ -294,97 +277,22 @@ def _load_safetensors(folder, quant, device, dtype, trust_remote_code, skip_modu
                 if key is None:
                     unexpected.append(ckpt_key)
                     continue
-                tensor = handle.get_tensor(ckpt_key)
-                module_name, _, leaf = key.rpartition(".")
-                module = model.get_submodule(module_name)
-                _check_shape(module, leaf, tensor, key, shard)
-                loaded.add(key)
-                if module_name in to_quantize and leaf in ("weight", "bias"):
-                    pending.setdefault(module_name, {})[leaf] = tensor
-                    _quantize_if_complete(model, module_name, pending, quant, device, dtype, heads, lora, seed)
-                else:
-                    _assign(module, leaf, tensor, device, dtype)
+                sink.put(key, handle.get_tensor(ckpt_key), shard.name)
     bar.close()
-    _check_keys(model, folder, expected, loaded, unexpected, pending)
-    if tied_keys(model):
-        model.tie_weights()
-    still_meta = [name for name, p in model.named_parameters() if p.is_meta]
-    if still_meta:
-        raise ValueError(f"{folder}: these parameters were never loaded: {still_meta[:20]}")
-    return model
+    return sink.finish(str(folder), unexpected)
 
 
-def _check_shape(module: nn.Module, leaf: str, tensor: torch.Tensor, key: str, shard: Path) -> None:
-    current = getattr(module, leaf, None)
-    if isinstance(current, torch.Tensor) and tuple(current.shape) != tuple(tensor.shape):
-        raise ValueError(
-            f"{shard.name}: tensor {key!r} has shape {tuple(tensor.shape)} but the model built from config.json "
-            f"expects {tuple(current.shape)}; the weights do not belong to this config"
-        )
+def _load_gguf(folder: Path, name: str, settings: LoadSettings, reader: str) -> nn.Module:
+    if reader == "streamed":
+        from .gguf import load_gguf_streamed
+
+        return load_gguf_streamed(folder / name, settings)
+    return _load_gguf_transformers(folder, name, settings)
 
 
-def _assign(module: nn.Module, leaf: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
-    # Always a copy: a tensor that still pointed into the memory-mapped shard would keep the
-    # whole mapping (every page read so far) resident for the life of the model.
-    tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
-    if leaf in module._parameters:
-        old = module._parameters[leaf]
-        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else False)
-    else:
-        module._buffers[leaf] = tensor
-
-
-def _quantize_if_complete(model, name, pending, quant, device, dtype, heads, lora, seed) -> None:
-    module = model.get_submodule(name)
-    parts = pending[name]
-    if "weight" not in parts or (module.bias is not None and "bias" not in parts):
-        return  # the other half is in a later tensor or shard
-    weight = parts["weight"].t() if is_conv1d(module) else parts["weight"]  # (out, in)
-    bias = parts.get("bias")
-    bias = bias.to(dtype) if bias is not None else None
-    # LoftQ / PiSSA run here, on the one float weight in flight (quantize_layer decides).
-    new = quantize_layer(name, weight.to(device), bias, quant, device, lora, heads, seed)
-    new.fan_in_fan_out = is_conv1d(module)
-    new.train(module.training)
-    set_submodule(model, name, new)
-    del pending[name]
-    release_freed_memory()
-
-
-@functools.lru_cache(maxsize=1)
-def _libc_trim():
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    return getattr(libc, "malloc_trim", None)
-
-
-def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc only; a no-op elsewhere).
-
-    Quantizing a layer frees float temporaries of many sizes; glibc keeps such memory in
-    its arenas, and on the 1.2B benchmark that fragmentation alone added ~1 GB to the peak.
-    """
-    trim = _libc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def _check_keys(model, folder, expected, loaded, unexpected, pending) -> None:
-    ignore_unexpected = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-    unexpected = [k for k in unexpected if not any(re.search(p, k) for p in ignore_unexpected)]
-    missing = sorted(expected - loaded - tied_keys(model))
-    ignore_missing = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
-    missing = [k for k in missing if not any(re.search(p, k) for p in ignore_missing)]
-    if missing or unexpected or pending:
-        raise ValueError(
-            f"{folder}: the checkpoint does not match the model built from its config.json. "
-            f"missing tensors: {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
-            f"unexpected tensors: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
-            + (f"; layers with a weight but no bias: {sorted(pending)[:20]}" if pending else "")
-        )
-
-
-def _load_gguf(folder: Path, name: str, quant: QuantConfig, device, dtype, skip_modules, lora=None, seed=None) -> nn.Module:
+def _load_gguf_transformers(folder: Path, name: str, settings: LoadSettings) -> nn.Module:
+    """transformers' reader: the whole file dequantized to float32 first, then quantized (the fallback)."""
+    quant, device, dtype = settings.quant, settings.device, settings.dtype
     try:
         # float32: transformers dequantizes the GGUF blocks; quantizing from float32 avoids a
         # second rounding through bf16 before NF4 / int8.
@@ -399,7 +307,8 @@ def _load_gguf(folder: Path, name: str, quant: QuantConfig, device, dtype, skip_
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.to(device)
-    quantize_model(model, quant, skip=skip_modules, device=device, lora=lora, seed=seed)  # bits=None: unchanged
+    quantize_model(model, quant, skip=settings.skip_modules, device=device, lora=settings.lora,
+                   seed=settings.seed)  # bits=None: unchanged
     for module in model.modules():
         if quantlib.is_quantized_linear(module):
             continue

@@ -1,0 +1,154 @@
+"""Streamed GGUF reader: one tensor dequantized at a time, quantized to 4/8-bit at once, so a GGUF loads at about the memory of its result.
+
+transformers' GGUF reader dequantizes every tensor of the file to float32 before the model
+exists (an 8B GGUF needs ~40 GB of RAM that way). Here the file is memory-mapped with the
+`gguf` package's `GGUFReader`, the model is built on the meta device from the header's
+config (`gguf_header.gguf_config`, equal to transformers'), and each tensor is then:
+
+1. dequantized alone with `gguf.quants.dequantize` (the function transformers' reader calls,
+   so the float values are the same bits), a slab of rows at a time, straight into a tensor
+   of the dtype it will be kept in;
+2. put back into Hugging Face's layout: GGUF lists dimensions fastest-first (the reader has
+   already reversed them into numpy order), and llama.cpp's converter interleaves the rotary
+   halves of q_proj / k_proj rows for the "llama" architecture, undone here per head;
+3. handed to `stream.TensorSink`, which quantizes a linear the moment its weight (and bias)
+   are complete and drops the float copy, or keeps an embedding / norm / head in float.
+
+Peak RAM: the quantized model plus about twice the float32 bytes of the largest quantized
+linear (its float32 copy and bitsandbytes' working copy), measured in benchmarks/gguf_load.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .gguf_header import gguf_config
+from .stream import LoadSettings, TensorSink, empty_model, release_freed_memory
+
+# GGUF architectures this reader knows (general.architecture). llama.cpp writes Llama,
+# Mistral and SmolLM2 as "llama"; only "llama" has its q/k rows permuted (convert_hf_to_gguf.py).
+ARCHITECTURES = {"llama": True, "qwen2": False}  # architecture -> q/k rotary rows permuted
+# Tensor types tested equal to transformers' reader (tests/test_gguf_reader.py).
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+# Rows are dequantized in slabs of about this many values: gguf's numpy dequantizers make a
+# few float32 temporaries of their input's size, so a whole 128k x 4096 embedding at once
+# would cost several GB; 2^22 values keep them at tens of MB and the per-call overhead small.
+SLAB_VALUES = 1 << 22
+FALLBACK = "load_model(..., gguf_reader='transformers') (transformers' reader, which dequantizes the whole file first)"
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading a GGUF file needs the `gguf` package: pip install gguf") from None
+    return gguf
+
+
+def open_gguf(path: str | Path):
+    """The file's `gguf.GGUFReader` (memory-mapped: tensor bytes are read only when touched)."""
+    try:
+        return _gguf().GGUFReader(str(path))
+    except (ValueError, OSError, KeyError) as err:
+        raise ValueError(f"{path} is not a readable GGUF file ({err}); the file is corrupt or truncated") from None
+
+
+def hf_names(model: nn.Module, architecture: str) -> dict[str, str]:
+    """GGUF tensor name -> the model's state-dict key, from the `gguf` package's name map."""
+    gguf = _gguf()
+    arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
+    name_map = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
+    names = {}
+    for key in model.state_dict():
+        stem, dot, suffix = key.rpartition(".")
+        gguf_name = name_map.get_name(stem)
+        if gguf_name is not None:
+            names[gguf_name + dot + suffix] = key
+    return names
+
+
+def dequantize(tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One GGUF tensor as a float torch tensor of `dtype` in numpy (row-major, HF) order.
+
+    Values are `gguf.quants.dequantize`'s float32 results, cast once to `dtype`: the slabs
+    hold whole rows, and GGUF blocks never cross a row, so the result equals dequantizing
+    the tensor whole (transformers' reader) bit for bit.
+    """
+    quants = _gguf().quants
+    kind = tensor.tensor_type
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists the fastest dimension first
+    data = tensor.data.reshape(-1, tensor.data.shape[-1])  # (rows, values or bytes per row)
+    out = torch.empty((data.shape[0], shape[-1]), dtype=dtype)
+    step = max(1, SLAB_VALUES // shape[-1])
+    for start in range(0, data.shape[0], step):
+        slab = quants.dequantize(data[start:start + step], kind)
+        if not slab.flags.writeable:  # F32 comes back as a view of the read-only mapping
+            slab = np.array(slab)
+        out[start:start + step] = torch.from_numpy(slab)
+    return out.reshape(shape)
+
+
+def unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of q/k from llama.cpp's interleaved rotary pairs back to HF's two halves, per head.
+
+    The inverse of export/gguf.py's permutation; the same reshape as transformers' reader.
+    """
+    out, cols = weight.shape
+    half = out // heads // 2
+    return weight.reshape(heads, half, 2, cols).transpose(1, 2).reshape(out, cols)  # (out, in)
+
+
+def check_supported(reader, path: Path) -> str:
+    """The file's architecture, or ValueError naming what the streamed reader cannot read and the fallback."""
+    field = reader.fields.get("general.architecture")
+    architecture = bytes(field.parts[field.data[0]]).decode() if field is not None else "?"
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"{path}: the streamed GGUF reader knows the architectures {sorted(ARCHITECTURES)} "
+                         f"(Llama, Mistral, SmolLM2, Qwen2); this file is {architecture!r}. Use {FALLBACK}.")
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name not in TENSOR_TYPES:
+            raise ValueError(f"{path}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which the "
+                             f"streamed GGUF reader does not read (it reads {', '.join(TENSOR_TYPES)}). Use {FALLBACK}.")
+    return architecture
+
+
+def load_gguf_streamed(path: str | Path, settings: LoadSettings) -> nn.Module:
+    """A GGUF model loaded tensor by tensor into `settings` (quantized linears or float).
+
+    Raises:
+        ValueError: an architecture or tensor type this reader does not know (naming the
+            transformers fallback), a corrupt file, or tensors that do not fit the config.
+    """
+    path = Path(path)
+    reader = open_gguf(path)
+    architecture = check_supported(reader, path)
+    config = gguf_config(path)
+    model = empty_model(config, settings.dtype)
+    sink = TensorSink(model, settings)
+    names = hf_names(model, architecture)
+    heads = {"self_attn.q_proj.weight": config.num_attention_heads,
+             "self_attn.k_proj.weight": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    unexpected = []
+    for tensor in tqdm(reader.tensors, desc="loading", unit="tensor", disable=not settings.progress):
+        key = names.get(tensor.name)
+        if key is None:
+            unexpected.append(tensor.name)
+            continue
+        sink.check_shape(key, tuple(int(d) for d in reversed(tensor.shape.tolist())), path.name)
+        # A weight that will be quantized stays float32 until then, as on transformers' path
+        # (quantize_linear decides whether to round it through the compute dtype first).
+        weight = dequantize(tensor, torch.float32 if sink.quantizes(key) else settings.dtype)
+        suffix = key.split(".", 3)[-1] if key.startswith("model.layers.") else ""
+        if ARCHITECTURES[architecture] and suffix in heads:
+            weight = unpermute_rotary(weight, heads[suffix])
+        sink.put(key, weight, path.name, owned=True)
+        del weight
+    model = sink.finish(str(path), unexpected)
+    del reader  # drops the memory map
+    release_freed_memory()
+    return model
