@@ -96,11 +96,23 @@ def dequantize(tensor, dtype: torch.dtype) -> torch.Tensor:
 def unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows of q/k from llama.cpp's interleaved rotary pairs back to HF's two halves, per head.
 
-    The inverse of export/gguf.py's permutation; the same reshape as transformers' reader.
+    The inverse of the exporter's permutation; the same reshape as transformers' reader.
     """
     out, cols = weight.shape
     half = out // heads // 2
     return weight.reshape(heads, half, 2, cols).transpose(1, 2).reshape(out, cols)  # (out, in)
+
+
+def rotary_heads(architecture: str, key: str, config) -> int | None:
+    """The head count whose rotary rows llama.cpp permuted in tensor `key` (q / k of "llama"), else None."""
+    if not ARCHITECTURES.get(architecture, False):
+        return None
+    heads = config.num_attention_heads
+    if key.endswith("self_attn.q_proj.weight"):
+        return heads
+    if key.endswith("self_attn.k_proj.weight"):
+        return getattr(config, "num_key_value_heads", None) or heads
+    return None
 
 
 def check_supported(reader, path: Path) -> str:
@@ -131,8 +143,6 @@ def load_gguf_streamed(path: str | Path, settings: LoadSettings) -> nn.Module:
     model = empty_model(config, settings.dtype)
     sink = TensorSink(model, settings)
     names = hf_names(model, architecture)
-    heads = {"self_attn.q_proj.weight": config.num_attention_heads,
-             "self_attn.k_proj.weight": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
     unexpected = []
     for tensor in tqdm(reader.tensors, desc="loading", unit="tensor", disable=not settings.progress):
         key = names.get(tensor.name)
@@ -143,9 +153,9 @@ def load_gguf_streamed(path: str | Path, settings: LoadSettings) -> nn.Module:
         # A weight that will be quantized stays float32 until then, as on transformers' path
         # (quantize_linear decides whether to round it through the compute dtype first).
         weight = dequantize(tensor, torch.float32 if sink.quantizes(key) else settings.dtype)
-        suffix = key.split(".", 3)[-1] if key.startswith("model.layers.") else ""
-        if ARCHITECTURES[architecture] and suffix in heads:
-            weight = unpermute_rotary(weight, heads[suffix])
+        heads = rotary_heads(architecture, key, config)
+        if heads is not None:
+            weight = unpermute_rotary(weight, heads)
         sink.put(key, weight, path.name, owned=True)
         del weight
     model = sink.finish(str(path), unexpected)
