@@ -1,12 +1,13 @@
-"""Crash-safe directory writes: build in a hidden staging folder, fsync, then swap into place.
+"""Crash-safe writes: build in a hidden staging folder (or file), fsync, then swap into place.
 
     with staged_dir(target) as tmp:        # tmp = <parent>/.<name>.partial-<host>-<pid>-XXXX
         ...write files into tmp...
     # on success tmp is fsynced and atomically becomes `target`; on any error (a full disk,
     # a read-only folder, an exception, Ctrl-C) tmp is deleted and `target` is untouched.
 
-A SIGKILL cannot be caught, so it may leave a staging folder behind: such folders are
-hidden, never read as results, and deleted by the next `staged_dir` in the same parent
+`staged_file(target)` does the same for one file (a GGUF export). A SIGKILL cannot be
+caught, so it may leave a staging folder or file behind: such leftovers are hidden, never
+read as results, and deleted by the next `staged_dir` / `staged_file` in the same parent
 once the process that made them is gone (its host and pid are part of the name).
 """
 
@@ -110,7 +111,10 @@ def remove_leftovers(parent: Path, name: str | None = None) -> list[Path]:
         match = _LEFTOVER.match(entry.name)
         mine = match and match.group("host") == staging_tag().split("-")[0]
         if mine and name in (None, match.group("name")) and not _alive(int(match.group("pid"))):
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:   # a staged_file's leftover
+                entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
 
@@ -118,6 +122,18 @@ def remove_leftovers(parent: Path, name: str | None = None) -> list[Path]:
 # errno values that mean "this write cannot succeed here": a full disk or quota, a file
 # size limit, a read-only or forbidden folder, a failing device.
 WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def _write_failure(err: OSError, what: str, target: Path, intact: str | None, kind: str) -> OSError:
+    """`err` (errno in WRITE_FAILURES) as one OSError that names `what` and `target` and says what is intact."""
+    if intact is None:
+        intact = f"the existing {target.name} is unchanged" if target.exists() else "nothing was written"
+    # A nested staged_dir (the adapter inside a checkpoint) already explained itself: keep its cause only.
+    cause = getattr(err, "cause", None) or (f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else ""))
+    failure = OSError(err.errno, f"cannot write {what} {target}: {cause}; no partial {kind} was left "
+                                 f"behind and {intact}. Free disk space or use a writable folder")
+    failure.cause = cause
+    return failure
 
 
 @contextlib.contextmanager
@@ -141,14 +157,35 @@ def staged_dir(target: str | os.PathLike, what: str = "output", intact: str | No
     except OSError as err:
         if err.errno not in WRITE_FAILURES:
             raise
-        if intact is None:
-            intact = f"the existing {target.name} is unchanged" if target.exists() else "nothing was written"
-        # A nested staged_dir (the adapter inside a checkpoint) already explained itself: keep its cause only.
-        cause = getattr(err, "cause", None) or (f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else ""))
-        failure = OSError(err.errno, f"cannot write {what} {target}: {cause}; no partial folder was left behind "
-                                     f"and {intact}. Free disk space or use a writable folder")
-        failure.cause = cause
-        raise failure from None
+        raise _write_failure(err, what, target, intact, "folder") from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_file(target: str | os.PathLike, what: str = "output") -> Iterator[Path]:
+    """A hidden staging file beside `target` that replaces `target` (os.replace) when the block succeeds.
+
+    The same contract as `staged_dir`, for one file: fsynced before the rename, removed on any
+    exception, write failures re-raised as one OSError naming `what` and `target`.
+    """
+    target = Path(target)
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(target.parent, target.name)
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-{staging_tag()}-", dir=target.parent)
+        os.close(handle)
+        tmp = Path(name)
+        yield tmp
+        _fsync(tmp, directory=False)
+        os.replace(tmp, target)
+        _fsync(target.parent, directory=True)
+    except OSError as err:
+        if err.errno not in WRITE_FAILURES:
+            raise
+        raise _write_failure(err, what, target, None, "file") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)

@@ -1,9 +1,12 @@
-"""export_gguf: write a trained model, merged and dequantized, as one GGUF file for llama.cpp, Ollama, LM Studio.
+"""The GGUF writer: a trained model, merged and dequantized, as one GGUF file for llama.cpp, Ollama, LM Studio.
 
-The merged weights are the ones `export_merged` writes (`dequant(W_q) + scale * B @ A` in
-float32, from the same plan), cast once to the GGUF type. The file is written with the
-`gguf` package's writer, tensor by tensor (header and tensor table first, so no tensor
-waits in memory for the others), into a temporary file renamed into place when complete.
+`export_merged(model, "model.gguf", format="gguf")` comes here. The merged weights are the
+ones the safetensors writer writes (`dequant(W_q) + scale * B @ A` in float32, from the same
+plan), cast once to the GGUF type. The file is written with the `gguf` package's writer,
+tensor by tensor (header and tensor table first, so no tensor waits in memory for the
+others), into a staging file renamed into place when complete. The fidelity probe reads the
+written file back one module at a time (`GgufWeights`: the gguf package's reader and
+dequantizer, rows un-permuted), as the safetensors probe does.
 
 Supported: the Llama layout (Llama, Mistral, SmolLM2: GGUF architecture "llama") and Qwen2
 ("qwen2"), with a byte-level BPE tokenizer (GPT-2 style: Llama 3, Qwen2, SmolLM2), written
@@ -17,19 +20,19 @@ SentencePiece tokenizers (Llama 2, Mistral 7B v0.1).
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from torch import nn
 
+from ..atomic import staged_file
 from ..state import state_of
-from .plan import export_plan, from_original
-from .probe import model_logits
+from .plan import ExportEntry, ExportOptions, export_config, planned_entries
+from .probe import probe_fidelity
+from .tokenizer import load_tokenizer_for
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # HF class -> GGUF architecture. llama.cpp's own converter writes Mistral as "llama" too.
@@ -70,6 +73,25 @@ def _permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, half, cols).transpose(1, 2).reshape(out, cols)  # (out, in)
 
 
+def _unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of `_permute_rotary`: llama.cpp's interleaved pairs back to HF's half-split layout."""
+    out, cols = weight.shape
+    half = out // heads // 2
+    return weight.reshape(heads, half, 2, cols).transpose(1, 2).reshape(out, cols)  # (out, in)
+
+
+def _rotary_heads(arch: str, key: str, config) -> int | None:
+    """The head count to permute this tensor's rows by ("llama" q / k projections), else None."""
+    if arch != "llama":
+        return None
+    heads = config.num_attention_heads
+    if key.endswith("self_attn.q_proj.weight"):
+        return heads
+    if key.endswith("self_attn.k_proj.weight"):
+        return getattr(config, "num_key_value_heads", None) or heads
+    return None
+
+
 def _rope_theta(config) -> float:
     # transformers 5 may keep it inside rope_parameters.
     params = getattr(config, "rope_parameters", None) or {}
@@ -99,19 +121,6 @@ def _encode(gguf, tensor: torch.Tensor, qtype) -> np.ndarray:
 
 def _nbytes(gguf, shape: tuple[int, ...], qtype) -> int:
     return int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype)))
-
-
-def resolve_tokenizer(model: nn.Module, tokenizer=None):
-    """The tokenizer given, else the one of the checkpoint the model was loaded from."""
-    if tokenizer is not None:
-        return tokenizer
-    source = state_of(model).source
-    if not source:
-        raise ValueError("GGUF export needs the tokenizer (a GGUF file carries it): pass tokenizer=..., "
-                         "or load the model with qlowrank.load_model so its source is known")
-    if source.get("gguf_file"):
-        return transformers.AutoTokenizer.from_pretrained(source["path"], gguf_file=source["gguf_file"])
-    return transformers.AutoTokenizer.from_pretrained(source["path"])
 
 
 def _pre_tokenizer_name(model: nn.Module, spec: dict) -> str:
@@ -194,111 +203,105 @@ def _add_hparams(gguf, writer, model: nn.Module, name: str, gguf_type: str) -> N
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def export_gguf(
-    model: nn.Module,
-    out_file: str | os.PathLike,
-    gguf_type: str = "f16",
-    tokenizer=None,
-    overwrite: bool = False,
-    probe: bool = True,
-    name: str | None = None,
-    base: str | os.PathLike | None = None,
-) -> dict:
-    """Write the merged model as one GGUF file.
+def write_gguf(model: nn.Module, options: ExportOptions) -> dict:
+    """The GGUF half of `export_merged`: one .gguf file, then (options.probe) its fidelity.
 
-    Args:
-        model: a Llama / Mistral / Qwen2 transformers model, with LoraLinear / bitsandbytes layers or plain.
-        out_file: the `.gguf` file to write; it appears only once complete.
-        gguf_type: f16 (default), bf16, q8_0 (8-bit blocks of 32 with an f16 scale) or f32.
-            Norms and biases stay f32; q8_0 tensors whose rows are not a multiple of 32 are f16.
-        tokenizer: the tokenizer to embed; default: the one of the checkpoint the model was loaded from.
-        overwrite: replace an existing file (kept otherwise).
-        probe: load the file with transformers' GGUF reader and record the relative logits error
-            against `model` on a fixed random batch.
-        name: `general.name` in the metadata (default: the source checkpoint's folder name).
-        base: merge into this float checkpoint's original weights (as `export_merged(base=...)`).
-
-    Returns:
-        A report: type, bytes, tensors, pre-tokenizer, seconds and (with probe) fidelity figures.
+    Norms and biases stay f32; q8_0 tensors whose rows are not a multiple of 32 are f16.
+    `general.name` is the source checkpoint's folder name. Returns a report: type, bytes,
+    tensors, pre-tokenizer, seconds and (with the probe) fidelity figures.
     """
     gguf = _gguf()
-    if gguf_type not in GGUF_TYPES:
-        raise ValueError(f"gguf_type={gguf_type!r}: use one of {GGUF_TYPES}")
-    out_file = Path(out_file)
-    if out_file.suffix != ".gguf":
-        raise ValueError(f"{out_file}: a GGUF export is one file; name it with a .gguf suffix")
-    if out_file.exists() and not overwrite:
-        raise FileExistsError(f"{out_file} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    if options.gguf_type not in GGUF_TYPES:
+        raise ValueError(f"gguf_type={options.gguf_type!r}: use one of {GGUF_TYPES}")
+    if options.out.suffix != ".gguf":
+        raise ValueError(f"{options.out}: a GGUF export is one file; name it with a .gguf suffix")
+    options.check_target()
     arch = check_gguf_support(model)
-    tokenizer = resolve_tokenizer(model, tokenizer)
-    config = model.config
+    tokenizer = load_tokenizer_for(model, options.tokenizer)
     start = time.time()
-    writer_name = name or Path(str(getattr(config, "_name_or_path", "") or "model")).stem or "model"
-    entries = export_plan(model)
-    if base is not None:
-        entries = from_original(model, entries, Path(base))
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA,
-                                     config.num_hidden_layers)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{out_file.name}.partial-", dir=out_file.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
+    entries = planned_entries(model, options)
+    names = _gguf_names(gguf, model, arch, entries)
+    with staged_file(options.out, "GGUF export") as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        _add_hparams(gguf, writer, model, writer_name, gguf_type)
-        pre = _add_tokenizer(gguf, writer, model, tokenizer, config.vocab_size)
-        plan = []
-        for entry in entries:
-            gguf_name = names.get_name(entry.key, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise ValueError(f"GGUF export: no GGUF name for tensor {entry.key!r} of {type(model).__name__}")
-            qtype = _tensor_type(gguf, entry.shape, gguf_type)
-            writer.add_tensor_info(gguf_name, entry.shape, np.dtype(np.float32), _nbytes(gguf, entry.shape, qtype),
-                                   raw_dtype=qtype)
-            plan.append((entry, qtype))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for entry, qtype in plan:
-            tensor = entry.produce().float()
-            if arch == "llama" and entry.key.endswith("self_attn.q_proj.weight"):
-                tensor = _permute_rotary(tensor, heads)
-            elif arch == "llama" and entry.key.endswith("self_attn.k_proj.weight"):
-                tensor = _permute_rotary(tensor, kv_heads)
-            writer.write_tensor_data(_encode(gguf, tensor, qtype))
-            del tensor
-        writer.close()
-        report = {"format": "gguf", "gguf_type": gguf_type, "architecture": arch, "tokenizer_pre": pre,
-                  "tensors": len(plan), "total_bytes": tmp.stat().st_size}
-        window = getattr(config, "sliding_window", None) if type(model).__name__ == "MistralForCausalLM" else None
-        if window and window < config.max_position_embeddings:
-            # The "llama" layout has no sliding window (llama.cpp's converter drops it too): the
-            # file computes the same as the model only on contexts up to the window.
-            report["sliding_window_dropped"] = window
-        if probe:
-            report.update(probe_gguf(model, tmp))
+        _add_hparams(gguf, writer, model, _general_name(model), options.gguf_type)
+        pre = _add_tokenizer(gguf, writer, model, tokenizer, model.config.vocab_size)
+        _write_tensors(gguf, writer, model, entries, names, options.gguf_type)
+        report = {"format": "gguf", "gguf_type": options.gguf_type, "architecture": arch, "tokenizer_pre": pre,
+                  "tensors": len(entries), "total_bytes": tmp.stat().st_size}
+        report.update(_dropped_window(model))
+        if options.probe:
+            reader = GgufWeights(tmp, names, lambda key: _rotary_heads(arch, key, model.config))
+            # float32, as transformers' own GGUF reader dequantizes every type.
+            report.update(probe_fidelity(model, export_config(model, torch.float32), reader, torch.float32))
         report["seconds"] = round(time.time() - start, 2)
-        os.replace(tmp, out_file)
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"exported {out_file}: " + ", ".join(f"{k}={v}" for k, v in report.items()))
+    print(f"exported {options.out}: " + ", ".join(f"{k}={v}" for k, v in report.items()))
     return report
 
 
-def probe_gguf(model: nn.Module, gguf_path: str | os.PathLike, seq: int = 32) -> dict:
-    """Relative logits error of a GGUF file, read by transformers' own GGUF reader, against `model`."""
+def _general_name(model: nn.Module) -> str:
+    return Path(str(getattr(model.config, "_name_or_path", "") or "model")).stem or "model"
 
-    gguf_path = Path(gguf_path)
+
+def _gguf_names(gguf, model: nn.Module, arch: str, entries: list[ExportEntry]) -> dict[str, str]:
+    """State-dict key -> GGUF tensor name, for every planned tensor (ValueError for one without)."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA,
+                                     model.config.num_hidden_layers)
+    result = {}
+    for entry in entries:
+        result[entry.key] = names.get_name(entry.key, try_suffixes=(".weight", ".bias"))
+        if result[entry.key] is None:
+            raise ValueError(f"GGUF export: no GGUF name for tensor {entry.key!r} of {type(model).__name__}")
+    return result
+
+
+def _write_tensors(gguf, writer, model: nn.Module, entries: list[ExportEntry], names: dict[str, str],
+                   gguf_type: str) -> None:
+    """The tensor table, then each tensor computed, permuted, encoded and written one at a time."""
+    arch = writer.arch
+    types = [_tensor_type(gguf, entry.shape, gguf_type) for entry in entries]
+    for entry, qtype in zip(entries, types):
+        writer.add_tensor_info(names[entry.key], entry.shape, np.dtype(np.float32), _nbytes(gguf, entry.shape, qtype),
+                               raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for entry, qtype in zip(entries, types):
+        tensor = entry.produce().float()
+        heads = _rotary_heads(arch, entry.key, model.config)
+        if heads is not None:
+            tensor = _permute_rotary(tensor, heads)
+        writer.write_tensor_data(_encode(gguf, tensor, qtype))
+        del tensor
+    writer.close()
+
+
+def _dropped_window(model: nn.Module) -> dict:
     config = model.config
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (2, min(seq, config.max_position_embeddings)), generator=generator)
-    reference = model_logits(model, ids)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                               dtype=torch.float32)
-    logits = model_logits(loaded.to(model.device), ids)
-    del loaded
-    error = (logits - reference).norm() / reference.norm()
-    return {"relative_logits_error": float(error),
-            "argmax_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean())}
+    window = getattr(config, "sliding_window", None) if type(model).__name__ == "MistralForCausalLM" else None
+    if window and window < config.max_position_embeddings:
+        # The "llama" layout has no sliding window (llama.cpp's converter drops it too): the
+        # file computes the same as the model only on contexts up to the window.
+        return {"sliding_window_dropped": window}
+    return {}
+
+
+class GgufWeights:
+    """Reads one tensor of a written GGUF file by state-dict key, as float32 in HF's layout (the probe's WeightReader).
+
+    The file is memory-mapped (its pages are file-backed, reclaimable); each call dequantizes
+    one tensor with the gguf package and undoes the rotary row permutation.
+    """
+
+    def __init__(self, path: Path, names: dict[str, str], rotary_heads):
+        gguf = _gguf()
+        self.gguf, self.names, self.rotary_heads = gguf, names, rotary_heads
+        self.tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(str(path)).tensors}
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key not in self.names:
+            raise KeyError(f"the GGUF export holds no tensor for {key!r}, which the model class expects")
+        stored = self.tensors[self.names[key]]
+        array = self.gguf.quants.dequantize(stored.data, stored.tensor_type)
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: the mapped file is read-only
+        heads = self.rotary_heads(key)
+        return _unpermute_rotary(tensor, heads) if heads is not None else tensor

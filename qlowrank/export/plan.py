@@ -1,6 +1,6 @@
-"""What an export writes: every tensor of the merged state dict, with how to compute it when its shard is written.
+"""What an export writes: the options, and every tensor of the merged state dict with how to compute it when written.
 
-Both writers (Hugging Face safetensors and GGUF) walk the same plan. A LoRA layer's weight is
+Both writers (Hugging Face safetensors and GGUF) take the same `ExportOptions` and walk the same plan. A LoRA layer's weight is
 computed as dequant(W) + scale * B A in float32 (DoRA: row-rescaled) the moment it is written,
 so the merged model is never held whole; `from_original` swaps in the original checkpoint's
 tensors instead of the dequantized ones.
@@ -8,17 +8,63 @@ tensors instead of the dequantized ones.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+import transformers
 from torch import nn
 
+from ..config import parse_dtype
 from ..model.load import checkpoint_files, key_mapper, open_safetensors, tied_keys
 from ..model.tokens import TrainableTokens
 from ..nn import quant as quantlib
 from ..nn.lora import LoraLinear
+
+
+DEFAULT_SHARD_BYTES = 2 * 2**30
+FORMATS = ("safetensors", "gguf")
+
+
+@dataclass
+class ExportOptions:
+    """How to write one export: `export_merged`'s keyword arguments, checked once (see its docstring)."""
+
+    out: Path                                   # checkpoint folder (safetensors) or .gguf file
+    dtype: torch.dtype = torch.bfloat16         # safetensors: dtype of the float tensors written
+    base: Path | None = None                    # merge into this original float checkpoint instead
+    overwrite: bool = False                     # replace an existing `out` (kept otherwise)
+    tokenizer: Any = None                       # written beside the weights; default: the model's own
+    max_shard_size: int = DEFAULT_SHARD_BYTES   # safetensors: bytes per shard
+    probe: bool = True                          # compare the written weights with the model (fidelity)
+    progress: bool = True                       # a tqdm bar per tensor
+    format: str = "safetensors"                 # "safetensors" | "gguf"
+    gguf_type: str = "f16"                      # gguf: f16 | bf16 | q8_0 | f32
+    before_tensor: Callable[[str], None] | None = None  # called with each key before it is computed (FSDP)
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r}: use 'safetensors' or 'gguf'")
+        self.out = Path(self.out)
+        self.base = Path(self.base) if self.base is not None else None
+        self.dtype = parse_dtype(self.dtype, "export dtype")
+
+    def check_target(self) -> None:
+        """FileExistsError when `out` exists and may not be replaced."""
+        if self.out.exists() and not self.overwrite:
+            raise FileExistsError(f"{self.out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+
+
+def export_config(model: nn.Module, dtype: torch.dtype) -> transformers.PretrainedConfig:
+    """The exported checkpoint's config: the model's, without quantization, in `dtype`."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = dtype
+    config.architectures = [type(model).__name__]
+    return config
 
 
 @dataclass
@@ -87,6 +133,16 @@ def export_plan(model: nn.Module) -> list[ExportEntry]:
 def export_keys(model: nn.Module) -> list[str]:
     """The keys export_merged writes, in the order it computes them."""
     return [entry.key for entry in export_plan(model)]
+
+
+def planned_entries(model: nn.Module, options: ExportOptions) -> list[ExportEntry]:
+    """The plan the options ask for: from the trained weights or the original ones, announced or not."""
+    entries = export_plan(model)
+    if options.base is not None:
+        entries = from_original(model, entries, options.base)
+    if options.before_tensor is not None:
+        entries = [ExportEntry(e.key, e.shape, e.dtype, announced(options.before_tensor, e)) for e in entries]
+    return entries
 
 
 def announced(before: Callable[[str], None], entry: ExportEntry) -> Callable[[], torch.Tensor]:

@@ -1,24 +1,23 @@
-"""export_merged: write a trained model as a plain, dequantized, merged Hugging Face checkpoint.
+"""export_merged: write a trained model as a plain, dequantized, merged Hugging Face checkpoint (or one GGUF file).
 
 Each LoRA-wrapped weight becomes `dequant(W_q) + scale * B @ A`, computed in float32 and
 cast once to the export dtype, so the checkpoint computes what the trained (quantized)
 model computed; `base=<float checkpoint>` merges into the original float weights instead.
-The output is streamed tensor by tensor into a temporary directory (peak RAM: the quantized
-model plus the largest tensor), checked against the trained model on a probe batch, and
-only then renamed into place. Nothing is re-quantized, and the result needs neither
-qlowrank, nor peft, nor bitsandbytes to load.
+The output is streamed tensor by tensor into a staging directory (peak RAM: the quantized
+model plus the largest tensor), checked against the trained model on a probe batch that
+reads the written shards one module at a time (probe.py), and only then renamed into
+place. Nothing is re-quantized, and the result needs neither qlowrank, nor peft, nor
+bitsandbytes to load.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import shutil
 import struct
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import transformers
@@ -27,19 +26,14 @@ from tqdm.auto import tqdm
 
 from ..adapter import base_bits
 from ..atomic import staged_dir
-from ..config import parse_dtype
-from ..model.load import release_freed_memory
-from ..state import state_of
-from .plan import ExportEntry, announced, export_plan, from_original
+from ..model.load import open_safetensors, release_freed_memory
+from .gguf import write_gguf   # imports the optional `gguf` package only when called
+from .plan import DEFAULT_SHARD_BYTES, ExportEntry, ExportOptions, export_config, planned_entries
 from .probe import probe_fidelity
+from .tokenizer import save_tokenizer
 
 REPORT_NAME = "qlowrank_export_report.json"
 INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
-DEFAULT_SHARD_BYTES = 2 * 2**30
 
 
 def export_merged(
@@ -48,7 +42,7 @@ def export_merged(
     dtype: torch.dtype | str = torch.bfloat16,
     base: str | os.PathLike | None = None,
     overwrite: bool = False,
-    tokenizer=None,
+    tokenizer: Any = None,
     max_shard_size: int = DEFAULT_SHARD_BYTES,
     probe: bool = True,
     progress: bool = True,
@@ -68,14 +62,15 @@ def export_merged(
             quantized model that was trained (the LoRA factors learned to correct the
             quantized weights, not the original ones).
         overwrite: replace an existing `out_dir` (kept otherwise).
-        tokenizer: a tokenizer to save alongside; default: the files of the checkpoint the
-            model was loaded from, when load_model recorded it.
+        tokenizer: a tokenizer to save alongside; default: the one `add_tokens` enlarged,
+            else the files of the checkpoint the model was loaded from (export/tokenizer.py).
         max_shard_size: bytes per safetensors shard.
-        probe: run a probe batch through the trained and the exported model and record the
-            relative logits error in `qlowrank_export_report.json`.
+        probe: run a probe batch through the trained model and, one module at a time,
+            through the written weights, and record the relative logits error in
+            `qlowrank_export_report.json` (export/probe.py).
         progress: show a tqdm bar per tensor.
         format: "safetensors" (a Hugging Face checkpoint directory) or "gguf" (`out_dir` is then
-            the .gguf file; see `qlowrank.gguf_export.export_gguf`; `dtype` is replaced by `gguf_type`).
+            the .gguf file, see export/gguf.py; `dtype` is replaced by `gguf_type`).
         gguf_type: with format="gguf": f16, bf16, q8_0 or f32.
         before_tensor: called with each tensor's key just before it is computed, in the
             order of `export_keys(model)` (the trainer gathers that tensor's FSDP shard there).
@@ -87,42 +82,54 @@ def export_merged(
         OSError: the output cannot be written (full disk, read-only folder); the staging
             folder is removed and an existing `out_dir` is unchanged.
     """
-    if format == "gguf":
-        from .gguf import export_gguf  # beside this module; it reuses the merge plan below
-        return export_gguf(model, out_dir, gguf_type=gguf_type, tokenizer=tokenizer, overwrite=overwrite,
-                           probe=probe, base=base)
-    if format != "safetensors":
-        raise ValueError(f"format={format!r}: use 'safetensors' or 'gguf'")
-    dtype = parse_dtype(dtype, "export dtype")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    options = ExportOptions(out_dir, dtype, base, overwrite, tokenizer, max_shard_size, probe, progress, format,
+                            gguf_type, before_tensor)
+    if options.format == "gguf":
+        return write_gguf(model, options)
+    return write_safetensors(model, options)
+
+
+def write_safetensors(model: nn.Module, options: ExportOptions) -> dict:
+    """The safetensors half of `export_merged`: shards, index, config, tokenizer, probe, report."""
+    options.check_target()
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(f"export_merged needs a transformers model (it writes config.json); got {type(model).__name__}")
     start = time.time()
-    entries = export_plan(model)
-    if base is not None:
-        entries = from_original(model, entries, Path(base))
-    if before_tensor is not None:
-        entries = [ExportEntry(e.key, e.shape, e.dtype, announced(before_tensor, e)) for e in entries]
-    with staged_dir(out_dir, "export") as tmp:
-        shards, total = _write_shards(entries, tmp, dtype, max_shard_size, progress)
-        _write_config(model, tmp, dtype)
-        tokenizer_source = _write_tokenizer(model, tmp, tokenizer)
+    entries = planned_entries(model, options)
+    with staged_dir(options.out, "export") as tmp:
+        shards, total = _write_shards(entries, tmp, options)
+        _write_config(model, export_config(model, options.dtype), tmp)
+        tokenizer_source = save_tokenizer(model, tmp, options.tokenizer)
         report = {
-            "dtype": str(dtype).removeprefix("torch."),
-            "weights_from": f"original:{base}" if base is not None else "dequantized",
+            "dtype": str(options.dtype).removeprefix("torch."),
+            "weights_from": f"original:{options.base}" if options.base is not None else "dequantized",
             "base_bits": base_bits(model),
             "shards": shards,
             "total_bytes": total,
             "tokenizer": tokenizer_source,
         }
-        if probe:
-            report.update(probe_fidelity(model, tmp, dtype))
+        if options.probe:
+            # The config as written, read back: the probe runs what from_pretrained(out_dir) would build.
+            config = type(model).config_class.from_pretrained(str(tmp))
+            report.update(probe_fidelity(model, config, ShardReader(tmp), options.dtype))
         report["seconds"] = round(time.time() - start, 2)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"exported {out_dir}: " + ", ".join(f"{k}={v}" for k, v in report.items() if k != "tokenizer"))
+    print(f"exported {options.out}: " + ", ".join(f"{k}={v}" for k, v in report.items() if k != "tokenizer"))
     return report
+
+
+class ShardReader:
+    """Reads one tensor of a written checkpoint by key, through its index (the probe's WeightReader)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key not in self.weight_map:
+            raise KeyError(f"{self.folder}: the export holds no tensor {key!r}, which the model class expects")
+        with open_safetensors(self.folder / self.weight_map[key]) as handle:
+            return handle.get_tensor(key)
 
 
 # safetensors' dtype names (the format's header spells them like this).
@@ -141,14 +148,8 @@ def _nbytes(entry: ExportEntry, dtype: torch.dtype) -> int:
     return _stored_dtype(entry, dtype).itemsize * int(torch.Size(entry.shape).numel())
 
 
-def _write_safetensors(path: Path, entries: list[ExportEntry], dtype: torch.dtype, bar) -> None:
-    """Write one safetensors file, computing, writing and freeing one tensor at a time.
-
-    The format is an 8-byte little-endian header length, a JSON header with each tensor's
-    dtype, shape and byte range, then the raw bytes. The plan knows every shape and dtype,
-    so the header is written first and no tensor waits in memory for the others
-    (safetensors' own save_file holds the whole shard, and then a bytes copy of it).
-    """
+def _header(entries: list[ExportEntry], dtype: torch.dtype) -> bytes:
+    """The safetensors header: 8-byte little-endian length, then JSON (dtype, shape, byte range per tensor)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for entry in entries:
@@ -158,9 +159,19 @@ def _write_safetensors(path: Path, entries: list[ExportEntry], dtype: torch.dtyp
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _write_safetensors(path: Path, entries: list[ExportEntry], dtype: torch.dtype, bar) -> None:
+    """Write one safetensors file, computing, writing and freeing one tensor at a time.
+
+    The plan knows every shape and dtype, so the header is written first and no tensor waits
+    in memory for the others. The `safetensors` package cannot do this: save_file and
+    serialize_file (0.8) take every tensor of the file at once (measured in
+    benchmarks/RESULTS.md, "Export peak").
+    """
     with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(raw)))
-        handle.write(raw)
+        handle.write(_header(entries, dtype))
         for entry in entries:
             tensor = entry.produce()
             if tensor.is_floating_point():
@@ -175,7 +186,8 @@ def _write_safetensors(path: Path, entries: list[ExportEntry], dtype: torch.dtyp
             bar.update(1)
 
 
-def _write_shards(entries: list[ExportEntry], folder: Path, dtype: torch.dtype, max_bytes: int, progress: bool):
+def _shard_groups(entries: list[ExportEntry], dtype: torch.dtype, max_bytes: int) -> list[list[ExportEntry]]:
+    """The entries in plan order, cut into shards of at most `max_bytes` (a larger tensor gets its own)."""
     shards: list[list[ExportEntry]] = [[]]
     size = 0
     for entry in entries:
@@ -184,47 +196,26 @@ def _write_shards(entries: list[ExportEntry], folder: Path, dtype: torch.dtype, 
             size = 0
         shards[-1].append(entry)
         size += _nbytes(entry, dtype)
+    return shards
+
+
+def _write_shards(entries: list[ExportEntry], folder: Path, options: ExportOptions) -> tuple[int, int]:
+    shards = _shard_groups(entries, options.dtype, options.max_shard_size)
     weight_map = {}
-    bar = tqdm(total=len(entries), desc="exporting", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(entries), desc="exporting", unit="tensor", disable=not options.progress)
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(folder / name, shard, dtype, bar)
+        _write_safetensors(folder / name, shard, options.dtype, bar)
         weight_map.update({entry.key: name for entry in shard})
     bar.close()
-    total = sum(_nbytes(e, dtype) for e in entries)
+    total = sum(_nbytes(e, options.dtype) for e in entries)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return len(shards), total
 
 
-def _write_config(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    config.dtype = dtype
-    config.architectures = [type(model).__name__]
+def _write_config(model: nn.Module, config: transformers.PretrainedConfig, folder: Path) -> None:
     config.save_pretrained(str(folder))
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(str(folder))
-
-
-def _write_tokenizer(model: nn.Module, folder: Path, tokenizer) -> str | None:
-    tokenizer = tokenizer if tokenizer is not None else state_of(model).tokenizer  # add_tokens'
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-        return "given"
-    source = state_of(model).source
-    if not source:
-        return None
-    origin = Path(source["path"])
-    if source.get("gguf_file"):
-        gguf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(origin), gguf_file=source["gguf_file"])
-        gguf_tokenizer.save_pretrained(str(folder))
-        return str(origin / source["gguf_file"])
-    copied = [name for name in TOKENIZER_FILES if (origin / name).is_file()]
-    for name in copied:
-        shutil.copy2(origin / name, folder / name)
-    return str(origin) if copied else None
-
-
