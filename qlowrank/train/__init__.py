@@ -25,7 +25,8 @@ from .checkpoint import (
 )
 from .optim import build_optimizer, build_scheduler, lr_factor
 from .signals import TrainingInterrupted
-from .trainer import NonFiniteLossError, Trainer, TrainResult
+from .step import NonFiniteLossError
+from .trainer import Trainer, TrainResult
 
 __all__ = [
     "IGNORE_INDEX",

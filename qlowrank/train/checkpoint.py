@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,21 +109,23 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
     return None
 
 
-def save_checkpoint(
-    root: str | Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: dict[str, Any],
-    keep: int | None = None,
-    adapter_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
-    optimizer_state: dict | None = None,
-) -> Path:
+@dataclass
+class Checkpointed:
+    """What a checkpoint saves besides the RNG states."""
+
+    model: nn.Module                                         # its LoRA factors (the adapter)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: dict[str, Any]                                    # the trainer's state (JSON): position, config, ...
+    adapter_tensors: dict[str, dict[str, torch.Tensor]] | None = None  # gathered whole factors (FSDP), else None
+    optimizer_state: dict | None = None                      # gathered whole optimizer state (FSDP), else None
+
+
+def save_checkpoint(root: str | Path, step: int, what: Checkpointed, keep: int | None = None) -> Path:
     """Write checkpoint `root/step-<step>` atomically; keep only the newest `keep` (None: all).
 
-    `adapter_tensors` / `optimizer_state` replace what the model and optimizer hold when
-    those are sharded over several processes (the trainer gathers them first).
+    `what.adapter_tensors` / `what.optimizer_state` replace what the model and optimizer hold
+    when those are sharded over several processes (the trainer gathers them first).
 
     Raises:
         OSError: the checkpoint could not be written (full disk, read-only folder). Nothing
@@ -137,14 +140,14 @@ def save_checkpoint(
     previous = [p.name for p in list_checkpoints(root) if p != target]
     intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
     with staged_dir(target, "checkpoint", intact) as tmp:
-        save_adapter(model, tmp / "adapter", tensors=adapter_tensors, format="qlowrank")
+        save_adapter(what.model, tmp / "adapter", tensors=what.adapter_tensors, format="qlowrank")
         # Serialized in memory, then written by Python: a full disk is then a plain OSError
         # (torch.save straight to a file turns it into an opaque RuntimeError).
-        (tmp / "optimizer.pt").write_bytes(_torch_bytes(optimizer_state or optimizer.state_dict()))
-        (tmp / "scheduler.pt").write_bytes(_torch_bytes(scheduler.state_dict()))
+        (tmp / "optimizer.pt").write_bytes(_torch_bytes(what.optimizer_state or what.optimizer.state_dict()))
+        (tmp / "scheduler.pt").write_bytes(_torch_bytes(what.scheduler.state_dict()))
         rng_tensors, python_rng = _rng_state()
         (tmp / "rng.pt").write_bytes(_torch_bytes(rng_tensors))
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "python_rng": python_rng}, indent=1) + "\n")
+        (tmp / STATE_FILE).write_text(json.dumps({**what.state, "step": step, "python_rng": python_rng}, indent=1) + "\n")
         write_manifest(tmp)   # last: it covers every file above
     if keep:
         for old in list_checkpoints(root)[:-keep]:

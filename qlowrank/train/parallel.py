@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist

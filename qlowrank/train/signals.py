@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -32,6 +33,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(f"{signal.Signals(signum).name}: stopped after step {step}, checkpoint {checkpoint}")
 
 
+class StopRequested(Exception):
+    """A stop signal was seen at a safe point (the trainer rolls back and raises TrainingInterrupted)."""
+
+
 class StopSignals:
     """While active (a context manager), SIGINT and SIGTERM set `requested` instead of stopping.
 
@@ -42,6 +47,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.requested: int | None = None   # the first signal received
         self.count = 0                      # how many arrived
+        self.agreed = 0                     # the signal all ranks agreed to stop on (poll)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -57,6 +63,24 @@ class StopSignals:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+
+    def poll(self, ranks: int, agree: Callable[[float], float] | None = None) -> None:
+        """Raise StopRequested at a safe point once SIGTERM / SIGINT has arrived.
+
+        On several processes the ranks must stop at the same step (the checkpoint and every
+        step synchronize them), and a launcher's signal reaches them at slightly different
+        moments: there the request is only acted on where all ranks agree (`agree`: the
+        largest value over the ranks, one small all-reduce between steps), and stops on
+        whichever rank saw it first.
+        """
+        local = self.requested or 0
+        if ranks > 1:
+            if agree is None:
+                return
+            local = agree(local)
+        if local:
+            self.agreed = int(local)
+            raise StopRequested
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1

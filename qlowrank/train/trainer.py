@@ -1,16 +1,13 @@
-"""The training loop: LoRA-only optimizer, chunked loss, eval, checkpoints, resume, on one process or several.
+"""The training loop: steps, evaluation, logging, checkpoints, stop signals and resume, on one process or several.
 
     trainer = Trainer(model, TrainConfig(steps=100, out_dir="out"), train_examples, eval_examples, pad_token_id)
     result = trainer.train()            # trainer.train(resume=True) continues from out/checkpoints
 
 The rooms around the loop: `parallel.py` (the strategy chosen once for the launch: Single,
-DDP or FSDP), `sampler.py` (which examples each rank trains on), `metrics.py` (what is
-logged and shown), `checkpoint.py`, `optim.py` and `signals.py`. bf16 autocast is applied
-by the loop itself (accelerate's mixed-precision state is process-global and cannot change
-between two trainers in one process).
-
-The loss of a step is normalised by the token count of the whole step over all ranks, so N
-processes x batch b compute what one process x batch N*b computes.
+DDP or FSDP), `sampler.py` (which examples each rank trains on), `step.py` (one optimizer
+step), `metrics.py` (what is logged and shown), `checkpoint.py`, `optim.py`, `signals.py`.
+bf16 autocast is applied by the loop itself (accelerate's mixed-precision state is
+process-global and cannot change between two trainers in one process).
 """
 
 from __future__ import annotations
@@ -30,13 +27,13 @@ from torch import nn
 
 from ..adapter import save_adapter
 from ..config import TrainConfig
-from ..data import Example, collate
+from ..data import Example
 from ..model.compile import compile_blocks
 from ..model.packing import check_packed_attention
 from ..nn.loss import count_predicted_tokens
 from .checkpoint import (
+    Checkpointed,
     find_resumable,
-    latest_checkpoint,
     load_checkpoint,
     restore_rng,
     resume_position,
@@ -48,11 +45,8 @@ from .metrics import MemoryRecord, RunLog, peak_memory_bytes
 from .optim import build_optimizer, build_scheduler
 from .parallel import LossModule, choose_strategy
 from .sampler import BatchLayout, Sampler
-from .signals import StopSignals, TrainingInterrupted
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+from .signals import StopRequested, StopSignals, TrainingInterrupted
+from .step import Padding, Stepper
 
 
 @dataclass
@@ -66,17 +60,6 @@ class TrainResult:
     adapter_dir: Path | None = None                         # out_dir/adapter
     memory: dict | None = None                              # MemoryProfiler summary of the first 2 steps
     memory_table: str | None = None                         # the same as a text table
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The dtype the loop autocasts to for `precision` on `device` (None: plain fp32)."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        if precision == "bf16":
-            raise ValueError("precision=bf16 was asked for but this GPU has no bf16 support; use precision=fp32")
-        return None
-    return torch.bfloat16
 
 
 class Trainer:
@@ -96,19 +79,15 @@ class Trainer:
                  on_step: Callable[[Trainer, int, dict], None] | None = None) -> None:
         if not train:
             raise ValueError("Trainer needs at least one training example")
-        self.model, self.config, self.pad_token_id, self.on_step = model, config, pad_token_id, on_step
+        self.model, self.config, self.on_step = model, config, on_step
         self.eval_examples, self.out_dir = list(eval), Path(config.out_dir)
         every = list(train) + self.eval_examples
-        # Batches are padded at most to the run's longest example: rounding never adds a shape above it.
-        self._longest = max(len(e.input_ids) for e in every)
         if any(len(e.segments) > 1 for e in every):
             check_packed_attention(model)
         self.strategy = choose_strategy(next(model.parameters()).device, config.sharding)
-        self.layout = BatchLayout(config.batch_size, self.strategy.world, self.strategy.rank, config.grad_accum,
-                                  fill=config.compile)
+        self.layout = BatchLayout(config.batch_size, self.world, self.rank, config.grad_accum, fill=config.compile)
         self.sampler = Sampler(train, self.layout, config.seed, config.group_by_length)
         self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.sampler.per_epoch / config.grad_accum))
-        self.autocast_dtype = autocast_dtype(config.precision, self.strategy.device)
         if config.compile:
             compile_blocks(model)
         # self.model stays the user's module; the strategy wraps a module whose forward computes
@@ -117,9 +96,10 @@ class Trainer:
         self.strategy.wrap(LossModule(model, config.chunk_tokens))
         self.optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay, config.lora_plus_ratio)
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, self.total_steps, config.min_lr_ratio)
+        padding = Padding(pad_token_id, config.pad_multiple, max(len(e.input_ids) for e in every))
+        self.stepper = Stepper(self.strategy, config, padding, self.optimizer, self.scheduler)
         self.step = 0
         self.signals: StopSignals | None = None   # active while train() runs
-        self._stop_signum = 0                     # the signal all ranks agreed to stop on
         self._last_good = (0, [0, 0], None)       # (step, position, RNG states) of the last completed step
 
     @property
@@ -135,60 +115,13 @@ class Trainer:
     def world(self) -> int:
         return self.strategy.world
 
-    # ---- one step ----
-    def _batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        batch = collate(examples, self.pad_token_id, self.config.pad_multiple, self._longest)
-        return {k: v.to(self.strategy.device) for k, v in batch.items()}
-
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        dtype = self.autocast_dtype
-        with torch.autocast(self.strategy.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return self.strategy.module(**batch)
-
-    def _accumulate(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-        """Forward and backward of a step's micro-batches; (this rank's loss sum, the step's tokens on all ranks)."""
-        # Normalize by the tokens of the whole step on all ranks, so N processes and
-        # accumulation equal one big batch. DDP and FSDP average gradients over the ranks,
-        # hence the factor `world` (each rank's gradient is of its share of the global sum).
-        local_tokens = sum(count_predicted_tokens(b["labels"]) for b in micro)
-        n_tokens = max(1.0, self.strategy.sum([local_tokens])[0])
-        total = 0.0
-        for i, batch in enumerate(micro):
-            self._check_stop()   # a stop request drops the partial step (train() rolls back)
-            with self.strategy.micro_batch(last=i == len(micro) - 1):
-                loss_sum = self._loss_sum(batch)
-                (loss_sum * (self.world / n_tokens)).backward()
-            total += loss_sum.item()
-        return total, n_tokens
-
     def _step(self, stream: Iterator[list[Example]]) -> dict:
         start = time.perf_counter()
         chosen = [next(stream) for _ in range(self.config.grad_accum)]
-        total, n_tokens = self._accumulate([self._batch(examples) for examples in chosen])
-        real_tokens = sum(len(e.input_ids) for examples in chosen for e in examples if e.source != "padding")
-        total, real_tokens = self.strategy.sum([total, real_tokens])
-        loss = total / n_tokens
-        if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            last = latest_checkpoint(self.out_dir / "checkpoints")
-            raise NonFiniteLossError(
-                f"the loss is {loss} at step {self.step + 1}; training stopped before applying it. "
-                f"Last good checkpoint: {last or 'none written yet'}. Lower --lr, enable clipping "
-                "(--max-grad-norm), use precision=fp32, or check the data, then resume."
-            )
-        grad_norm = None
-        if self.config.max_grad_norm:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            grad_norm = self.strategy.clip_grad_norm(params, self.config.max_grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        done = self.stepper.step(chosen, self.step + 1, poll=lambda: self.signals.poll(self.world))
         self.step += 1
         seconds = time.perf_counter() - start
-        real_tokens = int(real_tokens)   # all ranks, padding excluded
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": real_tokens,
-                "tokens_per_s": real_tokens / seconds, "seconds": seconds,
+        return {"step": self.step, **done, "tokens_per_s": done["tokens"] / seconds, "seconds": seconds,
                 "peak_mem_gib": peak_memory_bytes(self.strategy.device) / 2**30, "epoch": self.sampler.position[0]}
 
     # ---- evaluation ----
@@ -206,8 +139,8 @@ class Trainer:
         module.eval()
         total, tokens = 0.0, 0
         for start in range(0, len(self.eval_examples), size):
-            batch = self._batch(self.layout.share(self.eval_examples[start:start + size]))
-            total += self._loss_sum(batch).item()
+            batch = self.stepper.batch(self.layout.share(self.eval_examples[start:start + size]))
+            total += self.stepper.loss_sum(batch).item()
             tokens += count_predicted_tokens(batch["labels"])
         module.train(was_training)
         total, tokens = self.strategy.sum([total, tokens])
@@ -220,11 +153,10 @@ class Trainer:
         state = {"position": self.sampler.position, "position_unit": "examples", "total_steps": self.total_steps,
                  "processes": self.world, "global_batch": self.layout.global_batch, "config": asdict(self.config)}
         # Under FSDP every rank takes part in gathering the factors and optimizer states.
-        tensors = self.strategy.adapter_tensors(self.model)
-        optimizer_state = self.strategy.optimizer_state(self.optimizer)
-        path = self.strategy.on_main(lambda: save_checkpoint(
-            self.out_dir / "checkpoints", self.step, self.model, self.optimizer, self.scheduler, state,
-            self.config.keep_checkpoints, adapter_tensors=tensors, optimizer_state=optimizer_state))
+        what = Checkpointed(self.model, self.optimizer, self.scheduler, state, self.strategy.adapter_tensors(self.model),
+                            self.strategy.optimizer_state(self.optimizer))
+        path = self.strategy.on_main(lambda: save_checkpoint(self.out_dir / "checkpoints", self.step, what,
+                                                             self.config.keep_checkpoints))
         return path or self.out_dir / "checkpoints" / f"step-{self.step:06d}"
 
     def save_adapter(self, out_dir: str | Path) -> Path:
@@ -293,23 +225,6 @@ class Trainer:
             finally:
                 self.signals = None
 
-    def _check_stop(self, agree: bool = False) -> None:
-        """Raise _StopRequested at a safe point once SIGTERM / SIGINT has arrived.
-
-        On several processes the ranks must stop at the same step (the checkpoint and every
-        step synchronize them), and a launcher's signal reaches them at slightly different
-        moments: there the request is only acted on where all ranks agree (`agree=True`,
-        between steps, one small all-reduce), and stops on whichever rank saw it first.
-        """
-        local = self.signals.requested if self.signals is not None and self.signals.requested else 0
-        if self.world > 1:
-            if not agree:
-                return
-            local = self.strategy.max(local)
-        if local:
-            self._stop_signum = int(local)
-            raise _StopRequested
-
     def _train(self, result: TrainResult) -> TrainResult:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.strategy.module.train()
@@ -328,7 +243,7 @@ class Trainer:
                         self._log_eval(result, log)
                     self._run(stream, result, log, until=min(self.step + 2, self.total_steps))
                 self._run(stream, result, log, until=self.total_steps)
-            except (KeyboardInterrupt, _StopRequested) as err:
+            except (KeyboardInterrupt, StopRequested) as err:
                 raise self._interrupted(err, log) from (err if isinstance(err, KeyboardInterrupt) else None)
             self._finish(result, log)
         result.final_step = self.step
@@ -358,7 +273,7 @@ class Trainer:
     def _run(self, stream: Iterator[list[Example]], result: TrainResult, log: RunLog, until: int) -> None:
         """Steps up to `until`, each followed by its logging, evaluation, checkpoint and callback."""
         while self.step < until:
-            self._check_stop(agree=True)
+            self.signals.poll(self.world, agree=self.strategy.max)
             metrics = self._step(stream)
             self._last_good = (self.step, list(self.sampler.position), rng_snapshot())
             result.losses.append(metrics["loss"])
@@ -389,7 +304,7 @@ class Trainer:
         path = self.save()
         log.close()
         log.say(f"\ninterrupted: checkpoint of step {self.step} written to {path}; continue with --resume")
-        return TrainingInterrupted(self._stop_signum or signal.SIGINT, self.step, path)
+        return TrainingInterrupted(self.signals.agreed or signal.SIGINT, self.step, path)
 
     def _log_eval(self, result: TrainResult, log: RunLog) -> None:
         metrics = self.evaluate()
@@ -397,6 +312,3 @@ class Trainer:
             result.evals.append(metrics)
             log.eval(metrics)
 
-
-class _StopRequested(Exception):
-    """Internal: a stop signal was seen at a safe point (train() turns it into TrainingInterrupted)."""
