@@ -10,6 +10,8 @@ from conftest import doc_examples, train_config, trainable_model
 
 import qlowrank as ql
 from qlowrank.train import (
+    IGNORE_INDEX,
+    Example,
     NonFiniteLossError,
     Trainer,
     build_optimizer,
@@ -36,7 +38,11 @@ def test_loss_falls_eval_improves_and_outputs_are_written(tmp_path, tok):
     out = tmp_path / "out"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == list(range(1, 17))
-    assert all(m["tokens_per_s"] > 0 and m["peak_mem_gib"] > 0 for m in lines if "loss" in m)
+    steps = [m for m in lines if "loss" in m]
+    # 20 examples in micro-batches of 4: steps 1-15 are three whole epochs, each example's
+    # tokens counted once per epoch (padding is not counted).
+    assert sum(m["tokens"] for m in steps[:15]) == 3 * sum(len(e.input_ids) for e in examples[:20])
+    assert all(m["peak_mem_gib"] > 0 and m["epoch"] == (m["step"] - 1) // 5 for m in steps)
     assert set(json.loads((out / "memory.json").read_text())["breakdown"]) >= {"trainable_params", "optimizer_states"}
     # The saved adapter reproduces the trained model on a fresh copy of the same base.
     fresh = trainable_model(tok)
@@ -129,3 +135,31 @@ def test_epochs_set_the_step_count_and_every_example_is_seen_once_per_epoch(tmp_
     for epoch in (seen[:3], seen[3:]):
         assert sorted(i for batch in epoch for i in batch) == list(range(10))
     assert seen[:3] != seen[3:]       # each epoch has its own order
+
+
+def test_a_rank_left_without_examples_gets_one_fully_masked_example():
+    from qlowrank.train.sampler import BatchLayout
+
+    examples = [Example([1, 2, 3], [1, 2, 3], "a"), Example([4, 5], [4, 5], "b"), Example([6], [6], "c")]
+    first, second = (BatchLayout(batch_size=2, processes=2, rank=r, grad_accum=1) for r in (0, 1))
+    assert first.share(examples) == examples[:2] and second.share(examples) == examples[2:]
+    # The end of an epoch: one example left for two ranks. Rank 1 still runs a forward and a
+    # backward (DDP and FSDP synchronize there) on a copy of it that adds no loss.
+    (masked,) = second.share(examples[:1])
+    assert masked.input_ids == [1, 2, 3] and set(masked.labels) == {IGNORE_INDEX} and masked.source == "padding"
+    # Under torch.compile a short share is filled up to the batch size (one shape, one compile).
+    filled = BatchLayout(batch_size=2, processes=2, rank=0, grad_accum=1, fill=True).share(examples[:1])
+    assert len(filled) == 2 and filled[0] is examples[0] and set(filled[1].labels) == {IGNORE_INDEX}
+
+
+def test_options_are_refused_where_they_are_defined_and_the_estimator_keeps_its_own_optimizers(tmp_path):
+    from qlowrank.config import ESTIMATE_OPTIMIZERS, SHARDINGS, TRAIN_OPTIMIZERS
+
+    # The trainer builds no SGD: TrainConfig refuses it at once, naming what it accepts.
+    with pytest.raises(ValueError, match=r"TrainConfig.optimizer='sgd'.*paged_adamw8bit"):
+        train_config(tmp_path, optimizer="sgd")
+    with pytest.raises(ValueError, match="TrainConfig.sharding='ddp'"):
+        train_config(tmp_path, sharding="ddp")
+    assert "sgd" in ESTIMATE_OPTIMIZERS and "sgd" not in TRAIN_OPTIMIZERS and SHARDINGS == (None, "fsdp")
+    for name in TRAIN_OPTIMIZERS:
+        assert train_config(tmp_path, optimizer=name).optimizer == name
