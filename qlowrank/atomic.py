@@ -183,7 +183,9 @@ def staged_file(target: str | os.PathLike, what: str = "output") -> Iterator[Pat
         os.replace(tmp, target)
         _fsync(target.parent, directory=True)
     except OSError as err:
-        if err.errno not in WRITE_FAILURES:
+        # numpy's tofile (the gguf package's writer) reports a short write with no errno:
+        # "N requested and M written" is a write failure too.
+        if err.errno not in WRITE_FAILURES and err.errno is not None:
             raise
         raise _write_failure(err, what, target, None, "file") from None
     finally:

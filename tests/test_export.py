@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import rel_error, tiny_model, token_batch
 from safetensors.torch import load_file, save_file
 
 import qlowrank as ql
 from qlowrank.cli.main import main as cli_main
+from qlowrank.export.probe import compare_logits, model_logits, probe_ids
 
 # float32 export of a float32-computing model: the merged weight is dequant(W) + s B A in
 # float32 instead of x W^T + s B (A x); re-association changes a few float32 roundings
@@ -133,7 +136,6 @@ def test_bf16_export_within_bf16_bound_and_from_original(checkpoints, tmp_path):
 
 
 def test_tokenizer_and_generation_config_travel_with_the_export(tmp_path):
-    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {f"w{i}": i for i in range(255)} | {"[UNK]": 255}
@@ -198,3 +200,87 @@ def test_cli_export_reads_base_quantization_from_adapter(checkpoints, tmp_path, 
     assert cli_main(["export", "--model", str(checkpoints["llama"]), "--adapter", str(tmp_path / "adapter"),
                      "--out", str(tmp_path / "orig")]) == 2  # exists, no --overwrite: bad input
     assert "exists" in capsys.readouterr().err
+
+
+# The streamed probe runs the program that from_pretrained(out_dir, dtype=...) builds (same
+# class, config, weights cast to the same dtype, same modules in the same order); only each
+# module's weights arrive just before it runs. So its logits are the same numbers and the
+# figures are equal, not merely close (measured: identical on every case below).
+STREAMED_PROBE_TOLERANCE = 0.0
+
+
+def whole_model_figures(model: torch.nn.Module, out_dir: Path, compute_dtype: str) -> dict:
+    """The probe as it was before issue 20: the export loaded whole by from_pretrained beside the model."""
+    ids = probe_ids(model)
+    exported = type(model).from_pretrained(str(out_dir), dtype=getattr(torch, compute_dtype))
+    return compare_logits(model_logits(exported, ids), model_logits(model, ids))
+
+
+@pytest.mark.parametrize("arch,bits,dtype", [("llama", 4, "bf16"), ("gpt2", 4, "fp32"), ("mistral", 8, "fp16")])
+def test_streamed_probe_equals_the_whole_model_comparison(checkpoints, tmp_path, arch, bits, dtype):
+    model = trained(checkpoints[arch], bits)   # gpt2: a tied head; fp16: probed in float32 on a CPU
+    report = ql.export_merged(model, tmp_path / "merged", dtype=dtype, progress=False)
+    whole = whole_model_figures(model, tmp_path / "merged", report["probe_compute_dtype"])
+    assert set(whole) <= set(report)
+    for name, value in whole.items():
+        assert abs(report[name] - value) <= STREAMED_PROBE_TOLERANCE, (name, report[name], value)
+    assert report["relative_logits_error"] > 0   # the figures measure something
+
+
+class LiveExportBytes:
+    """The most float tensor bytes alive at the end of any module's forward outside `model`.
+
+    A real census: at each forward (hook on every nn.Module, whatever model it belongs to), the
+    garbage collector's live objects are walked and the storages of float tensors that did not
+    exist when the block began (the trained model's weights, quantization states and the rest)
+    are summed. Activations count too.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.skip = {id(m) for m in model.modules()}
+        self.before = {t.untyped_storage().data_ptr() for t in _live_float_tensors()}
+        self.peak = 0
+
+    def __enter__(self):
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def _hook(self, module, args, output) -> None:
+        if id(module) in self.skip:
+            return
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _live_float_tensors()}
+        self.peak = max(self.peak, sum(n for ptr, n in storages.items() if ptr not in self.before))
+
+
+def _live_float_tensors() -> list[torch.Tensor]:
+    return [o for o in gc.get_objects()
+            if issubclass(type(o), torch.Tensor) and o.is_floating_point() and o.device.type != "meta"]
+
+
+def test_probe_holds_one_module_of_the_export_at_a_time(tmp_path):
+    # Weights large against the probe's 2 x 32-token activations: 4 layers, MLP 1024 wide.
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    model = trained(tmp_path / "base", bits=4)
+    with LiveExportBytes(model) as streamed:
+        report = ql.export_merged(model, tmp_path / "merged", dtype="fp32", progress=False)
+    with LiveExportBytes(model) as whole:   # the same census around the probe as it was before
+        whole_model_figures(model, tmp_path / "merged", "float32")
+    weights = load_file(str(tmp_path / "merged" / "model-00001-of-00001.safetensors"))
+    per_module: dict[str, int] = {}
+    for key, tensor in weights.items():
+        module = key.rpartition(".")[0]
+        per_module[module] = per_module.get(module, 0) + tensor.nbytes
+    largest, total = max(per_module.values()), report["total_bytes"]
+    # Activations alive at once: the reference logits, the residual stream and an MLP's three
+    # (tokens, intermediate) tensors, float32: 4 * 64 * (512 + 2 * 256 + 3 * 1024) bytes = 1 MiB;
+    # twice that leaves room for attention's intermediates.
+    activations = 2 * 4 * 64 * (512 + 2 * 256 + 3 * 1024)
+    assert whole.peak >= total                    # the census sees a whole model when one is built
+    assert largest <= streamed.peak <= largest + activations, (streamed.peak, largest)   # one module's weights at most
+    assert streamed.peak < total / 4, (streamed.peak, largest, total, whole.peak)

@@ -10,6 +10,7 @@ from conftest import rel_error, tiny_config, tiny_tokenizer
 
 import qlowrank as ql
 from qlowrank.cli.main import main
+from qlowrank.export.probe import compare_logits, model_logits, probe_ids
 
 # Unit roundoff of each GGUF type, relative to a weight: fp16 keeps 11 significant bits, bf16 8.
 # Q8_0 rounds each block of 32 weights to steps of absmax/127, an error of up to absmax/254;
@@ -27,6 +28,10 @@ SAME_WEIGHTS_TOLERANCE = 1e-6
 # The export's own probe compares with the trained model, which adds B(A x) to the base output
 # instead of multiplying by the merged weight: float32 reassociation (README: < 1e-5).
 MERGE_REASSOCIATION = 1e-5
+# The export's probe reads the written file back with the gguf package, one module at a time;
+# transformers' GGUF reader dequantizes with the same package into the same float32 model, so
+# the figures are the same numbers (measured: identical for every type below).
+STREAMED_PROBE_TOLERANCE = 0.0
 ARCHS = ("llama", "qwen2", "mistral")
 
 
@@ -74,6 +79,10 @@ def test_gguf_logits_match_the_safetensors_export(arch, tok, tmp_path):
         error = rel_error(logits, reference)
         assert error <= LOGITS_TOLERANCE[gguf_type], (gguf_type, error)
         assert report["relative_logits_error"] <= LOGITS_TOLERANCE[gguf_type] + MERGE_REASSOCIATION
+        # The streamed probe gives the figures of the whole file loaded by transformers' reader.
+        whole = compare_logits(model_logits(_read_gguf(path), probe_ids(model)), model_logits(model, probe_ids(model)))
+        for name, value in whole.items():
+            assert abs(report[name] - value) <= STREAMED_PROBE_TOLERANCE, (gguf_type, name, report[name], value)
         if gguf_type in ("f16", "bf16"):
             # The safetensors export in the same dtype holds the very same weights.
             dtype = torch.float16 if gguf_type == "f16" else torch.bfloat16

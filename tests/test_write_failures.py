@@ -155,6 +155,18 @@ def test_failed_export_leaves_no_partial_folder_and_the_old_export_intact(traine
     assert shard.read_bytes() == old and _leftovers(out) == []
 
 
+def test_failed_gguf_export_leaves_no_partial_file_and_the_old_file_intact(tmp_path, tok):  # noqa: F811
+    model = trainable_model(tok)
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"old")
+    with file_size_limit(64 * 1024):   # the f32 file is ~0.5 MB
+        # The gguf package writes with numpy's tofile, whose error names the short write, not its cause.
+        with pytest.raises(OSError, match=r"cannot write GGUF export .*: \d+ requested and \d+ written; no partial "
+                                          r"file was left behind and the existing model.gguf is unchanged"):
+            ql.export_merged(model, out, format="gguf", gguf_type="f32", tokenizer=tok, overwrite=True, probe=False)
+    assert out.read_bytes() == b"old" and _leftovers(tmp_path) == []
+
+
 def test_cli_export_to_a_read_only_folder_is_one_line_exit_1(workdir, tmp_path, capsys):  # noqa: F811
     model = ql.load_model(workdir / "model", quant=ql.QuantConfig(bits=4), lora=ql.LoraConfig(r=4), device="cpu",
                           progress=False, seed=0)
