@@ -1,15 +1,15 @@
 """Streamed GGUF reader: one tensor dequantized at a time, quantized to 4/8-bit at once, so a GGUF loads at about the memory of its result.
 
 transformers' GGUF reader dequantizes every tensor of the file to float32 before the model
-exists (an 8B GGUF needs ~40 GB of RAM that way). Here the file is memory-mapped with the
-`gguf` package's `GGUFReader`, the model is built on the meta device from the header's
+exists (an 8B GGUF needs ~40 GB of RAM that way). Here the file is memory-mapped (its
+tensor table read by `gguf_header`, which skips the vocabulary), the model is built on the meta device from the header's
 config (`gguf_header.gguf_config`, equal to transformers'), and each tensor is then:
 
 1. dequantized alone with `gguf.quants.dequantize` (the function transformers' reader calls,
    so the float values are the same bits), a slab of rows at a time, straight into a tensor
    of the dtype it will be kept in;
-2. put back into Hugging Face's layout: GGUF lists dimensions fastest-first (the reader has
-   already reversed them into numpy order), and llama.cpp's converter interleaves the rotary
+2. put back into Hugging Face's layout: GGUF lists dimensions fastest-first (`open_gguf`
+   reverses them into torch order), and llama.cpp's converter interleaves the rotary
    halves of q_proj / k_proj rows for the "llama" architecture, undone here per head;
 3. handed to `stream.TensorSink`, which quantizes a linear the moment its weight (and bias)
    are complete and drops the float copy, or keeps an embedding / norm / head in float.
@@ -20,6 +20,7 @@ linear (its float32 copy and bitsandbytes' working copy), measured in benchmarks
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .gguf_header import gguf_config
+from .gguf_header import gguf_config, read_gguf_layout
 from .stream import LoadSettings, TensorSink, empty_model, release_freed_memory
 
 # GGUF architectures this reader knows (general.architecture). llama.cpp writes Llama,
@@ -50,12 +51,48 @@ def _gguf():
     return gguf
 
 
-def open_gguf(path: str | Path):
-    """The file's `gguf.GGUFReader` (memory-mapped: tensor bytes are read only when touched)."""
-    try:
-        return _gguf().GGUFReader(str(path))
-    except (ValueError, OSError, KeyError) as err:
-        raise ValueError(f"{path} is not a readable GGUF file ({err}); the file is corrupt or truncated") from None
+@dataclass
+class GgufTensor:
+    """One tensor of a mapped GGUF file, laid out as `gguf.GGUFReader` lays it out."""
+
+    name: str
+    shape: tuple[int, ...]   # torch order (GGUF's dimensions reversed)
+    ggml_type: object        # gguf.GGMLQuantizationType
+    data: np.ndarray         # read-only view of the mapping: values (F32, F16) or bytes (blocks, BF16), rows last
+
+
+def open_gguf(path: str | Path) -> tuple[dict, list[GgufTensor]]:
+    """(metadata, tensors) of a GGUF file, its data memory-mapped: bytes are read only when a tensor is touched.
+
+    The tensor table comes from `gguf_header.read_gguf_layout`, not from `gguf.GGUFReader`,
+    which decodes the whole vocabulary first (157 MiB of Python objects for SmolLM2's 49k
+    tokens, several times that for Llama 3's 128k): as much as the 4-bit model's linears.
+
+    Raises:
+        ValueError: not a GGUF file, a tensor type this reader does not read (naming the
+            fallback), or a file shorter than its tensor table says.
+    """
+    types = _gguf().GGMLQuantizationType
+    fields, table = read_gguf_layout(path)
+    blob = np.memmap(path, mode="r", dtype=np.uint8)
+    tensors = []
+    for entry in table:
+        kind = types(entry.ggml_type) if entry.ggml_type in types._value2member_map_ else None
+        if kind is None or kind.name not in TENSOR_TYPES:
+            raise ValueError(f"{path}: tensor {entry.name!r} is stored as {kind.name if kind else entry.ggml_type}, "
+                             f"which the streamed GGUF reader does not read (it reads {', '.join(TENSOR_TYPES)}). "
+                             f"Use {FALLBACK}.")
+        shape = tuple(reversed(entry.dims))
+        block, size = _gguf().GGML_QUANT_SIZES[kind]
+        raw = blob[entry.offset:entry.offset + int(np.prod(shape)) * size // block]
+        if raw.size * block != int(np.prod(shape)) * size:
+            raise ValueError(f"{path}: tensor {entry.name!r} runs past the end of the file; the file is truncated")
+        if kind in (types.F32, types.F16):
+            data = raw.view(np.float32 if kind == types.F32 else np.float16).reshape(shape)
+        else:
+            data = raw.reshape(_gguf().quants.quant_shape_to_byte_shape(shape, kind))
+        tensors.append(GgufTensor(entry.name, shape, kind, data))
+    return fields, tensors
 
 
 def hf_names(model: nn.Module, architecture: str) -> dict[str, str]:
@@ -80,8 +117,7 @@ def dequantize(tensor, dtype: torch.dtype) -> torch.Tensor:
     the tensor whole (transformers' reader) bit for bit.
     """
     quants = _gguf().quants
-    kind = tensor.tensor_type
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists the fastest dimension first
+    kind, shape = tensor.ggml_type, tensor.shape
     data = tensor.data.reshape(-1, tensor.data.shape[-1])  # (rows, values or bytes per row)
     out = torch.empty((data.shape[0], shape[-1]), dtype=dtype)
     step = max(1, SLAB_VALUES // shape[-1])
@@ -115,17 +151,12 @@ def rotary_heads(architecture: str, key: str, config) -> int | None:
     return None
 
 
-def check_supported(reader, path: Path) -> str:
-    """The file's architecture, or ValueError naming what the streamed reader cannot read and the fallback."""
-    field = reader.fields.get("general.architecture")
-    architecture = bytes(field.parts[field.data[0]]).decode() if field is not None else "?"
+def check_architecture(fields: dict, path: Path) -> str:
+    """The file's architecture, or ValueError naming what the streamed reader reads and the fallback."""
+    architecture = str(fields.get("general.architecture", "?"))
     if architecture not in ARCHITECTURES:
         raise ValueError(f"{path}: the streamed GGUF reader knows the architectures {sorted(ARCHITECTURES)} "
                          f"(Llama, Mistral, SmolLM2, Qwen2); this file is {architecture!r}. Use {FALLBACK}.")
-    for tensor in reader.tensors:
-        if tensor.tensor_type.name not in TENSOR_TYPES:
-            raise ValueError(f"{path}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which the "
-                             f"streamed GGUF reader does not read (it reads {', '.join(TENSOR_TYPES)}). Use {FALLBACK}.")
     return architecture
 
 
@@ -137,19 +168,19 @@ def load_gguf_streamed(path: str | Path, settings: LoadSettings) -> nn.Module:
             transformers fallback), a corrupt file, or tensors that do not fit the config.
     """
     path = Path(path)
-    reader = open_gguf(path)
-    architecture = check_supported(reader, path)
+    fields, tensors = open_gguf(path)
+    architecture = check_architecture(fields, path)
     config = gguf_config(path)
     model = empty_model(config, settings.dtype)
     sink = TensorSink(model, settings)
     names = hf_names(model, architecture)
     unexpected = []
-    for tensor in tqdm(reader.tensors, desc="loading", unit="tensor", disable=not settings.progress):
+    for tensor in tqdm(tensors, desc="loading", unit="tensor", disable=not settings.progress):
         key = names.get(tensor.name)
         if key is None:
             unexpected.append(tensor.name)
             continue
-        sink.check_shape(key, tuple(int(d) for d in reversed(tensor.shape.tolist())), path.name)
+        sink.check_shape(key, tensor.shape, path.name)
         # A weight that will be quantized stays float32 until then, as on transformers' path
         # (quantize_linear decides whether to round it through the compute dtype first).
         weight = dequantize(tensor, torch.float32 if sink.quantizes(key) else settings.dtype)
@@ -159,6 +190,6 @@ def load_gguf_streamed(path: str | Path, settings: LoadSettings) -> nn.Module:
         sink.put(key, weight, path.name, owned=True)
         del weight
     model = sink.finish(str(path), unexpected)
-    del reader  # drops the memory map
+    del tensors  # drops the memory map
     release_freed_memory()
     return model
