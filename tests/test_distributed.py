@@ -105,7 +105,9 @@ def _full_flags(work: Path, out: Path) -> list[str]:
     planning = {"--dry-run", "--global-batch", "--max-memory"}
     # Adapter variants (issue 12) change what is trained, not how it is distributed; their
     # names are covered by the launcher-prefix test, their behaviour by test_adapter_variants.
-    variants = {"--init", "--loftq-iters", "--dora", "--train-modules"}
+    # --no-double-quant changes how the base is stored, not how it is distributed, and the
+    # estimate compared below assumes the default double quantization.
+    variants = {"--init", "--loftq-iters", "--dora", "--train-modules", "--no-double-quant"}
     # Speed options: --compile changes how fast, not what (tests/test_speed_levers.py; a compile
     # per process would cost ~40 s here). Length grouping is on by default, so this run also
     # checks that it groups by the global batch, which 1 and 2 processes share.
