@@ -5,8 +5,8 @@ ones the safetensors writer writes (`dequant(W_q) + scale * B @ A` in float32, f
 plan), cast once to the GGUF type. The file is written with the `gguf` package's writer,
 tensor by tensor (header and tensor table first, so no tensor waits in memory for the
 others), into a staging file renamed into place when complete. The fidelity probe reads the
-written file back one module at a time (`GgufWeights`: the gguf package's reader and
-dequantizer, rows un-permuted), as the safetensors probe does.
+written file back one module at a time (`GgufWeights`, on model/gguf.py's streamed reader:
+gguf's dequantizer, rotary rows un-permuted), as the safetensors probe does.
 
 Supported: the Llama layout (Llama, Mistral, SmolLM2: GGUF architecture "llama") and Qwen2
 ("qwen2"), with a byte-level BPE tokenizer (GPT-2 style: Llama 3, Qwen2, SmolLM2), written
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..atomic import staged_file
+from ..model.gguf import dequantize, open_gguf, rotary_heads, unpermute_rotary
 from ..state import state_of
 from .plan import ExportEntry, ExportOptions, export_config, planned_entries
 from .probe import probe_fidelity
@@ -71,25 +72,6 @@ def _permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     out, cols = weight.shape
     half = out // heads // 2
     return weight.reshape(heads, 2, half, cols).transpose(1, 2).reshape(out, cols)  # (out, in)
-
-
-def _unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of `_permute_rotary`: llama.cpp's interleaved pairs back to HF's half-split layout."""
-    out, cols = weight.shape
-    half = out // heads // 2
-    return weight.reshape(heads, half, 2, cols).transpose(1, 2).reshape(out, cols)  # (out, in)
-
-
-def _rotary_heads(arch: str, key: str, config) -> int | None:
-    """The head count to permute this tensor's rows by ("llama" q / k projections), else None."""
-    if arch != "llama":
-        return None
-    heads = config.num_attention_heads
-    if key.endswith("self_attn.q_proj.weight"):
-        return heads
-    if key.endswith("self_attn.k_proj.weight"):
-        return getattr(config, "num_key_value_heads", None) or heads
-    return None
 
 
 def _rope_theta(config) -> float:
@@ -230,7 +212,7 @@ def write_gguf(model: nn.Module, options: ExportOptions) -> dict:
                   "tensors": len(entries), "total_bytes": tmp.stat().st_size}
         report.update(_dropped_window(model))
         if options.probe:
-            reader = GgufWeights(tmp, names, lambda key: _rotary_heads(arch, key, model.config))
+            reader = GgufWeights(tmp, names, arch, model.config)
             # float32, as transformers' own GGUF reader dequantizes every type.
             report.update(probe_fidelity(model, export_config(model, torch.float32), reader, torch.float32))
         report["seconds"] = round(time.time() - start, 2)
@@ -267,7 +249,7 @@ def _write_tensors(gguf, writer, model: nn.Module, entries: list[ExportEntry], n
     writer.write_ti_data_to_file()
     for entry, qtype in zip(entries, types):
         tensor = entry.produce().float()
-        heads = _rotary_heads(arch, entry.key, model.config)
+        heads = rotary_heads(arch, entry.key, model.config)
         if heads is not None:
             tensor = _permute_rotary(tensor, heads)
         writer.write_tensor_data(_encode(gguf, tensor, qtype))
@@ -288,20 +270,17 @@ def _dropped_window(model: nn.Module) -> dict:
 class GgufWeights:
     """Reads one tensor of a written GGUF file by state-dict key, as float32 in HF's layout (the probe's WeightReader).
 
-    The file is memory-mapped (its pages are file-backed, reclaimable); each call dequantizes
-    one tensor with the gguf package and undoes the rotary row permutation.
+    The file is memory-mapped by model/gguf.py's streamed reader (its pages are file-backed,
+    reclaimable); each call dequantizes one tensor and undoes the rotary row permutation.
     """
 
-    def __init__(self, path: Path, names: dict[str, str], rotary_heads):
-        gguf = _gguf()
-        self.gguf, self.names, self.rotary_heads = gguf, names, rotary_heads
-        self.tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(str(path)).tensors}
+    def __init__(self, path: Path, names: dict[str, str], arch: str, config):
+        self.names, self.arch, self.config = names, arch, config
+        self.tensors = {tensor.name: tensor for tensor in open_gguf(path)[1]}
 
     def __call__(self, key: str) -> torch.Tensor:
         if key not in self.names:
             raise KeyError(f"the GGUF export holds no tensor for {key!r}, which the model class expects")
-        stored = self.tensors[self.names[key]]
-        array = self.gguf.quants.dequantize(stored.data, stored.tensor_type)
-        tensor = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: the mapped file is read-only
-        heads = self.rotary_heads(key)
-        return _unpermute_rotary(tensor, heads) if heads is not None else tensor
+        tensor = dequantize(self.tensors[self.names[key]], torch.float32)
+        heads = rotary_heads(self.arch, key, self.config)
+        return unpermute_rotary(tensor, heads) if heads is not None else tensor
