@@ -155,7 +155,7 @@ def test_failed_export_leaves_no_partial_folder_and_the_old_export_intact(traine
     assert shard.read_bytes() == old and _leftovers(out) == []
 
 
-def test_failed_gguf_export_leaves_no_partial_file_and_the_old_file_intact(tmp_path, tok):  # noqa: F811
+def test_failed_gguf_export_leaves_no_partial_file_and_the_old_file_intact(tmp_path, tok):
     model = trainable_model(tok)
     out = tmp_path / "model.gguf"
     out.write_bytes(b"old")

@@ -23,7 +23,6 @@ from ..model.tokens import TrainableTokens
 from ..nn import quant as quantlib
 from ..nn.lora import LoraLinear
 
-
 DEFAULT_SHARD_BYTES = 2 * 2**30
 FORMATS = ("safetensors", "gguf")
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..adapter import base_bits
 from ..atomic import staged_dir
 from ..model.load import open_safetensors, release_freed_memory
-from .gguf import write_gguf   # imports the optional `gguf` package only when called
+from .gguf import write_gguf  # imports the optional `gguf` package only when called
 from .plan import DEFAULT_SHARD_BYTES, ExportEntry, ExportOptions, export_config, planned_entries
 from .probe import probe_fidelity
 from .tokenizer import save_tokenizer
