@@ -9,6 +9,7 @@ one): never a traceback, a hang or growing memory.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import io
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 import qlowrank as ql
 from qlowrank.cli.main import main
+from qlowrank.cli.train import add_train_arguments
 
 SEED = 10
 N_DATA, N_ADAPTER, N_CONFIG = 190, 80, 40
@@ -246,12 +248,18 @@ def adapter_cases(rng: random.Random, folder: Path, model: Path, adapter: Path) 
     return cases
 
 
-def config_cases(rng: random.Random, folder: Path, model: Path, data: Path) -> list[Case]:
-    from qlowrank.cli.main import build_parser
-    from qlowrank.cli.train import _KINDS, DEFAULTS
+def _train_option_kinds() -> dict[str, tuple[type, object, bool]]:
+    """Each `qlowrank train` option (what a config file may set) -> (value type, nargs, is an on/off flag),
+    read from the public parser builder (cli/train.py keeps its own table private)."""
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    return {a.dest: (a.type or str, a.nargs, a.nargs == 0 and a.const is True)
+            for a in parser._actions if a.dest != "help"}
 
-    build_parser()   # registers every train option in DEFAULTS / _KINDS
-    options = sorted(k for k in DEFAULTS if k != "config")
+
+def config_cases(rng: random.Random, folder: Path, model: Path, data: Path) -> list[Case]:
+    kinds = _train_option_kinds()
+    options = sorted(k for k in kinds if k != "config")
     cases = []
     for i in range(N_CONFIG):
         kind = rng.choice(["garbage", "utf8", "non-object", "toml", "unknown", "type", "nan", "range"])
@@ -273,11 +281,11 @@ def config_cases(rng: random.Random, folder: Path, model: Path, data: Path) -> l
             names = [name.replace("-", "_")]
         elif kind == "type":
             option = rng.choice(options)
-            kind_of, choices, nargs, action = _KINDS[option]
+            kind_of, nargs, flag = kinds[option]
             # (a string for a plain string option would be valid: only lists and objects are wrong there)
             wrong = {int: [3.5, "3", True], float: ["fast", True]}.get(kind_of, []) + [[1], {"a": 1}]
             # (null is not wrong anywhere: a config file's null means "this option's default")
-            value = rng.choice(wrong) if action != "store_true" else rng.choice(["yes", 1, 0])
+            value = rng.choice(wrong) if not flag else rng.choice(["yes", 1, 0])
             if nargs == "+":
                 value = rng.choice([3, [], [1], {"a": 1}])
             path.write_text(json.dumps({option: value}))
