@@ -30,6 +30,7 @@ from torch import nn
 
 from ..atomic import staged_file
 from ..model.gguf import dequantize, open_gguf, rotary_heads, unpermute_rotary
+from ..model.gguf_header import read_gguf_layout
 from ..state import state_of
 from .plan import ExportEntry, ExportOptions, export_config, planned_entries
 from .probe import probe_fidelity
@@ -109,11 +110,9 @@ def _pre_tokenizer_name(model: nn.Module, spec: dict) -> str:
     """llama.cpp's name for the pre-tokenizer (how text is split before BPE)."""
     source = state_of(model).source or {}
     if source.get("gguf_file"):   # a GGUF source states it; transformers' rebuilt tokenizer would not show it
-        gguf = _gguf()
-        reader = gguf.GGUFReader(str(Path(source["path"]) / source["gguf_file"]))
-        field = reader.fields.get("tokenizer.ggml.pre")
-        if field is not None:
-            return bytes(field.parts[field.data[0]]).decode()
+        fields, _ = read_gguf_layout(Path(source["path"]) / source["gguf_file"])   # the header only
+        if fields.get("tokenizer.ggml.pre") is not None:
+            return fields["tokenizer.ggml.pre"]
     pre = json.dumps(spec.get("pre_tokenizer"))
     if '"Digits"' in pre and '"individual_digits": true' in pre and '"ByteLevel"' in pre:
         return "smollm"
