@@ -47,24 +47,35 @@ LLAMA_MID = dict(vocab_size=16384, hidden_size=512, intermediate_size=1376, num_
                  num_key_value_heads=2, tie_word_embeddings=False)   # tests/test_process_rss.py's "mid"
 LLAMA_500M = dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,
                   num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False)   # 501M parameters
+LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, tie_word_embeddings=False)   # TinyLlama-1.1B's shape
+L8B_WIDTH = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8, tie_word_embeddings=False, rope_theta=500000.0)   # Llama-3-8B's widths
+L8B_2L, L8B_4L = dict(L8B_WIDTH, num_hidden_layers=2), dict(L8B_WIDTH, num_hidden_layers=4)
 CONFIGS: dict[str, dict] = {
+    "tiny-4bit": dict(model=LLAMA_TINY, bits=4, batch=2, seq=64),
     "demo (smollm2 4-bit b4 s160)": dict(model=SMOLLM2, bits=4, batch=4, seq=160),
     "smollm2 8-bit b4 s160": dict(model=SMOLLM2, bits=8, batch=4, seq=160),
     "smollm2 float b4 s160": dict(model=SMOLLM2, bits=None, batch=4, seq=160),
-    "smollm2 4-bit no-ckpt b4 s160": dict(model=SMOLLM2, bits=4, batch=4, seq=160, checkpointing=False),
-    "smollm2 4-bit b2 s512": dict(model=SMOLLM2, bits=4, batch=2, seq=512),
     "smollm2 4-bit no-ckpt b2 s512": dict(model=SMOLLM2, bits=4, batch=2, seq=512, checkpointing=False),
+    "smollm2-shape safetensors 4-bit b4 s160": dict(model=LLAMA_SMOLLM2_SHAPE, bits=4, batch=4, seq=160),
+    "llama-mid 4-bit b4 s256": dict(model=LLAMA_MID, bits=4, batch=4, seq=256),
+    "llama-mid 4-bit b4 s256 accum 4": dict(model=LLAMA_MID, bits=4, batch=4, seq=256, accum=4),
+    "llama-mid 4-bit b8 s128 packed": dict(model=LLAMA_MID, bits=4, batch=8, seq=128, packing=True),
+    "llama-mid 4-bit dora b2 s512": dict(model=LLAMA_MID, bits=4, batch=2, seq=512, dora=True),
+    "llama-mid 4-bit pissa b4 s256": dict(model=LLAMA_MID, bits=4, batch=4, seq=256, init="pissa"),
+    "llama-mid 4-bit loftq no-ckpt b2 s1024": dict(model=LLAMA_MID, bits=4, batch=2, seq=1024, init="loftq",
+                                                   checkpointing=False),
     "llama-501M 4-bit b2 s256": dict(model=LLAMA_500M, bits=4, batch=2, seq=256),
     "llama-501M 8-bit b1 s256": dict(model=LLAMA_500M, bits=8, batch=1, seq=256),
-    "llama-501M float b1 s256": dict(model=LLAMA_500M, bits=None, batch=1, seq=256),
-    "llama-501M 4-bit no-ckpt b2 s512": dict(model=LLAMA_500M, bits=4, batch=2, seq=512, checkpointing=False),
-    "smollm2-shape safetensors 4-bit b4 s160": dict(model=LLAMA_SMOLLM2_SHAPE, bits=4, batch=4, seq=160),
-    "tiny-4bit": dict(model=LLAMA_TINY, bits=4, batch=2, seq=64),
-    "llama-mid 8-bit no-ckpt b4 s256": dict(model=LLAMA_MID, bits=8, batch=4, seq=256, checkpointing=False),
-    "llama-mid float b4 s256": dict(model=LLAMA_MID, bits=None, batch=4, seq=256),
-    "llama-mid 4-bit b4 s256": dict(model=LLAMA_MID, bits=4, batch=4, seq=256),
-    "llama-mid float no-ckpt b4 s512": dict(model=LLAMA_MID, bits=None, batch=4, seq=512, checkpointing=False),
-    "smollm2-shape safetensors float b4 s160": dict(model=LLAMA_SMOLLM2_SHAPE, bits=None, batch=4, seq=160),
+    "llama-1.1B 4-bit b1 s1024": dict(model=LLAMA_1B, bits=4, batch=1, seq=1024),
+    "8B-width 2L 4-bit b1 s512": dict(model=L8B_2L, bits=4, batch=1, seq=512),
+    "8B-width 2L 4-bit b1 s2048": dict(model=L8B_2L, bits=4, batch=1, seq=2048),
+    "8B-width 2L 8-bit b1 s512": dict(model=L8B_2L, bits=8, batch=1, seq=512),
+    "8B-width 2L float b1 s512": dict(model=L8B_2L, bits=None, batch=1, seq=512),
+    "8B-width 4L 4-bit b1 s1024": dict(model=L8B_4L, bits=4, batch=1, seq=1024),
+    "8B-width 4L 8-bit b1 s512": dict(model=L8B_4L, bits=8, batch=1, seq=512),
+    "8B-width 4L 4-bit b8 s128": dict(model=L8B_4L, bits=4, batch=8, seq=128),
 }
 
 
@@ -95,21 +106,22 @@ def _status() -> dict:
 
 def settings_of(spec: dict) -> dict:
     """The spec with defaults filled in: r 16, checkpointing on, 3 steps."""
-    return {"r": 16, "checkpointing": True, "steps": 3, **spec}
+    return {"r": 16, "checkpointing": True, "steps": 3, "accum": 1, "packing": False, "dora": False,
+            "init": "kaiming", **spec}
 
 
 def quant_lora(spec: dict):
     import qlowrank as ql
     quant = ql.QuantConfig(bits=spec["bits"], compute_dtype=torch.bfloat16)
-    return quant, ql.LoraConfig(r=spec["r"], alpha=2 * spec["r"])
+    return quant, ql.LoraConfig(r=spec["r"], alpha=2 * spec["r"], use_dora=spec["dora"], init=spec["init"])
 
 
 def make_checkpoint(config_kwargs: dict, folder: Path) -> None:
-    """A random Llama saved as bf16 safetensors (run in its own process)."""
+    """A random Llama saved as bf16 safetensors, one shard per layer (run in its own process)."""
     import transformers
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_kwargs)).to(torch.bfloat16)
-    model.save_pretrained(folder)
+    sys.path.insert(0, str(HERE.parent))
+    from large_model import write_shards
+    write_shards(transformers.LlamaConfig(**config_kwargs), folder)
 
 
 def model_path(spec: dict, cache: Path) -> str:
@@ -123,29 +135,46 @@ def model_path(spec: dict, cache: Path) -> str:
     return str(folder)
 
 
+def training_examples(spec: dict, vocab: int):
+    """Fixed-length random examples; packed ones hold two whole examples per window."""
+    from qlowrank.train import Example
+
+    generator = torch.Generator().manual_seed(0)
+    count = spec["batch"] * spec["steps"] * spec["accum"]
+    ids = torch.randint(0, vocab, (count, spec["seq"]), generator=generator).tolist()
+    if not spec["packing"]:
+        return [Example(row, list(row)) for row in ids]
+    from qlowrank.data.batch import pack_examples
+    halves = [Example(row[:n], list(row[:n])) for row in ids for n in (spec["seq"] // 2,)] * 2
+    return pack_examples(halves, spec["seq"])
+
+
 def measure(spec: dict, path: str) -> dict:
-    """Train in this process as `qlowrank train` would; return the measured figures."""
+    """Train in this process as `qlowrank train` would; return the measured figures (anonymous
+    and file-backed peaks sampled every 10 ms per phase, VmHWM per phase)."""
     import qlowrank as ql
-    from qlowrank.train import Example, TrainConfig, Trainer
+    from qlowrank.memory.sampler import StatusSampler
+    from qlowrank.train import TrainConfig, Trainer
 
     quant, lora = quant_lora(spec)
     imported = _status()
+    sampler = StatusSampler().start()
     model = ql.load_model(path, quant=quant, lora=lora, device="cpu", dtype=torch.bfloat16, progress=False, seed=0)
+    load = sampler.stop()
     if spec["checkpointing"]:
         ql.enable_gradient_checkpointing(model)
-    vocab = model.get_input_embeddings().num_embeddings
-    generator = torch.Generator().manual_seed(0)
-    examples = [Example(ids, list(ids)) for ids in
-                torch.randint(0, vocab, (spec["batch"] * spec["steps"], spec["seq"]), generator=generator).tolist()]
+    examples = training_examples(spec, model.get_input_embeddings().num_embeddings)
     rss_loaded, load_peak, loaded = _vm("VmRSS"), _vm("VmHWM"), _status()
     base_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     with open("/proc/self/clear_refs", "w") as handle:   # VmHWM := VmRSS: the peak of training only
         handle.write("5")
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, StatusSampler() as train:
         config = TrainConfig(out_dir=out, steps=spec["steps"], batch_size=spec["batch"], precision="bf16",
-                             progress=False, seed=0)
+                             progress=False, seed=0, grad_accum=spec["accum"])
         result = Trainer(model, config, examples, []).train()
     return {"rss_loaded": rss_loaded, "load_peak_rss": load_peak, "model_bytes_loaded": base_bytes,
+            "load_anon_peak": load["RssAnon"], "load_file_peak": load["RssFile"],
+            "train_anon_peak": train.anon_peak, "train_file_peak": train.file_peak,
             "source_bytes": sum(f.stat().st_size for f in Path(path).parent.glob(Path(path).name)) if Path(path).is_file()
             else sum(f.stat().st_size for f in Path(path).glob("*.safetensors")),
             "train_peak_rss": _vm("VmHWM"), "status_imported": imported, "status_loaded": loaded,
@@ -159,7 +188,7 @@ def predict(spec: dict, path: str):
     quant, lora = quant_lora(spec)
     return ql.estimate_memory(path, quant=quant, lora=lora, batch_size=spec["batch"], seq_len=spec["seq"],
                               gradient_checkpointing=spec["checkpointing"], optimizer="adamw",
-                              dtype=torch.bfloat16, device="cpu")
+                              dtype=torch.bfloat16, device="cpu", grad_accum=spec["accum"], packing=spec["packing"])
 
 
 def prediction(spec: dict, path: str) -> dict:
@@ -168,15 +197,16 @@ def prediction(spec: dict, path: str) -> dict:
     parts = estimate.process_breakdown
     return {"predicted_process": estimate.process_bytes, "predicted_tensor": estimate.total_bytes,
             "predicted_training_peak": parts["training_peak"], "predicted_load_peak": parts["load_peak"],
+            "predicted_file_backed": estimate.file_backed_bytes, "predicted_terms": parts,
             "facts": dataclasses.asdict(estimate.facts)}
 
 
 def with_errors(row: dict) -> dict:
-    """Errors against the whole process's peak (loading or training, whichever is larger) and
-    against the training peak alone (what MemoryProfiler.process_peak_bytes measures)."""
-    row["process_peak_rss"] = max(row["load_peak_rss"], row["train_peak_rss"])
-    row["error"] = row["predicted_process"] / row["process_peak_rss"] - 1
-    row["training_error"] = row["predicted_training_peak"] / row["train_peak_rss"] - 1
+    """Errors of the anonymous figures: the process (larger of loading and training) and each phase."""
+    row["process_anon_peak"] = max(row["load_anon_peak"], row["train_anon_peak"])
+    row["error"] = row["predicted_process"] / row["process_anon_peak"] - 1
+    row["load_error"] = row["predicted_load_peak"] / row["load_anon_peak"] - 1
+    row["training_error"] = row["predicted_training_peak"] / row["train_anon_peak"] - 1
     return row
 
 
@@ -198,88 +228,72 @@ FIT = {"runtime": "tiny-4bit", "float": ("qlowrank train: mid float b4 s256", "l
        4: "llama-501M 4-bit b2 s256", 8: "llama-501M 8-bit b1 s256", "gguf": "demo (smollm2 4-bit b4 s160)"}
 
 
-# Whole-process peaks of `qlowrank train` runs by tests/test_process_rss.py (fresh processes; this
-# machine, 2026-11-29 04:17-04:33 UTC, two runs: 636 and 623 MiB), for a configuration this
-# benchmark had not measured yet: LLAMA_MID, float base, batch 4 x 256, checkpointing. Its
-# loading peak is far below (predicted 504 MiB), so the process peak is the training peak.
-CLI_RUNS = [{"name": "qlowrank train: mid float b4 s256", "model": LLAMA_MID, "bits": None, "batch": 4, "seq": 256,
-             "train_peak_rss": int(629.5 * 2**20)}]
+# The configurations each CPU constant of qlowrank/memory/process.py is fitted on (the rest are held out).
+FIT = {"runtime": ("tiny-4bit",),
+       "heap": ("8B-width 2L 4-bit b1 s2048", "8B-width 4L 4-bit b1 s1024", "llama-501M 4-bit b2 s256"),
+       "int8": ("8B-width 2L 8-bit b1 s512",),
+       "load": ("8B-width 2L 4-bit b1 s512", "8B-width 2L 8-bit b1 s512")}
 
 
-def cli_rows() -> list[dict]:
-    """CLI_RUNS with the estimate's figures (from the config: their checkpoints are gone)."""
-    import transformers
-
-    import qlowrank as ql
-
-    rows = []
-    for run in CLI_RUNS:
-        spec = settings_of({k: run[k] for k in ("model", "bits", "batch", "seq")})
-        quant, lora = quant_lora(spec)
-        estimate = ql.estimate_memory(transformers.LlamaConfig(**spec["model"]), quant=quant, lora=lora,
-                                      batch_size=spec["batch"], seq_len=spec["seq"], device="cpu", dtype=torch.bfloat16)
-        rows.append({"name": run["name"], "train_peak_rss": run["train_peak_rss"], "predicted_tensor": estimate.total_bytes,
-                     "facts": dataclasses.asdict(estimate.facts)})
-    return rows
+def heap_row(facts: dict) -> list[float]:
+    """The three heap terms' multipliers (working set, layer residue, dequantized under the ceiling)."""
+    return [facts["working_bytes"], 2 * facts["layers"] * facts["hidden_tokens"],
+            2 * facts["heap_dequant_params"] if facts["bits"] in (4, 8) else 0]
 
 
 def fit(rows: list[dict]) -> dict:
-    """Derive the CPU constants from the FIT configurations' measurements (closed form, see process.py)."""
-    by = {r["name"]: r for r in rows + cli_rows()}
-    mib = 2**20
+    """Fit the CPU constants on the FIT configurations' anonymous peaks (closed form / least squares)."""
+    import numpy as np
 
-    def get(name):
-        r = by[name]
-        f = r["facts"]
-        return r, f, 2 * f["linear_params"], r["predicted_tensor"]
-
-    r, f, lin, t = get(FIT["runtime"])
-    runtime = r["train_peak_rss"] - t
-    load_runtime = r["load_peak_rss"] - f["source_bytes"] - f["base_bytes"]
-    (r1, f1, lin1, t1), (r2, f2, lin2, t2) = get(FIT["float"][0]), get(FIT["float"][1])
-    y1, y2 = r1["train_peak_rss"] - runtime - t1, r2["train_peak_rss"] - runtime - t2
-    ratio_float = (y2 - y1) / (lin2 - lin1)
-    floor = y1 - ratio_float * lin1   # valid when both tensor peaks exceed the floor (checked below)
-    assert min(t1, t2) >= floor, "the floor exceeds a fitting configuration's tensor peak"
-    constants = {"CPU_RUNTIME_BYTES": runtime / mib, "CPU_LOAD_RUNTIME_BYTES": load_runtime / mib,
-                 "CPU_HEAP_FLOOR_BYTES": floor / mib, "CPU_HEAP_RATIO[None]": ratio_float}
-    for bits in (4, 8):
-        r, f, lin, t = get(FIT[bits])
-        constants[f"CPU_HEAP_RATIO[{bits}]"] = (r["train_peak_rss"] - runtime - t - min(floor, t)) / lin
-        constants[f"CPU_LOAD_QUANT_RATIO[{bits}]"] = (r["load_peak_rss"] - load_runtime - f["source_bytes"]
-                                                     - f["base_bytes"]) / lin
-    r, f, lin, t = get(FIT["gguf"])
-    constants["CPU_GGUF_LOAD_RATIO"] = (r["load_peak_rss"] - load_runtime - f["source_bytes"]) / (4 * f["base_params"])
+    by = {r["name"]: r for r in rows}
+    tiny = by[FIT["runtime"][0]]
+    runtime = tiny["train_anon_peak"] - tiny["predicted_tensor"]
+    load_runtime = tiny["load_anon_peak"] - tiny["facts"]["base_bytes"]
+    heap = [by[n] for n in FIT["heap"]]
+    a = np.array([heap_row(r["facts"]) for r in heap], dtype=float)
+    y = np.array([r["train_anon_peak"] - runtime - r["predicted_tensor"] for r in heap], dtype=float)
+    kept, residue, dequant = np.linalg.lstsq(a, y, rcond=None)[0]
+    r8 = by[FIT["int8"][0]]
+    rest = r8["train_anon_peak"] - runtime - r8["predicted_tensor"] - np.dot([kept, residue, dequant], heap_row(r8["facts"]))
+    constants = {"CPU_RUNTIME_BYTES (MiB)": runtime / 2**20, "CPU_LOAD_RUNTIME_BYTES (MiB)": load_runtime / 2**20,
+                 "CPU_WORKING_SET_KEPT": kept, "CPU_LAYER_RESIDUE": residue, "CPU_DEQUANT_KEPT": dequant,
+                 "CPU_INT8_KEPT": rest / r8["facts"]["linear_params"]}
+    for name in FIT["load"]:
+        r, f = by[name], by[name]["facts"]
+        constants[f"CPU_LOAD_TRANSIENT[{f['bits']}]"] = ((r["load_anon_peak"] - load_runtime - f["base_bytes"])
+                                                       / (2 * f["largest_linear"]))
     return constants
 
 
 def fitted_names() -> set[str]:
-    return {n for v in FIT.values() for n in ((v,) if isinstance(v, str) else v)}
+    return {n for v in FIT.values() for n in v}
 
 
-# The process model before this benchmark ran: runtime 432 MiB + tensors x 1.10 (an assumption).
-BEFORE_RUNTIME, BEFORE_RATIO = 432 * 2**20, 1.10
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
 
 
 def print_table(rows: list[dict]) -> None:
     mib = 2**20
     fitted = fitted_names()
-    print("\n| configuration | role | tensor peak (est.) | load peak est. / measured | training peak est. / measured "
-          "| process est. | process measured | error | training-only error | before the fit |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| configuration | role | tensor peak (est.) | load anon est. / measured | training anon est. / measured "
+          "| process anon est. / measured | error | file-backed measured / bound |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        before = (BEFORE_RUNTIME + BEFORE_RATIO * r["predicted_tensor"]) / r["process_peak_rss"] - 1
         print(f"| {r['name']} | {'fit' if r['name'] in fitted else 'held out'} | {r['predicted_tensor'] / mib:.0f} MiB | "
-              f"{r['predicted_load_peak'] / mib:.0f} / {r['load_peak_rss'] / mib:.0f} MiB | "
-              f"{r['predicted_training_peak'] / mib:.0f} / {r['train_peak_rss'] / mib:.0f} MiB | "
-              f"{r['predicted_process'] / mib:.0f} MiB | {r['process_peak_rss'] / mib:.0f} MiB | "
-              f"{100 * r['error']:+.1f}% | {100 * r['training_error']:+.1f}% | {100 * before:+.1f}% |")
-    for label, subset in (("all", rows), ("held out", [r for r in rows if r["name"] not in fitted])):
+              f"{r['predicted_load_peak'] / mib:.0f} / {r['load_anon_peak'] / mib:.0f} MiB | "
+              f"{r['predicted_training_peak'] / mib:.0f} / {r['train_anon_peak'] / mib:.0f} MiB | "
+              f"{r['predicted_process'] / mib:.0f} / {r['process_anon_peak'] / mib:.0f} MiB | {100 * r['error']:+.1f}% | "
+              f"{max(r['load_file_peak'], r['train_file_peak']) / mib:.0f} / {r['predicted_file_backed'] / mib:.0f} MiB |")
+    held = [r for r in rows if r["name"] not in fitted]
+    for label, subset, key in (("process, all", rows, "error"), ("process, held out", held, "error"),
+                               ("training phase, held out", held, "training_error"),
+                               ("load phase, held out", held, "load_error")):
         if subset:
-            errors = sorted(abs(r["error"]) for r in subset)
-            median = (errors[(len(errors) - 1) // 2] + errors[len(errors) // 2]) / 2
-            print(f"|error| {label}: median {100 * median:.1f}%, worst {100 * errors[-1]:.1f}% over {len(subset)} "
-                  "configurations")
+            errors = [abs(r[key]) for r in subset]
+            print(f"|error| {label}: median {100 * median(errors):.1f}%, worst {100 * max(errors):.1f}% "
+                  f"over {len(subset)} configurations")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -292,17 +306,17 @@ def plot(rows: list[dict], path: Path) -> None:
     fitted = fitted_names()
     for used, marker, label in ((True, "s", "used to fit the constants"), (False, "o", "held out")):
         subset = [r for r in rows if (r["name"] in fitted) == used]
-        ax.scatter([r["process_peak_rss"] / gib for r in subset], [r["predicted_process"] / gib for r in subset],
+        ax.scatter([r["process_anon_peak"] / gib for r in subset], [r["predicted_process"] / gib for r in subset],
                    marker=marker, label=label)
         for r in subset:
-            ax.annotate(r["name"], (r["process_peak_rss"] / gib, r["predicted_process"] / gib), fontsize=6,
+            ax.annotate(r["name"], (r["process_anon_peak"] / gib, r["predicted_process"] / gib), fontsize=6,
                         xytext=(4, -3), textcoords="offset points")
-    top = max(max(r["process_peak_rss"], r["predicted_process"]) for r in rows) / gib * 1.1
+    top = max(max(r["process_anon_peak"], r["predicted_process"]) for r in rows) / gib * 1.1
     ax.plot([0, top], [0, top], color="grey", lw=0.6)
     ax.fill_between([0, top], [0, 0.95 * top], [0, 1.05 * top], color="grey", alpha=0.15, label="within 5%")
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
-    ax.set_xlabel("measured peak RSS of the process (GiB): max(loading, training)")
+    ax.set_xlabel("measured anonymous peak of the process (GiB): max(loading, training)")
     ax.set_ylabel("estimate_memory(...).process_bytes (GiB)")
     ax.set_title("process memory on a CPU: predicted vs measured (fresh process each)")
     ax.legend(loc="upper left")
@@ -343,8 +357,10 @@ def main() -> None:
         for name in args.only or list(CONFIGS):
             rows.append(run_config(name, Path(args.cache)))
             r = rows[-1]
-            print(f"{name}: predicted {r['predicted_process'] / 2**20:.0f} MiB, measured {r['process_peak_rss'] / 2**20:.0f} "
+            print(f"{name}: predicted {r['predicted_process'] / 2**20:.0f} MiB, measured {r['process_anon_peak'] / 2**20:.0f} "
                   f"MiB ({100 * r['error']:+.1f}%)", flush=True)
+            out.mkdir(parents=True, exist_ok=True)   # after each configuration: a long run keeps what it measured
+            (out / "process_memory.json").write_text(json.dumps(rows, indent=1))
     rows = [with_errors(r) for r in rows]
     print_table(rows)
     if args.fit:

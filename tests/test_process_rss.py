@@ -1,4 +1,4 @@
-"""Process memory against the OS: `qlowrank train` in fresh processes, measured peak RSS vs `process_bytes`."""
+"""Process memory against the OS: `qlowrank train` in fresh processes, measured anonymous peak vs `process_bytes`."""
 
 from __future__ import annotations
 
@@ -25,29 +25,17 @@ from qlowrank.memory.process import CPU_PREDICTION_MARGIN
 # headroom `--batch auto` keeps.
 PROCESS_RSS_TOLERANCE = CPU_PREDICTION_MARGIN
 
-# The child runs `qlowrank train` and reports the whole process's peak RSS. The trainer's
-# MemoryProfiler resets the kernel's high-water mark (VmHWM, which ru_maxrss reads) when
-# training starts, so a thread samples VmHWM every 20 ms: between resets VmHWM only grows,
-# so the largest sample is the peak of loading, and the last one (after the run) the peak
-# of training. ru_maxrss at the end is reported too.
+# The child runs `qlowrank train` and reports the whole process's anonymous peak (RssAnon,
+# sampled every 10 ms by a thread: the kernel keeps no high-water mark for it) and its
+# file-backed peak (RssFile: libraries and the mapped checkpoint), loading and training alike.
 CHILD = r"""
-import resource, sys, threading, time
+import sys
 from qlowrank.cli.main import main
+from qlowrank.memory.sampler import StatusSampler
 
-def hwm():
-    with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
-
-peak = [hwm()]
-def sample():
-    while True:
-        peak[0] = max(peak[0], hwm())
-        time.sleep(0.02)
-
-threading.Thread(target=sample, daemon=True).start()
-code = main(sys.argv[1:])
-peak[0] = max(peak[0], hwm())
-print(f"PEAK_RSS {peak[0]} RU_MAXRSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}", flush=True)
+with StatusSampler() as sampler:
+    code = main(sys.argv[1:])
+print(f"ANON_PEAK {sampler.anon_peak} FILE_PEAK {sampler.file_peak}", flush=True)
 sys.exit(code)
 """
 
@@ -83,18 +71,15 @@ def train_args(root: Path, model: str, out: str, *extra: str) -> list[str]:
 
 
 def start(root: Path, args: list[str]) -> subprocess.Popen:
-    # Through a shell that forks the child rather than exec'ing it straight from pytest: an
-    # exec'd child starts with its parent's high-water mark in ru_maxrss (Linux keeps the
-    # larger of the pre-exec memory's peak and its own), i.e. it would report pytest's RSS.
-    return subprocess.Popen(["/bin/sh", "-c", '"$@"; exit $?', "sh", sys.executable, "-c", CHILD, *args],
-                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def finish(process: subprocess.Popen) -> tuple[str, int, int]:
-    """(stdout, whole-process peak RSS, ru_maxrss at exit) of a started child."""
+    """(stdout, anonymous peak, file-backed peak) of a started child."""
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-3000:]
-    found = re.search(r"PEAK_RSS (\d+) RU_MAXRSS (\d+)", out)
+    found = re.search(r"ANON_PEAK (\d+) FILE_PEAK (\d+)", out)
     return out, int(found[1]), int(found[2])
 
 
@@ -109,10 +94,10 @@ CONFIGS = {
     "mid 8-bit no-ckpt b4 s256": ("mid", "--bits", "8", "--batch", "4", "--seq", "256", "--no-checkpointing"),
     "mid float b4 s256": ("mid", "--bits", "none", "--batch", "4", "--seq", "256"),
 }
-# --batch auto, global batch 4, with a budget 1 MiB under what micro-batch 5 needs with the
-# headroom --batch auto keeps: it must choose 4, and 4 must fit. (A larger global batch would
-# accumulate gradients, which adds RSS the estimate does not model: README, limitations.)
-AUTO = ("mid", "--bits", "4", "--seq", "512", "--no-checkpointing", "--batch", "auto", "--global-batch", "4")
+# --batch auto with a global batch of 8 and a budget halfway between what micro-batches 1 and 8
+# are predicted to need (with the headroom): the search has to pick a micro-batch below 8.
+AUTO = ("mid", "--bits", "4", "--seq", "512", "--no-checkpointing", "--batch", "auto", "--global-batch", "8")
+AUTO_GLOBAL_BATCH = 8
 
 
 def with_batch(args: list[str], batch: int) -> list[str]:
@@ -120,35 +105,48 @@ def with_batch(args: list[str], batch: int) -> list[str]:
     return [*args[:at + 1], str(batch), *args[at + 2:]]
 
 
+def auto_budget(auto: list[str]) -> int:
+    """Halfway between the headroomed predictions of micro-batches 1 and AUTO_GLOBAL_BATCH."""
+    one, whole = (predicted(with_batch(auto, b)).process_bytes for b in (1, AUTO_GLOBAL_BATCH))
+    return int((one + whole) / 2 * (1 + CPU_PREDICTION_MARGIN))
+
+
 @pytest.fixture(scope="module")
 def runs(workdir) -> dict:
-    """Every fresh-process run of this module, started side by side (RSS is per process) and finished once."""
+    """Every fresh-process run of this module, started side by side (memory is per process) and finished once."""
     plan = {name: train_args(workdir, model, f"out-{i}", *extra) for i, (name, (model, *extra)) in enumerate(CONFIGS.items())}
     auto = train_args(workdir, AUTO[0], "out-auto", *AUTO[1:])
-    budget = int(predicted(with_batch(auto, 5)).process_bytes * (1 + CPU_PREDICTION_MARGIN)) - 2**20
+    budget = auto_budget(auto)
     plan["auto"] = [*auto, "--max-memory", str(budget)]
     children = {name: start(workdir, args) for name, args in plan.items()}
     return {name: (plan[name], *finish(child)) for name, child in children.items()} | {"budget": budget}
 
 
-def test_process_bytes_predicts_the_peak_rss_of_real_training(runs):
-    """Three `qlowrank train` runs, each in a fresh process: whole-process peak RSS vs the prediction."""
+def test_process_bytes_predicts_the_anonymous_peak_of_real_training(runs):
+    """Three `qlowrank train` runs, each in a fresh process: the anonymous peak vs the prediction;
+    the file-backed pages (libraries, the mapped checkpoint) come on top and are not predicted as anonymous."""
     errors = {}
     for name in CONFIGS:
-        args, _, peak, ru_maxrss = runs[name]
+        args, _, anon, file_backed = runs[name]
         estimate = predicted(args)
-        errors[name] = estimate.process_bytes / peak - 1
-        print(f"{name}: predicted {estimate.process_bytes / 2**20:.0f} MiB, peak RSS {peak / 2**20:.0f} MiB, "
-              f"ru_maxrss {ru_maxrss / 2**20:.0f} MiB, tensor peak {estimate.total_bytes / 2**20:.0f} MiB")
+        errors[name] = estimate.process_bytes / anon - 1
+        print(f"{name}: predicted {estimate.process_bytes / 2**20:.0f} MiB, anonymous peak {anon / 2**20:.0f} MiB, "
+              f"file-backed {file_backed / 2**20:.0f} MiB (bound {estimate.file_backed_bytes / 2**20:.0f}), "
+              f"tensor peak {estimate.total_bytes / 2**20:.0f} MiB")
     assert all(abs(e) <= PROCESS_RSS_TOLERANCE for e in errors.values()), errors
 
 
-def test_batch_auto_fits_the_budget_and_the_next_batch_would_not(runs):
-    args, out, peak, _ = runs["auto"]
+def test_batch_auto_searches_the_largest_micro_batch_under_the_budget(runs):
+    """The search itself: a budget that forces a micro-batch below the global batch; the chosen one
+    measures under the budget, and the next one up is predicted over it (with the headroom)."""
+    args, out, anon, _ = runs["auto"]
     budget = runs["budget"]
-    chosen = int(re.search(r"batch auto: micro-batch (\d+) x grad-accum 1 = global batch 4", out)[1])
-    print(f"--max-memory {budget / 2**20:.0f} MiB: micro-batch {chosen}, measured peak RSS {peak / 2**20:.0f} MiB, "
-          f"predicted {predicted(with_batch(args, chosen)).process_bytes / 2**20:.0f} MiB")
-    assert chosen == 4                                            # the largest that fits with the headroom
-    assert peak <= budget                                         # and it fits, measured
-    assert predicted(with_batch(args, chosen + 1)).process_bytes * (1 + CPU_PREDICTION_MARGIN) > budget
+    found = re.search(r"batch auto: micro-batch (\d+) x grad-accum (\d+) = global batch (\d+)", out)
+    chosen, accum = int(found[1]), int(found[2])
+    largest = int(m[1]) if (m := re.search(r"largest that fits: (\d+)", out)) else chosen
+    print(f"--max-memory {budget / 2**20:.0f} MiB: micro-batch {chosen} x {accum} (largest {largest}), measured "
+          f"anonymous peak {anon / 2**20:.0f} MiB, predicted {predicted(with_batch(args, chosen)).process_bytes / 2**20:.0f} MiB")
+    assert 1 <= chosen < AUTO_GLOBAL_BATCH and chosen * accum == AUTO_GLOBAL_BATCH   # a real choice
+    assert anon <= budget                                                             # it fits, measured
+    over = predicted(with_batch(args, largest + 1)).process_bytes * (1 + CPU_PREDICTION_MARGIN)
+    assert over > budget                                                              # and it is the largest

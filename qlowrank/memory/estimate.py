@@ -26,6 +26,7 @@ from torch import nn
 from ..config import ESTIMATE_OPTIMIZERS, SHARDINGS, LoraConfig, QuantConfig, parse_dtype
 from ..model.checkpointing import enable_gradient_checkpointing
 from ..model.surgery import add_lora
+from ..nn.layers import is_linear_like, linear_shape
 from . import process as process_model
 from .meta_model import build_meta_model, fused_attention, load_config, replace_quantized_layers
 from .report import breakdown_table, format_bytes
@@ -71,15 +72,22 @@ class MemoryEstimate:
 
     @property
     def process_bytes(self) -> int:
-        """Predicted peak memory of the whole training process as the OS (CPU: RSS) or the GPU
-        driver (CUDA: nvidia-smi) reports it: runtime / CUDA context + tensors + allocator overhead;
-        on a CPU the larger of the loading and the training peak (`memory/process.py`)."""
+        """Predicted peak memory of the whole training process that has to fit: on a CPU the
+        anonymous peak (RssAnon: runtime + tensors + what the heaps keep; the larger of loading
+        and training), on CUDA what nvidia-smi shows (context + reserved). `memory/process.py`."""
         return process_model.process_bytes(self.total_bytes, self.settings.get("device", "cpu"), self.facts)
+
+    @property
+    def file_backed_bytes(self) -> int:
+        """Upper bound of the file-backed pages beside `process_bytes` (CPU: the libraries and the
+        memory-mapped checkpoint while loading; reclaimable, so not part of what has to fit)."""
+        return process_model.file_backed_bytes(self.settings.get("device", "cpu"), self.facts)
 
     @property
     def process_breakdown(self) -> dict[str, int]:
         """process_bytes in parts: CUDA: cuda_context, tensors, allocator_reserve; CPU: runtime,
-        tensors, heap (they sum to training_peak), then training_peak and load_peak."""
+        tensors, working_set_kept, layer_residue, dequant_kept, int8_kept (they sum to
+        training_peak), then training_peak and load_peak."""
         return process_model.process_breakdown(self.total_bytes, self.settings.get("device", "cpu"), self.facts)
 
     def _training_process_bytes(self) -> int:
@@ -127,7 +135,7 @@ class MemoryEstimate:
         """JSON-ready values."""
         return {"total_bytes": self.total_bytes, "total": format_bytes(self.total_bytes),
                 "process_bytes": self.process_bytes, "process": format_bytes(self.process_bytes),
-                "process_breakdown": self.process_breakdown,
+                "process_breakdown": self.process_breakdown, "file_backed_bytes": self.file_backed_bytes,
                 "breakdown": dict(self.breakdown), "peak_phase": self.peak_phase, "settings": dict(self.settings),
                 "trainable_parameters": self.trainable_parameters, "total_parameters": self.total_parameters}
 
@@ -170,9 +178,10 @@ def estimate_memory(
         processes: training processes (ranks); the estimate is then one rank's peak.
         sharding: None (each rank holds the whole model: DDP) or "fsdp" (parameters split
             across ranks, as `TrainConfig(sharding="fsdp")` does; see `memory/sharding.py`).
-        grad_accum: micro-batches per optimizer step (recorded in the settings; one micro-batch's
-            tensor peak does not change with it under LoRA).
-        packing: examples packed into --seq windows (recorded; the shapes are the same).
+        grad_accum: micro-batches per optimizer step: above 1 every trainable parameter's gradient
+            is alive through the later micro-batches' passes.
+        packing: examples packed into --seq windows: the same shapes plus the block-diagonal
+            (batch, 1, seq, seq) boolean attention mask transformers builds from the position ids.
 
     Returns:
         A MemoryEstimate with `total_bytes`, `breakdown`, `fits()` and `max_batch_size()`.
@@ -203,21 +212,40 @@ def estimate_memory(
         "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer,
         "dtype": str(dtype).removeprefix("torch."), "device": device, "chunked_loss": chunked_loss,
         "processes": processes, "sharding": sharding, "source": source[0],
-        # Recorded, not yet modelled: the tensor peak of one micro-batch is the same with
-        # accumulation (LoRA's gradients are small) and with packing (the same padded shapes).
         "grad_accum": grad_accum, "packing": packing,
     }
+    spec = StepSpec(quant=quant, lora=lora, seq_len=seq_len, checkpointing=gradient_checkpointing,
+                    optimizer=optimizer, dtype=dtype, source_dtype=source_dtype, device=device, loss_fn=loss_fn,
+                    grad_accum=grad_accum, packing=packing, processes=processes, sharding=sharding, source=source)
     cache: dict[int, MemoryEstimate] = {}
 
     def simulate(batch: int) -> MemoryEstimate:
         if batch not in cache:
-            cache[batch] = _simulate_step(config, quant, lora, batch, seq_len, gradient_checkpointing,
-                                          optimizer, dtype, source_dtype, device, loss_fn,
-                                          {**settings, "batch_size": batch}, source)
+            cache[batch] = _simulate_step(config, spec, batch, {**settings, "batch_size": batch})
             cache[batch]._simulate = simulate
         return cache[batch]
 
     return simulate(batch_size)
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What `estimate_memory` simulates, batch size aside (its arguments, validated)."""
+
+    quant: QuantConfig
+    lora: LoraConfig | None
+    seq_len: int
+    checkpointing: bool
+    optimizer: str
+    dtype: torch.dtype
+    source_dtype: torch.dtype
+    device: str
+    loss_fn: LossFn
+    grad_accum: int = 1
+    packing: bool = False
+    processes: int = 1
+    sharding: str | None = None
+    source: tuple[str, int | None] = ("safetensors", None)
 
 
 def source_of(path_or_config: str | Path | transformers.PretrainedConfig) -> tuple[str, int | None]:
@@ -233,58 +261,92 @@ def source_of(path_or_config: str | Path | transformers.PretrainedConfig) -> tup
     return "safetensors", (sum(sizes) if sizes else None)
 
 
-def _model_facts(model: nn.Module, quant: QuantConfig, dtype: torch.dtype, source: tuple[str, int | None]):
-    """Sizes the process model needs, read off the meta model before quantization and LoRA."""
-    from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layers, quantized too
-
+def _model_facts(model: nn.Module, config, spec: StepSpec, batch: int) -> dict:
+    """Shapes and sizes the process model needs, read off the meta model before quantization and LoRA."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head)
+    shapes = [linear_shape(m) for m in model.modules() if is_linear_like(m) and m is not head]
     base_params = sum(p.numel() for p in model.parameters())
-    kind, size = source
-    return dict(linear_params=linear, base_params=base_params, bits=quant.bits, source=kind,
-                source_bytes=size if size is not None else base_params * dtype.itemsize)
+    kind, size = spec.source
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    return dict(linear_params=sum(o * i for o, i in shapes), base_params=base_params, bits=spec.quant.bits,
+                source=kind, source_bytes=size if size is not None else base_params * spec.dtype.itemsize,
+                largest_linear=max((o * i for o, i in shapes), default=0),
+                heap_dequant_params=process_model.heap_dequantized(shapes), layers=int(layers or 0),
+                hidden_tokens=batch * spec.seq_len * int(hidden or 0))
 
 
-def _simulate_step(config, quant, lora, batch, seq_len, checkpointing, optimizer, dtype, source_dtype, device,
-                   loss_fn, settings, source=("safetensors", None)) -> MemoryEstimate:
-    model = build_meta_model(config, dtype)
-    facts = _model_facts(model, quant, dtype, source)
-    if quant.bits is not None:
-        replace_quantized_layers(model, quant, device, source_dtype)
-    if lora is not None:
-        add_lora(model, lora)
+def _prepare(config, spec: StepSpec, batch: int) -> tuple[nn.Module, dict, list[torch.Tensor]]:
+    """The meta model as it trains (quantized stand-ins, LoRA, checkpointing), its facts, its trainables."""
+    model = build_meta_model(config, spec.dtype)
+    facts = _model_facts(model, config, spec, batch)
+    if spec.quant.bits is not None:
+        replace_quantized_layers(model, spec.quant, spec.device, spec.source_dtype)
+    if spec.lora is not None:
+        add_lora(model, spec.lora)
     else:
         for param in model.parameters():
             param.requires_grad_(True)
-    if checkpointing:
+    if spec.checkpointing:
         enable_gradient_checkpointing(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    states = optimizer_states(trainable, optimizer)
-    tokens = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+    return model, facts, [p for p in model.parameters() if p.requires_grad]
+
+
+def _run_pass(model: nn.Module, spec: StepSpec, batch: int,
+              trainable: list[torch.Tensor]) -> tuple[TensorTracker, list[torch.Tensor]]:
+    """One forward and backward on meta tensors under the tracker, and the optimizer states (live
+    from the start; the caller keeps them alive, or the tracker stops counting them)."""
+    tokens = torch.zeros(batch, spec.seq_len, dtype=torch.long, device="meta")
+    states = optimizer_states(trainable, spec.optimizer)   # made outside the tracker, added as state
     tracker = TensorTracker(model, None, devices=["meta"])
-    with tracker, fused_attention(device):
+    with tracker, fused_attention(spec.device):
         for tensor in states:
             tracker.add(tensor, "optimizer_states")
         tracker.set_phase("forward")
-        loss = loss_fn(model, tokens)
+        loss = spec.loss_fn(model, tokens)
         loss.backward()
         del loss
+    return tracker, states
+
+
+def _in_pass_peak(tracker: TensorTracker, spec: StepSpec, batch: int, trainable: list[torch.Tensor]) -> dict[str, int]:
+    """The forward/backward peak, with what accumulation and packing add to it.
+
+    With several micro-batches per step every trainable parameter's gradient is alive from the
+    second micro-batch's forward on. Packing hands transformers position ids that restart, from
+    which it builds a block-diagonal (batch, 1, seq, seq) boolean mask that lives through the pass.
+    """
+    peak = dict(tracker.state.peak_breakdown)
+    if spec.grad_accum > 1:
+        grads = sum(p.numel() * p.element_size() for p in trainable)
+        peak["gradients"] = max(peak["gradients"], grads)
+    if spec.packing:
+        peak["activations"] += batch * spec.seq_len * spec.seq_len
+    return peak
+
+
+def _simulate_step(config, spec: StepSpec, batch: int, settings: dict) -> MemoryEstimate:
+    model, facts, trainable = _prepare(config, spec, batch)
+    tracker, states = _run_pass(model, spec, batch, trainable)
     after_backward = dict(tracker.state.live)  # weights, LoRA, gradients, optimizer states
-    step_temp = optimizer_step_temporaries(trainable, optimizer, device)
+    del states
+    step_temp = optimizer_step_temporaries(trainable, spec.optimizer, spec.device)
     # One rank's share of each candidate peak (the same figures on one process).
-    ranks, sharding = settings.get("processes", 1), settings.get("sharding")
     at_step = per_rank_breakdown(model, {**after_backward, "temporaries": after_backward["temporaries"] + step_temp},
-                                 ranks, sharding, "optimizer")
-    in_pass = per_rank_breakdown(model, dict(tracker.state.peak_breakdown), ranks, sharding, "forward/backward")
+                                 spec.processes, spec.sharding, "optimizer")
+    in_pass = per_rank_breakdown(model, _in_pass_peak(tracker, spec, batch, trainable), spec.processes,
+                                 spec.sharding, "forward/backward")
     if sum(at_step.values()) > sum(in_pass.values()):
         breakdown, phase = at_step, "optimizer"
     else:
         breakdown, phase = in_pass, "forward/backward"
     owners = {id(p): (m, p) for m in model.modules() for p in m.parameters(recurse=False)}  # tied weights once
     total_params = sum(_true_numel(m, p) for m, p in owners.values())
+    working = int(breakdown["activations"] + breakdown["temporaries"])
     return MemoryEstimate(breakdown={c: int(breakdown[c]) for c in CATEGORIES}, peak_phase=phase, settings=settings,
                           trainable_parameters=sum(p.numel() for p in trainable), total_parameters=total_params,
-                          facts=process_model.ModelFacts(base_bytes=int(breakdown["base_weights"]), **facts))
+                          facts=process_model.ModelFacts(base_bytes=int(breakdown["base_weights"]),
+                                                         working_bytes=working, **facts))
 
 
 def _true_numel(module: nn.Module, param: torch.Tensor) -> int:

@@ -1,23 +1,53 @@
 """Process-level memory: from the tensor peak to what the OS (RSS) or the GPU driver (nvidia-smi) reports.
 
 The tensor peak (`MemoryEstimate.total_bytes`) counts tensor storages only. A process holds
-more: the Python runtime with torch, transformers and bitsandbytes loaded (and on a GPU the
-CUDA context), and whatever the allocator keeps beyond the live tensors. On a CPU, loading
-can also be the peak of the whole process: the checkpoint's pages are mapped while the
-weights are copied (and quantized) out of them. So on a CPU
+more, and on a CPU it holds two kinds of memory:
 
-    process_bytes = max(load_peak, training_peak)
-    load_peak     = LOAD_RUNTIME + source file bytes + base bytes + LOAD_QUANT_RATIO[bits] x linear bf16 bytes
-    training_peak = RUNTIME + tensor_peak + min(HEAP_FLOOR, tensor_peak) + HEAP_RATIO[bits] x linear bf16 bytes
+- **anonymous** (RssAnon): heaps, tensors, thread stacks. This is what has to fit: an OOM
+  kill comes from it. `process_bytes` is its peak.
+- **file-backed** (RssFile): pages of the libraries and of the memory-mapped checkpoint
+  while it is read. Clean pages that the kernel drops under pressure; reported beside the
+  anonymous peak as `file_backed_bytes` (an upper bound: how much of a mapped file stays
+  resident depends on the page cache, 0.5-1.9 GB for the same 2.2 GB file).
 
-and for a .gguf source (transformers' reader dequantizes the whole file to float32 first)
+Every term is a property of the model's shapes or a constant of the runtime measured once;
+none is a share of the total model bytes unless the memory really grows with them:
 
-    load_peak     = LOAD_RUNTIME + file bytes + GGUF_LOAD_RATIO x float32 bytes of the base
-    training_peak = LOAD_RUNTIME + float32 bytes of the base + (tensor_peak - base)
+    process_bytes = max(load_anon, train_anon)
+    load_anon  = LOAD_RUNTIME + base (as held) + LOAD_TRANSIENT[bits] x bf16 bytes of the largest linear
+    train_anon = RUNTIME + tensors + WORKING_SET_KEPT x (activations + temporaries at the peak)
+                 + LAYER_RESIDUE x layers x batch x seq x hidden x 2
+                 + DEQUANT_KEPT x bf16 bytes of the dequantized weights below glibc's mmap ceiling
+                 + INT8_KEPT x int8 bytes (8-bit bases only)
+    file_backed = RUNTIME_FILE + checkpoint bytes
 
-"linear bf16 bytes" is 2 bytes per weight of the decoder's linear layers (the ones qlowrank
-quantizes; not the embeddings or the head), whatever their storage. Every constant is
-measured; where and how is written beside it.
+Why the terms (measured on the 2-core EPYC, glibc malloc, torch 2.13 CPU, bitsandbytes 0.50):
+
+- glibc serves a block from its heaps when it is smaller than the mmap threshold, which rises
+  to the largest block freed so far, up to 32 MiB (`DEFAULT_MMAP_THRESHOLD_MAX`); larger
+  blocks are mmapped and go back to the OS when freed. Freed heap blocks stay resident.
+- The forward runs in the main thread and the backward in autograd's own thread: each
+  allocates from its own arena, and neither arena gives back what the other needs. So the
+  heaps hold about one more copy of a step's working set (the activations and temporaries of
+  the tensor peak) beside the live tensors: WORKING_SET_KEPT.
+- A checkpointed forward leaves each decoder layer's boundary (batch x seq x hidden) alive
+  between freed blocks of the same size: the heap keeps a few hidden-state blocks per layer
+  that it cannot hand back (LAYER_RESIDUE; this is what grows with depth at long sequences).
+- bitsandbytes dequantizes every frozen weight in each forward and backward. At 8B width the
+  large ones (4096 x 14336 in bf16 = 112 MiB) are mmapped and return to the OS; the small
+  ones (k/v projections, or every layer of a model under ~1.5k width) stay in the heaps
+  (DEQUANT_KEPT). That is why the old ratio model (a share of all linear bytes) fitted models
+  up to 1.1B and was 1.6-3x too high at 8B.
+- LLM.int8 on a CPU (bitsandbytes' MatMul8bitFp) converts the int8 weight to the compute dtype
+  in both passes (`CB.to(dtype).mul_(...)`, then `.to(copy=True)` in backward). At 8B width an
+  8-bit base then holds about one more int8-sized copy of its linear weights beside the tensor
+  estimate (INT8_KEPT): with it, an 8-bit base costs nearly as much process memory as a float
+  one (2.2 vs 2.0 GiB at 2 layers of 8B width, seq 512), though its tensors are 20% smaller.
+- Loading copies each tensor out of the mapped file, and quantizing the largest linear takes
+  a few transient copies of it (bf16 copy, float32 upcast for NF4, float16 for LLM.int8).
+
+Every constant is measured or fitted on named configurations of `benchmarks/process_memory.py`
+(the rest held out); where is written beside each. GPU terms follow at the end.
 """
 
 from __future__ import annotations
@@ -26,61 +56,46 @@ from dataclasses import dataclass
 
 MIB = 2**20
 
-# ---- CPU (RSS) --------------------------------------------------------------------------
-# The CPU constants come from `flock /tmp/qlowrank-heavy.lock python benchmarks/process_memory.py`
-# (each configuration in a fresh process; whole-process peak RSS = max(VmHWM while loading,
-# VmHWM while training over 3 steps)), run 2026-11-29 04:06-04:27 UTC (12 configurations;
-# 5 more at 05:36-05:45, after the fit, all held out) on the 2-core AMD EPYC,
-# 24 GiB (torch 2.13.0 CPU, transformers 5.24, bitsandbytes 0.50.2, glibc malloc), plus two
-# `qlowrank train` runs of tests/test_process_rss.py (named below). Raw figures:
-# benchmarks/process_memory.json; `python benchmarks/process_memory.py --fit
-# benchmarks/process_memory.json` re-derives every constant from the configurations named
-# here (5 of the benchmark's 17 and that CLI configuration); the other 12 are held out
-# (held-out error: median 2.0%, worst 6.2%; benchmarks/RESULTS.md).
-
-# Runtime while training: the peak RSS of training a model whose tensors are negligible
-# ("tiny-4bit": 2-layer 128-wide Llama, 2 MiB of tensors) minus those tensors. It holds the
-# interpreter, the imported libraries (torch, transformers, bitsandbytes, accelerate,
-# tensorboard when installed), oneDNN / OpenMP thread pools and the autograd engine's thread.
-CPU_RUNTIME_BYTES = 441 * MIB
-# Runtime while loading: "tiny-4bit"'s peak RSS while loading minus its file and weights
-# (imports done, no training thread yet).
-CPU_LOAD_RUNTIME_BYTES = 395 * MIB
-# glibc keeps freed activations and temporaries in its heaps (one arena per thread that
-# allocates: the main thread in forward, the autograd thread in backward), so RSS runs above
-# the live tensors by about this much; never more than the tensors themselves (a model with
-# 2 MiB of tensors shows 2 MiB at most; min(...) above). Fitted with the float-base ratio
-# below from "llama-501M float b1 s256" and the `qlowrank train` run of tests/
-# test_process_rss.py's "mid float b4 s256" (mean of two runs, 636 and 623 MiB), two
-# equations for two unknowns.
-CPU_HEAP_FLOOR_BYTES = 86 * MIB
-# What the heaps keep in proportion to the decoder's weights (per bf16 byte of its linear
-# layers): bitsandbytes dequantizes each frozen weight in every forward and backward (bf16
-# for 4-bit; for LLM.int8 on a CPU a float copy plus int8 buffers), blocks below glibc's
-# mmap threshold (which grows to the largest block freed, up to 32 MiB) stay in the heaps.
-# 4: "llama-501M 4-bit b2 s256"; 8: "llama-501M 8-bit b1 s256"; None: with the floor above.
-CPU_HEAP_RATIO = {4: 0.67, 8: 1.12, None: 0.078}
-# Loading maps the checkpoint (its pages count in RSS while the weights are copied out) and
-# quantizes tensor by tensor; the quantization's transient buffers, per bf16 byte of linear
-# weight: 4 from "llama-501M 4-bit b2 s256", 8 from "llama-501M 8-bit b1 s256"; a float
-# base copies and keeps its weights (0: "llama-501M float" measured -0.8%).
-CPU_LOAD_QUANT_RATIO = {4: 0.15, 8: 0.068, None: 0.0}
-# A .gguf file: transformers' reader dequantizes every tensor to float32 numpy arrays, then
-# torch tensors, before qlowrank quantizes; the float32 model stays resident in the heaps
-# afterwards and training reuses it. Peak while loading, per float32 byte of the base,
-# beyond the mapped file: "demo (smollm2 4-bit b4 s160)" (the only GGUF measured).
-CPU_GGUF_LOAD_RATIO = 1.35
+# ---- CPU ------------------------------------------------------------------------------
+# Runtime, anonymous, while training: the RssAnon peak of training a model whose tensors are
+# negligible ("tiny-4bit": a 2-layer 128-wide Llama, 2 MiB of tensors) minus those tensors:
+# the interpreter and imported libraries' heaps, oneDNN / OpenMP pools, the autograd thread.
+CPU_RUNTIME_BYTES = 318 * MIB
+# Runtime, anonymous, while loading ("tiny-4bit" before training: no autograd thread yet).
+CPU_LOAD_RUNTIME_BYTES = 298 * MIB
+# File-backed pages of the runtime (the libraries' code): "tiny-4bit"'s RssFile, 96-101 MiB.
+CPU_RUNTIME_FILE_BYTES = 100 * MIB
+# glibc's mmap threshold ceiling (malloc/malloc.c: DEFAULT_MMAP_THRESHOLD_MAX on 64-bit):
+# a block of this size or more is mmapped and returned to the OS when freed.
+GLIBC_MMAP_CEILING = 32 * MIB
+# The heaps keep this much of a step's working set (activations + temporaries of the tensor
+# peak) beside the live tensors. Fitted with LAYER_RESIDUE and DEQUANT_KEPT (least squares,
+# benchmarks/process_memory.py --fit) on the configurations named in its FIT list.
+CPU_WORKING_SET_KEPT = 0.77
+# Hidden-state blocks (batch x seq x hidden x 2 bytes) the heaps keep per decoder layer.
+CPU_LAYER_RESIDUE = 2.7
+# Share of the dequantized weights below GLIBC_MMAP_CEILING (bf16, summed over all quantized
+# linears) that stays in the heaps.
+CPU_DEQUANT_KEPT = 0.25
+# LLM.int8 on a CPU: resident bytes beyond the tensor estimate per int8 byte of linear weight.
+CPU_INT8_KEPT = 1.07
+# Loading: transient bytes per bf16 byte of the largest quantized linear (bf16 copy out of
+# the mapped file + the quantizer's upcast and scratch). A float base copies straight.
+CPU_LOAD_TRANSIENT = {4: 4.35, 8: 2.0, None: 0.0}
 
 # Headroom `qlowrank train --batch auto` keeps under --max-memory, for the model's measured
-# error: the worst held-out error above (6.2%) plus the spread of one command's peak RSS from
-# run to run (tests/test_process_rss.py, 2026-11-29: mid 8-bit 689-709 MiB, mid float 620-647
-# MiB, the --batch auto run 799-825 MiB: up to 4%), rounded up. It is also that test's tolerance.
+# error: the worst held-out error (benchmarks/RESULTS.md, "Process memory, anonymous") plus
+# the spread of one command's anonymous peak between runs (up to 4%), rounded up. It is also
+# tests/test_process_rss.py's tolerance.
 CPU_PREDICTION_MARGIN = 0.11
 
 # ---- CUDA (nvidia-smi) ------------------------------------------------------------------
 # Sources, not measurements: no GPU has been lent yet. benchmarks/gpu_memory.py prints
 # nvidia-smi's per-process figure beside torch.cuda.memory_reserved() and
 # max_memory_allocated(), which measures both constants below on the first GPU run.
+# On a GPU the CPU terms above do not apply to device memory: the device has no glibc heaps
+# and no mapped checkpoint; the host process still holds the CPU runtime and, while loading,
+# the mapped file (file-backed) and one tensor in flight.
 # nvidia-smi shows, per process, the CUDA context plus everything cudaMalloc'd, i.e. the
 # caching allocator's *reserved* bytes (torch.cuda.memory_reserved), not the allocated ones
 # (PyTorch docs, "CUDA semantics" > "Memory management").
@@ -98,7 +113,7 @@ CUDA_CUBLAS_WORKSPACE_BYTES = 32 * MIB
 # requests are rounded up to 512 B; those under 1 MiB share 2 MiB segments, those of 1-10 MiB
 # get 20 MiB segments, larger ones are rounded up to 2 MiB; freed blocks stay reserved and a
 # request that no cached block fits grows the reserve (fragmentation). 10% above the tensor
-# peak is an assumption.
+# peak is an assumption (the counterpart of the glibc terms above).
 CUDA_RESERVE_RATIO = 0.10
 # Headroom for --batch auto on CUDA: the size of the allocator-reserve assumption, until measured.
 CUDA_PREDICTION_MARGIN = 0.10
@@ -106,14 +121,20 @@ CUDA_PREDICTION_MARGIN = 0.10
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What the CPU process model needs beyond the tensor peak (from the estimate and the files)."""
+    """What the CPU process model needs beyond the tensor peak: shapes and sizes, read off the
+    meta model and the simulated step by `estimate_memory`."""
 
-    base_bytes: int = 0        # the frozen base as held while training (estimate's base_weights)
-    linear_params: int = 0     # weights of the decoder's linear layers (the ones qlowrank quantizes)
-    base_params: int = 0       # every frozen parameter (a GGUF's are dequantized to float32 on load)
-    bits: int | None = None    # 4, 8 or None (a float base)
-    source: str = "safetensors"   # "safetensors" (also a config alone: assumed) or "gguf"
-    source_bytes: int = 0      # bytes of the checkpoint files loading maps (the .gguf file)
+    base_bytes: int = 0          # the frozen base as held while training (estimate's base_weights)
+    linear_params: int = 0       # weights of the decoder's quantized linear layers
+    base_params: int = 0         # every frozen parameter
+    bits: int | None = None      # 4, 8 or None (a float base)
+    source: str = "safetensors"  # "safetensors" (also a config alone: assumed) or "gguf"
+    source_bytes: int = 0        # bytes of the checkpoint files loading maps
+    largest_linear: int = 0      # weights of the largest quantized linear (out x in)
+    heap_dequant_params: int = 0  # weights of quantized linears whose bf16 copy is under GLIBC_MMAP_CEILING
+    layers: int = 0              # decoder layers
+    hidden_tokens: int = 0       # batch x seq x hidden of one micro-batch
+    working_bytes: int = 0       # activations + temporaries at the tensor peak
 
 
 def prediction_margin(device: str) -> float:
@@ -121,32 +142,54 @@ def prediction_margin(device: str) -> float:
     return CUDA_PREDICTION_MARGIN if device == "cuda" else CPU_PREDICTION_MARGIN
 
 
+def heap_dequantized(shapes: list[tuple[int, int]]) -> int:
+    """Weights of the linears (out, in) whose bf16 dequantized copy glibc serves from its heaps."""
+    return sum(o * i for o, i in shapes if 2 * o * i < GLIBC_MMAP_CEILING)
+
+
+def training_terms(tensor_peak: int, facts: ModelFacts) -> dict[str, int]:
+    """The anonymous training peak in parts (they sum to it); see the module docstring."""
+    terms = {
+        "runtime": CPU_RUNTIME_BYTES,
+        "tensors": tensor_peak,
+        "working_set_kept": CPU_WORKING_SET_KEPT * facts.working_bytes,
+        "layer_residue": CPU_LAYER_RESIDUE * facts.layers * facts.hidden_tokens * 2,
+        "dequant_kept": CPU_DEQUANT_KEPT * 2 * facts.heap_dequant_params if facts.bits in (4, 8) else 0,
+        "int8_kept": CPU_INT8_KEPT * facts.linear_params if facts.bits == 8 else 0,
+    }
+    return {k: int(v) for k, v in terms.items()}
+
+
+def load_terms(facts: ModelFacts) -> dict[str, int]:
+    """The anonymous loading peak in parts: runtime, the model as held, one tensor's transients."""
+    transient = CPU_LOAD_TRANSIENT.get(facts.bits, 0.0) * 2 * facts.largest_linear
+    return {"runtime": CPU_LOAD_RUNTIME_BYTES, "model": facts.base_bytes, "transient": int(transient)}
+
+
 def process_breakdown(tensor_peak: int, device: str, facts: ModelFacts | None = None) -> dict[str, int]:
     """The process figure's parts. CUDA: context, tensors, allocator reserve. CPU: the training
-    peak's parts (runtime, tensors, heap), then `training_peak`, `load_peak` (whichever is larger
-    is the process peak)."""
+    peak's anonymous parts (runtime, tensors, working_set_kept, layer_residue, dequant_kept,
+    int8_kept: they sum to `training_peak`), then `training_peak` and `load_peak` (anonymous; the
+    larger is `process_bytes`). The reclaimable pages are apart: `file_backed_bytes`."""
     if device == "cuda":
         reserve = int(tensor_peak * CUDA_RESERVE_RATIO)
         return {"cuda_context": CUDA_CONTEXT_BYTES + CUDA_CUBLAS_WORKSPACE_BYTES, "tensors": tensor_peak,
                 "allocator_reserve": reserve}
     facts = facts or ModelFacts()
-    linear_bf16 = 2 * facts.linear_params
-    if facts.source == "gguf":
-        float32 = 4 * facts.base_params
-        runtime, heap = CPU_LOAD_RUNTIME_BYTES, float32 - facts.base_bytes   # the float32 model stays in the heaps
-        load = CPU_LOAD_RUNTIME_BYTES + facts.source_bytes + CPU_GGUF_LOAD_RATIO * float32
-    else:
-        runtime = CPU_RUNTIME_BYTES
-        heap = min(CPU_HEAP_FLOOR_BYTES, tensor_peak) + CPU_HEAP_RATIO[facts.bits] * linear_bf16
-        load = (CPU_LOAD_RUNTIME_BYTES + facts.source_bytes + facts.base_bytes
-                + CPU_LOAD_QUANT_RATIO[facts.bits] * linear_bf16)
-    training = runtime + tensor_peak + max(0, int(heap))
-    return {"runtime": runtime, "tensors": tensor_peak, "heap": training - runtime - tensor_peak,
-            "training_peak": training, "load_peak": int(load)}
+    parts = training_terms(tensor_peak, facts)
+    return {**parts, "training_peak": sum(parts.values()), "load_peak": sum(load_terms(facts).values())}
+
+
+def file_backed_bytes(device: str, facts: ModelFacts | None = None) -> int:
+    """Upper bound of the file-backed pages (CPU: libraries + the whole mapped checkpoint; CUDA: 0)."""
+    if device == "cuda":
+        return 0
+    return CPU_RUNTIME_FILE_BYTES + (facts.source_bytes if facts else 0)
 
 
 def process_bytes(tensor_peak: int, device: str, facts: ModelFacts | None = None) -> int:
-    """Predicted peak process memory for a tensor peak on `device` ("cpu": RSS, "cuda": nvidia-smi)."""
+    """Predicted peak process memory for a tensor peak on `device` ("cpu": anonymous RSS, the
+    larger of loading and training; "cuda": what nvidia-smi shows)."""
     parts = process_breakdown(tensor_peak, device, facts)
     if device == "cuda":
         return sum(parts.values())

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .report import atomic_write_text, breakdown_table, format_bytes, plot_profile
+from .sampler import StatusSampler
 from .tracker import CATEGORIES, PHASES, TensorTracker
 
 
@@ -79,8 +80,9 @@ class MemoryProfiler:
         timeline_every: keep one timeline sample per this many events (memory for long runs).
 
     After the block: `peak_bytes`, `breakdown` (category -> bytes at the peak), `peak_phase`,
-    `timeline`, `rss_peak_bytes`, `process_peak_bytes` (what the OS or nvidia-smi shows),
-    `cuda_max_allocated` / `cuda_max_reserved` / `cuda_context_bytes` (CUDA only).
+    `timeline`, `rss_peak_bytes` (VmHWM: anonymous + file-backed), `anon_peak_bytes` and
+    `file_peak_bytes` (RssAnon / RssFile sampled every 10 ms), `process_peak_bytes` (what has
+    to fit: the anonymous peak on a CPU, what nvidia-smi shows on CUDA), `cuda_max_allocated` / `cuda_max_reserved` / `cuda_context_bytes` (CUDA only).
     """
 
     def __init__(self, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -94,6 +96,9 @@ class MemoryProfiler:
         self.rss_start_bytes = 0
         self.rss_peak_bytes = 0
         self.rss_peak_is_exact = False
+        self.anon_peak_bytes = 0
+        self.file_peak_bytes = 0
+        self._sampler: StatusSampler | None = None
         self.cuda_max_allocated: int | None = None
         self.cuda_max_reserved: int | None = None
         self.cuda_context_bytes: int | None = None
@@ -106,6 +111,7 @@ class MemoryProfiler:
             self.cuda_context_bytes = _cuda_context_bytes()
         self.rss_peak_is_exact = _reset_peak_rss()
         self.rss_start_bytes = _rss_bytes()[0]
+        self._sampler = StatusSampler().start()   # no kernel high-water mark for RssAnon: sample it
         self._tracker.__enter__()
         self._active = True
         return self
@@ -114,6 +120,9 @@ class MemoryProfiler:
         self._tracker.__exit__(*exc)
         self._active = False
         self.rss_peak_bytes = _rss_bytes()[1]
+        if self._sampler is not None:
+            peaks = self._sampler.stop()
+            self.anon_peak_bytes, self.file_peak_bytes = peaks.get("RssAnon", 0), peaks.get("RssFile", 0)
         if self.device_type == "cuda" and torch.cuda.is_available():
             torch.cuda.synchronize()
             self.cuda_max_allocated = torch.cuda.max_memory_allocated()
@@ -133,11 +142,12 @@ class MemoryProfiler:
     @property
     def process_peak_bytes(self) -> int:
         """Measured peak of the whole process, the counterpart of `MemoryEstimate.process_bytes`:
-        on CPU the peak RSS inside the block (VmHWM); on CUDA what nvidia-smi shows for this
-        process at the peak, the CUDA context plus the caching allocator's max reserved bytes."""
+        on CPU the anonymous peak inside the block (RssAnon, sampled; VmHWM where /proc has no
+        RssAnon); on CUDA what nvidia-smi shows for this process at the peak, the CUDA context
+        plus the caching allocator's max reserved bytes."""
         if self.cuda_max_reserved is not None:
             return int(self.cuda_max_reserved + (self.cuda_context_bytes or 0))
-        return self.rss_peak_bytes
+        return self.anon_peak_bytes or self.rss_peak_bytes
 
     @property
     def breakdown(self) -> dict[str, int]:
@@ -184,6 +194,8 @@ class MemoryProfiler:
             "rss_start_bytes": self.rss_start_bytes,
             "rss_peak_bytes": self.rss_peak_bytes,
             "rss_peak_is_exact": self.rss_peak_is_exact,
+            "anon_peak_bytes": self.anon_peak_bytes,
+            "file_peak_bytes": self.file_peak_bytes,
             "process_peak_bytes": self.process_peak_bytes,
             "cuda_context_bytes": self.cuda_context_bytes,
             "cuda_max_allocated": self.cuda_max_allocated,
