@@ -117,7 +117,10 @@ def gguf_config(path: str | Path) -> transformers.PretrainedConfig:
     Raises:
         ValueError: an architecture transformers cannot read from GGUF.
     """
-    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+    from transformers.integrations.ggml import (
+        GGUF_CONFIG_DEFAULTS_MAPPING,
+        GGUF_CONFIG_MAPPING,
+    )
 
     fields, names = read_gguf_header(path)
     arch = str(fields.get("general.architecture", ""))

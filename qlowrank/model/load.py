@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 from ..config import LoraConfig, QuantConfig, parse_dtype
 from ..nn import quant as quantlib
 from ..state import state_of
-from .stream import LoadSettings, TensorSink, empty_model, release_freed_memory, tied_keys  # noqa: F401 (export/ imports the last two from here)
+from .stream import (  # noqa: F401 (export/ imports the last two from here)
+    LoadSettings,
+    TensorSink,
+    empty_model,
+    release_freed_memory,
+    tied_keys,
+)
 from .surgery import add_lora, quantize_model
 
 SAFETENSORS_NAME = "model.safetensors"
