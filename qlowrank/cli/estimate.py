@@ -17,7 +17,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, defaults: dict | None =
                         help="model directory, config.json or .gguf (default: the embedded SmolLM2-135M GGUF)")
     options.add_shared_options(parser.add_argument, {"seq": 2048, **(defaults or {})})
     parser.add_argument("--batch", type=int, default=(defaults or {}).get("batch", 1), help="sequences per micro-batch")
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "paged_adamw8bit", "sgd"])
+    parser.add_argument("--optimizer", default="adamw", choices=options.ESTIMATE_OPTIMIZER_CHOICES)
     parser.add_argument("--dtype", default="bf16", help="dtype of float weights and activations (bf16, fp32)")
 
 

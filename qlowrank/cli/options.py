@@ -1,22 +1,33 @@
-"""The one translator from command-line options to configs.
+"""The one translator from command-line options (and `--config` files) to configs.
 
 `train`, `train --dry-run`, `train --batch auto`, `estimate` and `profile` describe a run with
 the same flags. Those flags are declared here once (`SHARED_OPTIONS`) and turned into
-`QuantConfig`, `LoraConfig`, `TrainConfig` and `estimate_memory`'s arguments here once, so an
-estimate always describes the adapter, base and loss that the run would train.
+`QuantConfig`, `LoraConfig`, `TrainConfig`, the loss and `estimate_memory`'s arguments here
+once, so an estimate always describes the adapter, base and loss that the run would train.
+`LayeredOptions` layers a command's defaults < a JSON / TOML config file < the typed flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
 
 import torch
 
-from ..config import LoraConfig, QuantConfig, parse_dtype
-from ..nn.loss import DEFAULT_CHUNK_TOKENS
+from ..config import (
+    DEFAULT_CHUNK_TOKENS,
+    ESTIMATE_OPTIMIZERS,
+    TRAIN_OPTIMIZERS,
+    LoraConfig,
+    QuantConfig,
+    TrainConfig,
+    parse_dtype,
+)
 
 
 @dataclass(frozen=True)
@@ -31,37 +42,42 @@ class Option:
 # for launchers that take abbreviations from the script's own arguments (torchrun's `--r`).
 SHARED_OPTIONS: tuple[Option, ...] = (
     # the frozen base
-    Option(("--bits",), dict(default="4", choices=["4", "8", "none"], help="base storage (none: float base)")),
-    Option(("--quant-type",), dict(default="nf4", choices=["nf4", "fp4"])),
-    Option(("--no-double-quant",), dict(action="store_true", help="keep the 4-bit block scales in fp32")),
+    Option(("--bits",), {"default": "4", "choices": ["4", "8", "none"], "help": "base storage (none: float base)"}),
+    Option(("--quant-type",), {"default": "nf4", "choices": ["nf4", "fp4"]}),
+    Option(("--no-double-quant",), {"action": "store_true", "help": "keep the 4-bit block scales in fp32"}),
     # the adapter
-    Option(("--lora-rank", "--r"), dict(dest="r", type=int, default=16, help="LoRA rank r")),
-    Option(("--lora-alpha", "--alpha"), dict(dest="alpha", type=float, default=None, help="LoRA alpha (default 2 * r)")),
-    Option(("--dropout",), dict(type=float, default=0.0, help="dropout on the LoRA branch")),
-    Option(("--target", "--targets"), dict(dest="target", default="all-linear",
-                                           help="all-linear, or comma-separated module names (q_proj,v_proj)")),
-    Option(("--rslora",), dict(action="store_true", help="scale by alpha / sqrt(r)")),
-    Option(("--init",), dict(default="kaiming", choices=["kaiming", "gaussian", "loftq", "pissa"],
-                             help="LoRA init; loftq / pissa are quantization-aware (computed from the float weights "
-                                  "while loading)")),
-    Option(("--loftq-iters",), dict(type=int, default=1, help="LoftQ alternations (> 1 also changes the frozen base)")),
-    Option(("--dora",), dict(action="store_true", help="DoRA: a trainable magnitude per output row")),
-    Option(("--train-modules",), dict(default=None, help="comma-separated modules trained whole in float32 (PEFT's "
-                                                         "modules_to_save), e.g. lm_head,embed_tokens")),
+    Option(("--lora-rank", "--r"), {"dest": "r", "type": int, "default": 16, "help": "LoRA rank r"}),
+    Option(("--lora-alpha", "--alpha"), {"dest": "alpha", "type": float, "default": None,
+                                         "help": "LoRA alpha (default 2 * r)"}),
+    Option(("--dropout",), {"type": float, "default": 0.0, "help": "dropout on the LoRA branch"}),
+    Option(("--target", "--targets"), {"dest": "target", "default": "all-linear",
+                                       "help": "all-linear, or comma-separated module names (q_proj,v_proj)"}),
+    Option(("--rslora",), {"action": "store_true", "help": "scale by alpha / sqrt(r)"}),
+    Option(("--init",), {"default": "kaiming", "choices": ["kaiming", "gaussian", "loftq", "pissa"],
+                         "help": "LoRA init; loftq / pissa are quantization-aware (computed from the float weights "
+                                 "while loading)"}),
+    Option(("--loftq-iters",), {"type": int, "default": 1,
+                                "help": "LoftQ alternations (> 1 also changes the frozen base)"}),
+    Option(("--dora",), {"action": "store_true", "help": "DoRA: a trainable magnitude per output row"}),
+    Option(("--train-modules",), {"default": None, "help": "comma-separated modules trained whole in float32 "
+                                                           "(PEFT's modules_to_save), e.g. lm_head,embed_tokens"}),
     # the step's shape and what it keeps
-    Option(("--seq",), dict(type=int, default=512, help="longest sequence (tokens)")),
-    Option(("--grad-accum",), dict(type=int, default=1, help="micro-batches per optimizer step")),
-    Option(("--packing",), dict(action="store_true", help="pack short examples into --seq windows")),
-    Option(("--chunk-tokens",), dict(type=int, default=DEFAULT_CHUNK_TOKENS,
-                                     help="rows of logits per chunk of the loss (0: naive full logits)")),
-    Option(("--no-checkpointing",), dict(action="store_true", help="keep activations instead of recomputing them")),
-    Option(("--compile",), dict(action="store_true", help="torch.compile each decoder block: 7-15%% faster steps on a "
-                                                          "CPU after a one-off compile of ~20 s")),
+    Option(("--seq",), {"type": int, "default": 512, "help": "longest sequence (tokens)"}),
+    Option(("--grad-accum",), {"type": int, "default": 1, "help": "micro-batches per optimizer step"}),
+    Option(("--packing",), {"action": "store_true", "help": "pack short examples into --seq windows"}),
+    Option(("--chunk-tokens",), {"type": int, "default": DEFAULT_CHUNK_TOKENS,
+                                 "help": "rows of logits per chunk of the loss (0: naive full logits)"}),
+    Option(("--no-checkpointing",), {"action": "store_true", "help": "keep activations instead of recomputing them"}),
+    Option(("--compile",), {"action": "store_true", "help": "torch.compile each decoder block: 7-15%% faster steps "
+                                                            "on a CPU after a one-off compile of ~20 s"}),
 )
+
+# `train --optimizer` builds these; `estimate` / `profile` also model SGD (full fine-tuning comparisons).
+ESTIMATE_OPTIMIZER_CHOICES: list[str] = list(dict.fromkeys(TRAIN_OPTIMIZERS + ESTIMATE_OPTIMIZERS))
 
 
 def add_shared_options(add: Callable[..., object], defaults: dict | None = None) -> None:
-    """Declare `SHARED_OPTIONS` through `add` (a parser's add_argument, or `train`'s config-aware adder).
+    """Declare `SHARED_OPTIONS` through `add` (a parser's add_argument, or `LayeredOptions.adder`).
 
     Args:
         add: called as add(*names, **kwargs) for each option.
@@ -74,6 +90,23 @@ def add_shared_options(add: Callable[..., object], defaults: dict | None = None)
             kwargs["default"] = defaults[dest]
         add(*option.names, **kwargs)
 
+
+def batch_value(text: str) -> int | str:
+    """`train --batch`: a positive integer or 'auto'."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch {text!r}: give a number of sequences or 'auto'") from None
+
+
+def device(args: argparse.Namespace) -> torch.device:
+    """--device, or cuda when one is present, else cpu."""
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# --- from options to configs ---------------------------------------------------------------
 
 def compute_dtype(args: argparse.Namespace) -> torch.dtype:
     """The compute dtype: `train --precision` (auto / bf16: bf16, fp32), or `estimate --dtype`."""
@@ -112,10 +145,8 @@ def lora_config(args: argparse.Namespace, allow_full: bool = False) -> LoraConfi
                       use_dora=args.dora, modules_to_save=_names(args.train_modules))
 
 
-def train_config(args: argparse.Namespace):
+def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the `train` options describe."""
-    from ..train import TrainConfig
-
     return TrainConfig(
         out_dir=args.out, steps=args.steps, epochs=args.epochs, batch_size=args.batch, grad_accum=args.grad_accum,
         lr=args.lr, lora_plus_ratio=args.lora_plus_ratio, optimizer=args.optimizer, weight_decay=args.weight_decay,
@@ -128,25 +159,145 @@ def train_config(args: argparse.Namespace):
     )
 
 
-def estimate_arguments(args: argparse.Namespace, batch: int, device: str) -> dict:
-    """`estimate_memory`'s keyword arguments for the run the flags describe, at micro-batch `batch`.
+def loss_fn(args: argparse.Namespace) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
+    """The step's loss `(model, tokens) -> loss`: the trainer's chunked loss at --chunk-tokens, or
+    the model's own loss over full fp32 logits for --chunk-tokens 0 (what the estimate and the
+    profiler both run)."""
+    from ..memory.estimate import chunked_loss_fn, default_loss
 
-    The same quantization, adapter (DoRA, init, modules to save), compute dtype, optimizer
-    states, loss (chunked, with --chunk-tokens) and checkpointing as the run itself.
-    """
-    # paged_adamw8bit keeps the same 8-bit states as adamw8bit (paging only moves them under pressure)
-    optimizer = "adamw8bit" if args.optimizer in ("adamw8bit", "paged_adamw8bit") else args.optimizer
-    chunk = args.chunk_tokens
-    loss_fn = None
-    if chunk and chunk != DEFAULT_CHUNK_TOKENS:
-        loss_fn = functools.partial(_chunked_loss, chunk_tokens=chunk)
-    return dict(quant=quant_config(args), lora=lora_config(args, allow_full=True), batch_size=batch, seq_len=args.seq,
-                gradient_checkpointing=not args.no_checkpointing, optimizer=optimizer, dtype=compute_dtype(args),
-                device=device, chunked_loss=bool(chunk), loss_fn=loss_fn, grad_accum=args.grad_accum,
-                packing=args.packing)
+    if not args.chunk_tokens:
+        return default_loss
+    if args.chunk_tokens == DEFAULT_CHUNK_TOKENS:
+        return chunked_loss_fn
+    return functools.partial(_chunked_loss, chunk_tokens=args.chunk_tokens)
 
 
-def _chunked_loss(model, tokens, chunk_tokens: int):
+def _chunked_loss(model: torch.nn.Module, tokens: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
     from ..nn.loss import causal_lm_loss
 
     return causal_lm_loss(model, tokens, tokens, chunk_tokens=chunk_tokens)
+
+
+def estimate_arguments(args: argparse.Namespace, batch: int, device_type: str) -> dict:
+    """`estimate_memory`'s keyword arguments for the run the flags describe, at micro-batch `batch`.
+
+    The same quantization, adapter (DoRA, init, modules to save), compute dtype, optimizer
+    states, loss (`loss_fn`), checkpointing, accumulation and packing as the run itself.
+    """
+    # paged_adamw8bit keeps the same 8-bit states as adamw8bit (paging only moves them under pressure)
+    optimizer = "adamw8bit" if args.optimizer in ("adamw8bit", "paged_adamw8bit") else args.optimizer
+    return {"quant": quant_config(args), "lora": lora_config(args, allow_full=True), "batch_size": batch, "seq_len": args.seq,
+                "gradient_checkpointing": not args.no_checkpointing, "optimizer": optimizer, "dtype": compute_dtype(args),
+                "device": device_type, "chunked_loss": bool(args.chunk_tokens), "loss_fn": loss_fn(args),
+                "grad_accum": args.grad_accum, "packing": args.packing}
+
+
+# --- defaults < config file < flags --------------------------------------------------------
+
+@dataclass(frozen=True)
+class OptionKind:
+    """How a config file value for one option is checked: what its flag would parse it to."""
+
+    type: Callable = str
+    choices: tuple | None = None
+    nargs: str | None = None
+    flag: bool = False          # store_true: the value must be true or false
+
+    def accepts(self, value: object) -> bool:
+        """True when `value` (from JSON / TOML) is what the flag parses to (no silent conversions)."""
+        def number(kinds: tuple) -> bool:
+            return isinstance(value, kinds) and not isinstance(value, bool)
+        if self.flag:
+            ok = isinstance(value, bool)
+        elif self.nargs == "+":
+            ok = isinstance(value, str) or (isinstance(value, list) and bool(value)
+                                            and all(isinstance(v, str) for v in value))
+        elif self.type is batch_value:
+            ok = value == "auto" or number((int,))
+        elif self.type is int:
+            ok = number((int,))
+        elif self.type is float:
+            ok = number((int, float)) and math.isfinite(value)
+        else:
+            ok = number((str, int))   # "--bits": 4 or "4"
+        return ok and (self.choices is None or str(value) in self.choices)
+
+    def wanted(self) -> str:
+        """What a valid value is, in words."""
+        if self.flag:
+            return "true or false"
+        if self.nargs == "+":
+            return "a file name or a list of them"
+        if self.choices:
+            return f"one of {list(self.choices)}"
+        return {int: "an integer", float: "a finite number", batch_value: "an integer or 'auto'"}.get(self.type, "a string")
+
+
+@dataclass
+class LayeredOptions:
+    """A command's options whose values layer: defaults < a --config file (JSON or TOML) < the typed flags.
+
+    Declare the options through `adder(parser)`: the parser then gets no defaults
+    (argparse.SUPPRESS), so its namespace holds only the flags the user typed, and `resolve`
+    adds the config file's values and the defaults under them.
+    """
+
+    command: str                                   # for messages: `qlowrank <command> --help`
+    defaults: dict = field(default_factory=dict)   # dest -> default
+    kinds: dict = field(default_factory=dict)      # dest -> OptionKind
+
+    def adder(self, parser: argparse.ArgumentParser) -> Callable[..., None]:
+        """An add_argument(*names, **kwargs) for `parser` that records each option's default and kind."""
+        def add(*names: str, default=None, action=None, **kwargs) -> None:
+            dest = kwargs.pop("dest", names[0].lstrip("-").replace("-", "_"))
+            self.defaults[dest] = False if action == "store_true" else default
+            choices = kwargs.get("choices")
+            self.kinds[dest] = OptionKind(kwargs.get("type", str), tuple(choices) if choices else None,
+                                          kwargs.get("nargs"), action == "store_true")
+            if default not in (None, False):
+                kwargs["help"] = f"{kwargs.get('help', '')} [default: {default}]".strip()
+            parser.add_argument(*names, dest=dest, default=argparse.SUPPRESS, action=action, **kwargs)
+        return add
+
+    def resolve(self, args: argparse.Namespace) -> argparse.Namespace:
+        """Defaults, then the --config file (JSON or TOML, dashes or underscores), then the typed flags."""
+        typed = {k: v for k, v in vars(args).items() if k in self.defaults}
+        values = dict(self.defaults)
+        if typed.get("config"):
+            values.update(self.read(Path(typed["config"])))
+        values.update(typed)
+        return argparse.Namespace(**{**vars(args), **values})
+
+    def read(self, path: Path) -> dict:
+        """The options of config file `path`, checked; ValueError naming the file and the option otherwise."""
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        loaded = read_config_file(path)
+        unknown = sorted(set(loaded) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"--config {path}: unknown options {unknown}; use the flag names of "
+                             f"`qlowrank {self.command} --help`")
+        for key, value in loaded.items():
+            kind = self.kinds[key]
+            if value is not None and not kind.accepts(value):   # null: this option's default
+                raise ValueError(f"--config {path}: option {key!r} is {value!r:.80}; it must be {kind.wanted()}")
+        return loaded
+
+
+def read_config_file(path: Path) -> dict:
+    """The options of a JSON or TOML config file, keys with underscores; ValueError naming the file if malformed."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        if path.suffix == ".toml":
+            import tomllib
+            loaded = tomllib.loads(text)
+        else:
+            loaded = json.loads(text)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config {path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except ValueError as err:   # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise ValueError(f"--config {path}: not valid {kind} ({err})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--config {path}: must hold an object of options, got {type(loaded).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}

@@ -18,13 +18,13 @@ from . import options
 from .estimate import process_lines
 
 
-def _device(args: argparse.Namespace) -> str:
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
-
-
-def estimate_for_args(args: argparse.Namespace, batch: int) -> MemoryEstimate:
-    """estimate_memory for the train command's settings at micro-batch `batch` (cli/options.py translates them)."""
-    return estimate_memory(args.model, **options.estimate_arguments(args, batch, _device(args)))
+def estimate_for_args(args: argparse.Namespace, batch: int, grad_accum: int | None = None) -> MemoryEstimate:
+    """estimate_memory for the train command's settings at micro-batch `batch` (cli/options.py translates
+    them), with `grad_accum` micro-batches per step instead of --grad-accum when given."""
+    arguments = options.estimate_arguments(args, batch, options.device(args).type)
+    if grad_accum is not None:
+        arguments["grad_accum"] = grad_accum
+    return estimate_memory(args.model, **arguments)
 
 
 def memory_budget(args: argparse.Namespace) -> int:
@@ -32,7 +32,7 @@ def memory_budget(args: argparse.Namespace) -> int:
     available RAM plus what this process already holds (the estimate counts the whole process)."""
     if args.max_memory:
         return parse_bytes(args.max_memory)
-    if _device(args) == "cuda":
+    if options.device(args).type == "cuda":
         return int(torch.cuda.mem_get_info()[0])
     fields = {}
     with open("/proc/meminfo") as handle:
@@ -57,16 +57,18 @@ def choose_batch(args: argparse.Namespace) -> tuple[int, int]:
         raise ValueError(f"--global-batch {global_batch} must be >= 1")
     budget = memory_budget(args)
     # Plan within the budget less the process model's measured error, so the real peak fits.
-    margin = prediction_margin(_device(args))
+    margin = prediction_margin(options.device(args).type)
     usable = int(budget / (1 + margin))
-    one = estimate_for_args(args, 1)
+    # Search with accumulation on (every LoRA gradient alive through the pass): what any micro-batch
+    # below the global batch runs; the global batch in one micro-batch needs no more than that.
+    one = estimate_for_args(args, 1, grad_accum=min(2, global_batch))
     largest = min(one.max_batch_size(usable), global_batch)
     if largest < 1:
         raise ValueError(f"--batch auto: even one sequence of {args.seq} tokens needs {format_bytes(one.process_bytes)} "
                          f"of process memory (+{margin:.0%} headroom), over the {format_bytes(budget)} budget; "
                          "lower --seq or use --bits 4")
     micro = max(b for b in range(1, largest + 1) if global_batch % b == 0)
-    chosen = one.at_batch(micro)
+    chosen = estimate_for_args(args, micro, grad_accum=global_batch // micro)   # the plan's own figure
     above = one.at_batch(largest + 1) if largest < global_batch else None
     note = (f"; micro-batch {largest + 1} would need {format_bytes(above.process_bytes)}" if above is not None
             else "; the whole global batch fits in one micro-batch")

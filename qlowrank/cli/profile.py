@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,15 +35,50 @@ def quantized_source_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return None
 
 
+def comparison_lines(estimate, prof, device_type: str) -> list[str]:
+    """The estimate for the same settings beside what the profiler measured (tensor and process peaks)."""
+    error = 100.0 * (estimate.total_bytes - prof.peak_bytes) / max(prof.peak_bytes, 1)
+    # The profiler sees the training steps: compare with the estimate's training peak (on a
+    # CPU the process peak may be the loading one, printed beside it).
+    parts = estimate.process_breakdown
+    training = parts.get("training_peak", estimate.process_bytes)
+    process_error = 100.0 * (training - prof.process_peak_bytes) / max(prof.process_peak_bytes, 1)
+    lines = [(f"estimate_memory for the same settings: {format_bytes(estimate.total_bytes)} "
+              f"({error:+.1f}% vs measured {format_bytes(prof.peak_bytes)})"),
+             (f"estimated process peak while training: {format_bytes(training)} "
+              f"({process_error:+.1f}% vs measured {format_bytes(prof.process_peak_bytes)}, "
+              f"{'nvidia-smi' if device_type == 'cuda' else 'RSS'})")]
+    if "load_peak" in parts:
+        lines.append(f"estimated process peak while loading: {format_bytes(parts['load_peak'])} "
+                     f"(the whole process peaks at the larger: {format_bytes(estimate.process_bytes)})")
+    return lines
+
+
+def accumulated(loss_fn: Callable, grad_accum: int) -> Callable:
+    """`loss_fn` over one optimizer step of `grad_accum` micro-batches, as the trainer runs it: the
+    first grad_accum - 1 go backward here (their gradients add up in .grad), the last is returned."""
+    if grad_accum == 1:
+        return loss_fn
+
+    def step_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        for _ in range(grad_accum - 1):
+            (loss_fn(model, tokens) / grad_accum).backward()
+        return loss_fn(model, tokens) / grad_accum
+    return step_loss
+
+
 def _run(args: argparse.Namespace) -> int:
-    from ..memory.estimate import chunked_loss_fn, estimate_memory
+    from ..memory.estimate import estimate_memory
     from ..memory.profile import profile_steps
     from ..model.checkpointing import enable_gradient_checkpointing
     from ..model.load import load_model
     from ..train.optim import make_optimizer
 
+    if args.packing:   # no silent difference between what is measured and what is estimated
+        raise ValueError("qlowrank profile measures unpacked batches of random tokens, so --packing would not be "
+                         "measured; estimate it with `qlowrank estimate --packing` or `qlowrank train --dry-run --packing`")
     quant, lora, dtype = options.quant_config(args), options.lora_config(args, allow_full=True), options.compute_dtype(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = options.device(args)
     model_path = default_model(args.model)
     model = load_model(model_path, quant=quant, lora=lora, device=device, dtype=dtype)
     if lora is None:  # full fine-tuning: every parameter trains
@@ -57,30 +93,16 @@ def _run(args: argparse.Namespace) -> int:
     vocab = model.get_input_embeddings().num_embeddings
     tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
     started = time.perf_counter()
-    # the trainer's loss (chunked cross-entropy), as estimate_memory models by default
-    prof = profile_steps(model, optimizer, tokens, args.steps, loss_fn=chunked_loss_fn)
+    # the run's loss (the trainer's chunked cross-entropy at --chunk-tokens), as the estimate models it
+    prof = profile_steps(model, optimizer, tokens, args.steps, loss_fn=accumulated(options.loss_fn(args), args.grad_accum))
     seconds = time.perf_counter() - started
     estimate = estimate_memory(model_path, **{**options.estimate_arguments(args, args.batch, device.type),
                                               "quantized_from": quantized_source_dtype(model)})
-    error = 100.0 * (estimate.total_bytes - prof.peak_bytes) / max(prof.peak_bytes, 1)
-    # The profiler sees the training steps: compare with the estimate's training peak (on a
-    # CPU the process peak may be the loading one, printed beside it).
-    parts = estimate.process_breakdown
-    training = parts.get("training_peak", estimate.process_bytes)
-    process_error = 100.0 * (training - prof.process_peak_bytes) / max(prof.process_peak_bytes, 1)
     out = Path(args.out)
     header = (f"{model_path}: bits={args.bits} r={args.r} batch={args.batch} seq={args.seq} "
               f"checkpointing={not args.no_checkpointing} optimizer={args.optimizer} dtype={args.dtype} "
               f"device={device.type}, {args.steps} steps in {seconds:.1f} s")
-    text = "\n".join([header, "", prof.table(), "",
-                      f"estimate_memory for the same settings: {format_bytes(estimate.total_bytes)} "
-                      f"({error:+.1f}% vs measured {format_bytes(prof.peak_bytes)})",
-                      f"estimated process peak while training: {format_bytes(training)} "
-                      f"({process_error:+.1f}% vs measured {format_bytes(prof.process_peak_bytes)}, "
-                      f"{'nvidia-smi' if device.type == 'cuda' else 'RSS'})"]
-                     + ([f"estimated process peak while loading: {format_bytes(parts['load_peak'])} "
-                         f"(the whole process peaks at the larger: {format_bytes(estimate.process_bytes)})"]
-                        if "load_peak" in parts else []))
+    text = "\n".join([header, "", prof.table(), "", *comparison_lines(estimate, prof, device.type)])
     print(text)
     atomic_write_text(out / "memory.txt", text + "\n")
     prof.to_json(out / "memory.json")
