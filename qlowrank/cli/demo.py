@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..memory.report import atomic_write_text
 from .train import load_tokenizer
 
 DEFAULT_OUT = "qlowrank-demo"
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _check_export(merged_dir: Path, held: list, question: str, max_new_tokens: int, device: str) -> tuple[float, str]:
@@ -67,15 +68,47 @@ def _check_export(merged_dir: Path, held: list, question: str, max_new_tokens: i
     return total / max(tokens, 1), answer
 
 
+def _demo_data(out: Path, tokenizer, seq: int) -> tuple[list, list, str]:
+    """Write the Q/A rows (train.jsonl, eval.jsonl) and read them back: (train, held-out, a held-out question)."""
+    from ..data.demo import build_conversations
+    from ..train import load_examples
+
+    train_rows, eval_rows = build_conversations()
+    _write_jsonl(out / "train.jsonl", train_rows)
+    _write_jsonl(out / "eval.jsonl", eval_rows)
+    train = load_examples(out / "train.jsonl", tokenizer, seq)
+    held = load_examples(out / "eval.jsonl", tokenizer, seq)
+    print(f"data: {len(train)} Q/A pairs from pydoc_data for training, {len(held)} from held-out topics "
+          f"({out / 'train.jsonl'}, {out / 'eval.jsonl'})", flush=True)
+    return train, held, eval_rows[0]["messages"][0]["content"]
+
+
+def _print_outcome(summary: dict, out: Path) -> int:
+    """The demo's verdict: eval losses before / after, the export's own loss and answer; 1 if the loss did not fall."""
+    before, after = summary["eval_loss_before"], summary["eval_loss_after"]
+    print(f"\nheld-out eval loss: {before:.4f} -> {after:.4f} (fell by {before - after:.4f}, "
+          f"{100 * (before - after) / before:.1f}%); perplexity {summary['eval_ppl_before']:.2f} -> "
+          f"{summary['eval_ppl_after']:.2f}")
+    print(f"merged export (bf16, plain transformers checkpoint): {summary['export']}; its held-out eval loss, "
+          f"loaded with plain transformers: {summary['export_eval_loss_plain_transformers']:.4f} "
+          f"(trained model: {after:.4f})")
+    print(f"question (held-out topic): {summary['question']}\nanswer of the exported model: {summary['answer']}")
+    print(f"\ntotal wall time {summary['total_seconds']:.0f} s; everything is in {out} "
+          "(adapter/, checkpoints/, merged/, metrics.jsonl, memory.txt, memory.json, demo.json)")
+    if after >= before:
+        print("the held-out eval loss did not fall: the demo failed", flush=True)
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config import LoraConfig, QuantConfig
-    from ..data.demo import build_conversations
     from ..export import export_merged
     from ..model.checkpointing import enable_gradient_checkpointing
     from ..model.embedded import smollm2_gguf
     from ..model.load import load_model
     from ..model.surgery import count_parameters
-    from ..train import TrainConfig, Trainer, load_examples
+    from ..train import TrainConfig, Trainer
 
     started = time.perf_counter()
     out = Path(args.out).resolve()
@@ -84,14 +117,8 @@ def run(args: argparse.Namespace) -> int:
     gguf = smollm2_gguf()
     print(f"qlowrank demo: SmolLM2-135M-Instruct ({gguf.name}) on {device}; output folder {out}", flush=True)
 
-    train_rows, eval_rows = build_conversations()
-    _write_jsonl(out / "train.jsonl", train_rows)
-    _write_jsonl(out / "eval.jsonl", eval_rows)
     tokenizer = load_tokenizer(gguf)
-    train = load_examples(out / "train.jsonl", tokenizer, args.seq)
-    held = load_examples(out / "eval.jsonl", tokenizer, args.seq)
-    print(f"data: {len(train)} Q/A pairs from pydoc_data for training, {len(held)} from held-out topics "
-          f"({out / 'train.jsonl'}, {out / 'eval.jsonl'})", flush=True)
+    train, held, question = _demo_data(out, tokenizer, args.seq)
 
     quant = QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
     lora = LoraConfig(r=16, alpha=32, target_modules="all-linear")
@@ -110,7 +137,6 @@ def run(args: argparse.Namespace) -> int:
 
     merged = out / "merged"
     report = export_merged(model, merged, dtype=torch.bfloat16, tokenizer=tokenizer, overwrite=True)
-    question = eval_rows[0]["messages"][0]["content"]
     del model
     exported_at = time.perf_counter()
     export_loss, answer = _check_export(merged, held, question, args.max_new_tokens, device)
@@ -127,16 +153,5 @@ def run(args: argparse.Namespace) -> int:
         "export_relative_logits_error": report.get("relative_logits_error"),
         "question": question, "answer": answer,
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"\nheld-out eval loss: {before:.4f} -> {after:.4f} (fell by {before - after:.4f}, "
-          f"{100 * (before - after) / before:.1f}%); perplexity {summary['eval_ppl_before']:.2f} -> "
-          f"{summary['eval_ppl_after']:.2f}")
-    print(f"merged export (bf16, plain transformers checkpoint): {merged}; its held-out eval loss, "
-          f"loaded with plain transformers: {export_loss:.4f} (trained model: {after:.4f})")
-    print(f"question (held-out topic): {question}\nanswer of the exported model: {answer}")
-    print(f"\ntotal wall time {seconds:.0f} s; everything is in {out} "
-          "(adapter/, checkpoints/, merged/, metrics.jsonl, memory.txt, memory.json, demo.json)")
-    if after >= before:
-        print("the held-out eval loss did not fall: the demo failed", flush=True)
-        return 1
-    return 0
+    atomic_write_text(out / "demo.json", json.dumps(summary, indent=1) + "\n")
+    return _print_outcome(summary, out)
