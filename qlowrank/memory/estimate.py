@@ -86,8 +86,8 @@ class MemoryEstimate:
     @property
     def process_breakdown(self) -> dict[str, int]:
         """process_bytes in parts: CUDA: cuda_context, tensors, allocator_reserve; CPU: runtime,
-        tensors, working_set_kept, layer_residue, dequant_kept, int8_kept (they sum to
-        training_peak), then training_peak and load_peak."""
+        tensors, temporaries_kept, activations_kept, layer_residue, dequant_kept, int8_kept (they
+        sum to training_peak), then training_peak and load_peak."""
         return process_model.process_breakdown(self.total_bytes, self.settings.get("device", "cpu"), self.facts)
 
     def _training_process_bytes(self) -> int:
@@ -342,11 +342,12 @@ def _simulate_step(config, spec: StepSpec, batch: int, settings: dict) -> Memory
         breakdown, phase = in_pass, "forward/backward"
     owners = {id(p): (m, p) for m in model.modules() for p in m.parameters(recurse=False)}  # tied weights once
     total_params = sum(_true_numel(m, p) for m, p in owners.values())
-    working = int(breakdown["activations"] + breakdown["temporaries"])
     return MemoryEstimate(breakdown={c: int(breakdown[c]) for c in CATEGORIES}, peak_phase=phase, settings=settings,
                           trainable_parameters=sum(p.numel() for p in trainable), total_parameters=total_params,
                           facts=process_model.ModelFacts(base_bytes=int(breakdown["base_weights"]),
-                                                         working_bytes=working, **facts))
+                                                         activation_bytes=int(breakdown["activations"]),
+                                                         temporary_bytes=int(breakdown["temporaries"]),
+                                                         checkpointing=spec.checkpointing, **facts))
 
 
 def _true_numel(module: nn.Module, param: torch.Tensor) -> int:

@@ -15,10 +15,11 @@ none is a share of the total model bytes unless the memory really grows with the
 
     process_bytes = max(load_anon, train_anon)
     load_anon  = LOAD_RUNTIME + base (as held) + LOAD_TRANSIENT[bits] x bf16 bytes of the largest linear
-    train_anon = RUNTIME + tensors + WORKING_SET_KEPT x (activations + temporaries at the peak)
+    train_anon = RUNTIME + tensors + TEMPORARIES_KEPT x temporaries + ACTIVATIONS_KEPT x activations
+                 (both of the tensor peak; activations only under checkpointing)
                  + LAYER_RESIDUE x layers x batch x seq x hidden x 2
                  + DEQUANT_KEPT x bf16 bytes of the dequantized weights below glibc's mmap ceiling
-                 + INT8_KEPT x int8 bytes (8-bit bases only)
+                 + INT8_KEPT x int8 bytes of the linears (8-bit bases, in place of TEMPORARIES_KEPT)
     file_backed = RUNTIME_FILE + checkpoint bytes
 
 Why the terms (measured on the 2-core EPYC, glibc malloc, torch 2.13 CPU, bitsandbytes 0.50):
@@ -28,8 +29,9 @@ Why the terms (measured on the 2-core EPYC, glibc malloc, torch 2.13 CPU, bitsan
   blocks are mmapped and go back to the OS when freed. Freed heap blocks stay resident.
 - The forward runs in the main thread and the backward in autograd's own thread: each
   allocates from its own arena, and neither arena gives back what the other needs. So the
-  heaps hold about one more copy of a step's working set (the activations and temporaries of
-  the tensor peak) beside the live tensors: WORKING_SET_KEPT.
+  heaps hold about one more copy of a step's temporaries (TEMPORARIES_KEPT), and under
+  checkpointing a share of what the backward recomputes (ACTIVATIONS_KEPT), beside the live
+  tensors.
 - A checkpointed forward leaves each decoder layer's boundary (batch x seq x hidden) alive
   between freed blocks of the same size: the heap keeps a few hidden-state blocks per layer
   that it cannot hand back (LAYER_RESIDUE; this is what grows with depth at long sequences).
@@ -60,32 +62,43 @@ MIB = 2**20
 # Runtime, anonymous, while training: the RssAnon peak of training a model whose tensors are
 # negligible ("tiny-4bit": a 2-layer 128-wide Llama, 2 MiB of tensors) minus those tensors:
 # the interpreter and imported libraries' heaps, oneDNN / OpenMP pools, the autograd thread.
-CPU_RUNTIME_BYTES = 318 * MIB
+CPU_RUNTIME_BYTES = 325 * MIB
 # Runtime, anonymous, while loading ("tiny-4bit" before training: no autograd thread yet).
-CPU_LOAD_RUNTIME_BYTES = 298 * MIB
+CPU_LOAD_RUNTIME_BYTES = 300 * MIB
 # File-backed pages of the runtime (the libraries' code): "tiny-4bit"'s RssFile, 96-101 MiB.
 CPU_RUNTIME_FILE_BYTES = 100 * MIB
 # glibc's mmap threshold ceiling (malloc/malloc.c: DEFAULT_MMAP_THRESHOLD_MAX on 64-bit):
 # a block of this size or more is mmapped and returned to the OS when freed.
 GLIBC_MMAP_CEILING = 32 * MIB
-# The heaps keep this much of a step's working set (activations + temporaries of the tensor
-# peak) beside the live tensors. Fitted with LAYER_RESIDUE and DEQUANT_KEPT (least squares,
-# benchmarks/process_memory.py --fit) on the configurations named in its FIT list.
-CPU_WORKING_SET_KEPT = 0.77
+# The heap terms below are fitted together (least squares, `benchmarks/process_memory.py --fit`)
+# on the training peaks of the configurations in that file's FIT list; the rest are held out.
+# Temporaries (dequantized weights in flight, logits chunks, gradients flowing through the
+# graph): the forward's arena and the backward's each keep about a copy of those of their pass.
+# Not for LLM.int8: an 8-bit base keeps what INT8_KEPT says instead (measured: SmolLM2 8-bit
+# keeps as much as 4-bit beyond its tensors, though its estimated temporaries are 2.2x).
+CPU_TEMPORARIES_KEPT = 1.24
+# Activations under checkpointing (boundaries + one block recomputed in backward, in the
+# autograd thread's arena); without checkpointing the saved activations are live tensors that
+# backward frees in order, and no share of them is kept beyond the tensor peak.
+CPU_ACTIVATIONS_KEPT = 0.22
 # Hidden-state blocks (batch x seq x hidden x 2 bytes) the heaps keep per decoder layer.
-CPU_LAYER_RESIDUE = 2.7
+CPU_LAYER_RESIDUE = 3.64
 # Share of the dequantized weights below GLIBC_MMAP_CEILING (bf16, summed over all quantized
 # linears) that stays in the heaps.
-CPU_DEQUANT_KEPT = 0.25
-# LLM.int8 on a CPU: resident bytes beyond the tensor estimate per int8 byte of linear weight.
-CPU_INT8_KEPT = 1.07
+CPU_DEQUANT_KEPT = 0.49
+# LLM.int8 on a CPU: resident bytes beyond the tensor estimate per int8 byte of linear weight
+# (in place of TEMPORARIES_KEPT). At 8B width it is what makes an 8-bit base hold nearly as
+# much as a float one: 2.18 vs 1.96 GiB anonymous at 2 layers, seq 512 (tensors 1.19 vs 1.46 GiB).
+CPU_INT8_KEPT = 1.46
 # Loading: transient bytes per bf16 byte of the largest quantized linear (bf16 copy out of
 # the mapped file + the quantizer's upcast and scratch). A float base copies straight.
-CPU_LOAD_TRANSIENT = {4: 4.35, 8: 2.0, None: 0.0}
+CPU_LOAD_TRANSIENT = {4: 4.44, 8: 1.87, None: 0.0}
 
 # Headroom `qlowrank train --batch auto` keeps under --max-memory, for the model's measured
-# error: the worst held-out error (benchmarks/RESULTS.md, "Process memory, anonymous") plus
-# the spread of one command's anonymous peak between runs (up to 4%), rounded up. It is also
+# error: the worst held-out error where the model holds (benchmarks/RESULTS.md, "Process
+# memory, anonymous": 8.8%, the 8B-width 4-layer model at seq 1024; DoRA and small models
+# without checkpointing at seq >= 512 run lower and are named there) plus the spread of one
+# command's anonymous peak between runs (~2%), rounded up. It is also
 # tests/test_process_rss.py's tolerance.
 CPU_PREDICTION_MARGIN = 0.11
 
@@ -134,7 +147,9 @@ class ModelFacts:
     heap_dequant_params: int = 0  # weights of quantized linears whose bf16 copy is under GLIBC_MMAP_CEILING
     layers: int = 0              # decoder layers
     hidden_tokens: int = 0       # batch x seq x hidden of one micro-batch
-    working_bytes: int = 0       # activations + temporaries at the tensor peak
+    activation_bytes: int = 0    # activations at the tensor peak (estimate's breakdown)
+    temporary_bytes: int = 0     # temporaries at the tensor peak
+    checkpointing: bool = True   # gradient checkpointing on
 
 
 def prediction_margin(device: str) -> float:
@@ -152,7 +167,8 @@ def training_terms(tensor_peak: int, facts: ModelFacts) -> dict[str, int]:
     terms = {
         "runtime": CPU_RUNTIME_BYTES,
         "tensors": tensor_peak,
-        "working_set_kept": CPU_WORKING_SET_KEPT * facts.working_bytes,
+        "temporaries_kept": CPU_TEMPORARIES_KEPT * facts.temporary_bytes if facts.bits != 8 else 0,
+        "activations_kept": CPU_ACTIVATIONS_KEPT * facts.activation_bytes if facts.checkpointing else 0,
         "layer_residue": CPU_LAYER_RESIDUE * facts.layers * facts.hidden_tokens * 2,
         "dequant_kept": CPU_DEQUANT_KEPT * 2 * facts.heap_dequant_params if facts.bits in (4, 8) else 0,
         "int8_kept": CPU_INT8_KEPT * facts.linear_params if facts.bits == 8 else 0,
@@ -168,8 +184,8 @@ def load_terms(facts: ModelFacts) -> dict[str, int]:
 
 def process_breakdown(tensor_peak: int, device: str, facts: ModelFacts | None = None) -> dict[str, int]:
     """The process figure's parts. CUDA: context, tensors, allocator reserve. CPU: the training
-    peak's anonymous parts (runtime, tensors, working_set_kept, layer_residue, dequant_kept,
-    int8_kept: they sum to `training_peak`), then `training_peak` and `load_peak` (anonymous; the
+    peak's anonymous parts (runtime, tensors, temporaries_kept, activations_kept, layer_residue,
+    dequant_kept, int8_kept: they sum to `training_peak`), then `training_peak` and `load_peak` (anonymous; the
     larger is `process_bytes`). The reclaimable pages are apart: `file_backed_bytes`."""
     if device == "cuda":
         reserve = int(tensor_peak * CUDA_RESERVE_RATIO)
