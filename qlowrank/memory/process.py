@@ -89,6 +89,8 @@ CPU_DEQUANT_KEPT = 0.49
 # LLM.int8 on a CPU: resident bytes beyond the tensor estimate per int8 byte of linear weight
 # (in place of TEMPORARIES_KEPT). At 8B width it is what makes an 8-bit base hold nearly as
 # much as a float one: 2.18 vs 1.96 GiB anonymous at 2 layers, seq 512 (tensors 1.19 vs 1.46 GiB).
+# The one term proportional to model bytes: fitted on SmolLM2 8-bit and 2 layers of 8B width;
+# whether it grows with depth as assumed is not measured yet (the 4-layer 8-bit run is the check).
 CPU_INT8_KEPT = 1.46
 # Loading: transient bytes per bf16 byte of the largest quantized linear (bf16 copy out of
 # the mapped file + the quantizer's upcast and scratch). A float base copies straight.
