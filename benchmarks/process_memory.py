@@ -223,17 +223,12 @@ def run_config(name: str, cache: Path) -> dict:
     return with_errors({"name": name, "spec": spec, **measured, **prediction(spec, path)})
 
 
-# The configurations each CPU constant of qlowrank/memory/process.py is derived from (the rest are held out).
-FIT = {"runtime": "tiny-4bit", "float": ("qlowrank train: mid float b4 s256", "llama-501M float b1 s256"),
-       4: "llama-501M 4-bit b2 s256", 8: "llama-501M 8-bit b1 s256", "gguf": "demo (smollm2 4-bit b4 s160)"}
-
-
 # The configurations each CPU constant of qlowrank/memory/process.py is fitted on (the rest are held out).
 FIT = {"runtime": ("tiny-4bit",),
        "heap": ("smollm2 float b4 s160", "demo (smollm2 4-bit b4 s160)", "smollm2 8-bit b4 s160",
                 "8B-width 2L 4-bit b1 s2048", "8B-width 2L 8-bit b1 s512", "full 8B s2048 (qlowrank profile, issue 20)"),
        "load": ("8B-width 2L 4-bit b1 s2048", "8B-width 2L 8-bit b1 s512")}
-HEAP_TERMS = ("CPU_TEMPORARIES_KEPT", "CPU_ACTIVATIONS_KEPT", "CPU_LAYER_RESIDUE", "CPU_DEQUANT_KEPT", "CPU_INT8_KEPT")
+HEAP_TERMS = ("CPU_TEMPORARIES_KEPT", "CPU_LAYER_RESIDUE", "CPU_DEQUANT_KEPT", "CPU_INT8_KEPT")
 # Measured outside this driver and used in the fit: `qlowrank profile` on the full Llama-3-8B
 # shape (4-bit, r=16, batch 1, seq 2048, 2 steps; issue 20, 2026-12-03): anonymous peak 10.27 GiB.
 EXTERNAL = {"full 8B s2048 (qlowrank profile, issue 20)": dict(train_anon_peak=int(10.27 * 2**30), seq=2048)}
@@ -242,8 +237,7 @@ EXTERNAL = {"full 8B s2048 (qlowrank profile, issue 20)": dict(train_anon_peak=i
 def heap_row(facts: dict) -> list[float]:
     """Each heap term's multiplier (HEAP_TERMS order), as qlowrank/memory/process.py computes it."""
     quantized, int8 = facts["bits"] in (4, 8), facts["bits"] == 8
-    return [0 if int8 else facts["temporary_bytes"], facts["activation_bytes"] if facts["checkpointing"] else 0,
-            2 * facts["layers"] * facts["hidden_tokens"], 2 * facts["heap_dequant_params"] if quantized else 0,
+    return [0 if int8 else facts["temporary_bytes"], 2 * facts["layers"] * facts["hidden_tokens"], 2 * facts["heap_dequant_params"] if quantized else 0,
             facts["linear_params"] if int8 else 0]
 
 

@@ -86,7 +86,7 @@ class MemoryEstimate:
     @property
     def process_breakdown(self) -> dict[str, int]:
         """process_bytes in parts: CUDA: cuda_context, tensors, allocator_reserve; CPU: runtime,
-        tensors, temporaries_kept, activations_kept, layer_residue, dequant_kept, int8_kept (they
+        tensors, temporaries_kept, layer_residue, dequant_kept, int8_kept (they
         sum to training_peak), then training_peak and load_peak."""
         return process_model.process_breakdown(self.total_bytes, self.settings.get("device", "cpu"), self.facts)
 
@@ -345,9 +345,7 @@ def _simulate_step(config, spec: StepSpec, batch: int, settings: dict) -> Memory
     return MemoryEstimate(breakdown={c: int(breakdown[c]) for c in CATEGORIES}, peak_phase=phase, settings=settings,
                           trainable_parameters=sum(p.numel() for p in trainable), total_parameters=total_params,
                           facts=process_model.ModelFacts(base_bytes=int(breakdown["base_weights"]),
-                                                         activation_bytes=int(breakdown["activations"]),
-                                                         temporary_bytes=int(breakdown["temporaries"]),
-                                                         checkpointing=spec.checkpointing, **facts))
+                                                         temporary_bytes=int(tracker.state.category_peaks["temporaries"]), **facts))
 
 
 def _true_numel(module: nn.Module, param: torch.Tensor) -> int:

@@ -15,8 +15,7 @@ none is a share of the total model bytes unless the memory really grows with the
 
     process_bytes = max(load_anon, train_anon)
     load_anon  = LOAD_RUNTIME + base (as held) + LOAD_TRANSIENT[bits] x bf16 bytes of the largest linear
-    train_anon = RUNTIME + tensors + TEMPORARIES_KEPT x temporaries + ACTIVATIONS_KEPT x activations
-                 (both of the tensor peak; activations only under checkpointing)
+    train_anon = RUNTIME + tensors + TEMPORARIES_KEPT x the temporaries' high-water mark
                  + LAYER_RESIDUE x layers x batch x seq x hidden x 2
                  + DEQUANT_KEPT x bf16 bytes of the dequantized weights below glibc's mmap ceiling
                  + INT8_KEPT x int8 bytes of the linears (8-bit bases, in place of TEMPORARIES_KEPT)
@@ -29,9 +28,12 @@ Why the terms (measured on the 2-core EPYC, glibc malloc, torch 2.13 CPU, bitsan
   blocks are mmapped and go back to the OS when freed. Freed heap blocks stay resident.
 - The forward runs in the main thread and the backward in autograd's own thread: each
   allocates from its own arena, and neither arena gives back what the other needs. So the
-  heaps hold about one more copy of a step's temporaries (TEMPORARIES_KEPT), and under
-  checkpointing a share of what the backward recomputes (ACTIVATIONS_KEPT), beside the live
-  tensors.
+  heaps hold more than one more copy of a pass's largest temporaries (TEMPORARIES_KEPT) beside
+  the live tensors: the high-water mark of the temporaries, wherever in the pass it falls, not
+  their share at the tensor peak (at 4 x 512 tokens of a 512-wide model the peak moves to the
+  backward, where temporaries are 18 MiB of their 46 MiB high-water mark). A share of the
+  activations was a term too; refitted on the high-water mark its multiplier came out negative
+  (-0.07), so the activations are counted as live tensors only.
 - A checkpointed forward leaves each decoder layer's boundary (batch x seq x hidden) alive
   between freed blocks of the same size: the heap keeps a few hidden-state blocks per layer
   that it cannot hand back (LAYER_RESIDUE; this is what grows with depth at long sequences).
@@ -76,33 +78,29 @@ GLIBC_MMAP_CEILING = 32 * MIB
 # graph): the forward's arena and the backward's each keep about a copy of those of their pass.
 # Not for LLM.int8: an 8-bit base keeps what INT8_KEPT says instead (measured: SmolLM2 8-bit
 # keeps as much as 4-bit beyond its tensors, though its estimated temporaries are 2.2x).
-CPU_TEMPORARIES_KEPT = 1.24
-# Activations under checkpointing (boundaries + one block recomputed in backward, in the
-# autograd thread's arena); without checkpointing the saved activations are live tensors that
-# backward frees in order, and no share of them is kept beyond the tensor peak.
-CPU_ACTIVATIONS_KEPT = 0.22
+CPU_TEMPORARIES_KEPT = 1.43
 # Hidden-state blocks (batch x seq x hidden x 2 bytes) the heaps keep per decoder layer.
-CPU_LAYER_RESIDUE = 3.64
+CPU_LAYER_RESIDUE = 2.49
 # Share of the dequantized weights below GLIBC_MMAP_CEILING (bf16, summed over all quantized
 # linears) that stays in the heaps.
-CPU_DEQUANT_KEPT = 0.49
+CPU_DEQUANT_KEPT = 0.56
 # LLM.int8 on a CPU: resident bytes beyond the tensor estimate per int8 byte of linear weight
 # (in place of TEMPORARIES_KEPT). At 8B width it is what makes an 8-bit base hold nearly as
 # much as a float one: 2.18 vs 1.96 GiB anonymous at 2 layers, seq 512 (tensors 1.19 vs 1.46 GiB).
 # The one term proportional to model bytes: fitted on SmolLM2 8-bit and 2 layers of 8B width;
 # whether it grows with depth as assumed is not measured yet (the 4-layer 8-bit run is the check).
-CPU_INT8_KEPT = 1.46
+CPU_INT8_KEPT = 1.55
 # Loading: transient bytes per bf16 byte of the largest quantized linear (bf16 copy out of
 # the mapped file + the quantizer's upcast and scratch). A float base copies straight.
 CPU_LOAD_TRANSIENT = {4: 4.44, 8: 1.87, None: 0.0}
 
 # Headroom `qlowrank train --batch auto` keeps under --max-memory, for the model's measured
 # error: the worst held-out error where the model holds (benchmarks/RESULTS.md, "Process
-# memory, anonymous": 8.8%, the 8B-width 4-layer model at seq 1024; DoRA and small models
+# memory, anonymous": -10.0%, the 8B-width 4-layer model at seq 1024; DoRA and small models
 # without checkpointing at seq >= 512 run lower and are named there) plus the spread of one
-# command's anonymous peak between runs (~2%), rounded up. It is also
-# tests/test_process_rss.py's tolerance.
-CPU_PREDICTION_MARGIN = 0.11
+# command's anonymous peak between runs alone (546-576 MiB, 5%, for tests/test_process_rss.py's
+# `--batch auto` run), rounded up. It is also that test module's tolerance.
+CPU_PREDICTION_MARGIN = 0.15
 
 # ---- CUDA (nvidia-smi) ------------------------------------------------------------------
 # Sources, not measurements: no GPU has been lent yet. benchmarks/gpu_memory.py prints
@@ -149,9 +147,7 @@ class ModelFacts:
     heap_dequant_params: int = 0  # weights of quantized linears whose bf16 copy is under GLIBC_MMAP_CEILING
     layers: int = 0              # decoder layers
     hidden_tokens: int = 0       # batch x seq x hidden of one micro-batch
-    activation_bytes: int = 0    # activations at the tensor peak (estimate's breakdown)
-    temporary_bytes: int = 0     # temporaries at the tensor peak
-    checkpointing: bool = True   # gradient checkpointing on
+    temporary_bytes: int = 0     # the temporaries' high-water mark in a forward/backward (not only at the peak)
 
 
 def prediction_margin(device: str) -> float:
@@ -170,7 +166,6 @@ def training_terms(tensor_peak: int, facts: ModelFacts) -> dict[str, int]:
         "runtime": CPU_RUNTIME_BYTES,
         "tensors": tensor_peak,
         "temporaries_kept": CPU_TEMPORARIES_KEPT * facts.temporary_bytes if facts.bits != 8 else 0,
-        "activations_kept": CPU_ACTIVATIONS_KEPT * facts.activation_bytes if facts.checkpointing else 0,
         "layer_residue": CPU_LAYER_RESIDUE * facts.layers * facts.hidden_tokens * 2,
         "dequant_kept": CPU_DEQUANT_KEPT * 2 * facts.heap_dequant_params if facts.bits in (4, 8) else 0,
         "int8_kept": CPU_INT8_KEPT * facts.linear_params if facts.bits == 8 else 0,
@@ -186,7 +181,7 @@ def load_terms(facts: ModelFacts) -> dict[str, int]:
 
 def process_breakdown(tensor_peak: int, device: str, facts: ModelFacts | None = None) -> dict[str, int]:
     """The process figure's parts. CUDA: context, tensors, allocator reserve. CPU: the training
-    peak's anonymous parts (runtime, tensors, temporaries_kept, activations_kept, layer_residue,
+    peak's anonymous parts (runtime, tensors, temporaries_kept, layer_residue,
     dequant_kept, int8_kept: they sum to `training_peak`), then `training_peak` and `load_peak` (anonymous; the
     larger is `process_bytes`). The reclaimable pages are apart: `file_backed_bytes`."""
     if device == "cuda":

@@ -54,6 +54,8 @@ class TrackerState:
     live: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
     peak_bytes: int = 0
     peak_breakdown: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+    # each category's own high-water mark (not necessarily at the same moment as the peak)
+    category_peaks: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
     peak_phase: str = "setup"
     peak_step: int = 0
     peak_event: int = 0
@@ -143,6 +145,9 @@ class TensorTracker(TorchDispatchMode):
     def _after_alloc(self) -> None:
         state = self.state
         total = state.total
+        for category, live in state.live.items():
+            if live > state.category_peaks[category]:
+                state.category_peaks[category] = live
         if total > state.peak_bytes:
             state.peak_bytes = total
             state.peak_breakdown = dict(state.live)
