@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from pydoc_data.topics import topics
 
@@ -197,3 +198,14 @@ def random_examples(lengths: list[int], seed: int = 0) -> list[Example]:
         ids = torch.randint(1, VOCAB, (n,), generator=generator).tolist()
         out.append(Example(ids, list(ids), f"ex{len(out)}"))
     return out
+
+
+def planned_flags(out: str) -> list[str]:
+    """The train flags of the layout `train --batch auto` printed it chose."""
+    found = re.search(r"batch auto: micro-batch (\d+) x grad-accum (\d+) = global batch \d+, (no checkpointing|"
+                      r"checkpointing \((?:last (\d+) of \d+ blocks kept|all \d+ blocks), attention (kept|recomputed)\))", out)
+    micro, accum, layout, kept, attention = found.groups()
+    flags = ["--batch", micro, "--grad-accum", accum]
+    if layout == "no checkpointing":
+        return [*flags, "--no-checkpointing"]
+    return [*flags, "--keep-blocks", kept or "0", "--keep-attention", "on" if attention == "kept" else "off"]

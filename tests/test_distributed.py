@@ -109,9 +109,9 @@ def _full_flags(work: Path, out: Path) -> list[str]:
     # estimate compared below assumes the default double quantization.
     variants = {"--init", "--loftq-iters", "--dora", "--train-modules", "--no-double-quant"}
     # Speed options: --compile changes how fast, not what (tests/test_speed_levers.py; a compile
-    # per process would cost ~40 s here). Length grouping is on by default, so this run also
+    # per process would cost ~40 s here); so do --keep-blocks / --keep-attention (tests/test_checkpointing.py). Length grouping is on by default, so this run also
     # checks that it groups by the global batch, which 1 and 2 processes share.
-    speed = {"--compile", "--no-group-by-length"}
+    speed = {"--compile", "--no-group-by-length", "--keep-blocks", "--keep-attention"}
     known = set(flags) | later | planning | variants | speed
     missing = [names[0] for names in _train_options().values() if not known & set(names)]
     assert not missing, f"add these new options to _full_flags (every option must be launched once): {missing}"

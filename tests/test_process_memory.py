@@ -79,7 +79,7 @@ def test_cli_prints_tensor_and_process_figures(tmp_path, capsys):
     assert "process peak:" in out and "does NOT fit in --max-memory" in out and "nothing was loaded" in out
     assert main(["train", "--model", str(tmp_path / "model"), "--dry-run", "--batch", "auto", "--seq", "64",
                  "--device", "cpu", "--max-memory", "100MiB"]) == 2
-    assert "--batch auto: even one sequence" in capsys.readouterr().err
+    assert "nothing fits a 100.00 MiB budget" in capsys.readouterr().err
 
 
 # A fresh child loads (and with steps > 0 trains) a checkpoint as `qlowrank train` does and

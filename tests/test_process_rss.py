@@ -12,12 +12,12 @@ from pydoc_data.topics import topics
 import pytest
 import torch
 import transformers
-from conftest import tiny_tokenizer
+from conftest import planned_flags, tiny_tokenizer
 
 from qlowrank.cli.main import build_parser
 from qlowrank.cli.plan import estimate_for_args
 from qlowrank.cli.train import resolve_options
-from qlowrank.memory.process import CPU_PREDICTION_MARGIN
+from qlowrank.memory.process import CPU_PREDICTION_MARGIN, prediction_margin
 
 # Relative tolerance of the predicted whole-process peak against the measured one: the
 # process model's measured error, derived in qlowrank/memory/process.py (worst held-out error
@@ -142,21 +142,23 @@ def test_process_bytes_predicts_the_anonymous_peak_of_real_training(runs):
     assert all(abs(e) <= PROCESS_RSS_TOLERANCE for e in errors.values()), errors
 
 
-def test_batch_auto_searches_the_largest_micro_batch_under_the_budget(runs):
-    """The search itself: a budget that forces a micro-batch below the global batch; the chosen one
-    measures under the budget, and the next one up is predicted over it (with the headroom)."""
+def test_batch_auto_plans_a_layout_that_fits_the_budget_measured(runs):
+    """The planner under a budget that forces a choice: the layout it picks is predicted (with the
+    headroom) within the budget, and measures within it in a fresh process."""
     args, out, anon, _ = runs["auto"]
     budget = runs["budget"]
-    found = re.search(r"batch auto: micro-batch (\d+) x grad-accum (\d+) = global batch (\d+)", out)
-    chosen, accum = int(found[1]), int(found[2])
-    largest = int(m[1]) if (m := re.search(r"largest that fits: (\d+)", out)) else chosen
-    print(f"--max-memory {budget / 2**20:.0f} MiB: micro-batch {chosen} x {accum} (largest {largest}), measured "
-          f"anonymous peak {anon / 2**20:.0f} MiB, predicted {predicted(with_batch(args, chosen)).process_bytes / 2**20:.0f} MiB")
-    assert 1 <= chosen < AUTO_GLOBAL_BATCH and chosen * accum == AUTO_GLOBAL_BATCH   # a real choice
-    assert anon <= budget                                                             # it fits, measured
-    # the search prices every micro-batch below the global batch with accumulation on
-    over = predicted(with_batch(args, largest + 1), grad_accum=2).process_bytes * (1 + CPU_PREDICTION_MARGIN)
-    assert over > budget                                                              # and it is the largest
+    flags = planned_flags(out)
+    micro, accum = int(flags[1]), int(flags[3])
+    chosen = [*args[:args.index("--batch")], *flags]
+    estimate = predicted(chosen)
+    print(f"--max-memory {budget / 2**20:.0f} MiB: {' '.join(flags)}, measured anonymous peak {anon / 2**20:.0f} MiB, "
+          f"predicted {estimate.process_bytes / 2**20:.0f} MiB")
+    assert micro * accum == AUTO_GLOBAL_BATCH
+    margin = prediction_margin("cpu", blocks_kept="--no-checkpointing" in flags or flags[flags.index("--keep-blocks") + 1] != "0")
+    assert estimate.process_bytes * (1 + margin) <= budget                     # what the planner promised
+    assert anon <= budget                                                      # and it holds, measured
+    # the whole global batch in one micro-batch without checkpointing is what the budget rules out
+    assert predicted(with_batch(args, AUTO_GLOBAL_BATCH) + ["--no-checkpointing"]).process_bytes > budget
 
 
 # The issue's target for the worst held-out configuration (issue 20): the process model's error

@@ -39,14 +39,23 @@ def register(subparsers) -> None:
                         help="model the model's own loss over full fp32 logits (default: the trainer's chunked loss)")
     parser.add_argument("--chunked-loss", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--plan", action="store_true", help="plan the fastest micro-batch x accumulation and "
+                        "checkpointing that fit --max-memory for --global-batch (times one block of the model here)")
+    parser.add_argument("--max-memory", default=None, help="with --plan: the budget, e.g. 16GiB (default: free RAM / VRAM)")
+    parser.add_argument("--no-progress", action="store_true", help="with --plan: no progress bar")
+    parser.add_argument("--global-batch", type=int, default=None, help="with --plan: sequences per optimizer step "
+                        "(default: 4 x --grad-accum)")
     parser.set_defaults(func=exit_2_on_bad_input("estimate", _run))
 
 
 def _run(args: argparse.Namespace) -> int:
     from ..memory.estimate import estimate_memory
+    from .plan import process_lines
 
     if args.full_logits_loss:
         args.chunk_tokens = 0
+    if args.plan:
+        return _plan(args)
     estimate = estimate_memory(default_model(args.model), **options.estimate_arguments(args, args.batch, args.device))
     result = estimate.to_dict()
     if args.gpu:
@@ -66,14 +75,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def process_lines(estimate) -> str:
-    """The two figures side by side: tensor peak (what MemoryProfiler counts) and process peak."""
-    parts = dict(estimate.process_breakdown)
-    if "load_peak" in parts:   # CPU: loading or training, whichever is larger
-        load, training = parts.pop("load_peak"), parts.pop("training_peak")
-        detail = (f"RSS; the larger of loading {format_bytes(load)} and training {format_bytes(training)} = "
-                  + " + ".join(f"{k} {format_bytes(v)}" for k, v in parts.items()))
-    else:
-        detail = "nvidia-smi; " + " + ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())
-    return (f"tensor peak:  {format_bytes(estimate.total_bytes)}\n"
-            f"process peak: {format_bytes(estimate.process_bytes)} ({detail})")
+def _plan(args: argparse.Namespace) -> int:
+    """`estimate --plan`: the planner's table for these settings (timed here when --device is this machine's)."""
+    import torch
+
+    from .plan import plan_layout
+
+    args.model = default_model(args.model)
+    here = args.device == "cpu" or torch.cuda.is_available()
+    if not here and not args.max_memory:
+        raise ValueError("--plan for --device cuda on a machine without one needs --max-memory (the GPU's memory)")
+    plan = plan_layout(args, distributed=not here)
+    print(plan.table())
+    layout = plan.chosen.layout
+    flags = (f"--batch {layout.micro_batch} --grad-accum {layout.grad_accum} "
+             + (f"--keep-blocks {layout.keep_blocks} --keep-attention {'on' if layout.keep_attention else 'off'}"
+                if layout.checkpointing else "--no-checkpointing"))
+    print(f"chosen: {flags}" + ("" if here else " (ranked without timings: no such device here)"))
+    return 0

@@ -68,6 +68,10 @@ SHARED_OPTIONS: tuple[Option, ...] = (
     Option(("--chunk-tokens",), {"type": int, "default": DEFAULT_CHUNK_TOKENS,
                                  "help": "rows of logits per chunk of the loss (0: naive full logits)"}),
     Option(("--no-checkpointing",), {"action": "store_true", "help": "keep activations instead of recomputing them"}),
+    Option(("--keep-blocks",), {"type": int, "default": 0, "help": "partial checkpointing: the last N decoder blocks "
+                                "keep their activations (faster, more memory; 0: recompute every block)"}),
+    Option(("--keep-attention",), {"default": "auto", "choices": ["auto", "on", "off"],
+                                   "help": "checkpointed blocks keep their attention output (auto: from 256 tokens)"}),
     Option(("--compile",), {"action": "store_true", "help": "torch.compile each decoder block: 7-15%% faster steps "
                                                             "on a CPU after a one-off compile of ~20 s"}),
 )
@@ -178,6 +182,11 @@ def _chunked_loss(model: torch.nn.Module, tokens: torch.Tensor, chunk_tokens: in
     return causal_lm_loss(model, tokens, tokens, chunk_tokens=chunk_tokens)
 
 
+def checkpointing(args: argparse.Namespace) -> dict:
+    """`enable_gradient_checkpointing`'s keep_blocks / keep_attention for --keep-blocks / --keep-attention."""
+    return {"keep_blocks": args.keep_blocks, "keep_attention": {"auto": None, "on": True, "off": False}[args.keep_attention]}
+
+
 def estimate_arguments(args: argparse.Namespace, batch: int, device_type: str) -> dict:
     """`estimate_memory`'s keyword arguments for the run the flags describe, at micro-batch `batch`.
 
@@ -189,7 +198,7 @@ def estimate_arguments(args: argparse.Namespace, batch: int, device_type: str) -
     return {"quant": quant_config(args), "lora": lora_config(args, allow_full=True), "batch_size": batch, "seq_len": args.seq,
                 "gradient_checkpointing": not args.no_checkpointing, "optimizer": optimizer, "dtype": compute_dtype(args),
                 "device": device_type, "chunked_loss": bool(args.chunk_tokens), "loss_fn": loss_fn(args),
-                "grad_accum": args.grad_accum, "packing": args.packing}
+                "grad_accum": args.grad_accum, "packing": args.packing, **checkpointing(args)}
 
 
 # --- defaults < config file < flags --------------------------------------------------------

@@ -12,10 +12,8 @@ import argparse
 import torch
 
 from ..memory.estimate import MemoryEstimate, estimate_memory
-from ..memory.process import prediction_margin
 from ..memory.report import format_bytes, parse_bytes
 from . import options
-from .estimate import process_lines
 
 
 def estimate_for_args(args: argparse.Namespace, batch: int, grad_accum: int | None = None) -> MemoryEstimate:
@@ -44,41 +42,43 @@ def memory_budget(args: argparse.Namespace) -> int:
     return fields.get("MemAvailable", fields.get("MemFree", 0)) + rss
 
 
-def choose_batch(args: argparse.Namespace) -> tuple[int, int]:
-    """(micro-batch, grad-accum) for --batch auto: the largest micro-batch that divides the
-    global batch and whose predicted process peak, plus the prediction's measured error
-    (`memory/process.py`), fits the budget; prints the choice.
+def plan_layout(args: argparse.Namespace, distributed: bool = False):
+    """The planner's layout for these settings within --max-memory (default: what is free), for
+    --global-batch (default 4 x --grad-accum): micro-batch, accumulation and checkpointing.
+
+    `distributed` ranks without timings, so every process picks the same layout.
 
     Raises:
-        ValueError: not even a micro-batch of 1 fits.
+        ValueError: nothing fits.
     """
+    from ..planner import plan_run
+
     global_batch = args.global_batch or 4 * args.grad_accum
     if global_batch < 1:
         raise ValueError(f"--global-batch {global_batch} must be >= 1")
-    budget = memory_budget(args)
-    # Plan within the budget less the process model's measured error, so the real peak fits.
-    margin = prediction_margin(options.device(args).type)
-    usable = int(budget / (1 + margin))
-    # Search with accumulation on (every LoRA gradient alive through the pass): what any micro-batch
-    # below the global batch runs; the global batch in one micro-batch needs no more than that.
-    one = estimate_for_args(args, 1, grad_accum=min(2, global_batch))
-    largest = min(one.max_batch_size(usable), global_batch)
-    if largest < 1:
-        raise ValueError(f"--batch auto: even one sequence of {args.seq} tokens needs {format_bytes(one.process_bytes)} "
-                         f"of process memory (+{margin:.0%} headroom), over the {format_bytes(budget)} budget; "
-                         "lower --seq or use --bits 4")
-    micro = max(b for b in range(1, largest + 1) if global_batch % b == 0)
-    chosen = estimate_for_args(args, micro, grad_accum=global_batch // micro)   # the plan's own figure
-    above = one.at_batch(largest + 1) if largest < global_batch else None
-    note = (f"; micro-batch {largest + 1} would need {format_bytes(above.process_bytes)}" if above is not None
-            else "; the whole global batch fits in one micro-batch")
-    if micro != largest:
-        note += f" (largest that fits: {largest}, not a divisor of {global_batch})"
-    print(f"batch auto: micro-batch {micro} x grad-accum {global_batch // micro} = global batch {global_batch} "
-          f"(predicted process peak {format_bytes(chosen.process_bytes)} + {margin:.0%} headroom for the prediction's "
-          f"error, of a {format_bytes(budget)} budget{note})",
-          flush=True)
-    return micro, global_batch // micro
+    arguments = options.estimate_arguments(args, 1, options.device(args).type)
+    for name in ("batch_size", "grad_accum", "gradient_checkpointing", "keep_blocks", "keep_attention", "seq_len",
+                 "quant", "lora", "device"):
+        arguments.pop(name)
+    return plan_run(args.model, memory_budget(args), global_batch, quant=options.quant_config(args),
+                    lora=options.lora_config(args), seq_len=args.seq, device=options.device(args).type,
+                    timed=not distributed, checkpointing=not args.no_checkpointing,
+                    progress=not getattr(args, "no_progress", False), **arguments)
+
+
+def apply_plan(args: argparse.Namespace, distributed: bool = False) -> None:
+    """--batch auto: plan the run (`plan_layout`), print the plan, set the flags it chose."""
+    plan = plan_layout(args, distributed)
+    layout = plan.chosen.layout
+    print(plan.table(), flush=True)
+    args.batch, args.grad_accum = layout.micro_batch, layout.grad_accum
+    args.no_checkpointing = not layout.checkpointing
+    args.keep_blocks = layout.keep_blocks if layout.checkpointing else 0
+    args.keep_attention = "on" if layout.keep_attention else "off"
+    print(f"batch auto: micro-batch {layout.micro_batch} x grad-accum {layout.grad_accum} = global batch "
+          f"{layout.micro_batch * layout.grad_accum}, {layout.describe(plan.layers)} (predicted process peak "
+          f"{format_bytes(plan.chosen.process_bytes)} + {plan.chosen.margin:.0%} headroom, of a {format_bytes(plan.budget)} "
+          f"budget{'' if distributed else '; ranked by timed blocks on this machine'})", flush=True)
 
 
 def dry_run(args: argparse.Namespace) -> int:
@@ -91,3 +91,16 @@ def dry_run(args: argparse.Namespace) -> int:
         print(f"{'fits' if estimate.fits(budget) else 'does NOT fit'} in --max-memory {format_bytes(budget)}")
     print(f"--dry-run: micro-batch {args.batch} x grad-accum {args.grad_accum}; nothing was loaded or trained")
     return 0
+
+
+def process_lines(estimate) -> str:
+    """The two figures side by side: tensor peak (what MemoryProfiler counts) and process peak."""
+    parts = dict(estimate.process_breakdown)
+    if "load_peak" in parts:   # CPU: loading or training, whichever is larger
+        load, training = parts.pop("load_peak"), parts.pop("training_peak")
+        detail = (f"RSS; the larger of loading {format_bytes(load)} and training {format_bytes(training)} = "
+                  + " + ".join(f"{k} {format_bytes(v)}" for k, v in parts.items()))
+    else:
+        detail = "nvidia-smi; " + " + ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())
+    return (f"tensor peak:  {format_bytes(estimate.total_bytes)}\n"
+            f"process peak: {format_bytes(estimate.process_bytes)} ({detail})")

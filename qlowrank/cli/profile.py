@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
         for param in model.parameters():
             param.requires_grad_(True)
     if not args.no_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, **options.checkpointing(args))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(args.optimizer, params, lr=args.lr)

@@ -57,10 +57,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "grouping similar lengths (grouping spends less compute on padding)")
     add("--batch", type=options.batch_value, default=4,
         help="sequences per micro-batch, per process (global batch: batch x processes x grad-accum), or 'auto': "
-        "the largest that fits --max-memory (keeping --global-batch)")
+        "plan micro-batch, accumulation and checkpointing (--keep-blocks, --keep-attention) for the fastest run "
+        "that fits --max-memory, keeping --global-batch")
     add("--global-batch", type=int, default=None, help="with --batch auto: sequences per optimizer step "
         "(default: 4 x --grad-accum)")
-    add("--max-memory", default=None, help="with --batch auto: the process memory budget, e.g. 6GiB "
+    add("--max-memory", default=None, help="with --batch auto: the process memory budget to plan in, e.g. 6GiB "
         "(default: the free RAM, or the free VRAM on CUDA)")
     add("--dry-run", action="store_true", help="print the memory estimate (tensor and process) for these settings and exit")
     add("--lr", type=float, default=2e-4)
@@ -142,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.model or (not args.data and not args.dry_run):
         raise ValueError("qlowrank train needs --model and --data (as flags or in --config)")
     if args.batch == "auto" or args.dry_run:
-        from .plan import choose_batch, dry_run
+        from .plan import apply_plan, dry_run
         if args.batch == "auto":
-            args.batch, args.grad_accum = choose_batch(args)
+            apply_plan(args, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1)
         if args.dry_run:
             return dry_run(args)
     config, quant, lora = configs(args)
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, quant=quant, lora=lora, device=local_device(args.device), dtype=quant.compute_dtype,
                        seed=args.seed)
     if not args.no_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, **options.checkpointing(args))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     # SIGTERM / SIGINT end training with TrainingInterrupted; cli.main turns it into 143 / 130.
     trainer = Trainer(model, config, train, held, pad_token_id=pad)

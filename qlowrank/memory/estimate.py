@@ -157,6 +157,8 @@ def estimate_memory(
     sharding: str | None = None,
     grad_accum: int = 1,
     packing: bool = False,
+    keep_blocks: int = 0,
+    keep_attention: bool | None = None,
 ) -> MemoryEstimate:
     """Predict the peak memory of one training step, from a config alone.
 
@@ -182,6 +184,10 @@ def estimate_memory(
             is alive through the later micro-batches' passes.
         packing: examples packed into --seq windows: the same shapes plus the block-diagonal
             (batch, 1, seq, seq) boolean attention mask transformers builds from the position ids.
+        keep_blocks: under checkpointing, how many of the last blocks keep their activations
+            (partial checkpointing, as `enable_gradient_checkpointing(keep_blocks=...)`).
+        keep_attention: under checkpointing, keep each block's attention output (None: from
+            KEEP_ATTENTION_MIN_SEQ tokens on, as `enable_gradient_checkpointing` decides).
 
     Returns:
         A MemoryEstimate with `total_bytes`, `breakdown`, `fits()` and `max_batch_size()`.
@@ -200,6 +206,8 @@ def estimate_memory(
         raise ValueError(f"processes={processes} must be >= 1 and sharding={sharding!r} None or 'fsdp'")
     if batch_size < 1 or seq_len < 1 or grad_accum < 1:
         raise ValueError(f"batch_size={batch_size}, seq_len={seq_len} and grad_accum={grad_accum} must be positive")
+    if keep_blocks < 0:
+        raise ValueError(f"keep_blocks={keep_blocks} must be >= 0")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: estimate for 'cuda' or 'cpu'")
@@ -209,14 +217,16 @@ def estimate_memory(
     settings = {
         "model": getattr(config, "_name_or_path", "") or config.model_type, "bits": quant.bits,
         "r": lora.r if lora else None, "batch_size": batch_size, "seq_len": seq_len,
-        "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer,
+        "gradient_checkpointing": gradient_checkpointing, "keep_blocks": keep_blocks,
+        "keep_attention": keep_attention, "optimizer": optimizer,
         "dtype": str(dtype).removeprefix("torch."), "device": device, "chunked_loss": chunked_loss,
         "processes": processes, "sharding": sharding, "source": source[0],
         "grad_accum": grad_accum, "packing": packing,
     }
     spec = StepSpec(quant=quant, lora=lora, seq_len=seq_len, checkpointing=gradient_checkpointing,
                     optimizer=optimizer, dtype=dtype, source_dtype=source_dtype, device=device, loss_fn=loss_fn,
-                    grad_accum=grad_accum, packing=packing, processes=processes, sharding=sharding, source=source)
+                    grad_accum=grad_accum, packing=packing, processes=processes, sharding=sharding, source=source,
+                    keep_blocks=keep_blocks, keep_attention=keep_attention)
     cache: dict[int, MemoryEstimate] = {}
 
     def simulate(batch: int) -> MemoryEstimate:
@@ -246,6 +256,8 @@ class StepSpec:
     processes: int = 1
     sharding: str | None = None
     source: tuple[str, int | None] = ("safetensors", None)
+    keep_blocks: int = 0
+    keep_attention: bool | None = None
 
 
 def source_of(path_or_config: str | Path | transformers.PretrainedConfig) -> tuple[str, int | None]:
@@ -288,7 +300,7 @@ def _prepare(config, spec: StepSpec, batch: int) -> tuple[nn.Module, dict, list[
         for param in model.parameters():
             param.requires_grad_(True)
     if spec.checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, keep_attention=spec.keep_attention, keep_blocks=spec.keep_blocks)
     return model, facts, [p for p in model.parameters() if p.requires_grad]
 
 

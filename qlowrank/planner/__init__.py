@@ -1,0 +1,95 @@
+"""Plan a run within a memory budget: the fastest micro-batch, accumulation and checkpointing that fit.
+
+    plan = plan_run("path/to/model", budget=16 * 2**30, global_batch=16, quant=..., lora=..., seq_len=512)
+    print(plan.table())
+
+`search.py` finds the layouts that fit (with the estimator's process prediction), `timing.py`
+times one block of the model on this machine to rank them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from ..config import DEFAULT_CHUNK_TOKENS, LoraConfig, QuantConfig, parse_dtype
+from ..memory.estimate import estimate_memory
+from ..memory.meta_model import load_config
+from ..memory.process import prediction_margin
+from .search import Candidate, Layout, RunPlan, block_modes, choose, fitting_layouts
+from .timing import StepTimes, calibrate, layer_count
+
+__all__ = ["Candidate", "Layout", "RunPlan", "StepTimes", "calibrate", "plan_run"]
+
+
+def plan_run(
+    path_or_config: str | Path | transformers.PretrainedConfig,
+    budget: int,
+    global_batch: int,
+    quant: QuantConfig,
+    lora: LoraConfig,
+    seq_len: int,
+    device: str = "cpu",
+    timed: bool = True,
+    checkpointing: bool = True,
+    progress: bool = True,
+    **estimate_arguments,
+) -> RunPlan:
+    """The fastest layout of a run that fits `budget`, with the runner-up and every fitting candidate.
+
+    Args:
+        path_or_config: what `estimate_memory` takes (a model folder, config.json, .gguf or a config).
+        budget: bytes the process may use (anonymous RSS on a CPU, what nvidia-smi shows on CUDA).
+        global_batch: sequences per optimizer step; micro-batch x accumulation make it up.
+        quant, lora, seq_len, device: the run's base, adapters, sequence length and device type.
+        timed: rank by step times of timed blocks on this machine (False: by fewest recomputed
+            blocks, then the largest micro-batch, the same on every process of a distributed run).
+        checkpointing: False keeps every activation (only layouts without checkpointing are tried).
+        progress: show a progress bar.
+        **estimate_arguments: the rest of `estimate_memory`'s arguments for the run (optimizer,
+            dtype, loss_fn, packing, ...; not batch_size, grad_accum or the checkpointing ones).
+
+    Raises:
+        ValueError: nothing fits the budget.
+    """
+    from tqdm.auto import tqdm
+
+    if global_batch < 1:
+        raise ValueError(f"global_batch={global_batch} must be >= 1")
+    config = load_config(path_or_config)
+    layers = layer_count(config)
+    bar = tqdm(desc="planning: estimating layouts", unit=" estimates", disable=not progress, leave=False)
+    trainable = {}
+
+    def process_bytes(layout: Layout) -> int:
+        if layout.checkpointing and not checkpointing:
+            return 2**62   # never fits: the run keeps every activation
+        estimate = estimate_memory(path_or_config, quant=quant, lora=lora, seq_len=seq_len, device=device,
+                                   batch_size=layout.micro_batch, grad_accum=layout.grad_accum,
+                                   gradient_checkpointing=layout.checkpointing, keep_blocks=layout.keep_blocks,
+                                   keep_attention=layout.keep_attention, **estimate_arguments)
+        trainable["count"] = estimate.trainable_parameters
+        bar.update(1)
+        return estimate.process_bytes
+
+    try:
+        candidates = fitting_layouts(global_batch, layers, process_bytes, budget,
+                                     lambda layout: prediction_margin(device, layout.blocks_kept))
+        times = None
+        if timed and candidates:
+            dtype = parse_dtype(estimate_arguments.get("dtype", torch.bfloat16), "dtype")
+            times = calibrate(config, quant, lora, seq_len, block_modes(candidates), device=device, dtype=dtype,
+                              autocast_dtype=None if dtype == torch.float32 else dtype,
+                              trainable_parameters=trainable.get("count", 0),
+                              chunk_tokens=_chunk_tokens(estimate_arguments), progress=bar.set_description)
+    finally:
+        bar.close()
+    return choose(candidates, times, budget, global_batch * seq_len, layers)
+
+
+def _chunk_tokens(estimate_arguments: dict) -> int:
+    loss_fn = estimate_arguments.get("loss_fn")
+    keywords = getattr(loss_fn, "keywords", None) or {}
+    return int(keywords.get("chunk_tokens", DEFAULT_CHUNK_TOKENS))

@@ -1,0 +1,190 @@
+"""The memory-budget planner: the fastest run that fits, over micro-batch, accumulation and checkpointing.
+
+Given a budget and a global batch, every micro-batch that divides the global batch is a
+candidate, with accumulation making up the rest. For each, the planner finds how much of the
+model can keep its activations:
+
+- the whole model (no checkpointing: the fastest), if that fits;
+- otherwise, for the attention output kept and recomputed inside checkpointed blocks, the
+  most trailing blocks kept whole (partial checkpointing). Memory grows with each kept block;
+  the peak is the larger of a forward-end and a recompute peak, both linear in the kept
+  count, so the chord between "none kept" and "all kept" lies above it and the block count
+  read off the chord fits; it is then checked by an exact estimate (and lowered while not).
+
+Every candidate's memory is the process model's prediction (`process_bytes`), required to fit
+within the budget less the model's measured error (`prediction_margin`: larger where blocks
+keep their activations, where the model runs lowest). Its time is the
+calibrated step-time model (`timing.py`). The fastest candidate is chosen; the runner-up is
+reported beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..memory.report import format_bytes
+from .timing import KEEP_ATTENTION, PLAIN, RECOMPUTE, StepTimes
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one run keeps its activations, and its batch shape."""
+
+    micro_batch: int
+    grad_accum: int
+    checkpointing: bool
+    keep_blocks: int = 0          # under checkpointing: trailing blocks not checkpointed
+    keep_attention: bool = False  # under checkpointing: attention outputs kept, not recomputed
+
+    @property
+    def blocks_kept(self) -> bool:
+        """Some blocks keep their activations (no checkpointing, or trailing blocks kept whole)."""
+        return not self.checkpointing or self.keep_blocks > 0
+
+    def describe(self, layers: int) -> str:
+        if not self.checkpointing:
+            return "no checkpointing"
+        kept = f"last {self.keep_blocks} of {layers} blocks kept" if self.keep_blocks else f"all {layers} blocks"
+        return f"checkpointing ({kept}, attention {'kept' if self.keep_attention else 'recomputed'})"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A layout that fits, with its predicted process peak and step time."""
+
+    layout: Layout
+    process_bytes: int
+    margin: float                  # the headroom kept above process_bytes (the prediction's measured error)
+    step_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The planner's answer: the chosen layout, the runner-up, and every candidate it priced."""
+
+    chosen: Candidate
+    runner_up: Candidate | None
+    candidates: tuple[Candidate, ...]
+    budget: int
+    layers: int
+    tokens_per_step: int
+
+    def table(self) -> str:
+        """Every candidate: layout, predicted process peak (with headroom) and time; the choice marked."""
+        lines = [(f"plan for a {format_bytes(self.budget)} budget (each layout's process peak, plus headroom for its error, must fit), "
+                  f"{self.tokens_per_step} tokens per optimizer step:"),
+                 f"  {'':2} {'micro x accum':>13}  {'process peak':>12}  {'+headroom':>14}  {'s/step':>7}  {'tokens/s':>8}  layout"]
+        for c in self.candidates:   # fastest first
+            mark = "->" if c is self.chosen else ("2>" if c is self.runner_up else "")
+            seconds = f"{c.step_seconds:7.2f}" if c.step_seconds is not None else f"{'?':>7}"
+            rate = f"{self.tokens_per_step / c.step_seconds:8.0f}" if c.step_seconds else f"{'?':>8}"
+            lines.append(f"  {mark:2} {c.layout.micro_batch:>5} x {c.layout.grad_accum:<5}  "
+                         f"{format_bytes(c.process_bytes):>12}  "
+                         f"{format_bytes(int(c.process_bytes * (1 + c.margin))) + f' ({c.margin:.0%})':>14}  "
+                         f"{seconds}  {rate}  {c.layout.describe(self.layers)}")
+        return "\n".join(lines)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def fitting_layouts(
+    global_batch: int,
+    layers: int,
+    process_bytes: Callable[[Layout], int],
+    budget: int,
+    margin: Callable[[Layout], float],
+    attention_choices: tuple[bool, ...] = (False, True),
+) -> list[Candidate]:
+    """For every micro-batch dividing `global_batch`: the layouts that keep the most activations
+    and still fit `budget` less `margin` (one per attention choice; only "no checkpointing" where it fits).
+
+    Args:
+        global_batch: sequences per optimizer step.
+        layers: decoder blocks of the model.
+        process_bytes: a layout's predicted process peak (the estimator's `process_bytes`).
+        budget: bytes the process may use.
+        margin: a layout's relative prediction error to keep free.
+        attention_choices: keep_attention values to consider under checkpointing.
+    """
+    def fits(layout: Layout, peak: int) -> bool:
+        return peak * (1 + margin(layout)) <= budget
+
+    found = []
+    for micro in divisors(global_batch):
+        accum = global_batch // micro
+        whole = Layout(micro, accum, checkpointing=False)
+        whole_bytes = process_bytes(whole)
+        if fits(whole, whole_bytes):
+            found.append(Candidate(whole, whole_bytes, margin(whole)))
+            continue
+        fits_any = False
+        for keep_attention in attention_choices:
+            none_kept = Layout(micro, accum, True, 0, keep_attention)
+            low = process_bytes(none_kept)
+            if not fits(none_kept, low):
+                continue
+            usable = budget / (1 + margin(Layout(micro, accum, True, 1, keep_attention)))
+            fits_any = True
+            # the chord between none and all blocks kept lies above the (convex) peak: read k off it
+            keep = min(layers - 1, int((usable - low) / max(1, whole_bytes - low) * layers))
+            best = Candidate(none_kept, low, margin(none_kept))
+            while keep > 0:   # the chord's count fits when the peak is convex in it; check, lower if not
+                layout = Layout(micro, accum, True, keep, keep_attention)
+                peak = process_bytes(layout)
+                if fits(layout, peak):
+                    best = Candidate(layout, peak, margin(layout))
+                    break
+                keep -= 1
+            while best.layout.keep_blocks + 1 < layers:   # the chord is conservative: take what else fits
+                layout = Layout(micro, accum, True, best.layout.keep_blocks + 1, keep_attention)
+                peak = process_bytes(layout)
+                if not fits(layout, peak):
+                    break
+                best = Candidate(layout, peak, margin(layout))
+            found.append(best)
+        if not fits_any:
+            break   # larger micro-batches need more
+    return found
+
+
+def block_modes(candidates: list[Candidate]) -> dict[int, set[str]]:
+    """Which block modes the step-time model must time at which micro-batch for these candidates."""
+    modes: dict[int, set[str]] = {}
+    for c in candidates:
+        layout = c.layout
+        needed = modes.setdefault(layout.micro_batch, set())
+        if not layout.checkpointing or layout.keep_blocks:
+            needed.add(PLAIN)
+        if layout.checkpointing:
+            needed.add(KEEP_ATTENTION if layout.keep_attention else RECOMPUTE)
+    return modes
+
+
+def recompute_order(layout: Layout, layers: int) -> tuple[int, int]:
+    """Without timings: fewer recomputed blocks per step first, then larger micro-batches (fewer dequantizations)."""
+    recomputed = 0 if not layout.checkpointing else (layers - layout.keep_blocks)
+    return recomputed * layout.grad_accum, -layout.micro_batch
+
+
+def choose(candidates: list[Candidate], times: StepTimes | None, budget: int, tokens_per_step: int,
+           layers: int) -> RunPlan:
+    """The fastest candidate by the step-time model (None: by `recompute_order`), and the runner-up.
+
+    Raises:
+        ValueError: no candidate (nothing fits the budget).
+    """
+    if not candidates:
+        raise ValueError(f"nothing fits a {format_bytes(budget)} budget (with the prediction's headroom), not even one "
+                         "sequence per micro-batch with every block checkpointed; lower --seq or raise --max-memory")
+    if times is None:
+        ranked = sorted(candidates, key=lambda c: recompute_order(c.layout, layers))
+    else:
+        ranked = sorted((Candidate(c.layout, c.process_bytes, c.margin,
+                                   times.step_seconds(c.layout.micro_batch, c.layout.grad_accum, c.layout.checkpointing,
+                                                      c.layout.keep_blocks, c.layout.keep_attention))
+                         for c in candidates), key=lambda c: c.step_seconds)
+    return RunPlan(chosen=ranked[0], runner_up=ranked[1] if len(ranked) > 1 else None, candidates=tuple(ranked),
+                   budget=budget, layers=layers, tokens_per_step=tokens_per_step)

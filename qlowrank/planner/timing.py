@@ -1,0 +1,214 @@
+"""Step time from a few timed blocks: one decoder block of the model's own shapes, timed on this machine.
+
+The planner needs to know which of two runs that fit is faster: more sequences per
+micro-batch (each 4-bit weight is dequantized once per micro-batch, whatever its size, and
+larger matmuls run nearer the peak rate) or fewer recomputed blocks (a checkpointed block
+runs its forward twice). FLOP counts alone cannot rank those: on a CPU the dequantization,
+the elementwise ops and the matmul rate at a given token count are what decide, and they
+depend on the machine. So the time model is calibrated: one real decoder block (random
+weights, quantized and adapted exactly as the run will be) runs forward + backward under
+the run's autocast, three ways (not checkpointed, checkpointed with attention recomputed,
+checkpointed with attention kept), at every candidate micro-batch; the output head and the
+chunked loss at the full vocabulary are timed apart, and the optimizer step on a tensor of
+the trainable size. A step is then assembled from those parts:
+
+    step = accum x (kept x plain + (layers - kept) x checkpointed + head) + optimizer
+
+What it leaves out: the embedding lookup, the final norm, and Python overhead between
+blocks (each a few percent at most on the models measured; benchmarks/planner.py reports
+predicted against measured step times).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from torch import nn
+
+from ..config import DEFAULT_CHUNK_TOKENS, LoraConfig, QuantConfig
+from ..model.checkpointing import (
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
+)
+from ..model.surgery import add_lora, quantize_model
+from ..nn.loss import causal_lm_loss, chunked_cross_entropy
+
+# The stand-in model's vocabulary: small enough that its head costs nothing next to a block
+# (the real head is timed apart, at the real vocabulary).
+STAND_IN_VOCAB = 256
+# Block modes, as timed.
+PLAIN, RECOMPUTE, KEEP_ATTENTION = "plain", "recompute", "keep_attention"
+
+
+@dataclass(frozen=True)
+class MicroBatchTimes:
+    """Seconds of one micro-batch's parts: one block per mode, and the head with the loss."""
+
+    block: dict[str, float]   # PLAIN / RECOMPUTE / KEEP_ATTENTION -> forward + backward seconds of one block
+    head: float               # output head + chunked loss, forward + backward, whole micro-batch
+
+
+@dataclass
+class StepTimes:
+    """The calibrated step-time model of one run shape (layers, sequence length)."""
+
+    layers: int
+    seq: int
+    optimizer: float = 0.0
+    micro: dict[int, MicroBatchTimes] = field(default_factory=dict)
+
+    def step_seconds(self, micro_batch: int, grad_accum: int, checkpointing: bool, keep_blocks: int,
+                     keep_attention: bool) -> float:
+        """Predicted seconds of one optimizer step (`micro_batch` must have been timed)."""
+        times = self.micro[micro_batch]
+        kept = self.layers if not checkpointing else keep_blocks
+        mode = KEEP_ATTENTION if keep_attention else RECOMPUTE
+        whole = kept * times.block[PLAIN] if kept else 0.0
+        recomputed = (self.layers - kept) * times.block[mode] if kept < self.layers else 0.0
+        one = whole + recomputed + times.head
+        return grad_accum * one + self.optimizer
+
+
+def stand_in_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
+    """The model's config with one decoder layer and a STAND_IN_VOCAB vocabulary (special token ids dropped)."""
+    small = copy.deepcopy(config)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(small, name):
+            setattr(small, name, 1)
+    if hasattr(small, "layer_types") and small.layer_types:
+        small.layer_types = small.layer_types[:1]
+    small.vocab_size = STAND_IN_VOCAB
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(small, name, None), int) and getattr(small, name) >= STAND_IN_VOCAB:
+            setattr(small, name, None)
+    small.use_cache = False
+    return small
+
+
+def _hidden_size(config: transformers.PretrainedConfig) -> int:
+    return int(getattr(config, "hidden_size", None) or config.n_embd)
+
+
+def layer_count(config: transformers.PretrainedConfig) -> int:
+    """Decoder layers of a transformers config (Llama-style or GPT-2-style names)."""
+    return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+
+
+def _best_of(run, repeats: int) -> float:
+    """The fastest of `repeats` timed runs after one untimed (kernel creation, allocator warm-up)."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def calibrate(
+    config: transformers.PretrainedConfig,
+    quant: QuantConfig,
+    lora: LoraConfig,
+    seq: int,
+    micro_batches: dict[int, set[str]],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    autocast_dtype: torch.dtype | None = torch.bfloat16,
+    trainable_parameters: int = 0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    repeats: int = 2,
+    progress=None,
+) -> StepTimes:
+    """Time one decoder block of `config` (and its head, and the optimizer step) on this machine.
+
+    Args:
+        config: the model's config (its widths; the layer count is read from it).
+        quant, lora: how the run stores the base and which adapters it trains.
+        seq: tokens per sequence.
+        micro_batches: micro-batch -> the block modes to time at it (PLAIN, RECOMPUTE, KEEP_ATTENTION).
+        device, dtype, autocast_dtype: where and how the run computes.
+        trainable_parameters: the run's trainable parameter count (the optimizer step is timed on as many).
+        chunk_tokens: the loss's chunk size.
+        repeats: timed runs per measurement (the fastest counts), after one untimed.
+        progress: called with a short text before each measurement (a progress bar's description).
+
+    Returns:
+        StepTimes for the timed micro-batches.
+    """
+    device = torch.device(device)
+    times = StepTimes(layers=layer_count(config), seq=seq)
+    model = transformers.AutoModelForCausalLM.from_config(stand_in_config(config), dtype=dtype).to(device)
+    if quant.bits is not None:
+        quantize_model(model, quant)
+    # LoftQ / PiSSA change the factors' values, not the step's work: a plain init times the same
+    add_lora(model, dataclasses.replace(lora, init="kaiming", loftq_iters=1), seed=0)
+    # In the real model every block but the first gets an input that requires grad, so its frozen
+    # matmuls compute input gradients in backward; the stand-in's only block must do the same.
+    model.enable_input_require_grads()
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    hidden = _hidden_size(config)
+    head = torch.randn(int(config.vocab_size), hidden, generator=generator).to(device, dtype)
+    for micro_batch, modes in sorted(micro_batches.items()):
+        tokens = torch.randint(0, STAND_IN_VOCAB, (micro_batch, seq), generator=generator).to(device)
+
+        def block_step(tokens=tokens):
+            with _autocast(device, autocast_dtype):
+                loss = causal_lm_loss(model, tokens, tokens, chunk_tokens=chunk_tokens)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            _sync(device)
+
+        block = {}
+        for mode in sorted(modes):
+            if progress:
+                progress(f"timing a block: micro-batch {micro_batch}, {mode.replace('_', ' ')}")
+            disable_gradient_checkpointing(model)
+            if mode != PLAIN:
+                enable_gradient_checkpointing(model, keep_attention=mode == KEEP_ATTENTION)
+            block[mode] = _best_of(block_step, repeats)
+        disable_gradient_checkpointing(model)
+        states = torch.randn(micro_batch, seq, hidden, generator=generator).to(device, dtype).requires_grad_(True)
+        labels = torch.randint(0, int(config.vocab_size), (micro_batch, seq), generator=generator).to(device)
+
+        def head_step(states=states, labels=labels):
+            with _autocast(device, autocast_dtype):
+                loss = chunked_cross_entropy(states, head, labels, chunk_tokens=chunk_tokens or DEFAULT_CHUNK_TOKENS)
+            loss.backward()
+            states.grad = None
+            _sync(device)
+
+        if progress:
+            progress(f"timing the head and loss: micro-batch {micro_batch}")
+        times.micro[micro_batch] = MicroBatchTimes(block=block, head=_best_of(head_step, repeats))
+    times.optimizer = _optimizer_seconds(max(1, trainable_parameters), device, repeats)
+    return times
+
+
+def _optimizer_seconds(parameters: int, device: torch.device, repeats: int) -> float:
+    weight = nn.Parameter(torch.zeros(parameters, device=device))
+    weight.grad = torch.full_like(weight, 1e-3)
+    optimizer = torch.optim.AdamW([weight], lr=1e-4)
+
+    def step():
+        optimizer.step()
+        _sync(device)
+
+    return _best_of(step, repeats)

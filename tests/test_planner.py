@@ -1,0 +1,87 @@
+"""The memory-budget planner: layouts that fit, keep the most they can, and the fastest of them by timed blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+import qlowrank as ql
+from qlowrank.cli.main import main
+from qlowrank.memory.process import prediction_margin
+from qlowrank.planner import Layout, plan_run
+from qlowrank.planner.search import fitting_layouts
+
+QUANT = ql.QuantConfig(bits=4, compute_dtype=torch.bfloat16)
+LORA = ql.LoraConfig(r=8, alpha=16)
+SEQ = 256
+GLOBAL_BATCH = 8
+
+
+def config():
+    """A 4-layer tiny Llama: 4 blocks to keep or recompute."""
+    c = tiny_config("llama")
+    c.num_hidden_layers, c.max_position_embeddings = 4, SEQ
+    return c
+
+
+def process_bytes(layout: Layout) -> int:
+    return ql.estimate_memory(config(), quant=QUANT, lora=LORA, seq_len=SEQ, device="cpu", batch_size=layout.micro_batch,
+                              grad_accum=layout.grad_accum, gradient_checkpointing=layout.checkpointing,
+                              keep_blocks=layout.keep_blocks, keep_attention=layout.keep_attention).process_bytes
+
+
+def margin(layout: Layout) -> float:
+    return prediction_margin("cpu", layout.blocks_kept)
+
+
+def budget_between() -> int:
+    """Halfway between every block checkpointed and none, at micro-batch 4 (with the headroom)."""
+    low = process_bytes(Layout(4, 2, True, 0, False)) * (1 + margin(Layout(4, 2, True, 0, False)))
+    high = process_bytes(Layout(4, 2, False)) * (1 + margin(Layout(4, 2, False)))
+    return int((low + high) / 2)
+
+
+def test_every_layout_found_fits_and_keeps_as_many_blocks_as_fit():
+    budget = budget_between()
+    found = fitting_layouts(GLOBAL_BATCH, 4, process_bytes, budget, margin)
+    for candidate in found:
+        layout = candidate.layout
+        assert candidate.process_bytes == process_bytes(layout)
+        assert candidate.process_bytes * (1 + candidate.margin) <= budget
+        assert layout.micro_batch * layout.grad_accum == GLOBAL_BATCH
+        if layout.checkpointing:   # no checkpointing would not fit, and neither would one more kept block
+            whole = Layout(layout.micro_batch, layout.grad_accum, False)
+            assert process_bytes(whole) * (1 + margin(whole)) > budget
+            if layout.keep_blocks + 1 < 4:
+                more = Layout(layout.micro_batch, layout.grad_accum, True, layout.keep_blocks + 1, layout.keep_attention)
+                assert process_bytes(more) * (1 + margin(more)) > budget
+    # at micro-batch 4 the budget lies between none kept and all kept: a partial layout
+    at_four = [c.layout for c in found if c.layout.micro_batch == 4]
+    assert at_four and all(layout.checkpointing for layout in at_four)
+
+
+def test_the_plan_is_the_fastest_candidate_by_its_timed_blocks():
+    budget = budget_between()
+    plan = plan_run(config(), budget, GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False)
+    assert len(plan.candidates) >= 2
+    assert all(c.step_seconds and c.step_seconds > 0 for c in plan.candidates)
+    assert plan.chosen.step_seconds == min(c.step_seconds for c in plan.candidates)
+    assert plan.runner_up is not None and plan.runner_up.step_seconds >= plan.chosen.step_seconds
+    table = plan.table()
+    assert "->" in table and "2>" in table and "tokens/s" in table
+
+
+def test_nothing_fits_names_the_budget_and_what_to_do():
+    with pytest.raises(ValueError, match="nothing fits .* lower --seq or raise --max-memory"):
+        plan_run(config(), 2**20, GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False)
+
+
+def test_estimate_plan_prints_the_flags_of_the_chosen_layout(tmp_path, capsys):
+    config().save_pretrained(tmp_path)
+    budget = budget_between()
+    code = main(["estimate", "--plan", "--model", str(tmp_path), "--bits", "4", "--r", "8", "--seq", str(SEQ),
+                 "--global-batch", str(GLOBAL_BATCH), "--max-memory", str(budget), "--device", "cpu", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "chosen: --batch" in out and "plan for a" in out
