@@ -78,12 +78,7 @@ def test_the_estimate_counts_the_kept_attention_outputs():
     batch, seq = 2, KEEP_ATTENTION_MIN_SEQ
     estimates = {}
     for keep in (True, False):
-        original = ql.memory.estimate.enable_gradient_checkpointing
-        ql.memory.estimate.enable_gradient_checkpointing = lambda model, keep=keep: original(model, keep_attention=keep)
-        try:
-            estimates[keep] = estimate_memory(config, quant, lora, batch_size=batch, seq_len=seq).total_bytes
-        finally:
-            ql.memory.estimate.enable_gradient_checkpointing = original
+        estimates[keep] = estimate_memory(config, quant, lora, batch_size=batch, seq_len=seq, keep_attention=keep).total_bytes
     heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     per_block = batch * heads * seq * head_dim * 2 + batch * heads * seq * 4   # bf16 output + fp32 log-sum-exp
     extra = estimates[True] - estimates[False]
