@@ -16,6 +16,7 @@ QUANT = ql.QuantConfig(bits=4, compute_dtype=torch.bfloat16)
 LORA = ql.LoraConfig(r=8, alpha=16)
 SEQ = 256
 GLOBAL_BATCH = 8
+MARGIN = prediction_margin("cpu")
 
 
 def config():
@@ -31,20 +32,16 @@ def process_bytes(layout: Layout) -> int:
                               keep_blocks=layout.keep_blocks, keep_attention=layout.keep_attention).process_bytes
 
 
-def margin(layout: Layout) -> float:
-    return prediction_margin("cpu", layout.blocks_kept)
-
-
 def budget_between() -> int:
     """Halfway between every block checkpointed and none, at micro-batch 4 (with the headroom)."""
-    low = process_bytes(Layout(4, 2, True, 0, False)) * (1 + margin(Layout(4, 2, True, 0, False)))
-    high = process_bytes(Layout(4, 2, False)) * (1 + margin(Layout(4, 2, False)))
+    low = process_bytes(Layout(4, 2, True, 0, False)) * (1 + MARGIN)
+    high = process_bytes(Layout(4, 2, False)) * (1 + MARGIN)
     return int((low + high) / 2)
 
 
 def test_every_layout_found_fits_and_keeps_as_many_blocks_as_fit():
     budget = budget_between()
-    found = fitting_layouts(GLOBAL_BATCH, 4, process_bytes, budget, margin)
+    found = fitting_layouts(GLOBAL_BATCH, 4, process_bytes, budget, MARGIN)
     for candidate in found:
         layout = candidate.layout
         assert candidate.process_bytes == process_bytes(layout)
@@ -52,10 +49,10 @@ def test_every_layout_found_fits_and_keeps_as_many_blocks_as_fit():
         assert layout.micro_batch * layout.grad_accum == GLOBAL_BATCH
         if layout.checkpointing:   # no checkpointing would not fit, and neither would one more kept block
             whole = Layout(layout.micro_batch, layout.grad_accum, False)
-            assert process_bytes(whole) * (1 + margin(whole)) > budget
+            assert process_bytes(whole) * (1 + MARGIN) > budget
             if layout.keep_blocks + 1 < 4:
                 more = Layout(layout.micro_batch, layout.grad_accum, True, layout.keep_blocks + 1, layout.keep_attention)
-                assert process_bytes(more) * (1 + margin(more)) > budget
+                assert process_bytes(more) * (1 + MARGIN) > budget
     # at micro-batch 4 the budget lies between none kept and all kept: a partial layout
     at_four = [c.layout for c in found if c.layout.micro_batch == 4]
     assert at_four and all(layout.checkpointing for layout in at_four)

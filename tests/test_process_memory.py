@@ -15,7 +15,10 @@ from conftest import tiny_config
 import qlowrank as ql
 from qlowrank.cli.main import main
 from qlowrank.memory.estimate import chunked_loss_fn
-from qlowrank.memory.process import CPU_PREDICTION_MARGIN
+
+# The load phase's error: held-out median 2.4% (benchmarks/RESULTS.md, "Process memory, anonymous");
+# 15%, what this test held before the training-phase headroom grew, leaves room for the spread.
+LOAD_PEAK_TOLERANCE = 0.15
 
 
 def test_gguf_config_comes_from_the_header_in_under_two_seconds():
@@ -159,7 +162,7 @@ def test_mapping_a_checkpoint_raises_file_backed_pages_not_the_anonymous_figure(
     e = est[torch.float32]
     assert e.process_bytes == max(loads[torch.float32], e.process_breakdown["training_peak"])
     for d in sizes:   # and the anonymous load peak is predicted
-        assert abs(loads[d] / peaks[d]["RssAnon"] - 1) <= CPU_PREDICTION_MARGIN, (loads[d], peaks[d])
+        assert abs(loads[d] / peaks[d]["RssAnon"] - 1) <= LOAD_PEAK_TOLERANCE, (loads[d], peaks[d])
 
 
 def overhead_terms(estimate) -> dict[str, int]:

@@ -75,8 +75,7 @@ def plan_run(
         return estimate.process_bytes
 
     try:
-        candidates = fitting_layouts(global_batch, layers, process_bytes, budget,
-                                     lambda layout: prediction_margin(device, layout.blocks_kept))
+        candidates = fitting_layouts(global_batch, layers, process_bytes, budget, prediction_margin(device))
         times = None
         if timed and candidates:
             dtype = parse_dtype(estimate_arguments.get("dtype", torch.bfloat16), "dtype")

@@ -12,8 +12,7 @@ model can keep its activations:
   read off the chord fits; it is then checked by an exact estimate (and lowered while not).
 
 Every candidate's memory is the process model's prediction (`process_bytes`), required to fit
-within the budget less the model's measured error (`prediction_margin`: larger where blocks
-keep their activations, where the model runs lowest). Its time is the
+within the budget less the model's measured error (`prediction_margin`). Its time is the
 calibrated step-time model (`timing.py`). The fastest candidate is chosen; the runner-up is
 reported beside it.
 """
@@ -36,11 +35,6 @@ class Layout:
     checkpointing: bool
     keep_blocks: int = 0          # under checkpointing: trailing blocks not checkpointed
     keep_attention: bool = False  # under checkpointing: attention outputs kept, not recomputed
-
-    @property
-    def blocks_kept(self) -> bool:
-        """Some blocks keep their activations (no checkpointing, or trailing blocks kept whole)."""
-        return not self.checkpointing or self.keep_blocks > 0
 
     def describe(self, layers: int) -> str:
         if not self.checkpointing:
@@ -95,7 +89,7 @@ def fitting_layouts(
     layers: int,
     process_bytes: Callable[[Layout], int],
     budget: int,
-    margin: Callable[[Layout], float],
+    margin: float,
     attention_choices: tuple[bool, ...] = (False, True),
 ) -> list[Candidate]:
     """For every micro-batch dividing `global_batch`: the layouts that keep the most activations
@@ -106,44 +100,42 @@ def fitting_layouts(
         layers: decoder blocks of the model.
         process_bytes: a layout's predicted process peak (the estimator's `process_bytes`).
         budget: bytes the process may use.
-        margin: a layout's relative prediction error to keep free.
+        margin: the prediction's relative error to keep free.
         attention_choices: keep_attention values to consider under checkpointing.
     """
-    def fits(layout: Layout, peak: int) -> bool:
-        return peak * (1 + margin(layout)) <= budget
+    usable = budget / (1 + margin)
 
     found = []
     for micro in divisors(global_batch):
         accum = global_batch // micro
         whole = Layout(micro, accum, checkpointing=False)
         whole_bytes = process_bytes(whole)
-        if fits(whole, whole_bytes):
-            found.append(Candidate(whole, whole_bytes, margin(whole)))
+        if whole_bytes <= usable:
+            found.append(Candidate(whole, whole_bytes, margin))
             continue
         fits_any = False
         for keep_attention in attention_choices:
             none_kept = Layout(micro, accum, True, 0, keep_attention)
             low = process_bytes(none_kept)
-            if not fits(none_kept, low):
+            if low > usable:
                 continue
-            usable = budget / (1 + margin(Layout(micro, accum, True, 1, keep_attention)))
             fits_any = True
             # the chord between none and all blocks kept lies above the (convex) peak: read k off it
             keep = min(layers - 1, int((usable - low) / max(1, whole_bytes - low) * layers))
-            best = Candidate(none_kept, low, margin(none_kept))
+            best = Candidate(none_kept, low, margin)
             while keep > 0:   # the chord's count fits when the peak is convex in it; check, lower if not
                 layout = Layout(micro, accum, True, keep, keep_attention)
                 peak = process_bytes(layout)
-                if fits(layout, peak):
-                    best = Candidate(layout, peak, margin(layout))
+                if peak <= usable:
+                    best = Candidate(layout, peak, margin)
                     break
                 keep -= 1
             while best.layout.keep_blocks + 1 < layers:   # the chord is conservative: take what else fits
                 layout = Layout(micro, accum, True, best.layout.keep_blocks + 1, keep_attention)
                 peak = process_bytes(layout)
-                if not fits(layout, peak):
+                if peak > usable:
                     break
-                best = Candidate(layout, peak, margin(layout))
+                best = Candidate(layout, peak, margin)
             found.append(best)
         if not fits_any:
             break   # larger micro-batches need more
