@@ -10,7 +10,7 @@ import qlowrank as ql
 from qlowrank.cli.main import main
 from qlowrank.memory.process import prediction_margin
 from qlowrank.planner import Layout, plan_run
-from qlowrank.planner.search import fitting_layouts
+from qlowrank.planner.search import fitting_layouts, recompute_order
 
 QUANT = ql.QuantConfig(bits=4, compute_dtype=torch.bfloat16)
 LORA = ql.LoraConfig(r=8, alpha=16)
@@ -82,3 +82,12 @@ def test_estimate_plan_prints_the_flags_of_the_chosen_layout(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "chosen: --batch" in out and "plan for a" in out
+
+
+def test_without_timings_every_process_ranks_alike_by_recompute_then_micro_batch():
+    """What ranks use under torchrun: no timed blocks, so the order cannot differ between processes."""
+    plan = plan_run(config(), budget_between(), GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", timed=False, progress=False)
+    assert all(c.step_seconds is None for c in plan.candidates)
+    order = [recompute_order(c.layout, 4) for c in plan.candidates]
+    assert order == sorted(order) and plan.chosen is plan.candidates[0]
+    assert "?" in plan.table()
