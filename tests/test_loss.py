@@ -108,3 +108,17 @@ def test_causal_lm_loss_matches_transformers_loss_on_4bit_lora_model(head_has_lo
     torch.testing.assert_close(got, want, atol=FP32_LOSS_ATOL, rtol=0)
     for g, r in zip(got_grads, want_grads):
         torch.testing.assert_close(g, r, atol=FP32_GRAD_ATOL, rtol=1e-4)
+
+
+def test_a_target_far_below_the_best_logit_keeps_its_exact_loss():
+    """A logit gap past float32's smallest softmax entry (~87 nats): -log(softmax) would read
+    inf or a clamp; the exact logsumexp form is used for that row."""
+    hidden = torch.zeros(1, 3, 4)
+    hidden[0, :, 0] = 1.0
+    head = torch.zeros(5, 4)
+    head[1, 0] = 200.0                       # token 1 wins every row by 200 nats
+    labels = torch.tensor([[0, 2, 1]])       # predicted: 2 (gap 200), then 1 (gap 0)
+    got = chunked_cross_entropy(hidden, head, labels, reduction="sum")
+    want = F.cross_entropy((hidden[0, :-1] @ head.T), labels[0, 1:], reduction="sum")
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want, atol=FP32_LOSS_ATOL, rtol=FP32_SUM_RTOL)

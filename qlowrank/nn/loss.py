@@ -18,6 +18,9 @@ from torch import nn
 from ..config import DEFAULT_CHUNK_TOKENS  # rows of logits alive at once (one definition, with the options)
 
 IGNORE_INDEX = -100          # label value that contributes no loss (transformers' convention)
+# Below this a float32 softmax entry has lost its relative precision (subnormal), so -log of it
+# is not the loss: those rows take logsumexp - logit instead (a logit gap of ~87 nats or more).
+SMALLEST_PROBABILITY = torch.finfo(torch.float32).tiny
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -41,14 +44,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 y = labels[start:start + chunk_tokens]                     # (c,)
                 valid = y != IGNORE_INDEX
                 target = torch.where(valid, y, torch.zeros_like(y))
-                logits = F.linear(h, w, b).float()                         # (c, V)
-                lse = torch.logsumexp(logits, dim=-1)                      # (c,)
-                picked = logits.gather(1, target[:, None]).squeeze(1)      # (c,)
-                total += ((lse - picked) * valid).sum()
+                # One fused softmax in float32 is the gradient's start and gives the loss too:
+                # CE = -log softmax[target] (fewer passes over the (c, V) block than logsumexp,
+                # subtract and exp; benchmarks/loss_speed.py).
+                grad = torch.softmax(F.linear(h, w, b), dim=-1, dtype=torch.float32)   # (c, V)
+                rows = torch.arange(len(y), device=y.device)
+                picked = grad[rows, target]                                # (c,)
+                loss = -torch.log(picked)
+                lost = picked < SMALLEST_PROBABILITY                       # underflowed: the exact form
+                if not hidden.is_meta and bool(lost.any()):   # (meta tensors hold no values to test)
+                    exact = F.linear(h[lost], w, b).float()
+                    loss[lost] = torch.logsumexp(exact, dim=-1) - exact.gather(1, target[lost, None]).squeeze(1)
+                total += (loss * valid).sum()
                 if need_h or need_w or need_b:
-                    grad = logits.sub_(lse[:, None]).exp_()                # softmax, in place: (c, V)
-                    grad[torch.arange(len(y), device=y.device), target] -= 1.0
-                    grad *= valid[:, None]
+                    grad[rows, target] -= 1.0
+                    if not hidden.is_meta and not bool(valid.all()):
+                        grad[~valid] = 0.0
                     grad = grad.to(compute_dtype)
                     if need_h:
                         grad_h[start:start + chunk_tokens] = (grad @ w).to(hidden.dtype)
@@ -56,7 +67,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_w += (grad.t() @ h).float()
                     if need_b:
                         grad_b += grad.float().sum(0)
-                del logits
+                del grad
                 if hidden.is_meta and start > 0:
                     # Meta tensors (estimate_memory's simulation) carry no data. Chunk 2 allocates
                     # what chunk 1 did while chunk 1's last buffers are still bound, and every later
