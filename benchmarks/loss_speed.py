@@ -1,4 +1,4 @@
-"""Speed of the chunked loss: qlowrank's (one fused float32 softmax) against the earlier formulation.
+"""Speed of the chunked loss: qlowrank's (one in-place float32 softmax) against the earlier formulation.
 
     .venv/bin/python benchmarks/loss_speed.py                      # SmolLM2's head: vocab 49152, hidden 576
     .venv/bin/python benchmarks/loss_speed.py --vocab 128256 --hidden 4096 --tokens 2048

@@ -44,10 +44,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 y = labels[start:start + chunk_tokens]                     # (c,)
                 valid = y != IGNORE_INDEX
                 target = torch.where(valid, y, torch.zeros_like(y))
-                # One fused softmax in float32 is the gradient's start and gives the loss too:
-                # CE = -log softmax[target] (fewer passes over the (c, V) block than logsumexp,
-                # subtract and exp; benchmarks/loss_speed.py).
-                grad = torch.softmax(F.linear(h, w, b), dim=-1, dtype=torch.float32)   # (c, V)
+                # One softmax, in place on the float32 logits, is the gradient's start and gives the
+                # loss too: CE = -log softmax[target]. Fewer passes over the (c, V) block than
+                # logsumexp + subtract + exp, and no second block (`torch.softmax(dtype=float32)`
+                # would hold one more): benchmarks/loss_speed.py. The last-dim kernel reads each
+                # row before it writes it, so output may alias input (checked against the naive loss
+                # in tests/test_loss.py).
+                grad = F.linear(h, w, b).float()                          # (c, V)
+                torch.ops.aten._softmax.out(grad, -1, False, out=grad)
                 rows = torch.arange(len(y), device=y.device)
                 picked = grad[rows, target]                                # (c,)
                 loss = -torch.log(picked)
