@@ -9,7 +9,8 @@ model can keep its activations:
   most trailing blocks kept whole (partial checkpointing). Memory grows with each kept block;
   the peak is the larger of a forward-end and a recompute peak, both linear in the kept
   count, so the chord between "none kept" and "all kept" lies above it and the block count
-  read off the chord fits; it is then checked by an exact estimate (and lowered while not).
+  read off the chord fits. Exact estimates then check it (lowering it while it does not fit)
+  and raise it while one more kept block still fits, since the chord is conservative.
 
 Every candidate's memory is the process model's prediction (`process_bytes`), required to fit
 within the budget less the model's measured error (`prediction_margin`). Its time is the
