@@ -12,13 +12,13 @@ with a subtract and an exp, then a mask multiply) is kept here as the reference.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 from qlowrank.config import DEFAULT_CHUNK_TOKENS
 from qlowrank.nn.loss import chunked_cross_entropy
+from qlowrank.planner.timing import best_of
 
 
 def earlier(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -38,16 +38,6 @@ def earlier(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ch
         grad *= valid[:, None]
         grad_h[start:start + chunk] = grad.to(weight.dtype) @ weight
     return total
-
-
-def best(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main() -> None:
@@ -73,7 +63,7 @@ def main() -> None:
         with torch.no_grad():
             return earlier(hidden.detach(), weight, labels, DEFAULT_CHUNK_TOKENS)
 
-    rounds = [(best(before, args.repeats), best(now, args.repeats)) for _ in range(2)]   # alternating
+    rounds = [(best_of(before, args.repeats), best_of(now, args.repeats)) for _ in range(2)]   # alternating
     old, new = min(r[0] for r in rounds), min(r[1] for r in rounds)
     print(f"| head (vocab x hidden) | tokens | earlier formulation | qlowrank now | ratio |\n|---|---|---|---|---|\n"
           f"| {args.vocab} x {args.hidden} | {args.tokens} | {old:.3f} s | {new:.3f} s | {new / old:.2f}x |")

@@ -132,9 +132,8 @@ def main() -> None:
         return
 
     import qlowrank as ql
-    from qlowrank.memory.meta_model import load_config
+    from qlowrank.memory.meta_model import layer_count, load_config
     from qlowrank.planner import plan_run
-    from qlowrank.planner.timing import layer_count
 
     with tempfile.TemporaryDirectory(prefix="qlowrank-planner-") as folder:
         path = model_path(args.model, Path(folder))

@@ -57,13 +57,12 @@ def plan_layout(args: argparse.Namespace, distributed: bool = False):
     if global_batch < 1:
         raise ValueError(f"--global-batch {global_batch} must be >= 1")
     arguments = options.estimate_arguments(args, 1, options.device(args).type)
-    for name in ("batch_size", "grad_accum", "gradient_checkpointing", "keep_blocks", "keep_attention", "seq_len",
-                 "quant", "lora", "device"):
-        arguments.pop(name)
-    return plan_run(args.model, memory_budget(args), global_batch, quant=options.quant_config(args),
-                    lora=options.lora_config(args), seq_len=args.seq, device=options.device(args).type,
-                    timed=not distributed, checkpointing=not args.no_checkpointing,
-                    progress=not getattr(args, "no_progress", False), **arguments)
+    for name in ("batch_size", "grad_accum", "gradient_checkpointing", "keep_blocks", "keep_attention"):
+        arguments.pop(name)   # the planner chooses these
+    arguments["lora"] = options.lora_config(args)   # an adapter, always: --r 0 is refused here as in train
+    return plan_run(args.model, memory_budget(args), global_batch, timed=not distributed,
+                    checkpointing=not args.no_checkpointing, progress=not getattr(args, "no_progress", False),
+                    chunk_tokens=args.chunk_tokens, **arguments)
 
 
 def apply_plan(args: argparse.Namespace, distributed: bool = False) -> None:

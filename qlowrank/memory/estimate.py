@@ -28,7 +28,14 @@ from ..model.checkpointing import enable_gradient_checkpointing
 from ..model.surgery import add_lora
 from ..nn.layers import is_linear_like, linear_shape
 from . import process as process_model
-from .meta_model import build_meta_model, fused_attention, load_config, replace_quantized_layers
+from .meta_model import (
+    build_meta_model,
+    fused_attention,
+    hidden_size_of,
+    layer_count,
+    load_config,
+    replace_quantized_layers,
+)
 from .report import breakdown_table, format_bytes
 from .sharding import per_rank_breakdown
 from .tracker import CATEGORIES, TensorTracker
@@ -279,13 +286,11 @@ def _model_facts(model: nn.Module, config, spec: StepSpec, batch: int) -> dict:
     shapes = [linear_shape(m) for m in model.modules() if is_linear_like(m) and m is not head]
     base_params = sum(p.numel() for p in model.parameters())
     kind, size = spec.source
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
     return dict(linear_params=sum(o * i for o, i in shapes), base_params=base_params, bits=spec.quant.bits,
                 source=kind, source_bytes=size if size is not None else base_params * spec.dtype.itemsize,
                 largest_linear=max((o * i for o, i in shapes), default=0),
-                heap_dequant_params=process_model.heap_dequantized(shapes), layers=int(layers or 0),
-                hidden_tokens=batch * spec.seq_len * int(hidden or 0))
+                heap_dequant_params=process_model.heap_dequantized(shapes), layers=layer_count(config),
+                hidden_tokens=batch * spec.seq_len * hidden_size_of(config))
 
 
 def _prepare(config, spec: StepSpec, batch: int) -> tuple[nn.Module, dict, list[torch.Tensor]]:

@@ -65,6 +65,16 @@ def load_config(source: str | Path | transformers.PretrainedConfig) -> transform
         raise ValueError(f"{path}: transformers does not know model_type={model_type!r} ({err})") from None
 
 
+def hidden_size_of(config: transformers.PretrainedConfig) -> int:
+    """The model width (Llama-style `hidden_size` or GPT-2-style `n_embd`); 0 when the config names neither."""
+    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0) or 0)
+
+
+def layer_count(config: transformers.PretrainedConfig) -> int:
+    """Decoder layers (`num_hidden_layers` or GPT-2-style `n_layer`); 0 when the config names neither."""
+    return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0) or 0)
+
+
 def build_meta_model(config: transformers.PretrainedConfig, dtype: torch.dtype) -> nn.Module:
     """The model the config describes, on the meta device, in `dtype`, in training mode."""
     auto = transformers.AutoModelForMaskedLM if config.model_type in _ENCODER_TYPES else transformers.AutoModelForCausalLM

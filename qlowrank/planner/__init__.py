@@ -16,10 +16,10 @@ import transformers
 
 from ..config import DEFAULT_CHUNK_TOKENS, LoraConfig, QuantConfig, parse_dtype
 from ..memory.estimate import estimate_memory
-from ..memory.meta_model import load_config
+from ..memory.meta_model import layer_count, load_config
 from ..memory.process import prediction_margin
 from .search import Candidate, Layout, RunPlan, block_modes, choose, fitting_layouts
-from .timing import StepTimes, calibrate, layer_count
+from .timing import StepTimes, calibrate
 
 __all__ = ["Candidate", "Layout", "RunPlan", "StepTimes", "calibrate", "plan_run"]
 
@@ -35,6 +35,7 @@ def plan_run(
     timed: bool = True,
     checkpointing: bool = True,
     progress: bool = True,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     **estimate_arguments,
 ) -> RunPlan:
     """The fastest layout of a run that fits `budget`, with the runner-up and every fitting candidate.
@@ -48,6 +49,8 @@ def plan_run(
             blocks, then the largest micro-batch, the same on every process of a distributed run).
         checkpointing: False keeps every activation (only layouts without checkpointing are tried).
         progress: show a progress bar.
+        chunk_tokens: the run's loss chunk (0: the model's own loss), for the timed blocks; pass the
+            matching `loss_fn` among `estimate_arguments` for the memory side.
         **estimate_arguments: the rest of `estimate_memory`'s arguments for the run (optimizer,
             dtype, loss_fn, packing, ...; not batch_size, grad_accum or the checkpointing ones).
 
@@ -60,6 +63,8 @@ def plan_run(
         raise ValueError(f"global_batch={global_batch} must be >= 1")
     config = load_config(path_or_config)
     layers = layer_count(config)
+    if not layers:
+        raise ValueError(f"{path_or_config}: its config names no decoder layer count (num_hidden_layers / n_layer)")
     bar = tqdm(desc="planning: estimating layouts", unit=" estimates", disable=not progress, leave=False)
     trainable = {}
 
@@ -82,13 +87,7 @@ def plan_run(
             times = calibrate(config, quant, lora, seq_len, block_modes(candidates), device=device, dtype=dtype,
                               autocast_dtype=None if dtype == torch.float32 else dtype,
                               trainable_parameters=trainable.get("count", 0),
-                              chunk_tokens=_chunk_tokens(estimate_arguments), progress=bar.set_description)
+                              chunk_tokens=chunk_tokens, progress=bar.set_description)
     finally:
         bar.close()
     return choose(candidates, times, budget, global_batch * seq_len, layers)
-
-
-def _chunk_tokens(estimate_arguments: dict) -> int:
-    loss_fn = estimate_arguments.get("loss_fn")
-    keywords = getattr(loss_fn, "keywords", None) or {}
-    return int(keywords.get("chunk_tokens", DEFAULT_CHUNK_TOKENS))

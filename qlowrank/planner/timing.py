@@ -32,6 +32,7 @@ import transformers
 from torch import nn
 
 from ..config import DEFAULT_CHUNK_TOKENS, LoraConfig, QuantConfig
+from ..memory.meta_model import hidden_size_of, layer_count
 from ..model.checkpointing import (
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
@@ -91,16 +92,7 @@ def stand_in_config(config: transformers.PretrainedConfig) -> transformers.Pretr
     return small
 
 
-def _hidden_size(config: transformers.PretrainedConfig) -> int:
-    return int(getattr(config, "hidden_size", None) or config.n_embd)
-
-
-def layer_count(config: transformers.PretrainedConfig) -> int:
-    """Decoder layers of a transformers config (Llama-style or GPT-2-style names)."""
-    return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
-
-
-def _best_of(run, repeats: int) -> float:
+def best_of(run, repeats: int) -> float:
     """The fastest of `repeats` timed runs after one untimed (kernel creation, allocator warm-up)."""
     run()
     best = float("inf")
@@ -164,7 +156,7 @@ def calibrate(
     model.enable_input_require_grads()
     model.train()
     generator = torch.Generator().manual_seed(0)
-    hidden = _hidden_size(config)
+    hidden = hidden_size_of(config)
     head = torch.randn(int(config.vocab_size), hidden, generator=generator).to(device, dtype)
     for micro_batch, modes in sorted(micro_batches.items()):
         tokens = torch.randint(0, STAND_IN_VOCAB, (micro_batch, seq), generator=generator).to(device)
@@ -183,7 +175,7 @@ def calibrate(
             disable_gradient_checkpointing(model)
             if mode != PLAIN:
                 enable_gradient_checkpointing(model, keep_attention=mode == KEEP_ATTENTION)
-            block[mode] = _best_of(block_step, repeats)
+            block[mode] = best_of(block_step, repeats)
         disable_gradient_checkpointing(model)
         states = torch.randn(micro_batch, seq, hidden, generator=generator).to(device, dtype).requires_grad_(True)
         labels = torch.randint(0, int(config.vocab_size), (micro_batch, seq), generator=generator).to(device)
@@ -197,7 +189,7 @@ def calibrate(
 
         if progress:
             progress(f"timing the head and loss: micro-batch {micro_batch}")
-        times.micro[micro_batch] = MicroBatchTimes(block=block, head=_best_of(head_step, repeats))
+        times.micro[micro_batch] = MicroBatchTimes(block=block, head=best_of(head_step, repeats))
     times.optimizer = _optimizer_seconds(max(1, trainable_parameters), device, repeats)
     return times
 
@@ -211,4 +203,4 @@ def _optimizer_seconds(parameters: int, device: torch.device, repeats: int) -> f
         optimizer.step()
         _sync(device)
 
-    return _best_of(step, repeats)
+    return best_of(step, repeats)
