@@ -76,7 +76,13 @@ CONFIGS: dict[str, dict] = {
     "8B-width 4L 4-bit b1 s1024": dict(model=L8B_4L, bits=4, batch=1, seq=1024),
     "8B-width 4L 8-bit b1 s512": dict(model=L8B_4L, bits=8, batch=1, seq=512),
     "8B-width 4L 4-bit b8 s128": dict(model=L8B_4L, bits=4, batch=8, seq=128),
+    "8B-width 4L 4-bit b1 s2048": dict(model=L8B_4L, bits=4, batch=1, seq=2048),
 }
+# At Llama-3-8B's widths checkpointed blocks trim glibc's heaps before their backward
+# (qlowrank/heap.py); the same configurations measured before that (QLOWRANK_HEAP_TRIM=0, the
+# behaviour of narrower models) are kept as "... untrimmed": the untrimmed constants are fitted on them.
+CONFIGS.update({f"{name} untrimmed": dict(spec, heap_trim=False) for name, spec in list(CONFIGS.items())
+                if name.startswith("8B-width")})
 
 
 def _vm(key: str) -> int:
@@ -107,7 +113,7 @@ def _status() -> dict:
 def settings_of(spec: dict) -> dict:
     """The spec with defaults filled in: r 16, checkpointing on, 3 steps."""
     return {"r": 16, "checkpointing": True, "steps": 3, "accum": 1, "packing": False, "dora": False,
-            "init": "kaiming", **spec}
+            "init": "kaiming", "heap_trim": True, **spec}
 
 
 def quant_lora(spec: dict):
@@ -194,6 +200,8 @@ def predict(spec: dict, path: str):
 def prediction(spec: dict, path: str) -> dict:
     """The estimate's figures and the sizes the process model read (kept, so --fit needs no model files)."""
     estimate = predict(spec, path)
+    if not spec.get("heap_trim", True):   # measured with QLOWRANK_HEAP_TRIM=0
+        estimate.facts = dataclasses.replace(estimate.facts, heap_trimmed=False)
     parts = estimate.process_breakdown
     return {"predicted_process": estimate.process_bytes, "predicted_tensor": estimate.total_bytes,
             "predicted_training_peak": parts["training_peak"], "predicted_load_peak": parts["load_peak"],
@@ -218,7 +226,8 @@ def run_config(name: str, cache: Path) -> dict:
         # inherits this process's high-water mark in ru_maxrss (Linux keeps the larger of the pre-exec
         # mm's peak and its own), so ru_maxrss would report this driver's RSS, not the worker's.
         subprocess.run(["/bin/sh", "-c", '"$@"; exit $?', "sh", sys.executable, str(HERE), "--worker",
-                        json.dumps(spec), path, handle.name], check=True)
+                        json.dumps(spec), path, handle.name], check=True,
+                       env={**os.environ, "QLOWRANK_HEAP_TRIM": "1" if spec["heap_trim"] else "0"})
         measured = json.loads(Path(handle.name).read_text())
     return with_errors({"name": name, "spec": spec, **measured, **prediction(spec, path)})
 
@@ -226,19 +235,29 @@ def run_config(name: str, cache: Path) -> dict:
 # The configurations each CPU constant of qlowrank/memory/process.py is fitted on (the rest are held out).
 FIT = {"runtime": ("tiny-4bit",),
        "heap": ("smollm2 float b4 s160", "demo (smollm2 4-bit b4 s160)", "smollm2 8-bit b4 s160",
-                "8B-width 2L 4-bit b1 s2048", "8B-width 2L 8-bit b1 s512", "full 8B s2048 (qlowrank profile, issue 20)"),
-       "load": ("8B-width 2L 4-bit b1 s2048", "8B-width 2L 8-bit b1 s512")}
-HEAP_TERMS = ("CPU_TEMPORARIES_KEPT", "CPU_LAYER_RESIDUE", "CPU_DEQUANT_KEPT", "CPU_INT8_KEPT")
-# Measured outside this driver and used in the fit: `qlowrank profile` on the full Llama-3-8B
-# shape (4-bit, r=16, batch 1, seq 2048, 2 steps; issue 20, 2026-12-03): anonymous peak 10.27 GiB.
-EXTERNAL = {"full 8B s2048 (qlowrank profile, issue 20)": dict(train_anon_peak=int(10.27 * 2**30), seq=2048)}
+                "8B-width 2L 4-bit b1 s2048 untrimmed", "8B-width 2L 8-bit b1 s512 untrimmed",
+                "full 8B s2048 (qlowrank profile, issue 20)"),
+       "trimmed_heap": ("8B-width 2L 4-bit b1 s2048", "8B-width 2L 8-bit b1 s512", "full 8B s2048 trimmed"),
+       "load": ("8B-width 2L 4-bit b1 s2048 untrimmed", "8B-width 2L 8-bit b1 s512 untrimmed")}
+HEAP_TERMS = ("temporaries", "layer_residue", "dequant", "int8")   # process.py's CPU_*_KEPT keys
+# Measured outside this driver and used in the fits: `qlowrank profile` on the full Llama-3-8B
+# shape (4-bit, r=16, batch 1, seq 2048, 2 steps; issue 20, 2026-12-03, before heap trimming):
+# anonymous peak 10.27 GiB; and benchmarks/large_model.py's seq 2048 phase with trimming in a
+# fresh process (--skip-seq 512 --skip-export --steps 2; 2026-12-04).
+TRIMMED_FULL_8B_S2048 = int(9.61 * 2**30)   # GiB as large_model.py prints it
+EXTERNAL = {"full 8B s2048 (qlowrank profile, issue 20)": dict(train_anon_peak=int(10.27 * 2**30), seq=2048,
+                                                                heap_trim=False),
+            "full 8B s2048 trimmed": dict(train_anon_peak=TRIMMED_FULL_8B_S2048, seq=2048, heap_trim=True)}
 
 
 def heap_row(facts: dict) -> list[float]:
     """Each heap term's multiplier (HEAP_TERMS order), as qlowrank/memory/process.py computes it."""
     quantized, int8 = facts["bits"] in (4, 8), facts["bits"] == 8
-    return [0 if int8 else facts["temporary_bytes"], 2 * facts["layers"] * facts["hidden_tokens"], 2 * facts["heap_dequant_params"] if quantized else 0,
-            facts["linear_params"] if int8 else 0]
+    trimmed = facts.get("heap_trimmed", False)
+    residue = 0 if trimmed else 2 * facts["layers"] * facts["hidden_tokens"]
+    kept_int8 = facts["linear_params"] // max(1, facts["layers"]) if trimmed else facts["linear_params"]
+    return [0 if int8 else facts["temporary_bytes"], residue, 2 * facts["heap_dequant_params"] if quantized else 0,
+            kept_int8 if int8 else 0]
 
 
 def external_rows() -> list[dict]:
@@ -251,8 +270,9 @@ def external_rows() -> list[dict]:
         config = transformers.LlamaConfig(**dict(L8B_WIDTH, num_hidden_layers=32, vocab_size=128256))
         estimate = ql.estimate_memory(config, quant=ql.QuantConfig(bits=4, compute_dtype=torch.bfloat16),
                                       lora=ql.LoraConfig(r=16, alpha=32), batch_size=1, seq_len=run["seq"], device="cpu")
+        facts = dataclasses.replace(estimate.facts, heap_trimmed=run["heap_trim"])
         rows.append({"name": name, "train_anon_peak": run["train_anon_peak"], "predicted_tensor": estimate.total_bytes,
-                     "facts": dataclasses.asdict(estimate.facts)})
+                     "facts": dataclasses.asdict(facts)})
     return rows
 
 
@@ -264,11 +284,14 @@ def fit(rows: list[dict]) -> dict:
     tiny = by[FIT["runtime"][0]]
     runtime = tiny["train_anon_peak"] - tiny["predicted_tensor"]
     load_runtime = tiny["load_anon_peak"] - tiny["facts"]["base_bytes"]
-    heap = [by[n] for n in FIT["heap"]]
-    a = np.array([heap_row(r["facts"]) for r in heap], dtype=float)
-    y = np.array([r["train_anon_peak"] - runtime - r["predicted_tensor"] for r in heap], dtype=float)
     constants = {"CPU_RUNTIME_BYTES (MiB)": runtime / 2**20, "CPU_LOAD_RUNTIME_BYTES (MiB)": load_runtime / 2**20}
-    constants.update(zip(HEAP_TERMS, np.linalg.lstsq(a, y, rcond=None)[0]))
+    for regime, prefix in (("heap", "CPU_UNTRIMMED_KEPT"), ("trimmed_heap", "CPU_TRIMMED_KEPT")):
+        heap = [by[n] for n in FIT[regime]]
+        a = np.array([heap_row(r["facts"]) for r in heap], dtype=float)
+        y = np.array([r["train_anon_peak"] - runtime - r["predicted_tensor"] for r in heap], dtype=float)
+        used = [i for i in range(len(HEAP_TERMS)) if a[:, i].any()]   # trimmed: no layer residue term
+        solution = np.linalg.lstsq(a[:, used], y, rcond=None)[0]
+        constants.update({f"{prefix}[{HEAP_TERMS[i]}]": value for i, value in zip(used, solution)})
     for name in FIT["load"]:
         r, f = by[name], by[name]["facts"]
         constants[f"CPU_LOAD_TRANSIENT[{f['bits']}]"] = ((r["load_anon_peak"] - load_runtime - f["base_bytes"])

@@ -50,6 +50,9 @@ MODELS = {
                     num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=True),
     "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=False),
+    # Llama-3-8B's widths, 4 layers (issue 22's "8B-width 4-layer model"; CPU: --batch 1 --seq 2048)
+    "llama8b_4l": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=False, rope_theta=500000.0),
     # Llama-3-8B exactly (its 128,256-token vocabulary), for torchtune's published QLoRA figure
     "llama3_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
@@ -188,19 +191,28 @@ def worker(lib: str, model_name: str, steps: int, batch: int, seq: int, seed: in
     }
 
 
-def bf16_matmul_flops(rounds: int = 5) -> float:
-    """This machine's bf16 matmul rate (FLOP/s) for utilisation: the best of `rounds` timings of
-    5 products, so a moment of interference lowers it less (a low peak would flatter utilisation)."""
-    a = torch.randn(1024, 4096, dtype=torch.bfloat16)
-    b = torch.randn(4096, 4096, dtype=torch.bfloat16)
+def bf16_matmul_flops(rows: int = 1024, inner: int = 4096, cols: int = 4096, rounds: int = 5) -> float:
+    """This machine's bf16 matmul rate (FLOP/s) for a (rows x inner) @ (inner x cols) product: the
+    best of `rounds` timings of 5 products, so a moment of interference lowers it less (a low peak
+    would flatter utilisation)."""
+    a = torch.randn(rows, inner, dtype=torch.bfloat16)
+    b = torch.randn(inner, cols, dtype=torch.bfloat16)
     a @ b
     best = 0.0
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(5):
             a @ b
-        best = max(best, 5 * 2 * 1024 * 4096 * 4096 / (time.perf_counter() - t0))
+        best = max(best, 5 * 2 * rows * inner * cols / (time.perf_counter() - t0))
     return best
+
+
+def own_shape_flops(model: str, tokens: int) -> float:
+    """The bf16 matmul rate at the model's own largest decoder linear (hidden -> MLP width) at the
+    step's token count: the peak its matmuls can reach on this CPU (issue 22: the 1024x4096x4096
+    product understates AMX on large shapes and overstates it on small ones)."""
+    config = json.loads((CACHE / model / "config.json").read_text())
+    return bf16_matmul_flops(tokens, config["hidden_size"], config["intermediate_size"])
 
 
 def matmul_parameters(model) -> int:
@@ -244,9 +256,13 @@ def _gib(value: float | None) -> str:
     return "n/a" if value is None else f"{value / 2 ** 30:.3f}"
 
 
-def summarize(results: list[dict], args, peak_flops: float) -> str:
+def summarize(results: list[dict], args, peak_flops: float, model_peaks: dict[str, float] | None = None) -> str:
+    """The tables; utilisation against each model's own-shape matmul peak where measured, else `peak_flops`."""
+    model_peaks = model_peaks or {}
+    own = ", ".join(f"{m} {f / 1e9:.0f}" for m, f in model_peaks.items())
     lines = [f"batch {args.batch} x seq {args.seq}, {args.steps} timed steps, median of {args.runs} runs; "
-             f"bf16 matmul peak measured {peak_flops / 1e9:.0f} GFLOP/s", "",
+             f"bf16 matmul peak measured {peak_flops / 1e9:.0f} GFLOP/s (1024x4096x4096)"
+             + (f"; at each model's largest linear and token count (util's peak): {own} GFLOP/s" if own else ""), "",
              "| model | lib | s/step | tokens/s | warm-up step s | peak tensors GiB | peak RSS GiB | loss step N | "
              "eval loss | util % |", "|---|---|---|---|---|---|---|---|---|---|"]
     med = {}
@@ -260,7 +276,8 @@ def summarize(results: list[dict], args, peak_flops: float) -> str:
             # The same model's FLOPs for every library, counted on qlowrank's model
             counted = next((r for r in results if r["model"] == model and r.get("matmul_params")), None)
             m["util"] = (float("nan") if counted is None else
-                         100 * model_flops_per_step(counted, args.batch, args.seq) / m["step_s"] / peak_flops)
+                         100 * model_flops_per_step(counted, args.batch, args.seq) / m["step_s"]
+                         / model_peaks.get(model, peak_flops))
             m["runs"] = rows
             med[model, lib] = m
             lines.append(f"| {model} | {lib} | {m['step_s']:.2f} | {m['tokens_per_s']:.0f} | {m['warmup_s']:.1f} | "
@@ -310,7 +327,7 @@ def main() -> None:
     if args.summarize:
         saved = json.loads(Path(args.summarize).read_text())
         saved_args = argparse.Namespace(**saved["args"])
-        print(summarize(saved["results"], saved_args, saved["peak_flops"]))
+        print(summarize(saved["results"], saved_args, saved["peak_flops"], saved.get("model_peak_flops")))
         return
     if args.worker:
         print(json.dumps(worker(args.worker, args.models[0], args.steps, args.batch, args.seq, seed=0)))
@@ -331,8 +348,10 @@ def main() -> None:
                 print(f"run {run + 1} {model:10s} {lib:12s} {r['step_s']:.2f} s/step (warm-up {r['warmup_s']:.1f} s)  "
                       f"loss {r['final_loss']:.4f}  peak {_gib(r['peak_tensor_bytes'])} GiB", flush=True)
     peak_flops = bf16_matmul_flops()
-    table = summarize(results, args, peak_flops)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "peak_flops": peak_flops, "results": results}, indent=1))
+    model_peaks = {model: own_shape_flops(model, args.batch * args.seq) for model in args.models}
+    table = summarize(results, args, peak_flops, model_peaks)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "peak_flops": peak_flops, "model_peak_flops": model_peaks,
+                                          "results": results}, indent=1))
     print(table)
 
 

@@ -17,7 +17,7 @@ import qlowrank
 
 PACKAGE_ROOT = Path(qlowrank.__file__).parent
 LAYERS = {
-    "config": 0, "version": 0, "atomic": 0,
+    "config": 0, "version": 0, "atomic": 0, "heap": 0,
     "state": 0.5,                      # state records configs
     "nn": 1,
     "model": 2,

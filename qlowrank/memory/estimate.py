@@ -24,6 +24,7 @@ import transformers
 from torch import nn
 
 from ..config import ESTIMATE_OPTIMIZERS, SHARDINGS, LoraConfig, QuantConfig, parse_dtype
+from ..heap import trims_before_backward
 from ..model.checkpointing import enable_gradient_checkpointing
 from ..model.surgery import add_lora
 from ..nn.layers import is_linear_like, linear_shape
@@ -290,7 +291,8 @@ def _model_facts(model: nn.Module, config, spec: StepSpec, batch: int) -> dict:
                 source=kind, source_bytes=size if size is not None else base_params * spec.dtype.itemsize,
                 largest_linear=max((o * i for o, i in shapes), default=0),
                 heap_dequant_params=process_model.heap_dequantized(shapes), layers=layer_count(config),
-                hidden_tokens=batch * spec.seq_len * hidden_size_of(config))
+                hidden_tokens=batch * spec.seq_len * hidden_size_of(config),
+                heap_trimmed=spec.checkpointing and trims_before_backward(hidden_size_of(config)))
 
 
 def _prepare(config, spec: StepSpec, batch: int) -> tuple[nn.Module, dict, list[torch.Tensor]]:

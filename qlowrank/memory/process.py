@@ -19,6 +19,9 @@ none is a share of the total model bytes unless the memory really grows with the
                  + LAYER_RESIDUE x layers x batch x seq x hidden x 2
                  + DEQUANT_KEPT x bf16 bytes of the dequantized weights below glibc's mmap ceiling
                  + INT8_KEPT x int8 bytes of the linears (8-bit bases, in place of TEMPORARIES_KEPT)
+    with the multipliers of one of two regimes: untrimmed, and trimmed (checkpointed blocks of
+    3072+ width hand the heaps' free pages back before their backward, `qlowrank/heap.py`: no
+    layer residue, and one layer's int8 bytes).
     file_backed = RUNTIME_FILE + checkpoint bytes
 
 Why the terms (measured on the 2-core EPYC, glibc malloc, torch 2.13 CPU, bitsandbytes 0.50):
@@ -64,7 +67,7 @@ MIB = 2**20
 # Runtime, anonymous, while training: the RssAnon peak of training a model whose tensors are
 # negligible ("tiny-4bit": a 2-layer 128-wide Llama, 2 MiB of tensors) minus those tensors:
 # the interpreter and imported libraries' heaps, oneDNN / OpenMP pools, the autograd thread.
-CPU_RUNTIME_BYTES = 325 * MIB
+CPU_RUNTIME_BYTES = 327 * MIB
 # Runtime, anonymous, while loading ("tiny-4bit" before training: no autograd thread yet).
 CPU_LOAD_RUNTIME_BYTES = 300 * MIB
 # File-backed pages of the runtime (the libraries' code): "tiny-4bit"'s RssFile, 96-101 MiB.
@@ -78,21 +81,36 @@ GLIBC_MMAP_CEILING = 32 * MIB
 # graph): the forward's arena and the backward's each keep about a copy of those of their pass.
 # Not for LLM.int8: an 8-bit base keeps what INT8_KEPT says instead (measured: SmolLM2 8-bit
 # keeps as much as 4-bit beyond its tensors, though its estimated temporaries are 2.2x).
-CPU_TEMPORARIES_KEPT = 1.43
+CPU_TEMPORARIES_KEPT = 1.40
 # Hidden-state blocks (batch x seq x hidden x 2 bytes) the heaps keep per decoder layer.
-CPU_LAYER_RESIDUE = 2.49
+CPU_LAYER_RESIDUE = 2.88
 # Share of the dequantized weights below GLIBC_MMAP_CEILING (bf16, summed over all quantized
 # linears) that stays in the heaps.
-CPU_DEQUANT_KEPT = 0.56
+CPU_DEQUANT_KEPT = 0.29
 # LLM.int8 on a CPU: resident bytes beyond the tensor estimate per int8 byte of linear weight
 # (in place of TEMPORARIES_KEPT). At 8B width it is what makes an 8-bit base hold nearly as
 # much as a float one: 2.18 vs 1.96 GiB anonymous at 2 layers, seq 512 (tensors 1.19 vs 1.46 GiB).
-# The one term proportional to model bytes: fitted on SmolLM2 8-bit and 2 layers of 8B width;
-# whether it grows with depth as assumed is not measured yet (the 4-layer 8-bit run is the check).
-CPU_INT8_KEPT = 1.55
+# The one term proportional to model bytes: fitted on SmolLM2 8-bit and 2 layers of 8B width
+# (untrimmed). Trimmed, it does not grow with depth: 2 -> 4 layers of 8B width added 94 MiB
+# beyond the tensors where this term said +416 MiB, hence one layer's bytes there.
+CPU_INT8_KEPT = 1.56
 # Loading: transient bytes per bf16 byte of the largest quantized linear (bf16 copy out of
 # the mapped file + the quantizer's upcast and scratch). A float base copies straight.
 CPU_LOAD_TRANSIENT = {4: 4.44, 8: 1.87, None: 0.0}
+# The heap terms by regime: as fitted above (the heaps keep what they are given), and with
+# qlowrank.heap trimming the heaps before each checkpointed block's backward (blocks of
+# TRIM_MIN_HIDDEN width on). Trimmed, no layer residue survives, so that term is 0 by
+# construction, and LLM.int8's kept copy is one layer's (`int8_kept_params`). The other three
+# are fitted on the three trimmed runs of `benchmarks/process_memory.py`'s FIT["trimmed_heap"]
+# (8B width: 2 layers 4-bit seq 2048, 2 layers 8-bit seq 512, the full 32 layers at seq 2048),
+# six other trimmed 8B-width runs held out. The temporaries mostly go back to the OS (0.12 of
+# their high-water mark stays); what still grows with depth is ~60 MiB a layer at 8B width,
+# carried by the dequantized-weights term (3.79 x the k/v projections' bf16 copies, 16 MiB a
+# layer), fitted, not traced to an allocation: it does not depend on the sequence length (2 and
+# 4 layers at seq 512-2048 and 32 at 2048 agree within 3%).
+CPU_UNTRIMMED_KEPT = {"temporaries": CPU_TEMPORARIES_KEPT, "layer_residue": CPU_LAYER_RESIDUE,
+                      "dequant": CPU_DEQUANT_KEPT, "int8": CPU_INT8_KEPT}
+CPU_TRIMMED_KEPT = {"temporaries": 0.12, "layer_residue": 0.0, "dequant": 3.79, "int8": 2.26}
 
 # Headroom the planner (`qlowrank train --batch auto`, `estimate --plan`) keeps under the
 # budget, for the model's measured error: the worst under-prediction among every held-out
@@ -149,6 +167,7 @@ class ModelFacts:
     layers: int = 0              # decoder layers
     hidden_tokens: int = 0       # batch x seq x hidden of one micro-batch
     temporary_bytes: int = 0     # the temporaries' high-water mark in a forward/backward (not only at the peak)
+    heap_trimmed: bool = False   # checkpointed blocks trim the heaps before their backward (qlowrank.heap)
 
 
 def prediction_margin(device: str) -> float:
@@ -161,15 +180,22 @@ def heap_dequantized(shapes: list[tuple[int, int]]) -> int:
     return sum(o * i for o, i in shapes if 2 * o * i < GLIBC_MMAP_CEILING)
 
 
+def int8_kept_params(facts: ModelFacts) -> int:
+    """The int8 weights whose float copies the heaps keep: all of them, or one layer's when the heaps
+    are trimmed before each block's backward (then nothing of another layer survives)."""
+    return facts.linear_params // max(1, facts.layers) if facts.heap_trimmed else facts.linear_params
+
+
 def training_terms(tensor_peak: int, facts: ModelFacts) -> dict[str, int]:
     """The anonymous training peak in parts (they sum to it); see the module docstring."""
+    kept = CPU_TRIMMED_KEPT if facts.heap_trimmed else CPU_UNTRIMMED_KEPT
     terms = {
         "runtime": CPU_RUNTIME_BYTES,
         "tensors": tensor_peak,
-        "temporaries_kept": CPU_TEMPORARIES_KEPT * facts.temporary_bytes if facts.bits != 8 else 0,
-        "layer_residue": CPU_LAYER_RESIDUE * facts.layers * facts.hidden_tokens * 2,
-        "dequant_kept": CPU_DEQUANT_KEPT * 2 * facts.heap_dequant_params if facts.bits in (4, 8) else 0,
-        "int8_kept": CPU_INT8_KEPT * facts.linear_params if facts.bits == 8 else 0,
+        "temporaries_kept": kept["temporaries"] * facts.temporary_bytes if facts.bits != 8 else 0,
+        "layer_residue": kept["layer_residue"] * facts.layers * facts.hidden_tokens * 2,
+        "dequant_kept": kept["dequant"] * 2 * facts.heap_dequant_params if facts.bits in (4, 8) else 0,
+        "int8_kept": kept["int8"] * int8_kept_params(facts) if facts.bits == 8 else 0,
     }
     return {k: int(v) for k, v in terms.items()}
 

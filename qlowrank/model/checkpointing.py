@@ -13,6 +13,9 @@ short sequences do not earn back: on SmolLM2-135M (2 CPU cores) keeping took a 4
 from 4.95 s to 4.71 s but a 4 x 128 step from 1.23 s to 1.30 s (benchmarks/RESULTS.md,
 issue 14), hence KEEP_ATTENTION_MIN_SEQ. The estimator runs the same policy on meta
 tensors, so the bytes it keeps are in every memory prediction.
+
+On a CPU, blocks of large width hand glibc's free heap pages back to the OS just before their
+backward (`heap.release_before_backward`): the recompute frees what the forward left behind.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ..heap import release_before_backward
 from .inspect import repeated_blocks
 
 _aten = torch.ops.aten
@@ -60,9 +64,10 @@ def _checkpointed_forward(forward, keep_attention: bool | None):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         keep = keep_attention if keep_attention is not None else _sequence_length(args, kwargs) >= KEEP_ATTENTION_MIN_SEQ
-        if not keep:
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=_keep_attention_contexts, **kwargs)
+        context = {"context_fn": _keep_attention_contexts} if keep else {}
+        output = checkpoint(forward, *args, use_reentrant=False, **context, **kwargs)
+        release_before_backward(output)
+        return output
     return wrapper
 
 
