@@ -61,6 +61,7 @@ def _release_hook(grad: torch.Tensor) -> None:
     release_free_heap()
 
 
+@torch.compiler.disable   # under compile_blocks: a hook registration and a ctypes lookup, nothing to trace
 def release_before_backward(output) -> bool:
     """Trim the heaps when the backward reaches `output` (a block's output hidden states, or a tuple
     whose first item is them): the moment before that block's recompute and backward begin.

@@ -81,3 +81,18 @@ def test_the_process_model_follows_the_trimming(width, checkpointing, trimmed):
                                   gradient_checkpointing=checkpointing, device="cpu")
     assert estimate.facts.heap_trimmed is trimmed
     assert (estimate.process_breakdown["layer_residue"] == 0) is trimmed
+
+
+def test_compiled_wide_blocks_still_trim(monkeypatch):
+    """Under compile_blocks the checkpoint wrapper is compiled; the trim is arranged eagerly inside it."""
+    from qlowrank.model.compile import compile_blocks, compiling_is_available
+
+    if not compiling_is_available():
+        pytest.skip("inductor has no compiler here")
+    calls = []
+    monkeypatch.setattr(heap, "release_free_heap", lambda: calls.append(len(calls)) or True)
+    model = nn.Sequential(*(Block(heap.TRIM_MIN_HIDDEN) for _ in range(2)))
+    enable_gradient_checkpointing(model, block_types=Block)
+    compile_blocks(model, block_types=Block)
+    model(torch.randn(1, 2, heap.TRIM_MIN_HIDDEN, requires_grad=True)).sum().backward()
+    assert len(calls) == 2
