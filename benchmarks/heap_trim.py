@@ -17,7 +17,6 @@ after the last step. Results: benchmarks/RESULTS.md, "Trimming the heaps".
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -33,12 +32,10 @@ def worker(mode: str, base: str, seq: int, steps: int) -> dict:
     import torch
 
     import qlowrank as ql
+    from qlowrank.heap import heap_statistics, release_free_heap
     from qlowrank.memory.sampler import StatusSampler
     from qlowrank.nn.loss import causal_lm_loss
 
-    libc = ctypes.CDLL("libc.so.6")
-    fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
-    libc.mallinfo2.restype = type("Mallinfo2", (ctypes.Structure,), {"_fields_": [(f, ctypes.c_size_t) for f in fields]})
     quant = ql.QuantConfig(bits=4, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
     model = ql.load_model(base, quant=quant, lora=ql.LoraConfig(r=16, alpha=32, target_modules="all-linear"),
                           device="cpu", progress=False, seed=0)
@@ -55,14 +52,14 @@ def worker(mode: str, base: str, seq: int, steps: int) -> dict:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = causal_lm_loss(model, ids, ids)
             if mode == "before-backward":
-                libc.malloc_trim(0)
+                release_free_heap()   # not turned off by QLOWRANK_HEAP_TRIM=0 (that is the training trims only)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - started)
-    info = libc.mallinfo2()
+    heap = heap_statistics()
     return {"mode": mode, "anon_peak": sampler.anon_peak, "step_s": times,
-            "arena_free": info.fordblks, "arena_used": info.uordblks, "mmapped": info.hblkhd}
+            "arena_free": heap["fordblks"], "arena_used": heap["uordblks"], "mmapped": heap["hblkhd"]}
 
 
 def main() -> None:

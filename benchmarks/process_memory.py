@@ -95,18 +95,12 @@ def _vm(key: str) -> int:
 
 def _status() -> dict:
     """RSS split into anonymous and file-backed pages, and glibc's heap statistics (mallinfo2)."""
-    import ctypes
+    from qlowrank.heap import heap_statistics
 
     out = {key: _vm(key) for key in ("VmRSS", "RssAnon", "RssFile")}
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
-        info_type = type("Mallinfo2", (ctypes.Structure,), {"_fields_": [(f, ctypes.c_size_t) for f in fields]})
-        libc.mallinfo2.restype = info_type
-        info = libc.mallinfo2()
-        out.update({"heap_in_use": info.uordblks, "heap_free": info.fordblks, "mmapped": info.hblkhd})
-    except (OSError, AttributeError):
-        pass
+    heap = heap_statistics()
+    if heap:
+        out.update({"heap_in_use": heap["uordblks"], "heap_free": heap["fordblks"], "mmapped": heap["hblkhd"]})
     return out
 
 
@@ -254,8 +248,11 @@ def heap_row(facts: dict) -> list[float]:
     """Each heap term's multiplier (HEAP_TERMS order), as qlowrank/memory/process.py computes it."""
     quantized, int8 = facts["bits"] in (4, 8), facts["bits"] == 8
     trimmed = facts.get("heap_trimmed", False)
+    from qlowrank.memory.process import ModelFacts, int8_kept_params
+
     residue = 0 if trimmed else 2 * facts["layers"] * facts["hidden_tokens"]
-    kept_int8 = facts["linear_params"] // max(1, facts["layers"]) if trimmed else facts["linear_params"]
+    known = {f.name for f in dataclasses.fields(ModelFacts)}
+    kept_int8 = int8_kept_params(ModelFacts(**{k: v for k, v in facts.items() if k in known}))
     return [0 if int8 else facts["temporary_bytes"], residue, 2 * facts["heap_dequant_params"] if quantized else 0,
             kept_int8 if int8 else 0]
 

@@ -39,22 +39,9 @@ FLAT_TOLERANCE = 0.05   # the issue's target: after step 10, RSS within +5% of i
 M_MMAP_THRESHOLD = -3   # mallopt's parameter number, from glibc's <malloc.h>
 
 
-class _Mallinfo2(ctypes.Structure):
-    # struct mallinfo2 (glibc >= 2.33): ten size_t fields
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-LIBC.mallinfo2.restype = _Mallinfo2
 LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
 LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-
-
-def heap_stats() -> dict[str, int]:
-    """glibc's mallinfo2(): bytes in the heaps (arena), in use there (uordblks), free there (fordblks), mmapped (hblkhd)."""
-    info = LIBC.mallinfo2()
-    return {name: int(getattr(info, name)) for name, _ in _Mallinfo2._fields_}
 
 
 def _rss() -> int:
@@ -72,6 +59,7 @@ def worker(policy: str, steps: int, out: Path) -> None:
     from qlowrank import LoraConfig, QuantConfig, enable_gradient_checkpointing, load_model
     from qlowrank.cli.train import load_tokenizer
     from qlowrank.data.demo import build_conversations
+    from qlowrank.heap import heap_statistics as heap_stats
     from qlowrank.model.embedded import smollm2_gguf
     from qlowrank.train import Example, TrainConfig, Trainer, tokenize_row
 

@@ -1,4 +1,8 @@
-"""Handing freed heap memory back to the OS during training (glibc's `malloc_trim`), where there is one.
+"""Handing freed heap memory back to the OS (glibc's `malloc_trim`), where there is one, and reading the heaps.
+
+Loading and export trim after each quantized or merged layer: quantizing frees float
+temporaries of many sizes, and on the 1.2B loading benchmark that fragmentation alone added
+~1 GB to the peak. Training trims before the backward of wide checkpointed blocks:
 
 On a CPU every tensor below glibc's mmap threshold (which rises to 32 MiB) lives in malloc's
 heaps, and a freed block stays resident until the heap's top is free too, which pinned blocks
@@ -10,11 +14,11 @@ madvises them away; the addresses stay valid and fault back in when reused).
 The freed pages fault back in when the next block reuses them, a cost per byte; a block's
 compute per byte of its temporaries grows with the hidden width. Measured on the 2-core EPYC
 (benchmarks/RESULTS.md, "Trimming the heaps"), one trim before each checkpointed block's
-backward: at Llama-3-8B's widths (4 layers, seq 2048) the anonymous peak fell 2732 -> 2262 MiB
-(-17%) at an unchanged step time (37.3 -> 36.0 s); at SmolLM2's width (576, 4 x 512 tokens) the
-step took 14% longer for a 5% lower median peak. Hence TRIM_MIN_HIDDEN.
+backward: at Llama-3-8B's widths (4 layers, seq 2048; benchmarks/heap_trim.py) the anonymous
+peak fell 2649 -> 2150 MiB (-19%) for +1.8% step time; at SmolLM2's width (576, 4 x 512 tokens)
+the step took 13-18% longer for a 5% lower median peak. Hence TRIM_MIN_HIDDEN.
 
-Set QLOWRANK_HEAP_TRIM=0 to turn it off (for comparisons; nothing else changes).
+Set QLOWRANK_HEAP_TRIM=0 to turn the training trims off (for comparisons; nothing else changes).
 """
 
 from __future__ import annotations
@@ -32,29 +36,58 @@ import torch
 TRIM_MIN_HIDDEN = 3072
 
 
+# struct mallinfo2 (glibc >= 2.33): ten size_t fields
+MALLINFO2_FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                    "keepcost")
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in MALLINFO2_FIELDS]
+
+
+@functools.cache
+def _libc():
+    """The C library, or None where it cannot be opened."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 @functools.cache
 def _malloc_trim():
-    """glibc's malloc_trim, or None (another libc, or turned off by QLOWRANK_HEAP_TRIM=0)."""
-    if os.environ.get("QLOWRANK_HEAP_TRIM", "1") == "0":
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    """glibc's malloc_trim, or None (another libc)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim
+
+
+@functools.cache
+def _training_trims_enabled() -> bool:
+    return os.environ.get("QLOWRANK_HEAP_TRIM", "1") != "0" and _malloc_trim() is not None
 
 
 def trims_before_backward(hidden_size: int) -> bool:
     """Whether checkpointed blocks of this width trim the heaps before their backward (on a CPU)."""
-    return hidden_size >= TRIM_MIN_HIDDEN and _malloc_trim() is not None
+    return hidden_size >= TRIM_MIN_HIDDEN and _training_trims_enabled()
 
 
 def release_free_heap() -> bool:
     """Return the heaps' free pages to the OS; True if glibc did (False: nothing to give or no glibc)."""
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+def heap_statistics() -> dict[str, int]:
+    """glibc's mallinfo2() by field: bytes in the heaps (arena), in use there (uordblks), free there
+    (fordblks), mmapped (hblkhd), ...; {} without glibc 2.33+."""
+    mallinfo2 = getattr(_libc(), "mallinfo2", None)
+    if mallinfo2 is None:
+        return {}
+    mallinfo2.restype = _Mallinfo2
+    info = mallinfo2()
+    return {name: int(getattr(info, name)) for name in MALLINFO2_FIELDS}
 
 
 def _release_hook(grad: torch.Tensor) -> None:

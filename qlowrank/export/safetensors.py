@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from ..adapter import base_bits
 from ..atomic import staged_dir
-from ..model.load import open_safetensors, release_freed_memory
+from ..heap import release_free_heap
+from ..model.load import open_safetensors
 from .gguf import write_gguf  # imports the optional `gguf` package only when called
 from .plan import DEFAULT_SHARD_BYTES, ExportEntry, ExportOptions, export_config, planned_entries
 from .probe import probe_fidelity
@@ -182,7 +183,7 @@ def _write_safetensors(path: Path, entries: list[ExportEntry], dtype: torch.dtyp
                                    f"planned {entry.shape} {_stored_dtype(entry, dtype)}")
             handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
             del tensor
-            release_freed_memory()
+            release_free_heap()
             bar.update(1)
 
 

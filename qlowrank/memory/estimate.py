@@ -287,12 +287,13 @@ def _model_facts(model: nn.Module, config, spec: StepSpec, batch: int) -> dict:
     shapes = [linear_shape(m) for m in model.modules() if is_linear_like(m) and m is not head]
     base_params = sum(p.numel() for p in model.parameters())
     kind, size = spec.source
+    hidden = hidden_size_of(config)
     return dict(linear_params=sum(o * i for o, i in shapes), base_params=base_params, bits=spec.quant.bits,
                 source=kind, source_bytes=size if size is not None else base_params * spec.dtype.itemsize,
                 largest_linear=max((o * i for o, i in shapes), default=0),
                 heap_dequant_params=process_model.heap_dequantized(shapes), layers=layer_count(config),
-                hidden_tokens=batch * spec.seq_len * hidden_size_of(config),
-                heap_trimmed=spec.checkpointing and trims_before_backward(hidden_size_of(config)))
+                hidden_tokens=batch * spec.seq_len * hidden,
+                heap_trimmed=spec.checkpointing and trims_before_backward(hidden))
 
 
 def _prepare(config, spec: StepSpec, batch: int) -> tuple[nn.Module, dict, list[torch.Tensor]]:

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..heap import release_free_heap
 from .gguf_header import gguf_config, read_gguf_layout
-from .stream import LoadSettings, TensorSink, empty_model, release_freed_memory
+from .stream import LoadSettings, TensorSink, empty_model
 
 # GGUF architectures this reader knows (general.architecture). llama.cpp writes Llama,
 # Mistral and SmolLM2 as "llama"; only "llama" has its q/k rows permuted (convert_hf_to_gguf.py).
@@ -191,5 +192,5 @@ def load_gguf_streamed(path: str | Path, settings: LoadSettings) -> nn.Module:
         del weight
     model = sink.finish(str(path), unexpected)
     del tensors  # drops the memory map
-    release_freed_memory()
+    release_free_heap()
     return model

@@ -28,13 +28,7 @@ from tqdm.auto import tqdm
 from ..config import LoraConfig, QuantConfig, parse_dtype
 from ..nn import quant as quantlib
 from ..state import state_of
-from .stream import (  # noqa: F401 (export/ imports the last two from here)
-    LoadSettings,
-    TensorSink,
-    empty_model,
-    release_freed_memory,
-    tied_keys,
-)
+from .stream import LoadSettings, TensorSink, empty_model, tied_keys
 from .surgery import add_lora, quantize_model
 
 SAFETENSORS_NAME = "model.safetensors"

@@ -10,9 +10,6 @@ tensor in flight, never the float model.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import re
 from dataclasses import dataclass
 
@@ -22,6 +19,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from ..config import LoraConfig, QuantConfig
+from ..heap import release_free_heap
 from ..nn.layers import is_conv1d
 from .inspect import linear_layers, name_matches, output_head_names, set_submodule
 from .surgery import quantize_layer
@@ -62,22 +60,6 @@ def tied_keys(model: nn.Module) -> set[str]:
     return set(tied.keys() if isinstance(tied, dict) else tied)
 
 
-@functools.lru_cache(maxsize=1)
-def _libc_trim():
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    return getattr(libc, "malloc_trim", None)
-
-
-def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc only; a no-op elsewhere).
-
-    Quantizing a layer frees float temporaries of many sizes; glibc keeps such memory in
-    its arenas, and on the 1.2B benchmark that fragmentation alone added ~1 GB to the peak.
-    """
-    trim = _libc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class TensorSink:
@@ -139,7 +121,7 @@ class TensorSink:
         new.train(module.training)
         set_submodule(self.model, name, new)
         del self.pending[name], parts, weight
-        release_freed_memory()
+        release_free_heap()   # quantizing freed float temporaries of many sizes
 
     def finish(self, origin: str, unexpected: list[str]) -> nn.Module:
         """Check that every tensor arrived (tied ones excepted), tie the embeddings, return the model.
