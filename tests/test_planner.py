@@ -9,7 +9,14 @@ from conftest import tiny_config
 import qlowrank as ql
 from qlowrank.cli.main import main
 from qlowrank.memory.process import prediction_margin
+from qlowrank.model.compile import compiling_is_available
 from qlowrank.planner import Layout, plan_run
+from qlowrank.planner.compiling import (
+    COMPILE_GAIN_CEILING,
+    COMPILE_SECONDS_FLOOR,
+    decide,
+    worth_timing,
+)
 from qlowrank.planner.search import fitting_layouts, recompute_order
 
 QUANT = ql.QuantConfig(bits=4, compute_dtype=torch.bfloat16)
@@ -91,3 +98,55 @@ def test_without_timings_every_process_ranks_alike_by_recompute_then_micro_batch
     order = [recompute_order(c.layout, 4) for c in plan.candidates]
     assert order == sorted(order) and plan.chosen is plan.candidates[0]
     assert "?" in plan.table()
+
+
+def test_compiling_is_chosen_only_when_the_saved_steps_pay_the_compile_back():
+    # 1 s saved a step against a 30 s compile: pays back after 30 steps
+    assert not decide(10.0, 9.0, 30.0, steps=30).enabled
+    choice = decide(10.0, 9.0, 30.0, steps=31)
+    assert choice.enabled and "pays back after 30 steps" in choice.reason
+    assert not decide(10.0, 10.5, 30.0, steps=10**6).enabled   # slower compiled: never
+    # whether timing a compile is worth its own cost: the largest gain ever measured must beat the cheapest compile
+    assert worth_timing(1.0, steps=int(COMPILE_SECONDS_FLOOR / COMPILE_GAIN_CEILING) + 1)
+    assert not worth_timing(1.0, steps=int(COMPILE_SECONDS_FLOOR / COMPILE_GAIN_CEILING) - 1)
+
+
+def test_a_short_run_is_not_compiled_and_no_compile_is_timed():
+    plan = plan_run(config(), budget_between(), GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False, steps=2)
+    assert not plan.compile.enabled and "could save at most" in plan.compile.reason
+    assert plan.compile.compiled_step is None   # nothing was compiled to find out
+    assert "compile: no" in plan.table()
+    unknown = plan_run(config(), budget_between(), GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False)
+    assert not unknown.compile.enabled and "length is unknown" in unknown.compile.reason
+    asked = plan_run(config(), budget_between(), GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False,
+                     timed=False, compile=True)
+    assert asked.compile.enabled and asked.compile.reason == "asked for"
+
+
+@pytest.mark.skipif(not compiling_is_available(), reason="inductor needs a C++ compiler")
+def test_a_long_run_times_the_chosen_block_compiled_and_decides_by_payback():
+    """The one compile of the suite (~20 s on 2 cores): the chosen layout's block, compiled, timed."""
+    steps = 10**7   # so long that any gain pays back
+    plan = plan_run(config(), budget_between(), GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False,
+                    steps=steps)
+    choice = plan.compile
+    assert choice.compiled_step is not None and choice.compiled_step > 0
+    assert choice.eager_step == plan.chosen.step_seconds
+    assert choice.compile_seconds > 0   # the first compiled call costs more than the next
+    assert choice.enabled == (choice.compiled_step < choice.eager_step)
+    assert choice == decide(choice.eager_step, choice.compiled_step, choice.compile_seconds, steps)
+
+
+def test_train_plans_for_the_steps_its_data_makes():
+    """`train --batch auto` decides compiling for the run's length: --steps, else --epochs over the data."""
+    from argparse import Namespace
+
+    from qlowrank.cli.train import planned_steps
+
+    args = Namespace(steps=None, epochs=2.0, global_batch=8, grad_accum=1)
+    assert planned_steps(args, sequences=100, world=1) == 25      # ceil(2 x 100 / 8)
+    assert planned_steps(args, sequences=100, world=2) == 13      # 16 sequences a step over both processes
+    args.global_batch = None                                      # default: 4 x --grad-accum
+    assert planned_steps(args, sequences=100, world=1) == 50
+    args.steps = 7
+    assert planned_steps(args, sequences=100, world=1) == 7

@@ -153,6 +153,8 @@ def test_batch_auto_plans_a_layout_that_fits_the_budget_measured(runs):
     print(f"--max-memory {budget / 2**20:.0f} MiB: {' '.join(flags)}, measured anonymous peak {anon / 2**20:.0f} MiB, "
           f"predicted {estimate.process_bytes / 2**20:.0f} MiB")
     assert micro * accum == AUTO_GLOBAL_BATCH
+    # 2 steps cannot pay back a compile: the planner says so without compiling anything to find out
+    assert re.search(r"compile: no \(2 steps of \S+ s could save at most", out)
     assert estimate.process_bytes * (1 + CPU_PREDICTION_MARGIN) <= budget     # what the planner promised
     assert anon <= budget                                                      # and it holds, measured
     # the whole global batch in one micro-batch without checkpointing is what the budget rules out

@@ -45,6 +45,8 @@ def register(subparsers) -> None:
     parser.add_argument("--no-progress", action="store_true", help="with --plan: no progress bar")
     parser.add_argument("--global-batch", type=int, default=None, help="with --plan: sequences per optimizer step "
                         "(default: 4 x --grad-accum)")
+    parser.add_argument("--steps", type=int, default=None, help="with --plan: the run's optimizer steps (the planner "
+                        "compiles when they pay the compile back)")
     parser.set_defaults(func=exit_2_on_bad_input("estimate", _run))
 
 
@@ -85,11 +87,12 @@ def _plan(args: argparse.Namespace) -> int:
     here = args.device == "cpu" or torch.cuda.is_available()
     if not here and not args.max_memory:
         raise ValueError("--plan for --device cuda on a machine without one needs --max-memory (the GPU's memory)")
-    plan = plan_layout(args, distributed=not here)
+    plan = plan_layout(args, distributed=not here, steps=args.steps)
     print(plan.table())
     layout = plan.chosen.layout
     flags = (f"--batch {layout.micro_batch} --grad-accum {layout.grad_accum} "
              + (f"--keep-blocks {layout.keep_blocks} --keep-attention {'on' if layout.keep_attention else 'off'}"
-                if layout.checkpointing else "--no-checkpointing"))
+                if layout.checkpointing else "--no-checkpointing")
+             + (" --compile" if plan.compile.enabled else ""))
     print(f"chosen: {flags}" + ("" if here else " (ranked without timings: no such device here)"))
     return 0

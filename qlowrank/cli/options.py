@@ -74,6 +74,9 @@ SHARED_OPTIONS: tuple[Option, ...] = (
                                    "help": "checkpointed blocks keep their attention output (auto: from 256 tokens)"}),
     Option(("--compile",), {"action": "store_true", "help": "torch.compile each decoder block: 7-15%% faster steps "
                                                             "on a CPU after a one-off compile of ~20 s"}),
+    Option(("--no-compile",), {"action": "store_true", "help": "with --batch auto / --plan: never compile (otherwise "
+                                                               "the planner compiles when the run is long enough to "
+                                                               "pay the compile back)"}),
 )
 
 # `train --optimizer` builds these; `estimate` / `profile` also model SGD (full fine-tuning comparisons).
@@ -147,6 +150,13 @@ def lora_config(args: argparse.Namespace, allow_full: bool = False) -> LoraConfi
     return LoraConfig(r=args.r, alpha=args.alpha if args.alpha is not None else 2 * args.r, dropout=args.dropout,
                       target_modules=target, use_rslora=args.rslora, init=args.init, loftq_iters=args.loftq_iters,
                       use_dora=args.dora, modules_to_save=_names(args.train_modules))
+
+
+def compile_request(args: argparse.Namespace) -> bool | None:
+    """--compile (True), --no-compile (False), or neither: None, the planner decides."""
+    if args.compile and getattr(args, "no_compile", False):
+        raise ValueError("--compile and --no-compile contradict each other: give one")
+    return True if args.compile else (False if getattr(args, "no_compile", False) else None)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

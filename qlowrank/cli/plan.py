@@ -42,9 +42,10 @@ def memory_budget(args: argparse.Namespace) -> int:
     return fields.get("MemAvailable", fields.get("MemFree", 0)) + rss
 
 
-def plan_layout(args: argparse.Namespace, distributed: bool = False):
+def plan_layout(args: argparse.Namespace, distributed: bool = False, steps: int | None = None):
     """The planner's layout for these settings within --max-memory (default: what is free), for
-    --global-batch (default 4 x --grad-accum): micro-batch, accumulation and checkpointing.
+    --global-batch (default 4 x --grad-accum): micro-batch, accumulation and checkpointing, and
+    whether to compile (--compile / --no-compile, or decided for a run of `steps` optimizer steps).
 
     `distributed` ranks without timings, so every process picks the same layout.
 
@@ -62,13 +63,15 @@ def plan_layout(args: argparse.Namespace, distributed: bool = False):
     arguments["lora"] = options.lora_config(args)   # an adapter, always: --r 0 is refused here as in train
     return plan_run(args.model, memory_budget(args), global_batch, timed=not distributed,
                     checkpointing=not args.no_checkpointing, progress=not getattr(args, "no_progress", False),
-                    chunk_tokens=args.chunk_tokens, **arguments)
+                    chunk_tokens=args.chunk_tokens, steps=steps, compile=options.compile_request(args),
+                    **arguments)
 
 
-def apply_plan(args: argparse.Namespace, distributed: bool = False) -> None:
-    """--batch auto: plan the run (`plan_layout`), print the plan, set the flags it chose."""
-    plan = plan_layout(args, distributed)
+def apply_plan(args: argparse.Namespace, distributed: bool = False, steps: int | None = None) -> None:
+    """--batch auto: plan the run of `steps` optimizer steps (`plan_layout`), print the plan, set the flags it chose."""
+    plan = plan_layout(args, distributed, steps)
     layout = plan.chosen.layout
+    args.compile, args.no_compile = plan.compile.enabled, not plan.compile.enabled
     print(plan.table(), flush=True)
     args.batch, args.grad_accum = layout.micro_batch, layout.grad_accum
     args.no_checkpointing = not layout.checkpointing

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 from pathlib import Path
 
@@ -133,6 +134,14 @@ def examples(args: argparse.Namespace, tokenizer) -> tuple[list, list]:
     return train, held
 
 
+def planned_steps(args: argparse.Namespace, sequences: int, world: int) -> int:
+    """The optimizer steps of a --batch auto run: --steps, or --epochs over `sequences` at --global-batch."""
+    if args.steps:
+        return args.steps
+    global_batch = (args.global_batch or 4 * args.grad_accum) * world
+    return max(1, math.ceil(args.epochs * sequences / global_batch))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..model.checkpointing import enable_gradient_checkpointing
     from ..model.load import load_model
@@ -142,15 +151,18 @@ def run(args: argparse.Namespace) -> int:
     args = resolve_options(args)
     if not args.model or (not args.data and not args.dry_run):
         raise ValueError("qlowrank train needs --model and --data (as flags or in --config)")
-    if args.batch == "auto" or args.dry_run:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.dry_run:
         from .plan import apply_plan, dry_run
         if args.batch == "auto":
-            apply_plan(args, distributed=int(os.environ.get("WORLD_SIZE", "1")) > 1)
-        if args.dry_run:
-            return dry_run(args)
-    config, quant, lora = configs(args)
+            apply_plan(args, distributed=world > 1, steps=args.steps)
+        return dry_run(args)
     tokenizer = load_tokenizer(args.model)
     train, held = examples(args, tokenizer)
+    if args.batch == "auto":   # after the data: whether compiling pays depends on how many steps it makes
+        from .plan import apply_plan
+        apply_plan(args, distributed=world > 1, steps=planned_steps(args, len(train), world))
+    config, quant, lora = configs(args)
     model = load_model(args.model, quant=quant, lora=lora, device=local_device(args.device), dtype=quant.compute_dtype,
                        seed=args.seed)
     if not args.no_checkpointing:

@@ -4,11 +4,13 @@
     print(plan.table())
 
 `search.py` finds the layouts that fit (with the estimator's process prediction), `timing.py`
-times one block of the model on this machine to rank them.
+times one block of the model on this machine to rank them, and `compiling.py` decides whether
+the chosen layout compiles its blocks, from the run's length and the block timed compiled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -18,10 +20,18 @@ from ..config import DEFAULT_CHUNK_TOKENS, LoraConfig, QuantConfig, parse_dtype
 from ..memory.estimate import estimate_memory
 from ..memory.meta_model import layer_count, load_config
 from ..memory.process import prediction_margin
+from ..model.compile import compiling_is_available
+from .compiling import (
+    COMPILE_GAIN_CEILING,
+    COMPILE_SECONDS_FLOOR,
+    CompileChoice,
+    decide,
+    worth_timing,
+)
 from .search import Candidate, Layout, RunPlan, block_modes, choose, fitting_layouts
-from .timing import StepTimes, calibrate
+from .timing import StepTimes, calibrate, time_compiled
 
-__all__ = ["Candidate", "Layout", "RunPlan", "StepTimes", "calibrate", "plan_run"]
+__all__ = ["Candidate", "CompileChoice", "Layout", "RunPlan", "StepTimes", "calibrate", "plan_run"]
 
 
 def plan_run(
@@ -36,6 +46,8 @@ def plan_run(
     checkpointing: bool = True,
     progress: bool = True,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    steps: int | None = None,
+    compile: bool | None = None,
     **estimate_arguments,
 ) -> RunPlan:
     """The fastest layout of a run that fits `budget`, with the runner-up and every fitting candidate.
@@ -51,6 +63,10 @@ def plan_run(
         progress: show a progress bar.
         chunk_tokens: the run's loss chunk (0: the model's own loss), for the timed blocks; pass the
             matching `loss_fn` among `estimate_arguments` for the memory side.
+        steps: the run's optimizer steps, for deciding whether compiling pays back (None: unknown).
+        compile: True / False: the run compiles its blocks or not, as asked. None: decide, when the run
+            is timed and long enough that compiling could pay back, by timing the chosen layout's block
+            compiled (the layout itself is chosen by eager timings; compiled memory is taken as eager's).
         **estimate_arguments: the rest of `estimate_memory`'s arguments for the run (optimizer,
             dtype, loss_fn, packing, ...; not batch_size, grad_accum or the checkpointing ones).
 
@@ -79,15 +95,42 @@ def plan_run(
         bar.update(1)
         return estimate.process_bytes
 
+    dtype = parse_dtype(estimate_arguments.get("dtype", torch.bfloat16), "dtype")
+    run_shape = dict(device=device, dtype=dtype, autocast_dtype=None if dtype == torch.float32 else dtype,
+                     chunk_tokens=chunk_tokens, progress=bar.set_description)
     try:
         candidates = fitting_layouts(global_batch, layers, process_bytes, budget, prediction_margin(device))
         times = None
         if timed and candidates:
-            dtype = parse_dtype(estimate_arguments.get("dtype", torch.bfloat16), "dtype")
-            times = calibrate(config, quant, lora, seq_len, block_modes(candidates), device=device, dtype=dtype,
-                              autocast_dtype=None if dtype == torch.float32 else dtype,
-                              trainable_parameters=trainable.get("count", 0),
-                              chunk_tokens=chunk_tokens, progress=bar.set_description)
+            times = calibrate(config, quant, lora, seq_len, block_modes(candidates),
+                              trainable_parameters=trainable.get("count", 0), **run_shape)
+        plan = choose(candidates, times, budget, global_batch * seq_len, layers)
+        if compile is not None:
+            choice = CompileChoice(compile, "asked for" if compile else "turned off")
+        elif times is None:
+            choice = CompileChoice(False, "not timed, so nothing shows it would pay back")
+        else:
+            choice = _compile_choice(plan.chosen, times, steps, config, quant, lora, seq_len, run_shape)
     finally:
         bar.close()
-    return choose(candidates, times, budget, global_batch * seq_len, layers)
+    return dataclasses.replace(plan, compile=choice)
+
+
+def _compile_choice(chosen: Candidate, times: StepTimes, steps: int | None, config, quant, lora, seq_len,
+                    run_shape: dict) -> CompileChoice:
+    """Time the chosen layout's block compiled, when the run is long enough that it could pay back."""
+    eager = chosen.step_seconds
+    if steps is None:
+        return CompileChoice(False, "the run's length is unknown (give its steps)", eager_step=eager)
+    if not worth_timing(eager, steps):
+        return CompileChoice(False, f"{steps} steps of {eager:.3g} s could save at most {COMPILE_GAIN_CEILING:.0%}, "
+                             f"less than a compile takes (>= {COMPILE_SECONDS_FLOOR:.0f} s)", eager_step=eager,
+                             steps=steps)
+    if not compiling_is_available():
+        return CompileChoice(False, "inductor finds no compiler here", eager_step=eager, steps=steps)
+    layout = chosen.layout
+    modes = block_modes([chosen])[layout.micro_batch]
+    times.compiled = time_compiled(config, quant, lora, seq_len, layout.micro_batch, modes, **run_shape)
+    compiled = times.step_seconds(layout.micro_batch, layout.grad_accum, layout.checkpointing, layout.keep_blocks,
+                                  layout.keep_attention, compiled=True)
+    return decide(eager, compiled, times.compiled.compile_seconds, steps)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..memory.report import format_bytes
+from .compiling import CompileChoice
 from .timing import KEEP_ATTENTION, PLAIN, RECOMPUTE, StepTimes
 
 
@@ -64,6 +65,7 @@ class RunPlan:
     budget: int
     layers: int
     tokens_per_step: int
+    compile: CompileChoice | None = None   # set by plan_run
 
     def table(self) -> str:
         """Every candidate: layout, predicted process peak (with headroom) and time; the choice marked."""
@@ -78,6 +80,8 @@ class RunPlan:
                          f"{format_bytes(c.process_bytes):>12}  "
                          f"{format_bytes(int(c.process_bytes * (1 + c.margin))) + f' ({c.margin:.0%})':>14}  "
                          f"{seconds}  {rate}  {c.layout.describe(self.layers)}")
+        if self.compile is not None:
+            lines.append(f"  {self.compile.describe()}")
         return "\n".join(lines)
 
 

@@ -14,6 +14,11 @@ the trainable size. A step is then assembled from those parts:
 
     step = accum x (kept x plain + (layers - kept) x checkpointed + head) + optimizer
 
+For the question whether to compile (`compiling.py`), `time_compiled` times the same block
+compiled (regional torch.compile, as `--compile` runs it) and what its first call costs.
+That compile also fills inductor's on-disk cache with the block's kernels, which the run
+then reuses.
+
 What it leaves out: the embedding lookup, the final norm, and Python overhead between
 blocks (each a few percent at most on the models measured; benchmarks/planner.py reports
 predicted against measured step times).
@@ -37,6 +42,7 @@ from ..model.checkpointing import (
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
 )
+from ..model.compile import compile_blocks
 from ..model.surgery import add_lora, quantize_model
 from ..nn.loss import causal_lm_loss, chunked_cross_entropy
 
@@ -55,6 +61,15 @@ class MicroBatchTimes:
     head: float               # output head + chunked loss, forward + backward, whole micro-batch
 
 
+@dataclass(frozen=True)
+class CompiledTimes:
+    """One micro-batch's block timed compiled: seconds per mode, and the one-off compile."""
+
+    micro_batch: int
+    block: dict[str, float]   # mode -> forward + backward seconds of one compiled block
+    compile_seconds: float    # the first calls less the compiled time: each mode, with and without input grad
+
+
 @dataclass
 class StepTimes:
     """The calibrated step-time model of one run shape (layers, sequence length)."""
@@ -63,15 +78,22 @@ class StepTimes:
     seq: int
     optimizer: float = 0.0
     micro: dict[int, MicroBatchTimes] = field(default_factory=dict)
+    compiled: CompiledTimes | None = None
 
     def step_seconds(self, micro_batch: int, grad_accum: int, checkpointing: bool, keep_blocks: int,
-                     keep_attention: bool) -> float:
-        """Predicted seconds of one optimizer step (`micro_batch` must have been timed)."""
+                     keep_attention: bool, compiled: bool = False) -> float:
+        """Predicted seconds of one optimizer step (`micro_batch` must have been timed; with
+        `compiled`, compiled at this micro-batch too, by `time_compiled`)."""
         times = self.micro[micro_batch]
+        block = times.block
+        if compiled:
+            if self.compiled is None or self.compiled.micro_batch != micro_batch:
+                raise ValueError(f"micro-batch {micro_batch} was not timed compiled")
+            block = {**block, **self.compiled.block}
         kept = self.layers if not checkpointing else keep_blocks
         mode = KEEP_ATTENTION if keep_attention else RECOMPUTE
-        whole = kept * times.block[PLAIN] if kept else 0.0
-        recomputed = (self.layers - kept) * times.block[mode] if kept < self.layers else 0.0
+        whole = kept * block[PLAIN] if kept else 0.0
+        recomputed = (self.layers - kept) * block[mode] if kept < self.layers else 0.0
         one = whole + recomputed + times.head
         return grad_accum * one + self.optimizer
 
@@ -92,15 +114,16 @@ def stand_in_config(config: transformers.PretrainedConfig) -> transformers.Pretr
     return small
 
 
+def _seconds(run) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
 def best_of(run, repeats: int) -> float:
     """The fastest of `repeats` timed runs after one untimed (kernel creation, allocator warm-up)."""
     run()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best
+    return min(_seconds(run) for _ in range(repeats))
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -146,35 +169,17 @@ def calibrate(
     """
     device = torch.device(device)
     times = StepTimes(layers=layer_count(config), seq=seq)
-    model = transformers.AutoModelForCausalLM.from_config(stand_in_config(config), dtype=dtype).to(device)
-    if quant.bits is not None:
-        quantize_model(model, quant)
-    # LoftQ / PiSSA change the factors' values, not the step's work: a plain init times the same
-    add_lora(model, dataclasses.replace(lora, init="kaiming", loftq_iters=1), seed=0)
-    # In the real model every block but the first gets an input that requires grad, so its frozen
-    # matmuls compute input gradients in backward; the stand-in's only block must do the same.
-    model.enable_input_require_grads()
-    model.train()
+    model = stand_in_model(config, quant, lora, device, dtype)
     generator = torch.Generator().manual_seed(0)
     hidden = hidden_size_of(config)
     head = torch.randn(int(config.vocab_size), hidden, generator=generator).to(device, dtype)
     for micro_batch, modes in sorted(micro_batches.items()):
-        tokens = torch.randint(0, STAND_IN_VOCAB, (micro_batch, seq), generator=generator).to(device)
-
-        def block_step(tokens=tokens):
-            with _autocast(device, autocast_dtype):
-                loss = causal_lm_loss(model, tokens, tokens, chunk_tokens=chunk_tokens)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            _sync(device)
-
+        block_step = _block_step(model, micro_batch, seq, device, autocast_dtype, chunk_tokens, generator)
         block = {}
         for mode in sorted(modes):
             if progress:
                 progress(f"timing a block: micro-batch {micro_batch}, {mode.replace('_', ' ')}")
-            disable_gradient_checkpointing(model)
-            if mode != PLAIN:
-                enable_gradient_checkpointing(model, keep_attention=mode == KEEP_ATTENTION)
+            _set_mode(model, mode)
             block[mode] = best_of(block_step, repeats)
         disable_gradient_checkpointing(model)
         states = torch.randn(micro_batch, seq, hidden, generator=generator).to(device, dtype).requires_grad_(True)
@@ -192,6 +197,76 @@ def calibrate(
         times.micro[micro_batch] = MicroBatchTimes(block=block, head=best_of(head_step, repeats))
     times.optimizer = _optimizer_seconds(max(1, trainable_parameters), device, repeats)
     return times
+
+
+def time_compiled(
+    config: transformers.PretrainedConfig,
+    quant: QuantConfig,
+    lora: LoraConfig,
+    seq: int,
+    micro_batch: int,
+    modes: set[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    autocast_dtype: torch.dtype | None = torch.bfloat16,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    repeats: int = 2,
+    progress=None,
+) -> CompiledTimes:
+    """Time one decoder block of `config` compiled (`compile_blocks`, as `--compile` runs it) in each of
+    `modes` at `micro_batch`, and what compiling it costs (arguments as for `calibrate`)."""
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(0)
+    block, compile_seconds = {}, 0.0
+    for mode in sorted(modes):
+        if progress:
+            progress(f"compiling a block: micro-batch {micro_batch}, {mode.replace('_', ' ')}")
+        model = stand_in_model(config, quant, lora, device, dtype)   # a fresh one: compile after checkpointing
+        _set_mode(model, mode)
+        compile_blocks(model)
+        block_step = _block_step(model, micro_batch, seq, device, autocast_dtype, chunk_tokens, generator)
+        first = _seconds(block_step)   # compiles (inductor's cache makes a repeat cheaper)
+        block[mode] = best_of(block_step, repeats)
+        # The run's first block gets an input that does not require grad: dynamo compiles it apart
+        model.disable_input_require_grads()
+        first_block = _seconds(block_step)
+        compile_seconds += max(0.0, first - block[mode]) + max(0.0, first_block - block[mode])
+        del model, block_step
+    return CompiledTimes(micro_batch=micro_batch, block=block, compile_seconds=compile_seconds)
+
+
+def stand_in_model(config: transformers.PretrainedConfig, quant: QuantConfig, lora: LoraConfig,
+                   device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """One decoder block of `config`'s widths, quantized and adapted as the run will be, in training mode."""
+    model = transformers.AutoModelForCausalLM.from_config(stand_in_config(config), dtype=dtype).to(device)
+    if quant.bits is not None:
+        quantize_model(model, quant)
+    # LoftQ / PiSSA change the factors' values, not the step's work: a plain init times the same
+    add_lora(model, dataclasses.replace(lora, init="kaiming", loftq_iters=1), seed=0)
+    # In the real model every block but the first gets an input that requires grad, so its frozen
+    # matmuls compute input gradients in backward; the stand-in's only block must do the same.
+    model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def _set_mode(model: nn.Module, mode: str) -> None:
+    disable_gradient_checkpointing(model)
+    if mode != PLAIN:
+        enable_gradient_checkpointing(model, keep_attention=mode == KEEP_ATTENTION)
+
+
+def _block_step(model, micro_batch, seq, device, autocast_dtype, chunk_tokens, generator):
+    tokens = torch.randint(0, STAND_IN_VOCAB, (micro_batch, seq), generator=generator).to(device)
+
+    def block_step():
+        with _autocast(device, autocast_dtype):
+            loss = causal_lm_loss(model, tokens, tokens, chunk_tokens=chunk_tokens)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        _sync(device)
+
+    return block_step
 
 
 def _optimizer_seconds(parameters: int, device: torch.device, repeats: int) -> float:
