@@ -54,6 +54,7 @@ def measure(path: str, layout: dict, seq: int, steps: int) -> dict:
     """One grid point, in this (fresh) process: tokens/s after the first step, anonymous peak."""
     import qlowrank as ql
     from qlowrank.memory.sampler import StatusSampler
+    from qlowrank.model.checkpointing import trim_heaps_before_backward
     from qlowrank.nn.loss import causal_lm_loss
 
     with StatusSampler() as sampler:
@@ -62,6 +63,7 @@ def measure(path: str, layout: dict, seq: int, steps: int) -> dict:
         if layout["checkpointing"]:
             ql.enable_gradient_checkpointing(model, keep_blocks=layout["keep_blocks"],
                                              keep_attention=layout["keep_attention"])
+        trim_heaps_before_backward(model)   # as the Trainer does, checkpointed or not
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/step_profile.py                       # SmolLM2-135M, batch 4 x 512 (vs_peft's recipe)
     .venv/bin/python benchmarks/step_profile.py --batch 4 --seq 160   # the demo's shape
     .venv/bin/python benchmarks/step_profile.py --lib ql-compile      # with regional torch.compile
+    .venv/bin/python benchmarks/step_profile.py --model llama8b_4l --batch 1 --seq 2048 --steps 1   # 8B widths
 
-The real SmolLM2-135M (converted once by benchmarks/vs_peft.py's cache), NF4 + double quant,
+The real SmolLM2-135M (converted once by benchmarks/vs_peft.py's cache), or another of
+vs_peft.py's models (`--model`: llama600m, or llama8b_4l, 4 layers of Llama-3-8B's widths), NF4 + double quant,
 bf16 compute, LoRA r=16 on all linear layers, gradient checkpointing, chunked loss, AdamW.
 Two warm-up steps, then `--steps` profiled. Each op's self time lands in one group (first
 matching rule wins), so the groups add up to the profiled CPU time.
@@ -21,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_peft import build, prepare_model, token_batches  # noqa: E402
+from vs_peft import MODELS, build, prepare_model, token_batches  # noqa: E402
 
 # op name fragment -> group; first match wins
 GROUPS = [
@@ -53,9 +55,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--lib", default="qlowrank", help="qlowrank | peft | ql16 | ql-recompute | ql-compile (vs_peft.py)")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
     args = parser.parse_args()
 
-    folder = prepare_model("smollm2")
+    folder = prepare_model(args.model)
     batches = token_batches(folder, args.batch, args.seq, args.steps + 2)
     torch.manual_seed(0)
     model, params, loss_fn = build(args.lib, folder)
@@ -79,7 +82,7 @@ def main() -> None:
     grouped: dict[str, float] = {}
     for e in events:
         grouped[group_of(e.key)] = grouped.get(group_of(e.key), 0.0) + e.self_cpu_time_total
-    print(f"{args.lib}, SmolLM2-135M, batch {args.batch} x seq {args.seq}: {wall:.2f} s/step "
+    print(f"{args.lib}, {args.model}, batch {args.batch} x seq {args.seq}: {wall:.2f} s/step "
           f"(under the profiler), torch threads {torch.get_num_threads()}\n")
     print(f"| group | self CPU s/step | share |\n|---|---|---|")
     for group, us in sorted(grouped.items(), key=lambda kv: -kv[1]):

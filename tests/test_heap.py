@@ -10,7 +10,11 @@ import torch
 from torch import nn
 
 from qlowrank import heap
-from qlowrank.model.checkpointing import enable_gradient_checkpointing
+from qlowrank.memory.process import CPU_PREDICTION_MARGIN, CPU_TRIMMED_PREDICTION_MARGIN
+from qlowrank.model.checkpointing import (
+    enable_gradient_checkpointing,
+    trim_heaps_before_backward,
+)
 
 pytestmark = pytest.mark.skipif(heap._malloc_trim() is None, reason="needs glibc's malloc_trim")
 
@@ -55,11 +59,16 @@ class Block(nn.Module):
 
 
 @pytest.mark.parametrize("width, trims", [(heap.TRIM_MIN_HIDDEN, 3), (64, 0)])
-def test_wide_checkpointed_blocks_trim_once_each_before_their_backward(monkeypatch, width, trims):
+@pytest.mark.parametrize("keep_blocks", [0, 1, None])   # None: no checkpointing, the Trainer's call alone
+def test_wide_blocks_trim_once_each_before_their_backward(monkeypatch, width, trims, keep_blocks):
     calls = []
     monkeypatch.setattr(heap, "release_free_heap", lambda: calls.append(len(calls)) or True)
     model = nn.Sequential(*(Block(width) for _ in range(3)))
-    enable_gradient_checkpointing(model, block_types=Block)
+    if keep_blocks is None:
+        trim_heaps_before_backward(model, block_types=Block)
+    else:
+        enable_gradient_checkpointing(model, block_types=Block, keep_blocks=keep_blocks)
+    trim_heaps_before_backward(model, block_types=Block)   # idempotent: no second trim per block
     model(torch.randn(1, 2, width, requires_grad=True)).sum().backward()
     assert len(calls) == trims
     with torch.no_grad():   # no backward, nothing to arrange
@@ -67,10 +76,12 @@ def test_wide_checkpointed_blocks_trim_once_each_before_their_backward(monkeypat
     assert len(calls) == trims
 
 
-@pytest.mark.parametrize("width, checkpointing, trimmed", [(heap.TRIM_MIN_HIDDEN, True, True),
-                                                           (heap.TRIM_MIN_HIDDEN, False, False), (256, True, False)])
-def test_the_process_model_follows_the_trimming(width, checkpointing, trimmed):
-    """The estimate knows which runs trim (wide, checkpointed) and then counts no layer residue."""
+@pytest.mark.parametrize("width, checkpointing, keep_blocks, trimmed",
+                         [(heap.TRIM_MIN_HIDDEN, True, 0, True), (heap.TRIM_MIN_HIDDEN, False, 0, False),
+                          (256, True, 0, False), (heap.TRIM_MIN_HIDDEN, True, 1, False)])
+def test_the_process_model_follows_the_trimming(width, checkpointing, keep_blocks, trimmed):
+    """The estimate knows which runs' peaks come after a trim (wide, every block checkpointed: a kept
+    block runs its backward before the first trim) and then counts no layer residue."""
     import transformers
 
     import qlowrank as ql
@@ -78,9 +89,11 @@ def test_the_process_model_follows_the_trimming(width, checkpointing, trimmed):
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=width, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4)
     estimate = ql.estimate_memory(config, ql.QuantConfig(bits=4), ql.LoraConfig(r=4), batch_size=1, seq_len=64,
-                                  gradient_checkpointing=checkpointing, device="cpu")
+                                  gradient_checkpointing=checkpointing, keep_blocks=keep_blocks, device="cpu")
     assert estimate.facts.heap_trimmed is trimmed
     assert (estimate.process_breakdown["layer_residue"] == 0) is trimmed
+    # and the planner's headroom is the measured error of that regime
+    assert estimate.prediction_margin == (CPU_TRIMMED_PREDICTION_MARGIN if trimmed else CPU_PREDICTION_MARGIN)
 
 
 def test_compiled_wide_blocks_still_trim(monkeypatch):

@@ -150,3 +150,18 @@ def test_train_plans_for_the_steps_its_data_makes():
     assert planned_steps(args, sequences=100, world=1) == 50
     args.steps = 7
     assert planned_steps(args, sequences=100, world=1) == 7
+
+
+def test_each_layout_keeps_the_headroom_of_its_own_regime():
+    """The process model's error differs between its regimes (heaps trimmed before the peak or not), so
+    the search prices each layout with its own margin: a small one admits a layout a large one would not."""
+    def small_when_all_checkpointed(layout: Layout) -> float:
+        return 0.0 if layout.checkpointing and not layout.keep_blocks else 0.5
+
+    budget = process_bytes(Layout(4, 2, True, 0, False))   # exactly the all-checkpointed peak at micro-batch 4
+    found = fitting_layouts(GLOBAL_BATCH, 4, process_bytes, budget, small_when_all_checkpointed)
+    assert any(c.layout.micro_batch == 4 and c.margin == 0.0 for c in found)
+    for candidate in found:
+        assert candidate.margin == small_when_all_checkpointed(candidate.layout)
+        assert candidate.process_bytes * (1 + candidate.margin) <= budget
+    assert not any(c.layout.micro_batch == 4 for c in fitting_layouts(GLOBAL_BATCH, 4, process_bytes, budget, 0.5))

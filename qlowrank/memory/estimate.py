@@ -92,6 +92,12 @@ class MemoryEstimate:
         return process_model.file_backed_bytes(self.settings.get("device", "cpu"), self.facts)
 
     @property
+    def prediction_margin(self) -> float:
+        """The headroom to keep above `process_bytes`: the process model's measured error in this
+        estimate's regime (`memory/process.py`; CUDA: assumed until measured)."""
+        return process_model.prediction_margin(self.settings.get("device", "cpu"), self.facts)
+
+    @property
     def process_breakdown(self) -> dict[str, int]:
         """process_bytes in parts: CUDA: cuda_context, tensors, allocator_reserve; CPU: runtime,
         tensors, temporaries_kept, layer_residue, dequant_kept, int8_kept (they
@@ -293,7 +299,9 @@ def _model_facts(model: nn.Module, config, spec: StepSpec, batch: int) -> dict:
                 largest_linear=max((o * i for o, i in shapes), default=0),
                 heap_dequant_params=process_model.heap_dequantized(shapes), layers=layer_count(config),
                 hidden_tokens=batch * spec.seq_len * hidden,
-                heap_trimmed=spec.checkpointing and trims_before_backward(hidden))
+                # The peak falls in the first backward: trimmed only if that block trims first, i.e. when no
+                # block keeps its activations (kept blocks run their backward before any trim)
+                heap_trimmed=spec.checkpointing and not spec.keep_blocks and trims_before_backward(hidden))
 
 
 def _prepare(config, spec: StepSpec, batch: int) -> tuple[nn.Module, dict, list[torch.Tensor]]:

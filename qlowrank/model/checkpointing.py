@@ -15,7 +15,9 @@ issue 14), hence KEEP_ATTENTION_MIN_SEQ. The estimator runs the same policy on m
 tensors, so the bytes it keeps are in every memory prediction.
 
 On a CPU, blocks of large width hand glibc's free heap pages back to the OS just before their
-backward (`heap.release_before_backward`): the recompute frees what the forward left behind.
+backward (`heap.release_before_backward`, `trim_heaps_before_backward`), checkpointed or not:
+the recompute, or the backward of a block that kept its activations, then reuses returned pages
+instead of what the forward left scattered in the heaps.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from ..heap import release_before_backward
 from .inspect import repeated_blocks
@@ -65,9 +71,7 @@ def _checkpointed_forward(forward, keep_attention: bool | None):
             return forward(*args, **kwargs)
         keep = keep_attention if keep_attention is not None else _sequence_length(args, kwargs) >= KEEP_ATTENTION_MIN_SEQ
         context = {"context_fn": _keep_attention_contexts} if keep else {}
-        output = checkpoint(forward, *args, use_reentrant=False, **context, **kwargs)
-        release_before_backward(output)
-        return output
+        return checkpoint(forward, *args, use_reentrant=False, **context, **kwargs)
     return wrapper
 
 
@@ -111,7 +115,32 @@ def enable_gradient_checkpointing(
             block._qlowrank_checkpointed = True
     if hasattr(model, "config") and hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a KV cache is useless in training and defeats recomputation
+    trim_heaps_before_backward(model, block_types)
     return len(blocks)
+
+
+def trim_heaps_before_backward(model: nn.Module, block_types: type | Sequence[type] | None = None) -> int:
+    """Have each block, checkpointed or not, trim glibc's heaps when the backward reaches its output
+    (`heap.release_before_backward`: CPU blocks of TRIM_MIN_HIDDEN width and more; a no-op elsewhere).
+
+    `enable_gradient_checkpointing` and the Trainer call it; idempotent. Returns the number of blocks
+    it watches (0 when the model has no repeated blocks to find).
+    """
+    try:
+        blocks = repeated_blocks(model, block_types)
+    except ValueError:
+        return 0
+    for block in blocks:
+        if getattr(block, "_qlowrank_heap_trim", None) is None:
+            block._qlowrank_heap_trim = block.register_forward_hook(_release_before_backward)
+    return len(blocks)
+
+
+def _release_before_backward(module: nn.Module, args, output) -> None:
+    # A forward hook runs in the module's __call__, outside a compiled forward and never during a
+    # checkpoint's recompute (which calls the forward function itself).
+    if torch.is_grad_enabled():
+        release_before_backward(output)
 
 
 def disable_gradient_checkpointing(model: nn.Module) -> None:

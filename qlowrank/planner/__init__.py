@@ -19,7 +19,6 @@ import transformers
 from ..config import DEFAULT_CHUNK_TOKENS, LoraConfig, QuantConfig, parse_dtype
 from ..memory.estimate import estimate_memory
 from ..memory.meta_model import layer_count, load_config
-from ..memory.process import prediction_margin
 from ..model.compile import compiling_is_available
 from .compiling import (
     COMPILE_GAIN_CEILING,
@@ -82,28 +81,37 @@ def plan_run(
     if not layers:
         raise ValueError(f"{path_or_config}: its config names no decoder layer count (num_hidden_layers / n_layer)")
     bar = tqdm(desc="planning: estimating layouts", unit=" estimates", disable=not progress, leave=False)
-    trainable = {}
+    estimates = {}
+
+    def estimate(layout: Layout):
+        if layout not in estimates:
+            estimates[layout] = estimate_memory(
+                path_or_config, quant=quant, lora=lora, seq_len=seq_len, device=device,
+                batch_size=layout.micro_batch, grad_accum=layout.grad_accum, gradient_checkpointing=layout.checkpointing,
+                keep_blocks=layout.keep_blocks, keep_attention=layout.keep_attention, **estimate_arguments)
+            bar.update(1)
+        return estimates[layout]
 
     def process_bytes(layout: Layout) -> int:
         if layout.checkpointing and not checkpointing:
             return 2**62   # never fits: the run keeps every activation
-        estimate = estimate_memory(path_or_config, quant=quant, lora=lora, seq_len=seq_len, device=device,
-                                   batch_size=layout.micro_batch, grad_accum=layout.grad_accum,
-                                   gradient_checkpointing=layout.checkpointing, keep_blocks=layout.keep_blocks,
-                                   keep_attention=layout.keep_attention, **estimate_arguments)
-        trainable["count"] = estimate.trainable_parameters
-        bar.update(1)
-        return estimate.process_bytes
+        return estimate(layout).process_bytes
+
+    def margin(layout: Layout) -> float:
+        if layout.checkpointing and not checkpointing:
+            return 0.0
+        return estimate(layout).prediction_margin
 
     dtype = parse_dtype(estimate_arguments.get("dtype", torch.bfloat16), "dtype")
     run_shape = dict(device=device, dtype=dtype, autocast_dtype=None if dtype == torch.float32 else dtype,
                      chunk_tokens=chunk_tokens, progress=bar.set_description)
     try:
-        candidates = fitting_layouts(global_batch, layers, process_bytes, budget, prediction_margin(device))
+        candidates = fitting_layouts(global_batch, layers, process_bytes, budget, margin)
         times = None
         if timed and candidates:
-            times = calibrate(config, quant, lora, seq_len, block_modes(candidates),
-                              trainable_parameters=trainable.get("count", 0), **run_shape)
+            trainable = estimate(candidates[0].layout).trainable_parameters
+            times = calibrate(config, quant, lora, seq_len, block_modes(candidates), trainable_parameters=trainable,
+                              **run_shape)
         plan = choose(candidates, times, budget, global_batch * seq_len, layers)
         if compile is not None:
             choice = CompileChoice(compile, "asked for" if compile else "turned off")

@@ -13,7 +13,8 @@ model can keep its activations:
   and raise it while one more kept block still fits, since the chord is conservative.
 
 Every candidate's memory is the process model's prediction (`process_bytes`), required to fit
-within the budget less the model's measured error (`prediction_margin`). Its time is the
+within the budget with the model's measured error on top (`prediction_margin`, which differs
+between the regimes of the process model: heaps trimmed before the peak or not). Its time is the
 calibrated step-time model (`timing.py`). The fastest candidate is chosen; the runner-up is
 reported beside it.
 """
@@ -94,53 +95,58 @@ def fitting_layouts(
     layers: int,
     process_bytes: Callable[[Layout], int],
     budget: int,
-    margin: float,
+    margin: float | Callable[[Layout], float],
     attention_choices: tuple[bool, ...] = (False, True),
 ) -> list[Candidate]:
     """For every micro-batch dividing `global_batch`: the layouts that keep the most activations
-    and still fit `budget` less `margin` (one per attention choice; only "no checkpointing" where it fits).
+    and still fit `budget` with `margin` on top (one per attention choice; only "no checkpointing" where it fits).
 
     Args:
         global_batch: sequences per optimizer step.
         layers: decoder blocks of the model.
         process_bytes: a layout's predicted process peak (the estimator's `process_bytes`).
         budget: bytes the process may use.
-        margin: the prediction's relative error to keep free.
+        margin: the prediction's relative error to keep free, or a layout's (the process model's
+            error differs between its regimes).
         attention_choices: keep_attention values to consider under checkpointing.
     """
-    usable = budget / (1 + margin)
+    margin_of = margin if callable(margin) else (lambda layout: margin)
+
+    def priced(layout: Layout) -> Candidate:
+        return Candidate(layout, process_bytes(layout), margin_of(layout))
+
+    def fits(candidate: Candidate) -> bool:
+        return candidate.process_bytes * (1 + candidate.margin) <= budget
 
     found = []
     for micro in divisors(global_batch):
         accum = global_batch // micro
-        whole = Layout(micro, accum, checkpointing=False)
-        whole_bytes = process_bytes(whole)
-        if whole_bytes <= usable:
-            found.append(Candidate(whole, whole_bytes, margin))
+        whole = priced(Layout(micro, accum, checkpointing=False))
+        if fits(whole):
+            found.append(whole)
             continue
         fits_any = False
         for keep_attention in attention_choices:
-            none_kept = Layout(micro, accum, True, 0, keep_attention)
-            low = process_bytes(none_kept)
-            if low > usable:
+            low = priced(Layout(micro, accum, True, 0, keep_attention))
+            if not fits(low):
                 continue
             fits_any = True
             # the chord between none and all blocks kept lies above the (convex) peak: read k off it
-            keep = min(layers - 1, int((usable - low) / max(1, whole_bytes - low) * layers))
-            best = Candidate(none_kept, low, margin)
+            usable = budget / (1 + max(low.margin, whole.margin))
+            keep = min(layers - 1, max(0, int((usable - low.process_bytes)
+                                              / max(1, whole.process_bytes - low.process_bytes) * layers)))
+            best = low
             while keep > 0:   # the chord's count fits when the peak is convex in it; check, lower if not
-                layout = Layout(micro, accum, True, keep, keep_attention)
-                peak = process_bytes(layout)
-                if peak <= usable:
-                    best = Candidate(layout, peak, margin)
+                candidate = priced(Layout(micro, accum, True, keep, keep_attention))
+                if fits(candidate):
+                    best = candidate
                     break
                 keep -= 1
             while best.layout.keep_blocks + 1 < layers:   # the chord is conservative: take what else fits
-                layout = Layout(micro, accum, True, best.layout.keep_blocks + 1, keep_attention)
-                peak = process_bytes(layout)
-                if peak > usable:
+                candidate = priced(Layout(micro, accum, True, best.layout.keep_blocks + 1, keep_attention))
+                if not fits(candidate):
                     break
-                best = Candidate(layout, peak, margin)
+                best = candidate
             found.append(best)
         if not fits_any:
             break   # larger micro-batches need more

@@ -41,6 +41,7 @@ from ..memory.meta_model import hidden_size_of, layer_count
 from ..model.checkpointing import (
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
+    trim_heaps_before_backward,
 )
 from ..model.compile import compile_blocks
 from ..model.surgery import add_lora, quantize_model
@@ -246,6 +247,7 @@ def stand_in_model(config: transformers.PretrainedConfig, quant: QuantConfig, lo
     # In the real model every block but the first gets an input that requires grad, so its frozen
     # matmuls compute input gradients in backward; the stand-in's only block must do the same.
     model.enable_input_require_grads()
+    trim_heaps_before_backward(model)   # as the Trainer does: its cost is part of the step
     model.train()
     return model
 

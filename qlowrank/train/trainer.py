@@ -28,6 +28,7 @@ from torch import nn
 from ..adapter import save_adapter
 from ..config import TrainConfig
 from ..data import Example
+from ..model.checkpointing import trim_heaps_before_backward
 from ..model.compile import compile_blocks
 from ..model.packing import check_packed_attention
 from ..nn.loss import count_predicted_tokens
@@ -88,6 +89,7 @@ class Trainer:
         self.layout = BatchLayout(config.batch_size, self.world, self.rank, config.grad_accum, fill=config.compile)
         self.sampler = Sampler(train, self.layout, config.seed, config.group_by_length)
         self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.sampler.per_epoch / config.grad_accum))
+        trim_heaps_before_backward(model)   # without checkpointing too (checkpointing arranged it already)
         if config.compile:
             compile_blocks(model)
         # self.model stays the user's module; the strategy wraps a module whose forward computes
