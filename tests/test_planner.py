@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -76,9 +78,16 @@ def test_the_plan_is_the_fastest_candidate_by_its_timed_blocks():
     assert "->" in table and "2>" in table and "tokens/s" in table
 
 
-def test_nothing_fits_names_the_budget_and_what_to_do():
-    with pytest.raises(ValueError, match="nothing fits .* lower --seq or raise --max-memory"):
-        plan_run(config(), 2**20, GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False)
+def test_nothing_fits_names_the_smallest_budget_that_would():
+    with pytest.raises(ValueError, match="nothing fits .* give --max-memory (\\d+)MiB or more, or lower --seq") as error:
+        plan_run(config(), 2**20, GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False, timed=False)
+    named = int(re.search(r"give --max-memory (\d+)MiB", str(error.value)).group(1)) * 2**20
+    leanest = min(process_bytes(Layout(1, GLOBAL_BATCH, True, 0, keep)) for keep in (False, True))
+    assert named >= leanest * (1 + MARGIN) > named - 2**20   # the leanest layout with its headroom, rounded up
+    plan = plan_run(config(), named, GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False, timed=False)
+    assert plan.chosen.layout.micro_batch == 1   # and at that budget it does fit
+    with pytest.raises(ValueError, match="nothing fits"):
+        plan_run(config(), named - 2**20, GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False, timed=False)
 
 
 def test_estimate_plan_prints_the_flags_of_the_chosen_layout(tmp_path, capsys):

@@ -11,6 +11,7 @@ the chosen layout compiles its blocks, from the run's length and the block timed
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ import transformers
 from ..config import DEFAULT_CHUNK_TOKENS, LoraConfig, QuantConfig, parse_dtype
 from ..memory.estimate import estimate_memory
 from ..memory.meta_model import layer_count, load_config
+from ..memory.report import format_bytes
 from ..model.compile import compiling_is_available
 from .compiling import (
     COMPILE_GAIN_CEILING,
@@ -107,6 +109,8 @@ def plan_run(
                      chunk_tokens=chunk_tokens, progress=bar.set_description)
     try:
         candidates = fitting_layouts(global_batch, layers, process_bytes, budget, margin)
+        if not candidates:
+            raise ValueError(_nothing_fits(global_batch, checkpointing, budget, process_bytes, margin))
         times = None
         if timed and candidates:
             trainable = estimate(candidates[0].layout).trainable_parameters
@@ -122,6 +126,17 @@ def plan_run(
     finally:
         bar.close()
     return dataclasses.replace(plan, compile=choice)
+
+
+def _nothing_fits(global_batch: int, checkpointing: bool, budget: int, process_bytes, margin) -> str:
+    """The error for a budget below every layout: it names the smallest budget that would do."""
+    leanest = [Layout(1, global_batch, True, 0, keep) for keep in (False, True)] if checkpointing else \
+        [Layout(1, global_batch, False)]
+    needed_mib = min(math.ceil(process_bytes(layout) * (1 + margin(layout)) / 2**20) for layout in leanest)
+    what = "every block checkpointed" if checkpointing else "no checkpointing (--no-checkpointing)"
+    return (f"nothing fits a {format_bytes(budget)} budget: one sequence per micro-batch with {what} needs "
+            f"{needed_mib} MiB (its predicted process peak plus the headroom for the prediction's error); "
+            f"give --max-memory {needed_mib}MiB or more, or lower --seq")
 
 
 def _compile_choice(chosen: Candidate, times: StepTimes, steps: int | None, config, quant, lora, seq_len,
