@@ -47,6 +47,9 @@ def register(subparsers) -> None:
                         "(default: 4 x --grad-accum)")
     parser.add_argument("--steps", type=int, default=None, help="with --plan: the run's optimizer steps (the planner "
                         "compiles when they pay the compile back)")
+    parser.add_argument("--calibrate", action="store_true", help="measure the process peak instead of modelling it: "
+                        "train the model cut to 1 and 2 blocks (random weights, real widths) in fresh processes here "
+                        "and extrapolate by depth (CPU; seconds, or minutes at 8B widths)")
     parser.set_defaults(func=exit_2_on_bad_input("estimate", _run))
 
 
@@ -58,7 +61,10 @@ def _run(args: argparse.Namespace) -> int:
         args.chunk_tokens = 0
     if args.plan:
         return _plan(args)
-    estimate = estimate_memory(default_model(args.model), **options.estimate_arguments(args, args.batch, args.device))
+    arguments = options.estimate_arguments(args, args.batch, args.device)
+    estimate = estimate_memory(default_model(args.model), **arguments)
+    if args.calibrate:
+        return _calibrated(args, arguments, estimate)
     result = estimate.to_dict()
     if args.gpu:
         device_bytes = parse_bytes(args.gpu)
@@ -74,6 +80,34 @@ def _run(args: argparse.Namespace) -> int:
         verdict = "fits" if result["fits"] else "does NOT fit"
         print(f"\nprocess peak {format_bytes(estimate.process_bytes)} {verdict} in {format_bytes(device_bytes)}; "
               f"largest batch that fits at seq {args.seq}: {result['max_batch_size']}")
+    return 0
+
+
+def _calibrated(args: argparse.Namespace, arguments: dict, estimate) -> int:
+    """`estimate --calibrate`: the stand-ins' measured training peak, extrapolated, beside the analytic figure."""
+    from ..memory.calibrate import calibrate_training_peak, stand_in_run
+    from ..memory.estimate import estimate_memory
+    from ..memory.meta_model import load_config
+
+    run = stand_in_run(arguments)
+    model = default_model(args.model)
+    calibration = calibrate_training_peak(load_config(model), lambda config: estimate_memory(config, **arguments), run)
+    load_peak = estimate.process_breakdown["load_peak"]
+    calibrated = max(calibration.training_bytes, load_peak)
+    if args.json:
+        print(json.dumps({"calibrated_process_bytes": calibrated, "calibrated_training_bytes": calibration.training_bytes,
+                          "analytic_process_bytes": estimate.process_bytes, "load_peak": load_peak,
+                          "stand_in_anon_peaks": calibration.anon_peaks, "stand_in_tensor_peaks": calibration.tensor_peaks,
+                          "per_block_bytes": calibration.per_block, "total_bytes": estimate.total_bytes}, indent=1))
+        return 0
+    print(estimate.table())
+    stand_ins = ", ".join(f"{d} block{'s' if d > 1 else ''} {format_bytes(calibration.anon_peaks[d])} "
+                          f"(tensors {format_bytes(calibration.tensor_peaks[d])})" for d in sorted(calibration.anon_peaks))
+    print(f"calibrated process peak: {format_bytes(calibrated)} (training {format_bytes(calibration.training_bytes)}: "
+          f"tensors {format_bytes(estimate.total_bytes)} + what the stand-ins held beyond theirs, "
+          f"{format_bytes(calibration.per_block)} a block beyond the second; loading {format_bytes(load_peak)})\n"
+          f"stand-ins measured here: {stand_ins}\n"
+          f"analytic process peak:   {format_bytes(estimate.process_bytes)}")
     return 0
 
 

@@ -1,0 +1,171 @@
+"""The calibrated process estimate: the model cut to one and two decoder blocks, trained in fresh processes, extrapolated by depth.
+
+The analytic process model (`process.py`) predicts what glibc's heaps keep from terms fitted on
+a few machines' runs. `estimate --calibrate` measures it instead, on this machine: a fresh
+subprocess builds the model at its real widths and vocabulary with 1 block, another with 2
+(random weights, quantized and adapted as the run will be, checkpointing and heap trims as the
+Trainer arranges them), trains `CALIBRATION_STEPS` steps at the run's micro-batch and sequence
+length, and samples its anonymous peak (RssAnon). What each holds beyond its exact tensor
+estimate is its residual; the residual's growth from 1 to 2 blocks is taken as what each further
+block adds:
+
+    calibrated = tensors(L blocks) + residual(2) + (L - 2) x max(0, residual(2) - residual(1))
+
+It costs two short trainings of one and two blocks (seconds for small models, about a minute
+each at Llama-3-8B's widths and seq 2048). It covers the training peak; loading is the analytic
+model's (`load_peak`), and the larger of the two is the figure.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import transformers
+
+from ..config import LoraConfig, QuantConfig
+
+# Steps each stand-in trains (the peak is over all of them): the first allocates the optimizer's
+# states and the kernels' scratch, the second reuses the heaps as every later step does.
+CALIBRATION_STEPS = 2
+STAND_IN_DEPTHS = (1, 2)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The two stand-ins' measurements and the extrapolated training peak."""
+
+    anon_peaks: dict[int, int]      # blocks -> measured anonymous peak of the stand-in's training
+    tensor_peaks: dict[int, int]    # blocks -> the stand-in's exact tensor estimate
+    layers: int
+    tensor_peak: int                # the whole model's tensor estimate
+    training_bytes: int             # the extrapolated anonymous training peak
+
+    @property
+    def per_block(self) -> int:
+        """What each block beyond the second adds beyond its tensors (measured: 2 blocks less 1)."""
+        residual = {d: self.anon_peaks[d] - self.tensor_peaks[d] for d in STAND_IN_DEPTHS}
+        return max(0, residual[2] - residual[1])
+
+
+def with_depth(config: transformers.PretrainedConfig, blocks: int) -> transformers.PretrainedConfig:
+    """`config` with `blocks` decoder layers (everything else, the vocabulary included, as it is)."""
+    cut = copy.deepcopy(config)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(cut, name):
+            setattr(cut, name, blocks)
+    if getattr(cut, "layer_types", None):
+        cut.layer_types = cut.layer_types[:blocks]
+    return cut
+
+
+def stand_in_run(arguments: dict) -> dict:
+    """The stand-ins' run shape from `estimate_memory`'s keyword arguments (what the CLI translates).
+
+    Raises:
+        ValueError: settings the stand-ins do not reproduce yet (a CUDA run, full fine-tuning,
+            partial checkpointing, packing, an optimizer other than AdamW).
+    """
+    unsupported = {"--device cuda (the stand-ins measure this machine's CPU process: give --device cpu)": arguments.get("device") == "cuda",
+                   "--r 0 (full fine-tuning)": arguments.get("lora") is None,
+                   "--keep-blocks": bool(arguments.get("keep_blocks")),
+                   "--packing": bool(arguments.get("packing")),
+                   f"--optimizer {arguments.get('optimizer')}": arguments.get("optimizer", "adamw") != "adamw"}
+    refused = [name for name, present in unsupported.items() if present]
+    if refused:
+        raise ValueError(f"--calibrate does not reproduce {', '.join(refused)} yet; drop it, or use the analytic estimate")
+    quant = dataclasses.asdict(arguments["quant"])
+    quant["compute_dtype"] = str(arguments["quant"].compute_dtype).removeprefix("torch.")
+    lora = dataclasses.asdict(arguments["lora"])
+    lora["target_modules"] = lora["target_modules"] if isinstance(lora["target_modules"], str) else list(lora["target_modules"])
+    return {"quant": quant, "lora": lora, "batch_size": arguments["batch_size"], "seq_len": arguments["seq_len"],
+            "grad_accum": arguments.get("grad_accum", 1), "gradient_checkpointing": arguments["gradient_checkpointing"],
+            "keep_attention": arguments.get("keep_attention"),
+            "dtype": str(arguments.get("dtype", torch.bfloat16)).removeprefix("torch.")}
+
+
+def calibrate_training_peak(config: transformers.PretrainedConfig, estimate_for, run: dict) -> Calibration:
+    """Measure the 1- and 2-block stand-ins of `config` and extrapolate to its depth.
+
+    Args:
+        config: the model's config.
+        estimate_for: config -> its MemoryEstimate for the run (the caller's settings).
+        run: the run's shape for the stand-ins: quant and lora (as dicts), batch_size, seq_len,
+            grad_accum, gradient_checkpointing, keep_attention, dtype (a string).
+    """
+    from .meta_model import layer_count
+
+    anon, tensors = {}, {}
+    for blocks in STAND_IN_DEPTHS:
+        cut = with_depth(config, blocks)
+        tensors[blocks] = estimate_for(cut).total_bytes
+        anon[blocks] = _measure_in_subprocess(cut, run)
+    layers = layer_count(config)
+    tensor_peak = estimate_for(config).total_bytes
+    calibration = Calibration(anon, tensors, layers, tensor_peak, 0)
+    extra = anon[2] - tensors[2] + max(0, layers - 2) * calibration.per_block
+    return dataclasses.replace(calibration, training_bytes=tensor_peak + extra)
+
+
+def _measure_in_subprocess(config: transformers.PretrainedConfig, run: dict) -> int:
+    payload = json.dumps({"config": config.to_dict(), "run": run})
+    result = subprocess.run([sys.executable, "-m", "qlowrank.memory.calibrate"], input=payload, text=True,
+                            capture_output=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"the calibration stand-in failed:\n{result.stderr[-2000:]}")
+    return int(json.loads(result.stdout.strip().splitlines()[-1])["anon_peak"])
+
+
+def train_stand_in(config: transformers.PretrainedConfig, run: dict) -> int:
+    """In this (fresh) process: build `config` at random, quantize and adapt it, train
+    CALIBRATION_STEPS steps of the run's shape, and return the anonymous peak of the training."""
+    from ..heap import release_free_heap
+    from ..model.checkpointing import (
+        enable_gradient_checkpointing,
+        trim_heaps_before_backward,
+    )
+    from ..model.surgery import add_lora, quantize_model
+    from ..nn.loss import causal_lm_loss
+    from .sampler import StatusSampler
+
+    dtype = getattr(torch, run["dtype"])
+    run["quant"]["compute_dtype"] = getattr(torch, run["quant"]["compute_dtype"])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quant = QuantConfig(**run["quant"])
+    if quant.bits is not None:
+        quantize_model(model, quant)
+    add_lora(model, dataclasses.replace(LoraConfig(**run["lora"]), init="kaiming", loftq_iters=1), seed=0)
+    if run["gradient_checkpointing"]:
+        enable_gradient_checkpointing(model, keep_attention=run["keep_attention"])
+    trim_heaps_before_backward(model)
+    model.train()
+    release_free_heap()   # as loading ends: what building and quantizing freed is not the run's
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
+    with StatusSampler() as sampler:
+        for _ in range(CALIBRATION_STEPS):
+            for _ in range(run["grad_accum"]):
+                tokens = torch.randint(0, int(config.vocab_size), (run["batch_size"], run["seq_len"]), generator=generator)
+                with autocast:
+                    loss = causal_lm_loss(model, tokens, tokens) / run["grad_accum"]
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return sampler.anon_peak
+
+
+def _main() -> None:
+    payload = json.loads(sys.stdin.read())
+    config = transformers.AutoConfig.for_model(**payload["config"])
+    print(json.dumps({"anon_peak": train_stand_in(config, payload["run"])}))
+
+
+if __name__ == "__main__":
+    _main()
