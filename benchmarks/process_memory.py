@@ -195,7 +195,7 @@ def prediction(spec: dict, path: str) -> dict:
     """The estimate's figures and the sizes the process model read (kept, so --fit needs no model files)."""
     estimate = predict(spec, path)
     if not spec.get("heap_trim", True):   # measured with QLOWRANK_HEAP_TRIM=0
-        estimate.facts = dataclasses.replace(estimate.facts, heap_trimmed=False)
+        estimate.facts = dataclasses.replace(estimate.facts, heap_trimmed=False, blocks_trim=False)
     parts = estimate.process_breakdown
     return {"predicted_process": estimate.process_bytes, "predicted_tensor": estimate.total_bytes,
             "predicted_training_peak": parts["training_peak"], "predicted_load_peak": parts["load_peak"],

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qlowrank import heap
-from qlowrank.memory.process import CPU_PREDICTION_MARGIN, CPU_TRIMMED_PREDICTION_MARGIN
+from qlowrank.memory.process import CPU_PREDICTION_MARGIN, CPU_WIDE_PREDICTION_MARGIN
 from qlowrank.model.checkpointing import (
     enable_gradient_checkpointing,
     trim_heaps_before_backward,
@@ -81,7 +81,8 @@ def test_wide_blocks_trim_once_each_before_their_backward(monkeypatch, width, tr
                           (256, True, 0, False), (heap.TRIM_MIN_HIDDEN, True, 1, False)])
 def test_the_process_model_follows_the_trimming(width, checkpointing, keep_blocks, trimmed):
     """The estimate knows which runs' peaks come after a trim (wide, every block checkpointed: a kept
-    block runs its backward before the first trim) and then counts no layer residue."""
+    block runs its backward before the first trim) and then counts no layer residue; every wide
+    layout keeps the planner's smaller headroom."""
     import transformers
 
     import qlowrank as ql
@@ -93,7 +94,9 @@ def test_the_process_model_follows_the_trimming(width, checkpointing, keep_block
     assert estimate.facts.heap_trimmed is trimmed
     assert (estimate.process_breakdown["layer_residue"] == 0) is trimmed
     # and the planner's headroom is the measured error of that regime
-    assert estimate.prediction_margin == (CPU_TRIMMED_PREDICTION_MARGIN if trimmed else CPU_PREDICTION_MARGIN)
+    wide = width >= heap.TRIM_MIN_HIDDEN   # every wide block trims, checkpointed or not
+    assert estimate.facts.blocks_trim is wide
+    assert estimate.prediction_margin == (CPU_WIDE_PREDICTION_MARGIN if wide else CPU_PREDICTION_MARGIN)
 
 
 def test_compiled_wide_blocks_still_trim(monkeypatch):

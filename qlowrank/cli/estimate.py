@@ -49,7 +49,8 @@ def register(subparsers) -> None:
                         "compiles when they pay the compile back)")
     parser.add_argument("--calibrate", action="store_true", help="measure the process peak instead of modelling it: "
                         "train the model cut to 1 and 2 blocks (random weights, real widths) in fresh processes here "
-                        "and extrapolate by depth (CPU; seconds, or minutes at 8B widths)")
+                        "and extrapolate by depth (CPU; seconds, or minutes at 8B widths). Experimental: it did not beat the "
+                        "analytic figure where measured (benchmarks/RESULTS.md)")
     parser.set_defaults(func=exit_2_on_bad_input("estimate", _run))
 
 

@@ -301,7 +301,8 @@ def _model_facts(model: nn.Module, config, spec: StepSpec, batch: int) -> dict:
                 hidden_tokens=batch * spec.seq_len * hidden,
                 # The peak falls in the first backward: trimmed only if that block trims first, i.e. when no
                 # block keeps its activations (kept blocks run their backward before any trim)
-                heap_trimmed=spec.checkpointing and not spec.keep_blocks and trims_before_backward(hidden))
+                heap_trimmed=spec.checkpointing and not spec.keep_blocks and trims_before_backward(hidden),
+                blocks_trim=trims_before_backward(hidden))
 
 
 def _prepare(config, spec: StepSpec, batch: int) -> tuple[nn.Module, dict, list[torch.Tensor]]:
