@@ -7,8 +7,7 @@ import json
 from conftest import tiny_config
 
 from qlowrank.cli.main import main
-from qlowrank.memory.calibrate import with_depth
-from qlowrank.memory.meta_model import layer_count
+from qlowrank.memory.meta_model import layer_count, with_depth
 
 # A CPU process's runtime alone (torch, transformers, bitsandbytes imported) is ~300 MiB
 # (process.py's CPU_RUNTIME_BYTES: 327 MiB measured); a stand-in that measured less did not run.

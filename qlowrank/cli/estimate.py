@@ -63,9 +63,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.plan:
         return _plan(args)
     arguments = options.estimate_arguments(args, args.batch, args.device)
-    estimate = estimate_memory(default_model(args.model), **arguments)
+    model = default_model(args.model)
+    estimate = estimate_memory(model, **arguments)
     if args.calibrate:
-        return _calibrated(args, arguments, estimate)
+        return _calibrated(args, model, arguments, estimate)
     result = estimate.to_dict()
     if args.gpu:
         device_bytes = parse_bytes(args.gpu)
@@ -84,15 +85,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrated(args: argparse.Namespace, arguments: dict, estimate) -> int:
+def _calibrated(args: argparse.Namespace, model, arguments: dict, estimate) -> int:
     """`estimate --calibrate`: the stand-ins' measured training peak, extrapolated, beside the analytic figure."""
     from ..memory.calibrate import calibrate_training_peak, stand_in_run
     from ..memory.estimate import estimate_memory
     from ..memory.meta_model import load_config
 
     run = stand_in_run(arguments)
-    model = default_model(args.model)
-    calibration = calibrate_training_peak(load_config(model), lambda config: estimate_memory(config, **arguments), run)
+    calibration = calibrate_training_peak(load_config(model), estimate.total_bytes,
+                                          lambda config: estimate_memory(config, **arguments), run)
     load_peak = estimate.process_breakdown["load_peak"]
     calibrated = max(calibration.training_bytes, load_peak)
     if args.json:

@@ -154,9 +154,10 @@ def lora_config(args: argparse.Namespace, allow_full: bool = False) -> LoraConfi
 
 def compile_request(args: argparse.Namespace) -> bool | None:
     """--compile (True), --no-compile (False), or neither: None, the planner decides."""
-    if args.compile and getattr(args, "no_compile", False):
+    forbidden = getattr(args, "no_compile", False)
+    if args.compile and forbidden:
         raise ValueError("--compile and --no-compile contradict each other: give one")
-    return True if args.compile else (False if getattr(args, "no_compile", False) else None)
+    return True if args.compile else (False if forbidden else None)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

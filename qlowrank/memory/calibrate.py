@@ -18,7 +18,6 @@ model's (`load_peak`), and the larger of the two is the figure.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import subprocess
@@ -29,6 +28,7 @@ import torch
 import transformers
 
 from ..config import LoraConfig, QuantConfig
+from .meta_model import layer_count, with_depth
 
 # Steps each stand-in trains (the peak is over all of them): the first allocates the optimizer's
 # states and the kernels' scratch, the second reuses the heaps as every later step does.
@@ -42,26 +42,22 @@ class Calibration:
 
     anon_peaks: dict[int, int]      # blocks -> measured anonymous peak of the stand-in's training
     tensor_peaks: dict[int, int]    # blocks -> the stand-in's exact tensor estimate
-    layers: int
+    layers: int                     # the whole model's decoder blocks
     tensor_peak: int                # the whole model's tensor estimate
-    training_bytes: int             # the extrapolated anonymous training peak
+
+    def residual(self, blocks: int) -> int:
+        """What the `blocks`-block stand-in held beyond its tensors."""
+        return self.anon_peaks[blocks] - self.tensor_peaks[blocks]
 
     @property
     def per_block(self) -> int:
         """What each block beyond the second adds beyond its tensors (measured: 2 blocks less 1)."""
-        residual = {d: self.anon_peaks[d] - self.tensor_peaks[d] for d in STAND_IN_DEPTHS}
-        return max(0, residual[2] - residual[1])
+        return max(0, self.residual(2) - self.residual(1))
 
-
-def with_depth(config: transformers.PretrainedConfig, blocks: int) -> transformers.PretrainedConfig:
-    """`config` with `blocks` decoder layers (everything else, the vocabulary included, as it is)."""
-    cut = copy.deepcopy(config)
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if hasattr(cut, name):
-            setattr(cut, name, blocks)
-    if getattr(cut, "layer_types", None):
-        cut.layer_types = cut.layer_types[:blocks]
-    return cut
+    @property
+    def training_bytes(self) -> int:
+        """The extrapolated anonymous training peak of the whole model."""
+        return self.tensor_peak + self.residual(2) + max(0, self.layers - 2) * self.per_block
 
 
 def stand_in_run(arguments: dict) -> dict:
@@ -89,27 +85,23 @@ def stand_in_run(arguments: dict) -> dict:
             "dtype": str(arguments.get("dtype", torch.bfloat16)).removeprefix("torch.")}
 
 
-def calibrate_training_peak(config: transformers.PretrainedConfig, estimate_for, run: dict) -> Calibration:
+def calibrate_training_peak(config: transformers.PretrainedConfig, tensor_peak: int, estimate_for,
+                            run: dict) -> Calibration:
     """Measure the 1- and 2-block stand-ins of `config` and extrapolate to its depth.
 
     Args:
         config: the model's config.
-        estimate_for: config -> its MemoryEstimate for the run (the caller's settings).
+        tensor_peak: the whole model's tensor estimate for the run.
+        estimate_for: config -> its MemoryEstimate for the run (the caller's settings), for the stand-ins.
         run: the run's shape for the stand-ins: quant and lora (as dicts), batch_size, seq_len,
             grad_accum, gradient_checkpointing, keep_attention, dtype (a string).
     """
-    from .meta_model import layer_count
-
     anon, tensors = {}, {}
     for blocks in STAND_IN_DEPTHS:
         cut = with_depth(config, blocks)
         tensors[blocks] = estimate_for(cut).total_bytes
         anon[blocks] = _measure_in_subprocess(cut, run)
-    layers = layer_count(config)
-    tensor_peak = estimate_for(config).total_bytes
-    calibration = Calibration(anon, tensors, layers, tensor_peak, 0)
-    extra = anon[2] - tensors[2] + max(0, layers - 2) * calibration.per_block
-    return dataclasses.replace(calibration, training_bytes=tensor_peak + extra)
+    return Calibration(anon, tensors, layer_count(config), tensor_peak)
 
 
 def _measure_in_subprocess(config: transformers.PretrainedConfig, run: dict) -> int:
@@ -129,18 +121,14 @@ def train_stand_in(config: transformers.PretrainedConfig, run: dict) -> int:
         enable_gradient_checkpointing,
         trim_heaps_before_backward,
     )
-    from ..model.surgery import add_lora, quantize_model
+    from ..model.surgery import random_adapted_model
     from ..nn.loss import causal_lm_loss
     from .sampler import StatusSampler
 
     dtype = getattr(torch, run["dtype"])
     run["quant"]["compute_dtype"] = getattr(torch, run["quant"]["compute_dtype"])
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    quant = QuantConfig(**run["quant"])
-    if quant.bits is not None:
-        quantize_model(model, quant)
-    add_lora(model, dataclasses.replace(LoraConfig(**run["lora"]), init="kaiming", loftq_iters=1), seed=0)
+    model = random_adapted_model(config, QuantConfig(**run["quant"]), LoraConfig(**run["lora"]), dtype)
     if run["gradient_checkpointing"]:
         enable_gradient_checkpointing(model, keep_attention=run["keep_attention"])
     trim_heaps_before_backward(model)

@@ -18,6 +18,7 @@ a log-sum-exp, so the simulation calls the fused kernel the target device would 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from pathlib import Path
 from typing import Iterator
@@ -73,6 +74,17 @@ def hidden_size_of(config: transformers.PretrainedConfig) -> int:
 def layer_count(config: transformers.PretrainedConfig) -> int:
     """Decoder layers (`num_hidden_layers` or GPT-2-style `n_layer`); 0 when the config names neither."""
     return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0) or 0)
+
+
+def with_depth(config: transformers.PretrainedConfig, blocks: int) -> transformers.PretrainedConfig:
+    """A copy of `config` with `blocks` decoder layers (everything else, the vocabulary included, as it is)."""
+    cut = copy.deepcopy(config)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(cut, name):
+            setattr(cut, name, blocks)
+    if getattr(cut, "layer_types", None):
+        cut.layer_types = cut.layer_types[:blocks]
+    return cut
 
 
 def build_meta_model(config: transformers.PretrainedConfig, dtype: torch.dtype) -> nn.Module:

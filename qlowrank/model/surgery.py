@@ -7,6 +7,7 @@ The dispatch is one short table (first match wins): layer type -> how to wrap it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -141,6 +142,20 @@ def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None = None) -> nn.
     state_of(model).lora = lora
     state_of(model).modules_to_save = saved
     state_of(model).seed = 0 if seed is None else seed   # what the init SVDs were seeded with
+    return model
+
+
+def random_adapted_model(config, quant: QuantConfig, lora: LoraConfig, dtype: torch.dtype,
+                         device: torch.device | str = "cpu") -> nn.Module:
+    """A randomly initialised model of a transformers `config`, quantized and adapted as a run with
+    `quant` and `lora` would be: the stand-in whose steps cost what the run's do (timing, calibration).
+    The factors start plain: LoftQ / PiSSA change their values, not the work or the bytes."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    if quant.bits is not None:
+        quantize_model(model, quant)
+    add_lora(model, dataclasses.replace(lora, init="kaiming", loftq_iters=1), seed=0)
     return model
 
 

@@ -95,20 +95,18 @@ def plan_run(
         return estimates[layout]
 
     def process_bytes(layout: Layout) -> int:
-        if layout.checkpointing and not checkpointing:
-            return 2**62   # never fits: the run keeps every activation
         return estimate(layout).process_bytes
 
     def margin(layout: Layout) -> float:
-        if layout.checkpointing and not checkpointing:
-            return 0.0
         return estimate(layout).prediction_margin
 
     dtype = parse_dtype(estimate_arguments.get("dtype", torch.bfloat16), "dtype")
     run_shape = dict(device=device, dtype=dtype, autocast_dtype=None if dtype == torch.float32 else dtype,
                      chunk_tokens=chunk_tokens, progress=bar.set_description)
     try:
-        candidates = fitting_layouts(global_batch, layers, process_bytes, budget, margin)
+        # without checkpointing no checkpointed layout is tried: no attention choice to make under it
+        candidates = fitting_layouts(global_batch, layers, process_bytes, budget, margin,
+                                     attention_choices=(False, True) if checkpointing else ())
         if not candidates:
             raise ValueError(_nothing_fits(global_batch, checkpointing, budget, process_bytes, margin))
         times = None

@@ -108,7 +108,8 @@ def fitting_layouts(
         budget: bytes the process may use.
         margin: the prediction's relative error to keep free, or a layout's (the process model's
             error differs between its regimes).
-        attention_choices: keep_attention values to consider under checkpointing.
+        attention_choices: keep_attention values to consider under checkpointing (empty: no
+            checkpointed layout, for a run that keeps every activation).
     """
     margin_of = margin if callable(margin) else (lambda layout: margin)
 

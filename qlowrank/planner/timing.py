@@ -26,8 +26,6 @@ predicted against measured step times).
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,14 +35,14 @@ import transformers
 from torch import nn
 
 from ..config import DEFAULT_CHUNK_TOKENS, LoraConfig, QuantConfig
-from ..memory.meta_model import hidden_size_of, layer_count
+from ..memory.meta_model import hidden_size_of, layer_count, with_depth
 from ..model.checkpointing import (
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
     trim_heaps_before_backward,
 )
 from ..model.compile import compile_blocks
-from ..model.surgery import add_lora, quantize_model
+from ..model.surgery import random_adapted_model
 from ..nn.loss import causal_lm_loss, chunked_cross_entropy
 
 # The stand-in model's vocabulary: small enough that its head costs nothing next to a block
@@ -101,12 +99,7 @@ class StepTimes:
 
 def stand_in_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
     """The model's config with one decoder layer and a STAND_IN_VOCAB vocabulary (special token ids dropped)."""
-    small = copy.deepcopy(config)
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if hasattr(small, name):
-            setattr(small, name, 1)
-    if hasattr(small, "layer_types") and small.layer_types:
-        small.layer_types = small.layer_types[:1]
+    small = with_depth(config, 1)
     small.vocab_size = STAND_IN_VOCAB
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(getattr(small, name, None), int) and getattr(small, name) >= STAND_IN_VOCAB:
@@ -239,11 +232,7 @@ def time_compiled(
 def stand_in_model(config: transformers.PretrainedConfig, quant: QuantConfig, lora: LoraConfig,
                    device: torch.device, dtype: torch.dtype) -> nn.Module:
     """One decoder block of `config`'s widths, quantized and adapted as the run will be, in training mode."""
-    model = transformers.AutoModelForCausalLM.from_config(stand_in_config(config), dtype=dtype).to(device)
-    if quant.bits is not None:
-        quantize_model(model, quant)
-    # LoftQ / PiSSA change the factors' values, not the step's work: a plain init times the same
-    add_lora(model, dataclasses.replace(lora, init="kaiming", loftq_iters=1), seed=0)
+    model = random_adapted_model(stand_in_config(config), quant, lora, dtype, device)
     # In the real model every block but the first gets an input that requires grad, so its frozen
     # matmuls compute input gradients in backward; the stand-in's only block must do the same.
     model.enable_input_require_grads()
