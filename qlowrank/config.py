@@ -213,6 +213,8 @@ class TrainConfig:
     sharding: str | None = None         # one of SHARDINGS: None (one process, or DDP) | "fsdp"
     compile: bool = False               # torch.compile each decoder block (compile.py): 7-15% faster steps on a
                                         # CPU after a one-off compile of ~20 s; pays on runs of many minutes
+    offload_activations: bool = False   # CUDA: tensors saved for backward wait in host memory (model/offload.py);
+                                        # with checkpointing the GPU then holds about one block's activations
     group_by_length: bool = True        # batch examples of similar length (data.epoch_order): less padding
     pad_multiple: int = 64              # pad each batch's length up to a multiple of this (at most the run's
                                         # longest example). Every new batch shape makes the CPU's kernels

@@ -129,6 +129,7 @@ def _plan(args: argparse.Namespace) -> int:
     flags = (f"--batch {layout.micro_batch} --grad-accum {layout.grad_accum} "
              + (f"--keep-blocks {layout.keep_blocks} --keep-attention {'on' if layout.keep_attention else 'off'}"
                 if layout.checkpointing else "--no-checkpointing")
+             + (" --offload-activations" if layout.offload else "")
              + (" --compile" if plan.compile.enabled else ""))
     print(f"chosen: {flags}" + ("" if here else " (ranked without timings: no such device here)"))
     return 0

@@ -13,6 +13,7 @@ import torch
 
 from ..memory.estimate import MemoryEstimate, estimate_memory
 from ..memory.report import format_bytes, parse_bytes
+from ..memory.sampler import available_host_bytes, read_status
 from . import options
 
 
@@ -32,14 +33,7 @@ def memory_budget(args: argparse.Namespace) -> int:
         return parse_bytes(args.max_memory)
     if options.device(args).type == "cuda":
         return int(torch.cuda.mem_get_info()[0])
-    fields = {}
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            key, value = line.split(":", 1)
-            fields[key] = int(value.split()[0]) * 1024
-    with open("/proc/self/status") as handle:
-        rss = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
-    return fields.get("MemAvailable", fields.get("MemFree", 0)) + rss
+    return (available_host_bytes() or 0) + read_status().get("VmRSS", 0)
 
 
 def plan_layout(args: argparse.Namespace, distributed: bool = False, steps: int | None = None):
@@ -58,13 +52,14 @@ def plan_layout(args: argparse.Namespace, distributed: bool = False, steps: int 
     if global_batch < 1:
         raise ValueError(f"--global-batch {global_batch} must be >= 1")
     arguments = options.estimate_arguments(args, 1, options.device(args).type)
-    for name in ("batch_size", "grad_accum", "gradient_checkpointing", "keep_blocks", "keep_attention"):
+    for name in ("batch_size", "grad_accum", "gradient_checkpointing", "keep_blocks", "keep_attention",
+                 "offload_activations"):
         arguments.pop(name)   # the planner chooses these
     arguments["lora"] = options.lora_config(args)   # an adapter, always: --r 0 is refused here as in train
     return plan_run(args.model, memory_budget(args), global_batch, timed=not distributed,
                     checkpointing=not args.no_checkpointing, progress=not getattr(args, "no_progress", False),
                     chunk_tokens=args.chunk_tokens, steps=steps, compile=options.compile_request(args),
-                    **arguments)
+                    offload=True if args.offload_activations else None, **arguments)
 
 
 def apply_plan(args: argparse.Namespace, distributed: bool = False, steps: int | None = None) -> None:
@@ -77,6 +72,7 @@ def apply_plan(args: argparse.Namespace, distributed: bool = False, steps: int |
     args.no_checkpointing = not layout.checkpointing
     args.keep_blocks = layout.keep_blocks if layout.checkpointing else 0
     args.keep_attention = "on" if layout.keep_attention else "off"
+    args.offload_activations = layout.offload
     print(f"batch auto: micro-batch {layout.micro_batch} x grad-accum {layout.grad_accum} = global batch "
           f"{layout.micro_batch * layout.grad_accum}, {layout.describe(plan.layers)} (predicted process peak "
           f"{format_bytes(plan.chosen.process_bytes)} + {plan.chosen.margin:.0%} headroom, of a {format_bytes(plan.budget)} "

@@ -15,6 +15,7 @@ step, gradients appear during backward and are freed by `zero_grad()`.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,9 +24,16 @@ import torch
 import transformers
 from torch import nn
 
-from ..config import ESTIMATE_OPTIMIZERS, SHARDINGS, LoraConfig, QuantConfig, parse_dtype
+from ..config import (
+    ESTIMATE_OPTIMIZERS,
+    SHARDINGS,
+    LoraConfig,
+    QuantConfig,
+    parse_dtype,
+)
 from ..heap import trims_before_backward
 from ..model.checkpointing import enable_gradient_checkpointing
+from ..model.offload import OffloadActivations
 from ..model.surgery import add_lora
 from ..nn.layers import is_linear_like, linear_shape
 from . import process as process_model
@@ -71,6 +79,7 @@ class MemoryEstimate:
     trainable_parameters: int = 0
     total_parameters: int = 0
     facts: process_model.ModelFacts | None = None   # what the CPU process model needs (sizes, source)
+    host_offload_bytes: int = 0           # activation offloading: the most saved-tensor bytes waiting on the host
     _simulate: Callable[[int], "MemoryEstimate"] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -138,6 +147,7 @@ class MemoryEstimate:
         """The breakdown as a text table, with the settings."""
         s = self.settings
         extra = [("peak in phase", self.peak_phase),
+                 *([("offloaded to host", format_bytes(self.host_offload_bytes))] if s.get("offload_activations") else []),
                  ("trainable params", f"{self.trainable_parameters:,}"),
                  ("total params", f"{self.total_parameters:,}")]
         title = (f"estimated peak: {s.get('model', '?')}  bits={s.get('bits')}  r={s.get('r')}  "
@@ -151,7 +161,8 @@ class MemoryEstimate:
                 "process_bytes": self.process_bytes, "process": format_bytes(self.process_bytes),
                 "process_breakdown": self.process_breakdown, "file_backed_bytes": self.file_backed_bytes,
                 "breakdown": dict(self.breakdown), "peak_phase": self.peak_phase, "settings": dict(self.settings),
-                "trainable_parameters": self.trainable_parameters, "total_parameters": self.total_parameters}
+                "trainable_parameters": self.trainable_parameters, "total_parameters": self.total_parameters,
+                "host_offload_bytes": self.host_offload_bytes}
 
 
 def estimate_memory(
@@ -173,6 +184,7 @@ def estimate_memory(
     packing: bool = False,
     keep_blocks: int = 0,
     keep_attention: bool | None = None,
+    offload_activations: bool = False,
 ) -> MemoryEstimate:
     """Predict the peak memory of one training step, from a config alone.
 
@@ -202,6 +214,9 @@ def estimate_memory(
             (partial checkpointing, as `enable_gradient_checkpointing(keep_blocks=...)`).
         keep_attention: under checkpointing, keep each block's attention output (None: from
             KEEP_ATTENTION_MIN_SEQ tokens on, as `enable_gradient_checkpointing` decides).
+        offload_activations: (CUDA) tensors saved for backward wait in host memory
+            (`model.offload.OffloadActivations`, `--offload-activations`); what the host then holds
+            is `host_offload_bytes`, outside `total_bytes`.
 
     Returns:
         A MemoryEstimate with `total_bytes`, `breakdown`, `fits()` and `max_batch_size()`.
@@ -225,6 +240,9 @@ def estimate_memory(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: estimate for 'cuda' or 'cpu'")
+    if offload_activations and device != "cuda":
+        raise ValueError("offload_activations moves activations from a GPU to host memory; a CPU run has them "
+                         "in host memory already (estimate for device='cuda', or drop it)")
     config = load_config(path_or_config)
     source = source_of(path_or_config)
     loss_fn = loss_fn or (chunked_loss_fn if chunked_loss else default_loss)
@@ -235,12 +253,12 @@ def estimate_memory(
         "keep_attention": keep_attention, "optimizer": optimizer,
         "dtype": str(dtype).removeprefix("torch."), "device": device, "chunked_loss": chunked_loss,
         "processes": processes, "sharding": sharding, "source": source[0],
-        "grad_accum": grad_accum, "packing": packing,
+        "grad_accum": grad_accum, "packing": packing, "offload_activations": offload_activations,
     }
     spec = StepSpec(quant=quant, lora=lora, seq_len=seq_len, checkpointing=gradient_checkpointing,
                     optimizer=optimizer, dtype=dtype, source_dtype=source_dtype, device=device, loss_fn=loss_fn,
                     grad_accum=grad_accum, packing=packing, processes=processes, sharding=sharding, source=source,
-                    keep_blocks=keep_blocks, keep_attention=keep_attention)
+                    keep_blocks=keep_blocks, keep_attention=keep_attention, offload=offload_activations)
     cache: dict[int, MemoryEstimate] = {}
 
     def simulate(batch: int) -> MemoryEstimate:
@@ -272,6 +290,7 @@ class StepSpec:
     source: tuple[str, int | None] = ("safetensors", None)
     keep_blocks: int = 0
     keep_attention: bool | None = None
+    offload: bool = False
 
 
 def source_of(path_or_config: str | Path | transformers.PretrainedConfig) -> tuple[str, int | None]:
@@ -322,20 +341,24 @@ def _prepare(config, spec: StepSpec, batch: int) -> tuple[nn.Module, dict, list[
 
 
 def _run_pass(model: nn.Module, spec: StepSpec, batch: int,
-              trainable: list[torch.Tensor]) -> tuple[TensorTracker, list[torch.Tensor]]:
-    """One forward and backward on meta tensors under the tracker, and the optimizer states (live
-    from the start; the caller keeps them alive, or the tracker stops counting them)."""
+              trainable: list[torch.Tensor]) -> tuple[TensorTracker, list[torch.Tensor], int]:
+    """One forward and backward on meta tensors under the tracker, the optimizer states (live
+    from the start; the caller keeps them alive, or the tracker stops counting them), and the
+    host bytes of offloaded activations at most."""
     tokens = torch.zeros(batch, spec.seq_len, dtype=torch.long, device="meta")
     states = optimizer_states(trainable, spec.optimizer)   # made outside the tracker, added as state
     tracker = TensorTracker(model, None, devices=["meta"])
+    # the run's own offloading hooks, on meta: packed tensors leave the device, unpacking allocates anew
+    offload = OffloadActivations("meta") if spec.offload else nullcontext()
     with tracker, fused_attention(spec.device):
         for tensor in states:
             tracker.add(tensor, "optimizer_states")
         tracker.set_phase("forward")
-        loss = spec.loss_fn(model, tokens)
+        with offload:
+            loss = spec.loss_fn(model, tokens)
         loss.backward()
         del loss
-    return tracker, states
+    return tracker, states, offload.host_peak_bytes if spec.offload else 0
 
 
 def _in_pass_peak(tracker: TensorTracker, spec: StepSpec, batch: int, trainable: list[torch.Tensor]) -> dict[str, int]:
@@ -356,7 +379,7 @@ def _in_pass_peak(tracker: TensorTracker, spec: StepSpec, batch: int, trainable:
 
 def _simulate_step(config, spec: StepSpec, batch: int, settings: dict) -> MemoryEstimate:
     model, facts, trainable = _prepare(config, spec, batch)
-    tracker, states = _run_pass(model, spec, batch, trainable)
+    tracker, states, host_offload = _run_pass(model, spec, batch, trainable)
     after_backward = dict(tracker.state.live)  # weights, LoRA, gradients, optimizer states
     del states
     step_temp = optimizer_step_temporaries(trainable, spec.optimizer, spec.device)
@@ -373,6 +396,7 @@ def _simulate_step(config, spec: StepSpec, batch: int, settings: dict) -> Memory
     total_params = sum(_true_numel(m, p) for m, p in owners.values())
     return MemoryEstimate(breakdown={c: int(breakdown[c]) for c in CATEGORIES}, peak_phase=phase, settings=settings,
                           trainable_parameters=sum(p.numel() for p in trainable), total_parameters=total_params,
+                          host_offload_bytes=host_offload,
                           facts=process_model.ModelFacts(base_bytes=int(breakdown["base_weights"]),
                                                          temporary_bytes=int(tracker.state.category_peaks["temporaries"]), **facts))
 

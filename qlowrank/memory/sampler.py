@@ -30,6 +30,19 @@ def read_status(pid: int | str = "self") -> dict[str, int]:
     return values
 
 
+def available_host_bytes() -> int | None:
+    """What the machine could still give a process (MemAvailable, else MemFree), in bytes; None without /proc."""
+    fields = {}
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                fields[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return fields.get("MemAvailable", fields.get("MemFree"))
+
+
 class StatusSampler:
     """Peaks of RssAnon / RssFile / VmHWM of process `pid`, sampled every `interval` seconds.
 

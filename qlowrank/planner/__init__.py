@@ -21,6 +21,7 @@ from ..config import DEFAULT_CHUNK_TOKENS, LoraConfig, QuantConfig, parse_dtype
 from ..memory.estimate import estimate_memory
 from ..memory.meta_model import layer_count, load_config
 from ..memory.report import format_bytes
+from ..memory.sampler import available_host_bytes
 from ..model.compile import compiling_is_available
 from .compiling import (
     COMPILE_GAIN_CEILING,
@@ -49,6 +50,8 @@ def plan_run(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     steps: int | None = None,
     compile: bool | None = None,
+    offload: bool | None = None,
+    host_budget: int | None = None,
     **estimate_arguments,
 ) -> RunPlan:
     """The fastest layout of a run that fits `budget`, with the runner-up and every fitting candidate.
@@ -68,6 +71,11 @@ def plan_run(
         compile: True / False: the run compiles its blocks or not, as asked. None: decide, when the run
             is timed and long enough that compiling could pay back, by timing the chosen layout's block
             compiled (the layout itself is chosen by eager timings; compiled memory is taken as eager's).
+        offload: activation offloading (CUDA only): True: every layout offloads; False: none does;
+            None: on CUDA both are candidates (offloading fits more in the GPU for host transfers, which
+            the timed blocks price); on a CPU none.
+        host_budget: host memory the offloaded activations may take (default: what the machine has
+            available now).
         **estimate_arguments: the rest of `estimate_memory`'s arguments for the run (optimizer,
             dtype, loss_fn, packing, ...; not batch_size, grad_accum or the checkpointing ones).
 
@@ -78,6 +86,10 @@ def plan_run(
 
     if global_batch < 1:
         raise ValueError(f"global_batch={global_batch} must be >= 1")
+    if offload and device != "cuda":
+        raise ValueError("activation offloading moves activations from a GPU to host memory; plan a CUDA run "
+                         "for it, or drop --offload-activations")
+    offload_choices = (offload,) if offload is not None else ((False, True) if device == "cuda" else (False,))
     config = load_config(path_or_config)
     layers = layer_count(config)
     if not layers:
@@ -90,12 +102,16 @@ def plan_run(
             estimates[layout] = estimate_memory(
                 path_or_config, quant=quant, lora=lora, seq_len=seq_len, device=device,
                 batch_size=layout.micro_batch, grad_accum=layout.grad_accum, gradient_checkpointing=layout.checkpointing,
-                keep_blocks=layout.keep_blocks, keep_attention=layout.keep_attention, **estimate_arguments)
+                keep_blocks=layout.keep_blocks, keep_attention=layout.keep_attention,
+                offload_activations=layout.offload, **estimate_arguments)
             bar.update(1)
         return estimates[layout]
 
     def process_bytes(layout: Layout) -> int:
         return estimate(layout).process_bytes
+
+    def host_bytes(layout: Layout) -> int:
+        return estimate(layout).host_offload_bytes
 
     def margin(layout: Layout) -> float:
         return estimate(layout).prediction_margin
@@ -106,9 +122,13 @@ def plan_run(
     try:
         # without checkpointing no checkpointed layout is tried: no attention choice to make under it
         candidates = fitting_layouts(global_batch, layers, process_bytes, budget, margin,
-                                     attention_choices=(False, True) if checkpointing else ())
+                                     attention_choices=(False, True) if checkpointing else (),
+                                     offload_choices=offload_choices, host_bytes=host_bytes,
+                                     host_budget=host_budget if host_budget is not None or not max(offload_choices)
+                                     else available_host_bytes())
         if not candidates:
-            raise ValueError(_nothing_fits(global_batch, checkpointing, budget, process_bytes, margin))
+            raise ValueError(_nothing_fits(global_batch, checkpointing, budget, process_bytes, margin,
+                                           max(offload_choices)))
         times = None
         if timed and candidates:
             trainable = estimate(candidates[0].layout).trainable_parameters
@@ -126,12 +146,14 @@ def plan_run(
     return dataclasses.replace(plan, compile=choice)
 
 
-def _nothing_fits(global_batch: int, checkpointing: bool, budget: int, process_bytes, margin) -> str:
+def _nothing_fits(global_batch: int, checkpointing: bool, budget: int, process_bytes, margin,
+                  offload: bool = False) -> str:
     """The error for a budget below every layout: it names the smallest budget that would do."""
-    leanest = [Layout(1, global_batch, True, 0, keep) for keep in (False, True)] if checkpointing else \
-        [Layout(1, global_batch, False)]
+    leanest = [Layout(1, global_batch, True, 0, keep, offload) for keep in (False, True)] if checkpointing else \
+        [Layout(1, global_batch, False, offload=offload)]
     needed_mib = min(math.ceil(process_bytes(layout) * (1 + margin(layout)) / 2**20) for layout in leanest)
-    what = "every block checkpointed" if checkpointing else "no checkpointing (--no-checkpointing)"
+    what = ("every block checkpointed" if checkpointing else "no checkpointing (--no-checkpointing)") + \
+        (" and activations offloaded" if offload else "")
     return (f"nothing fits a {format_bytes(budget)} budget: one sequence per micro-batch with {what} needs "
             f"{needed_mib} MiB (its predicted process peak plus the headroom for the prediction's error); "
             f"give --max-memory {needed_mib}MiB or more, or lower --seq")
@@ -153,5 +175,5 @@ def _compile_choice(chosen: Candidate, times: StepTimes, steps: int | None, conf
     modes = block_modes([chosen])[layout.micro_batch]
     times.compiled = time_compiled(config, quant, lora, seq_len, layout.micro_batch, modes, **run_shape)
     compiled = times.step_seconds(layout.micro_batch, layout.grad_accum, layout.checkpointing, layout.keep_blocks,
-                                  layout.keep_attention, compiled=True)
+                                  layout.keep_attention, compiled=True, offload=layout.offload)
     return decide(eager, compiled, times.compiled.compile_seconds, steps)

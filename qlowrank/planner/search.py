@@ -21,12 +21,13 @@ reported beside it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..memory.report import format_bytes
 from .compiling import CompileChoice
-from .timing import KEEP_ATTENTION, PLAIN, RECOMPUTE, StepTimes
+from .timing import KEEP_ATTENTION, OFFLOADED, PLAIN, RECOMPUTE, StepTimes
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,14 @@ class Layout:
     checkpointing: bool
     keep_blocks: int = 0          # under checkpointing: trailing blocks not checkpointed
     keep_attention: bool = False  # under checkpointing: attention outputs kept, not recomputed
+    offload: bool = False         # (CUDA) tensors saved for backward wait in host memory
 
     def describe(self, layers: int) -> str:
+        offloaded = ", activations offloaded to host" if self.offload else ""
         if not self.checkpointing:
-            return "no checkpointing"
+            return "no checkpointing" + offloaded
         kept = f"last {self.keep_blocks} of {layers} blocks kept" if self.keep_blocks else f"all {layers} blocks"
-        return f"checkpointing ({kept}, attention {'kept' if self.keep_attention else 'recomputed'})"
+        return f"checkpointing ({kept}, attention {'kept' if self.keep_attention else 'recomputed'}){offloaded}"
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Candidate:
     process_bytes: int
     margin: float                  # the headroom kept above process_bytes (the prediction's measured error)
     step_seconds: float | None = None
+    host_bytes: int = 0            # offloaded activations waiting in host memory, at most
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,8 @@ class RunPlan:
             lines.append(f"  {mark:2} {c.layout.micro_batch:>5} x {c.layout.grad_accum:<5}  "
                          f"{format_bytes(c.process_bytes):>12}  "
                          f"{format_bytes(int(c.process_bytes * (1 + c.margin))) + f' ({c.margin:.0%})':>14}  "
-                         f"{seconds}  {rate}  {c.layout.describe(self.layers)}")
+                         f"{seconds}  {rate}  {c.layout.describe(self.layers)}"
+                         + (f" ({format_bytes(c.host_bytes)} on the host)" if c.layout.offload else ""))
         if self.compile is not None:
             lines.append(f"  {self.compile.describe()}")
         return "\n".join(lines)
@@ -97,9 +102,13 @@ def fitting_layouts(
     budget: int,
     margin: float | Callable[[Layout], float],
     attention_choices: tuple[bool, ...] = (False, True),
+    offload_choices: tuple[bool, ...] = (False,),
+    host_bytes: Callable[[Layout], int] | None = None,
+    host_budget: int | None = None,
 ) -> list[Candidate]:
     """For every micro-batch dividing `global_batch`: the layouts that keep the most activations
-    and still fit `budget` with `margin` on top (one per attention choice; only "no checkpointing" where it fits).
+    and still fit `budget` with `margin` on top (one per attention choice; only "no checkpointing" where it fits),
+    for each offload choice.
 
     Args:
         global_batch: sequences per optimizer step.
@@ -110,47 +119,55 @@ def fitting_layouts(
             error differs between its regimes).
         attention_choices: keep_attention values to consider under checkpointing (empty: no
             checkpointed layout, for a run that keeps every activation).
+        offload_choices: activation offloading off / on (on only for CUDA runs; it fits more in the
+            device's memory at the cost of host transfers, which the timed blocks price).
+        host_bytes, host_budget: an offloading layout's host bytes (the estimator's `host_offload_bytes`)
+            must fit `host_budget` too (None: not checked).
     """
     margin_of = margin if callable(margin) else (lambda layout: margin)
 
     def priced(layout: Layout) -> Candidate:
-        return Candidate(layout, process_bytes(layout), margin_of(layout))
+        host = host_bytes(layout) if layout.offload and host_bytes is not None else 0
+        return Candidate(layout, process_bytes(layout), margin_of(layout), host_bytes=host)
 
     def fits(candidate: Candidate) -> bool:
-        return candidate.process_bytes * (1 + candidate.margin) <= budget
+        host_fits = host_budget is None or candidate.host_bytes <= host_budget
+        return candidate.process_bytes * (1 + candidate.margin) <= budget and host_fits
 
-    found = []
-    for micro in divisors(global_batch):
-        accum = global_batch // micro
-        whole = priced(Layout(micro, accum, checkpointing=False))
+    def at_micro_batch(micro: int, accum: int, offload: bool) -> list[Candidate]:
+        whole = priced(Layout(micro, accum, checkpointing=False, offload=offload))
         if fits(whole):
-            found.append(whole)
-            continue
-        fits_any = False
+            return [whole]
+        found = []
         for keep_attention in attention_choices:
-            low = priced(Layout(micro, accum, True, 0, keep_attention))
+            low = priced(Layout(micro, accum, True, 0, keep_attention, offload))
             if not fits(low):
                 continue
-            fits_any = True
             # the chord between none and all blocks kept lies above the (convex) peak: read k off it
             usable = budget / (1 + max(low.margin, whole.margin))
             keep = min(layers - 1, max(0, int((usable - low.process_bytes)
                                               / max(1, whole.process_bytes - low.process_bytes) * layers)))
             best = low
             while keep > 0:   # the chord's count fits when the peak is convex in it; check, lower if not
-                candidate = priced(Layout(micro, accum, True, keep, keep_attention))
+                candidate = priced(Layout(micro, accum, True, keep, keep_attention, offload))
                 if fits(candidate):
                     best = candidate
                     break
                 keep -= 1
             while best.layout.keep_blocks + 1 < layers:   # the chord is conservative: take what else fits
-                candidate = priced(Layout(micro, accum, True, best.layout.keep_blocks + 1, keep_attention))
+                candidate = priced(Layout(micro, accum, True, best.layout.keep_blocks + 1, keep_attention, offload))
                 if not fits(candidate):
                     break
                 best = candidate
             found.append(best)
-        if not fits_any:
+        return found
+
+    found = []
+    for micro in divisors(global_batch):
+        here = [c for offload in offload_choices for c in at_micro_batch(micro, global_batch // micro, offload)]
+        if not here:
             break   # larger micro-batches need more
+        found += here
     return found
 
 
@@ -160,17 +177,19 @@ def block_modes(candidates: list[Candidate]) -> dict[int, set[str]]:
     for c in candidates:
         layout = c.layout
         needed = modes.setdefault(layout.micro_batch, set())
+        suffix = OFFLOADED if layout.offload else ""
         if not layout.checkpointing or layout.keep_blocks:
-            needed.add(PLAIN)
+            needed.add(PLAIN + suffix)
         if layout.checkpointing:
-            needed.add(KEEP_ATTENTION if layout.keep_attention else RECOMPUTE)
+            needed.add((KEEP_ATTENTION if layout.keep_attention else RECOMPUTE) + suffix)
     return modes
 
 
-def recompute_order(layout: Layout, layers: int) -> tuple[int, int]:
-    """Without timings: fewer recomputed blocks per step first, then larger micro-batches (fewer dequantizations)."""
+def recompute_order(layout: Layout, layers: int) -> tuple[int, bool, int]:
+    """Without timings: fewer recomputed blocks per step first, then no offloading (no host transfers),
+    then larger micro-batches (fewer dequantizations)."""
     recomputed = 0 if not layout.checkpointing else (layers - layout.keep_blocks)
-    return recomputed * layout.grad_accum, -layout.micro_batch
+    return recomputed * layout.grad_accum, layout.offload, -layout.micro_batch
 
 
 def choose(candidates: list[Candidate], times: StepTimes | None, budget: int, tokens_per_step: int,
@@ -186,9 +205,9 @@ def choose(candidates: list[Candidate], times: StepTimes | None, budget: int, to
     if times is None:
         ranked = sorted(candidates, key=lambda c: recompute_order(c.layout, layers))
     else:
-        ranked = sorted((Candidate(c.layout, c.process_bytes, c.margin,
-                                   times.step_seconds(c.layout.micro_batch, c.layout.grad_accum, c.layout.checkpointing,
-                                                      c.layout.keep_blocks, c.layout.keep_attention))
+        ranked = sorted((dataclasses.replace(c, step_seconds=times.step_seconds(
+                            c.layout.micro_batch, c.layout.grad_accum, c.layout.checkpointing, c.layout.keep_blocks,
+                            c.layout.keep_attention, offload=c.layout.offload))
                          for c in candidates), key=lambda c: c.step_seconds)
     return RunPlan(chosen=ranked[0], runner_up=ranked[1] if len(ranked) > 1 else None, candidates=tuple(ranked),
                    budget=budget, layers=layers, tokens_per_step=tokens_per_step)

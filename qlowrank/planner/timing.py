@@ -42,14 +42,16 @@ from ..model.checkpointing import (
     trim_heaps_before_backward,
 )
 from ..model.compile import compile_blocks
+from ..model.offload import OffloadActivations
 from ..model.surgery import random_adapted_model
 from ..nn.loss import causal_lm_loss, chunked_cross_entropy
 
 # The stand-in model's vocabulary: small enough that its head costs nothing next to a block
 # (the real head is timed apart, at the real vocabulary).
 STAND_IN_VOCAB = 256
-# Block modes, as timed.
+# Block modes, as timed; a mode + OFFLOADED runs its forward under activation offloading (CUDA).
 PLAIN, RECOMPUTE, KEEP_ATTENTION = "plain", "recompute", "keep_attention"
+OFFLOADED = "+offload"
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,9 @@ class StepTimes:
     compiled: CompiledTimes | None = None
 
     def step_seconds(self, micro_batch: int, grad_accum: int, checkpointing: bool, keep_blocks: int,
-                     keep_attention: bool, compiled: bool = False) -> float:
-        """Predicted seconds of one optimizer step (`micro_batch` must have been timed; with
-        `compiled`, compiled at this micro-batch too, by `time_compiled`)."""
+                     keep_attention: bool, compiled: bool = False, offload: bool = False) -> float:
+        """Predicted seconds of one optimizer step (`micro_batch` must have been timed, in the offloaded
+        modes too for `offload`; with `compiled`, compiled at this micro-batch too, by `time_compiled`)."""
         times = self.micro[micro_batch]
         block = times.block
         if compiled:
@@ -90,8 +92,9 @@ class StepTimes:
                 raise ValueError(f"micro-batch {micro_batch} was not timed compiled")
             block = {**block, **self.compiled.block}
         kept = self.layers if not checkpointing else keep_blocks
-        mode = KEEP_ATTENTION if keep_attention else RECOMPUTE
-        whole = kept * block[PLAIN] if kept else 0.0
+        suffix = OFFLOADED if offload else ""
+        mode = (KEEP_ATTENTION if keep_attention else RECOMPUTE) + suffix
+        whole = kept * block[PLAIN + suffix] if kept else 0.0
         recomputed = (self.layers - kept) * block[mode] if kept < self.layers else 0.0
         one = whole + recomputed + times.head
         return grad_accum * one + self.optimizer
@@ -151,7 +154,8 @@ def calibrate(
         config: the model's config (its widths; the layer count is read from it).
         quant, lora: how the run stores the base and which adapters it trains.
         seq: tokens per sequence.
-        micro_batches: micro-batch -> the block modes to time at it (PLAIN, RECOMPUTE, KEEP_ATTENTION).
+        micro_batches: micro-batch -> the block modes to time at it (PLAIN, RECOMPUTE, KEEP_ATTENTION,
+            each also + OFFLOADED).
         device, dtype, autocast_dtype: where and how the run computes.
         trainable_parameters: the run's trainable parameter count (the optimizer step is timed on as many).
         chunk_tokens: the loss's chunk size.
@@ -168,12 +172,13 @@ def calibrate(
     hidden = hidden_size_of(config)
     head = torch.randn(int(config.vocab_size), hidden, generator=generator).to(device, dtype)
     for micro_batch, modes in sorted(micro_batches.items()):
-        block_step = _block_step(model, micro_batch, seq, device, autocast_dtype, chunk_tokens, generator)
         block = {}
         for mode in sorted(modes):
             if progress:
                 progress(f"timing a block: micro-batch {micro_batch}, {mode.replace('_', ' ')}")
             _set_mode(model, mode)
+            block_step = _block_step(model, micro_batch, seq, device, autocast_dtype, chunk_tokens, generator,
+                                     offload=mode.endswith(OFFLOADED))
             block[mode] = best_of(block_step, repeats)
         disable_gradient_checkpointing(model)
         states = torch.randn(micro_batch, seq, hidden, generator=generator).to(device, dtype).requires_grad_(True)
@@ -218,7 +223,8 @@ def time_compiled(
         model = stand_in_model(config, quant, lora, device, dtype)   # a fresh one: compile after checkpointing
         _set_mode(model, mode)
         compile_blocks(model)
-        block_step = _block_step(model, micro_batch, seq, device, autocast_dtype, chunk_tokens, generator)
+        block_step = _block_step(model, micro_batch, seq, device, autocast_dtype, chunk_tokens, generator,
+                                 offload=mode.endswith(OFFLOADED))
         first = _seconds(block_step)   # compiles (inductor's cache makes a repeat cheaper)
         block[mode] = best_of(block_step, repeats)
         # The run's first block gets an input that does not require grad: dynamo compiles it apart
@@ -243,15 +249,16 @@ def stand_in_model(config: transformers.PretrainedConfig, quant: QuantConfig, lo
 
 def _set_mode(model: nn.Module, mode: str) -> None:
     disable_gradient_checkpointing(model)
+    mode = mode.removesuffix(OFFLOADED)
     if mode != PLAIN:
         enable_gradient_checkpointing(model, keep_attention=mode == KEEP_ATTENTION)
 
 
-def _block_step(model, micro_batch, seq, device, autocast_dtype, chunk_tokens, generator):
+def _block_step(model, micro_batch, seq, device, autocast_dtype, chunk_tokens, generator, offload: bool = False):
     tokens = torch.randint(0, STAND_IN_VOCAB, (micro_batch, seq), generator=generator).to(device)
 
     def block_step():
-        with _autocast(device, autocast_dtype):
+        with _autocast(device, autocast_dtype), OffloadActivations(device.type) if offload else nullcontext():
             loss = causal_lm_loss(model, tokens, tokens, chunk_tokens=chunk_tokens)
         loss.backward()
         model.zero_grad(set_to_none=True)

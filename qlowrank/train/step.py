@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data import Example, collate
+from ..model.offload import OffloadActivations
 from ..nn.loss import count_predicted_tokens
 from .checkpoint import latest_checkpoint
 from .parallel import Strategy
@@ -68,7 +70,8 @@ class Stepper:
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The summed loss of one batch, under the run's autocast."""
         dtype = self.autocast_dtype
-        with torch.autocast(self.strategy.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        offload = OffloadActivations(self.strategy.device.type) if self.config.offload_activations else nullcontext()
+        with torch.autocast(self.strategy.device.type, dtype=dtype or torch.float32, enabled=dtype is not None), offload:
             return self.strategy.module(**batch)
 
     def _accumulate(self, micro: list[dict[str, torch.Tensor]], poll: Callable[[], None]) -> tuple[float, float]:

@@ -86,6 +86,10 @@ class Trainer:
         if any(len(e.segments) > 1 for e in every):
             check_packed_attention(model)
         self.strategy = choose_strategy(next(model.parameters()).device, config.sharding)
+        if config.offload_activations and self.strategy.device.type != "cuda":
+            raise ValueError(f"offload_activations moves activations from a GPU to host memory; this model is on "
+                             f"{self.strategy.device.type}, where they are in host memory already: drop "
+                             "--offload-activations")
         self.layout = BatchLayout(config.batch_size, self.world, self.rank, config.grad_accum, fill=config.compile)
         self.sampler = Sampler(train, self.layout, config.seed, config.group_by_length)
         self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.sampler.per_epoch / config.grad_accum))
