@@ -149,6 +149,11 @@ def test_the_cuda_planner_offloads_only_where_nothing_else_fits():
     assert all(not c.layout.offload for c in cuda_plan(8 * lean, offload=False).candidates)
 
 
+# Two bf16 backward passes on CUDA may differ (atomic adds in some kernels run in any order): bf16 keeps
+# 8 mantissa bits, 2^-7 = 0.8% per rounding; twice that, relative, and of the largest entry, absolute.
+CUDA_BF16_RTOL = 2 * 2**-7
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("keep_blocks", [None, 0, 2])
@@ -163,7 +168,8 @@ def test_on_cuda_offloading_keeps_the_gradients_and_the_estimate_matches_the_pro
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     tokens = torch.randint(0, 256, (4, 512), generator=torch.Generator().manual_seed(1)).cuda()
     plain = gradients(model, tokens, None)
-    assert all(torch.equal(a, b) for a, b in zip(plain, gradients(model, tokens, OffloadActivations())))
+    for a, b in zip(plain, gradients(model, tokens, OffloadActivations())):
+        torch.testing.assert_close(a, b, rtol=CUDA_BF16_RTOL, atol=CUDA_BF16_RTOL * a.abs().max().item())
     model.zero_grad(set_to_none=True)
     from qlowrank.nn.loss import causal_lm_loss
     with ql.MemoryProfiler(model=model, optimizer=optimizer) as profiler:
