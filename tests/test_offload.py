@@ -142,7 +142,11 @@ def test_the_cuda_planner_offloads_only_where_nothing_else_fits():
     squeezed = cuda_plan(lean - 1)   # only the offloaded layouts fit
     assert squeezed.chosen.layout.offload and all(c.layout.offload for c in squeezed.candidates)
     assert squeezed.chosen.host_bytes > 0 and "on the host" in squeezed.table()
-    roomy = cuda_plan(8 * lean)      # everything fits: untimed, no recompute and no transfers come first
+    # untimed, the fewest bytes over the host link: every block recomputed, its input alone moved
+    assert squeezed.chosen.host_bytes == min(c.host_bytes for c in squeezed.candidates)
+    assert squeezed.chosen.layout.checkpointing and squeezed.chosen.layout.keep_blocks == 0
+    assert any(not c.layout.checkpointing or c.layout.keep_blocks for c in squeezed.candidates)
+    roomy = cuda_plan(8 * lean)      # everything fits: untimed, no transfers and no recompute come first
     assert roomy.chosen.layout == Layout(4, 1, False)
     with pytest.raises(ValueError, match="nothing fits"):   # the host cannot take the offloaded activations
         cuda_plan(lean - 1, host_budget=2**20)

@@ -19,7 +19,7 @@ from qlowrank.planner.compiling import (
     decide,
     worth_timing,
 )
-from qlowrank.planner.search import fitting_layouts, recompute_order
+from qlowrank.planner.search import fitting_layouts, untimed_order
 
 QUANT = ql.QuantConfig(bits=4, compute_dtype=torch.bfloat16)
 LORA = ql.LoraConfig(r=8, alpha=16)
@@ -104,7 +104,7 @@ def test_without_timings_every_process_ranks_alike_by_recompute_then_micro_batch
     """What ranks use under torchrun: no timed blocks, so the order cannot differ between processes."""
     plan = plan_run(config(), budget_between(), GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", timed=False, progress=False)
     assert all(c.step_seconds is None for c in plan.candidates)
-    order = [recompute_order(c.layout, 4) for c in plan.candidates]
+    order = [untimed_order(c, 4) for c in plan.candidates]
     assert order == sorted(order) and plan.chosen is plan.candidates[0]
     assert "?" in plan.table()
 

@@ -135,9 +135,13 @@ def fitting_layouts(
         return candidate.process_bytes * (1 + candidate.margin) <= budget and host_fits
 
     def at_micro_batch(micro: int, accum: int, offload: bool) -> list[Candidate]:
+        # Offloaded, the layouts that recompute every block move the fewest bytes to the host: candidates too
+        leanest = [priced(Layout(micro, accum, True, 0, keep_attention, offload)) for keep_attention in attention_choices
+                   ] if offload else []
+        leanest = [c for c in leanest if fits(c)]
         whole = priced(Layout(micro, accum, checkpointing=False, offload=offload))
         if fits(whole):
-            return [whole]
+            return [whole] + leanest
         found = []
         for keep_attention in attention_choices:
             low = priced(Layout(micro, accum, True, 0, keep_attention, offload))
@@ -160,7 +164,7 @@ def fitting_layouts(
                     break
                 best = candidate
             found.append(best)
-        return found
+        return found + [c for c in leanest if c not in found]
 
     found = []
     for micro in divisors(global_batch):
@@ -185,16 +189,18 @@ def block_modes(candidates: list[Candidate]) -> dict[int, set[str]]:
     return modes
 
 
-def recompute_order(layout: Layout, layers: int) -> tuple[int, bool, int]:
-    """Without timings: fewer recomputed blocks per step first, then no offloading (no host transfers),
-    then larger micro-batches (fewer dequantizations)."""
+def untimed_order(candidate: Candidate, layers: int) -> tuple[bool, int, int, int]:
+    """Without timings: no offloading first (a GPU's host link moves bytes far slower than it computes),
+    then the fewest bytes offloaded, then fewer recomputed blocks per step, then larger micro-batches
+    (fewer dequantizations)."""
+    layout = candidate.layout
     recomputed = 0 if not layout.checkpointing else (layers - layout.keep_blocks)
-    return recomputed * layout.grad_accum, layout.offload, -layout.micro_batch
+    return layout.offload, candidate.host_bytes, recomputed * layout.grad_accum, -layout.micro_batch
 
 
 def choose(candidates: list[Candidate], times: StepTimes | None, budget: int, tokens_per_step: int,
            layers: int) -> RunPlan:
-    """The fastest candidate by the step-time model (None: by `recompute_order`), and the runner-up.
+    """The fastest candidate by the step-time model (None: by `untimed_order`), and the runner-up.
 
     Raises:
         ValueError: no candidate (nothing fits the budget).
@@ -203,7 +209,7 @@ def choose(candidates: list[Candidate], times: StepTimes | None, budget: int, to
         raise ValueError(f"nothing fits a {format_bytes(budget)} budget (with the prediction's headroom), not even one "
                          "sequence per micro-batch with every block checkpointed; lower --seq or raise --max-memory")
     if times is None:
-        ranked = sorted(candidates, key=lambda c: recompute_order(c.layout, layers))
+        ranked = sorted(candidates, key=lambda c: untimed_order(c, layers))
     else:
         ranked = sorted((dataclasses.replace(c, step_seconds=times.step_seconds(
                             c.layout.micro_batch, c.layout.grad_accum, c.layout.checkpointing, c.layout.keep_blocks,
