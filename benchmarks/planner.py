@@ -2,6 +2,11 @@
 
     flock /tmp/qlowrank-heavy.lock nice -n 10 .venv/bin/python benchmarks/planner.py                 # SmolLM2, seq 512
     flock /tmp/qlowrank-heavy.lock nice -n 10 .venv/bin/python benchmarks/planner.py --model 8b-width --seq 2048
+    # re-plan a saved run's budgets against its measured grid (after a planner change); off-grid choices are measured
+    ... benchmarks/planner.py --model 8b-width --seq 2048 --global-batch 2 --steps 2 --replan saved.json
+    # only these layouts, predicted against measured (no budgets); --env sets a variable in the workers
+    ... benchmarks/planner.py --model 8b-width --seq 2048 --steps 2 --env QLOWRANK_HEAP_TRIM=0 \
+        --layouts '[{"micro_batch": 1, "grad_accum": 2, "checkpointing": true, "keep_blocks": 1, "keep_attention": false}]'
 
 Every grid point (micro-batch x kept blocks x attention kept, at a fixed global batch) trains
 in a fresh process: `load_model` in 4-bit, the layout's checkpointing, the trainer's chunked
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -85,11 +91,21 @@ def measure(path: str, layout: dict, seq: int, steps: int) -> dict:
     return {"step_s": step, "tokens_per_s": tokens_per_step / step, "anon_peak": sampler.anon_peak}
 
 
-def run_point(path: str, layout: dict, seq: int, steps: int) -> dict:
+def run_point(path: str, layout: dict, seq: int, steps: int, env: dict | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as handle:
         subprocess.run([sys.executable, str(HERE), "--worker", path, json.dumps(layout), str(seq), str(steps),
-                        handle.name], check=True)
+                        handle.name], check=True, env={**os.environ, **(env or {})})
         return json.loads(Path(handle.name).read_text())
+
+
+def predicted_process(path: str, layout: dict, seq: int) -> int:
+    """The estimator's process peak for a grid point (what the planner compares with the budget)."""
+    import qlowrank as ql
+    return ql.estimate_memory(path, quant=ql.QuantConfig(bits=4, compute_dtype=torch.bfloat16),
+                              lora=ql.LoraConfig(r=16, alpha=32), seq_len=seq, device="cpu",
+                              batch_size=layout["micro_batch"], grad_accum=layout["grad_accum"],
+                              gradient_checkpointing=layout["checkpointing"], keep_blocks=layout["keep_blocks"],
+                              keep_attention=layout["keep_attention"]).process_bytes
 
 
 def layout_key(layout: dict) -> tuple:
@@ -122,6 +138,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per grid point (the first is not timed)")
     parser.add_argument("--budgets", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--replan", default=None, help="a --json file of an earlier run: re-plan its budgets against "
+                                                       "its grid instead of measuring the grid again")
+    parser.add_argument("--layouts", default=None, help="a JSON list of layouts: measure only these, predicted "
+                                                        "against measured, and plan nothing")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE set in every worker (repeatable)")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--make", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -137,18 +158,34 @@ def main() -> None:
     from qlowrank.memory.meta_model import layer_count, load_config
     from qlowrank.planner import plan_run
 
+    env = dict(item.split("=", 1) for item in args.env)
     with tempfile.TemporaryDirectory(prefix="qlowrank-planner-") as folder:
         path = model_path(args.model, Path(folder))
         layers = layer_count(load_config(path))
-        points = grid(args.global_batch, layers, [int(m) for m in args.micro_batches.split(",")])
-        measured = {}
-        for i, layout in enumerate(points):
-            result = run_point(path, layout, args.seq, args.steps)
-            measured[layout_key(layout)] = (layout, result)
-            print(f"[{i + 1}/{len(points)}] {describe(layout, layers)}: {result['tokens_per_s']:.0f} tokens/s, "
-                  f"anonymous peak {result['anon_peak'] / 2**20:.0f} MiB", flush=True)
-        peaks = sorted(r["anon_peak"] for _, r in measured.values())
-        budgets = [int(peaks[0] + (peaks[-1] - peaks[0]) * (i + 0.5) / args.budgets) for i in range(args.budgets)]
+        if args.layouts:
+            for layout in json.loads(args.layouts):
+                result, predicted = run_point(path, layout, args.seq, args.steps, env), predicted_process(path, layout, args.seq)
+                print(f"{describe(layout, layers)}: predicted {predicted / 2**20:.0f} MiB, measured "
+                      f"{result['anon_peak'] / 2**20:.0f} MiB ({predicted / result['anon_peak'] - 1:+.1%}), "
+                      f"step {result['step_s']:.2f} s {env or ''}", flush=True)
+            return
+        if args.replan:
+            saved = json.loads(Path(args.replan).read_text())
+            measured = {layout_key(g["layout"]): (g["layout"], g) for g in saved["grid"]}
+            points = [g["layout"] for g in saved["grid"]]
+            budgets = [row["budget"] for row in saved["rows"]]
+        else:
+            points = grid(args.global_batch, layers, [int(m) for m in args.micro_batches.split(",")])
+            measured = {}
+            for i, layout in enumerate(points):
+                result = run_point(path, layout, args.seq, args.steps, env)
+                result["predicted_process"] = predicted_process(path, layout, args.seq)
+                measured[layout_key(layout)] = (layout, result)
+                print(f"[{i + 1}/{len(points)}] {describe(layout, layers)}: {result['tokens_per_s']:.0f} tokens/s, "
+                      f"anonymous peak {result['anon_peak'] / 2**20:.0f} MiB (predicted "
+                      f"{result['predicted_process'] / 2**20:.0f})", flush=True)
+            peaks = sorted(r["anon_peak"] for _, r in measured.values())
+            budgets = [int(peaks[0] + (peaks[-1] - peaks[0]) * (i + 0.5) / args.budgets) for i in range(args.budgets)]
         rows = []
         for budget in budgets:
             started = time.perf_counter()
@@ -159,7 +196,7 @@ def main() -> None:
             layout = dict(micro_batch=chosen.micro_batch, grad_accum=chosen.grad_accum, checkpointing=chosen.checkpointing,
                           keep_blocks=chosen.keep_blocks, keep_attention=chosen.keep_attention)
             if layout_key(layout) not in measured:
-                measured[layout_key(layout)] = (layout, run_point(path, layout, args.seq, args.steps))
+                measured[layout_key(layout)] = (layout, run_point(path, layout, args.seq, args.steps, env))
             result = measured[layout_key(layout)][1]
             fitting = [(lay, r) for lay, r in measured.values() if r["anon_peak"] <= budget]
             best_layout, best = max(fitting, key=lambda p: p[1]["tokens_per_s"]) if fitting else (None, None)
@@ -183,7 +220,9 @@ def main() -> None:
               f"{r['predicted_step_s']:.2f} / {r['measured_step_s']:.2f} s | {r['planning_s']:.0f} s |")
     print("\ngrid (measured):")
     for layout, r in sorted(measured.values(), key=lambda p: -p[1]["tokens_per_s"]):
-        print(f"  {describe(layout, layers):70s} {r['tokens_per_s']:7.0f} tokens/s  {r['anon_peak'] / 2**20:7.0f} MiB")
+        predicted = f"  predicted {r['predicted_process'] / 2**20:7.0f} MiB" if "predicted_process" in r else ""
+        print(f"  {describe(layout, layers):70s} {r['tokens_per_s']:7.0f} tokens/s  {r['anon_peak'] / 2**20:7.0f} MiB"
+              + predicted)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "grid": [{"layout": lay, **r} for lay, r in measured.values()]},
                                               indent=1))
