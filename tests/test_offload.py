@@ -187,3 +187,11 @@ def test_on_cuda_offloading_keeps_the_gradients_and_the_estimate_matches_the_pro
     predicted = estimate(True, **layout).total_bytes
     # the partial-checkpointing agreement of test_memory_estimate (byte-exact on CPU, 1% for kernel workspaces)
     assert abs(predicted - profiler.peak_bytes) / profiler.peak_bytes <= 0.01
+
+
+@pytest.mark.parametrize("command", [["profile"], ["estimate"]])
+def test_the_cli_refuses_offloading_on_a_cpu_before_loading(command, capsys):
+    from qlowrank.cli.main import main
+
+    code = main([*command, "--offload-activations", "--device", "cpu"])
+    assert code != 0 and "host memory already" in capsys.readouterr().err

@@ -67,6 +67,16 @@ def accumulated(loss_fn: Callable, grad_accum: int) -> Callable:
     return step_loss
 
 
+def offloaded(loss_fn):
+    """The loss with its forward under activation offloading, as the trainer runs it with --offload-activations."""
+    from ..model.offload import OffloadActivations
+
+    def offloaded_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        with OffloadActivations(tokens.device.type):
+            return loss_fn(model, tokens)
+    return offloaded_loss
+
+
 def _run(args: argparse.Namespace) -> int:
     from ..memory.estimate import estimate_memory
     from ..memory.profile import profile_steps
@@ -79,6 +89,9 @@ def _run(args: argparse.Namespace) -> int:
                          "measured; estimate it with `qlowrank estimate --packing` or `qlowrank train --dry-run --packing`")
     quant, lora, dtype = options.quant_config(args), options.lora_config(args, allow_full=True), options.compute_dtype(args)
     device = options.device(args)
+    if args.offload_activations and device.type != "cuda":
+        raise ValueError("--offload-activations moves activations from a GPU to host memory; on a CPU they are in host "
+                         "memory already: drop it, or profile with --device cuda")
     model_path = default_model(args.model)
     model = load_model(model_path, quant=quant, lora=lora, device=device, dtype=dtype)
     if lora is None:  # full fine-tuning: every parameter trains
@@ -94,7 +107,8 @@ def _run(args: argparse.Namespace) -> int:
     tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
     started = time.perf_counter()
     # the run's loss (the trainer's chunked cross-entropy at --chunk-tokens), as the estimate models it
-    prof = profile_steps(model, optimizer, tokens, args.steps, loss_fn=accumulated(options.loss_fn(args), args.grad_accum))
+    loss_fn = offloaded(options.loss_fn(args)) if args.offload_activations else options.loss_fn(args)
+    prof = profile_steps(model, optimizer, tokens, args.steps, loss_fn=accumulated(loss_fn, args.grad_accum))
     seconds = time.perf_counter() - started
     estimate = estimate_memory(model_path, **{**options.estimate_arguments(args, args.batch, device.type),
                                               "quantized_from": quantized_source_dtype(model)})
