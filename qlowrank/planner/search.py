@@ -6,11 +6,10 @@ model can keep its activations:
 
 - the whole model (no checkpointing: the fastest), if that fits;
 - otherwise, for the attention output kept and recomputed inside checkpointed blocks, the
-  most trailing blocks kept whole (partial checkpointing). Memory grows with each kept block;
-  the peak is the larger of a forward-end and a recompute peak, both linear in the kept
-  count, so the chord between "none kept" and "all kept" lies above it and the block count
-  read off the chord fits. Exact estimates then check it (lowering it while it does not fit)
-  and raise it while one more kept block still fits, since the chord is conservative.
+  most trailing blocks kept whole (partial checkpointing). Memory grows with each kept block,
+  so the count is bisected between none kept and all, with exact estimates, starting where the
+  chord between those two crosses the budget: at most 1 + log2(layers) estimates (each takes
+  seconds at 8B), where stepping one block at a time from the chord took up to one per layer.
 
 Every candidate's memory is the process model's prediction (`process_bytes`), required to fit
 within the budget with the model's measured error on top (`prediction_margin`, which differs
@@ -147,22 +146,19 @@ def fitting_layouts(
             low = priced(Layout(micro, accum, True, 0, keep_attention, offload))
             if not fits(low):
                 continue
-            # the chord between none and all blocks kept lies above the (convex) peak: read k off it
+            # The peak grows with each kept block: bisect between none kept (fits) and all (does not),
+            # probing first where the chord between the two crosses the budget (usually at or next to it)
             usable = budget / (1 + max(low.margin, whole.margin))
-            keep = min(layers - 1, max(0, int((usable - low.process_bytes)
-                                              / max(1, whole.process_bytes - low.process_bytes) * layers)))
-            best = low
-            while keep > 0:   # the chord's count fits when the peak is convex in it; check, lower if not
-                candidate = priced(Layout(micro, accum, True, keep, keep_attention, offload))
+            chord = int((usable - low.process_bytes) / max(1, whole.process_bytes - low.process_bytes) * layers)
+            best, too_many = low, layers
+            probe = min(layers - 1, max(1, chord))
+            while best.layout.keep_blocks + 1 < too_many:
+                candidate = priced(Layout(micro, accum, True, probe, keep_attention, offload))
                 if fits(candidate):
                     best = candidate
-                    break
-                keep -= 1
-            while best.layout.keep_blocks + 1 < layers:   # the chord is conservative: take what else fits
-                candidate = priced(Layout(micro, accum, True, best.layout.keep_blocks + 1, keep_attention, offload))
-                if not fits(candidate):
-                    break
-                best = candidate
+                else:
+                    too_many = probe
+                probe = (best.layout.keep_blocks + too_many) // 2
             found.append(best)
         return found + [c for c in leanest if c not in found]
 
