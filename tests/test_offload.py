@@ -75,6 +75,28 @@ def test_a_tensor_saved_twice_is_copied_once_and_parameters_stay():
     assert all(torch.equal(a, b) for a, b in zip(moved, plain))
 
 
+def test_an_expanded_view_comes_back_contiguous_with_the_same_gradients():
+    """A saved view whose elements share memory (a broadcast) cannot be copied into the same strides."""
+    x = torch.randn(64, 64, requires_grad=True)
+    column = torch.randn(64, 1, requires_grad=True)
+
+    def run(offload):
+        x.grad = column.grad = None
+        with offload:
+            y = (x * column.expand(64, 64)).sum()   # mul saves x and the expanded view
+        y.backward()
+        return x.grad.clone(), column.grad.clone()
+
+    offload = OffloadActivations("cpu", min_bytes=0)
+    assert all(torch.equal(a, b) for a, b in zip(run(offload), run(contextlib.nullcontext())))
+    assert offload.host_peak_bytes == 2 * 64 * 64 * 4   # both as 64 x 64 float32 on the host
+    meta = OffloadActivations("meta", min_bytes=0)
+    with meta:
+        z = torch.empty(64, 64, device="meta", requires_grad=True) * torch.empty(64, 1, device="meta").expand(64, 64)
+    z.sum().backward()
+    assert meta.host_peak_bytes == 64 * 64 * 4   # only the expanded view is saved (the column needs no grad here)
+
+
 def test_small_tensors_and_other_devices_stay():
     x = torch.randn(16, 16, requires_grad=True)
     small = OffloadActivations("cpu")   # 1 KiB tensors: below OFFLOAD_MIN_BYTES

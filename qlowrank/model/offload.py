@@ -43,8 +43,20 @@ class _Packed:
     __slots__ = ("device", "host", "shape", "__weakref__")
 
     def __init__(self, device: torch.device, host: torch.Tensor | None,
-                 shape: tuple[torch.Size, tuple[int, ...], torch.dtype] | None = None) -> None:
-        self.device, self.host, self.shape = device, host, shape   # shape: size, stride, dtype (meta only)
+                 shape: tuple[torch.Size, tuple[int, ...] | None, torch.dtype] | None = None) -> None:
+        # shape (meta only): size, stride (None: not dense, comes back contiguous), dtype
+        self.device, self.host, self.shape = device, host, shape
+
+
+def _non_overlapping_and_dense(tensor: torch.Tensor) -> bool:
+    """Whether the tensor's elements fill its storage span once each (any order of dimensions)."""
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(tensor.size(), tensor.stride()) if s != 1),
+                               key=lambda pair: pair[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
@@ -81,12 +93,14 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             packed = seen[1]()
             if packed is not None:
                 return packed
+        # The host copy keeps a dense layout and makes any other (an expanded view) contiguous, as
+        # empty_like does: every element once, so numel x itemsize bytes either way
         nbytes = tensor.numel() * tensor.element_size()
         if tensor.device.type == "meta":
-            packed = _Packed(tensor.device, None, (tensor.size(), tensor.stride(), tensor.dtype))
+            dense = tensor.is_contiguous() or _non_overlapping_and_dense(tensor)
+            packed = _Packed(tensor.device, None, (tensor.size(), tensor.stride() if dense else None, tensor.dtype))
         else:
-            host = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device="cpu",
-                                       pin_memory=self.pin_memory)
+            host = torch.empty_like(tensor, device="cpu", pin_memory=self.pin_memory)
             host.copy_(tensor, non_blocking=self.pin_memory)
             packed = _Packed(tensor.device, host)
         self.copies += 1
@@ -104,6 +118,8 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             return packed
         if packed.host is None:   # meta: a fresh device tensor, as the copy back allocates
             size, stride, dtype = packed.shape
+            if stride is None:
+                return torch.empty(size, dtype=dtype, device="meta")
             return torch.empty_strided(size, stride, dtype=dtype, device="meta")
         return packed.host.to(packed.device, non_blocking=self.pin_memory)
 
