@@ -120,12 +120,19 @@ def plan_run(
     run_shape = dict(device=device, dtype=dtype, autocast_dtype=None if dtype == torch.float32 else dtype,
                      chunk_tokens=chunk_tokens, progress=bar.set_description)
     try:
-        # without checkpointing no checkpointed layout is tried: no attention choice to make under it
-        candidates = fitting_layouts(global_batch, layers, process_bytes, budget, margin,
-                                     attention_choices=(False, True) if checkpointing else (),
-                                     offload_choices=offload_choices, host_bytes=host_bytes,
-                                     host_budget=host_budget if host_budget is not None or not max(offload_choices)
-                                     else available_host_bytes())
+        host_room = host_budget if host_budget is not None or not max(offload_choices) else available_host_bytes()
+
+        def search(choices: tuple[bool, ...]) -> list[Candidate]:
+            # without checkpointing no checkpointed layout is tried: no attention choice to make under it
+            return fitting_layouts(global_batch, layers, process_bytes, budget, margin,
+                                   attention_choices=(False, True) if checkpointing else (),
+                                   offload_choices=choices, host_bytes=host_bytes, host_budget=host_room)
+
+        if not timed and offload_choices == (False, True):
+            # untimed, an offloaded layout ranks after every other: search it only when nothing else fits
+            candidates = search((False,)) or search((True,))
+        else:
+            candidates = search(offload_choices)
         if not candidates:
             raise ValueError(_nothing_fits(global_batch, checkpointing, budget, process_bytes, margin,
                                            max(offload_choices)))
