@@ -102,7 +102,7 @@ def _full_flags(work: Path, out: Path) -> list[str]:
     later = {"--resume", "--no-checkpointing"}
     # Planning options end before training (--dry-run) or only act with --batch auto; the
     # launcher-prefix test above covers their names, and test_process_memory their behaviour.
-    planning = {"--dry-run", "--global-batch", "--max-memory", "--no-compile"}
+    planning = {"--dry-run", "--global-batch", "--max-memory", "--no-compile", "--no-offload", "--max-host-memory"}
     # Adapter variants (issue 12) change what is trained, not how it is distributed; their
     # names are covered by the launcher-prefix test, their behaviour by test_adapter_variants.
     # --no-double-quant changes how the base is stored, not how it is distributed, and the

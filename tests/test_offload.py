@@ -97,6 +97,29 @@ def test_an_expanded_view_comes_back_contiguous_with_the_same_gradients():
     assert meta.host_peak_bytes == 64 * 64 * 4   # only the expanded view is saved (the column needs no grad here)
 
 
+def test_a_saved_tensor_changed_in_place_is_refused_as_autograd_refuses_it():
+    x = torch.randn(64, 64, requires_grad=True)
+    for offload in (contextlib.nullcontext(), OffloadActivations("cpu", min_bytes=0)):
+        with offload:
+            y = x * 2
+            z = y.sin()   # saves y
+            y.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            z.sum().backward()
+
+
+def test_offloading_turns_automatic_attention_keeping_off():
+    """A kept attention output stays on the GPU (the checkpoint stores it): offloaded, `auto` means recompute."""
+    from argparse import Namespace
+
+    from qlowrank.cli.options import checkpointing
+
+    args = Namespace(keep_blocks=0, keep_attention="auto", offload_activations=True)
+    assert checkpointing(args)["keep_attention"] is False
+    assert checkpointing(Namespace(**{**vars(args), "offload_activations": False}))["keep_attention"] is None
+    assert checkpointing(Namespace(**{**vars(args), "keep_attention": "on"}))["keep_attention"] is True
+
+
 def test_small_tensors_and_other_devices_stay():
     x = torch.randn(16, 16, requires_grad=True)
     small = OffloadActivations("cpu")   # 1 KiB tensors: below OFFLOAD_MIN_BYTES
@@ -164,15 +187,17 @@ def test_the_cuda_planner_offloads_only_where_nothing_else_fits():
     squeezed = cuda_plan(lean - 1)   # only the offloaded layouts fit
     assert squeezed.chosen.layout.offload and all(c.layout.offload for c in squeezed.candidates)
     assert squeezed.chosen.host_bytes > 0 and "on the host" in squeezed.table()
-    # untimed, the fewest bytes over the host link: every block recomputed, its input alone moved
-    assert squeezed.chosen.host_bytes == min(c.host_bytes for c in squeezed.candidates)
+    # untimed, the fewest bytes over the host link per optimizer step: every block recomputed, its input alone moved
+    per_step = [c.host_bytes * c.layout.grad_accum for c in squeezed.candidates]
+    assert squeezed.chosen.host_bytes * squeezed.chosen.layout.grad_accum == min(per_step)
     assert squeezed.chosen.layout.checkpointing and squeezed.chosen.layout.keep_blocks == 0
     assert any(not c.layout.checkpointing or c.layout.keep_blocks for c in squeezed.candidates)
     roomy = cuda_plan(8 * lean)      # everything fits: untimed, no transfers and no recompute come first
     assert roomy.chosen.layout == Layout(4, 1, False)
-    with pytest.raises(ValueError, match="nothing fits"):   # the host cannot take the offloaded activations
+    with pytest.raises(ValueError, match="the host has .* give --max-host-memory"):   # the host is what lacks room
         cuda_plan(lean - 1, host_budget=2**20)
-    assert all(not c.layout.offload for c in cuda_plan(8 * lean, offload=False).candidates)
+    with pytest.raises(ValueError, match="nothing fits"):   # offloading forbidden: the squeezed budget fits nothing
+        cuda_plan(lean - 1, offload=False)
 
 
 # Two bf16 backward passes on CUDA may differ (atomic adds in some kernels run in any order): bf16 keeps

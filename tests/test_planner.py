@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -174,3 +175,27 @@ def test_each_layout_keeps_the_headroom_of_its_own_regime():
         assert candidate.margin == small_when_all_checkpointed(candidate.layout)
         assert candidate.process_bytes * (1 + candidate.margin) <= budget
     assert not any(c.layout.micro_batch == 4 for c in fitting_layouts(GLOBAL_BATCH, 4, process_bytes, budget, 0.5))
+
+
+def test_the_kept_block_count_is_the_largest_that_fits_found_in_few_estimates():
+    """The search over kept blocks on a 32-layer model whose peak grows unevenly with each kept block (as a
+    forward-end peak overtakes a recompute peak): against brute force, at every budget between the extremes."""
+    layers, step = 32, 2**20
+    growth = [0] * 8 + [3] * 12 + [1] * 12   # per kept block, in MiB: flat, steep, shallow
+
+    def peak(layout: Layout) -> int:
+        if not layout.checkpointing:
+            return (100 + sum(growth) + 50) * step
+        return (100 + sum(growth[:layout.keep_blocks]) + (5 if layout.keep_attention else 0)) * step
+
+    for budget_mib in range(100, 100 + sum(growth) + 50, 3):
+        probed = []
+
+        def counted(layout: Layout) -> int:
+            probed.append(layout)
+            return peak(layout)
+
+        found = fitting_layouts(1, layers, counted, budget_mib * step, 0.0, attention_choices=(False,))
+        fitting = [k for k in range(layers) if peak(Layout(1, 1, True, k)) <= budget_mib * step]
+        assert [c.layout.keep_blocks for c in found] == [max(fitting)], budget_mib
+        assert len(probed) <= 3 + math.ceil(math.log2(layers))   # whole, none kept, then the bisection

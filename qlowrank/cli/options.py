@@ -73,7 +73,13 @@ SHARED_OPTIONS: tuple[Option, ...] = (
     Option(("--keep-attention",), {"default": "auto", "choices": ["auto", "on", "off"],
                                    "help": "checkpointed blocks keep their attention output (auto: from 256 tokens)"}),
     Option(("--offload-activations",), {"action": "store_true", "help": "CUDA: tensors saved for backward wait in "
-                                        "host memory (with checkpointing the GPU holds about one block's activations)"}),
+                                        "host memory (with checkpointing the GPU holds about one block's activations; "
+                                        "--keep-attention auto then means off)"}),
+    Option(("--no-offload",), {"action": "store_true", "help": "with --batch auto / --plan on CUDA: never offload "
+                                                               "activations (otherwise the planner may, when it must)"}),
+    Option(("--max-host-memory",), {"default": None, "help": "with --batch auto / --plan on CUDA: host memory offloaded "
+                                                             "activations may pin, per process (default: what is "
+                                                             "available, shared by this machine's processes)"}),
     Option(("--compile",), {"action": "store_true", "help": "torch.compile each decoder block: 7-15%% faster steps "
                                                             "on a CPU after a one-off compile of ~20 s"}),
     Option(("--no-compile",), {"action": "store_true", "help": "with --batch auto / --plan: never compile (otherwise "
@@ -162,6 +168,20 @@ def compile_request(args: argparse.Namespace) -> bool | None:
     return True if args.compile else (False if forbidden else None)
 
 
+def offload_request(args: argparse.Namespace) -> bool | None:
+    """--offload-activations (True), --no-offload (False), or neither: None, the planner decides (on CUDA).
+
+    Raises:
+        ValueError: both given, or offloading asked for a run that is not on CUDA.
+    """
+    if args.offload_activations and args.no_offload:
+        raise ValueError("--offload-activations and --no-offload contradict each other: give one")
+    if args.offload_activations and device(args).type != "cuda":
+        raise ValueError("--offload-activations moves activations from a GPU to host memory; on a CPU they are in "
+                         "host memory already: drop it (or give --device cuda)")
+    return True if args.offload_activations else (False if args.no_offload else None)
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the `train` options describe."""
     return TrainConfig(
@@ -198,7 +218,11 @@ def _chunked_loss(model: torch.nn.Module, tokens: torch.Tensor, chunk_tokens: in
 
 def checkpointing(args: argparse.Namespace) -> dict:
     """`enable_gradient_checkpointing`'s keep_blocks / keep_attention for --keep-blocks / --keep-attention."""
-    return {"keep_blocks": args.keep_blocks, "keep_attention": {"auto": None, "on": True, "off": False}[args.keep_attention]}
+    # offloaded, a kept attention output stays on the GPU (checkpoint stores it, not the offloading hooks):
+    # automatic then means recomputed, which is what offloading is for
+    automatic = False if args.offload_activations else None
+    return {"keep_blocks": args.keep_blocks,
+            "keep_attention": {"auto": automatic, "on": True, "off": False}[args.keep_attention]}
 
 
 def estimate_arguments(args: argparse.Namespace, batch: int, device_type: str) -> dict:

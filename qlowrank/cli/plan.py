@@ -8,6 +8,7 @@ the same optimizer, and sequences padded to --seq (the worst batch). No weights 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -36,6 +37,15 @@ def memory_budget(args: argparse.Namespace) -> int:
     return (available_host_bytes() or 0) + read_status().get("VmRSS", 0)
 
 
+def host_budget(args: argparse.Namespace) -> int:
+    """--max-host-memory, or this process's share of the host memory available now: shared by the machine's
+    processes (torchrun's LOCAL_WORLD_SIZE), rounded down to a GiB so that ranks reading it moments apart agree."""
+    if args.max_host_memory:
+        return parse_bytes(args.max_host_memory)
+    share = (available_host_bytes() or 0) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return share // 2**30 * 2**30
+
+
 def plan_layout(args: argparse.Namespace, distributed: bool = False, steps: int | None = None):
     """The planner's layout for these settings within --max-memory (default: what is free), for
     --global-batch (default 4 x --grad-accum): micro-batch, accumulation and checkpointing, and
@@ -56,10 +66,11 @@ def plan_layout(args: argparse.Namespace, distributed: bool = False, steps: int 
                  "offload_activations"):
         arguments.pop(name)   # the planner chooses these
     arguments["lora"] = options.lora_config(args)   # an adapter, always: --r 0 is refused here as in train
+    offload = options.offload_request(args)
     return plan_run(args.model, memory_budget(args), global_batch, timed=not distributed,
                     checkpointing=not args.no_checkpointing, progress=not getattr(args, "no_progress", False),
                     chunk_tokens=args.chunk_tokens, steps=steps, compile=options.compile_request(args),
-                    offload=True if args.offload_activations else None, **arguments)
+                    offload=offload, host_budget=host_budget(args) if offload is not False else None, **arguments)
 
 
 def apply_plan(args: argparse.Namespace, distributed: bool = False, steps: int | None = None) -> None:

@@ -67,7 +67,8 @@ def accumulated(loss_fn: Callable, grad_accum: int) -> Callable:
     return step_loss
 
 
-def offloaded(loss_fn):
+def offloaded(loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+              ) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
     """The loss with its forward under activation offloading, as the trainer runs it with --offload-activations."""
     from ..model.offload import OffloadActivations
 
@@ -89,9 +90,7 @@ def _run(args: argparse.Namespace) -> int:
                          "measured; estimate it with `qlowrank estimate --packing` or `qlowrank train --dry-run --packing`")
     quant, lora, dtype = options.quant_config(args), options.lora_config(args, allow_full=True), options.compute_dtype(args)
     device = options.device(args)
-    if args.offload_activations and device.type != "cuda":
-        raise ValueError("--offload-activations moves activations from a GPU to host memory; on a CPU they are in host "
-                         "memory already: drop it, or profile with --device cuda")
+    options.offload_request(args)   # refuses --offload-activations off CUDA, before loading
     model_path = default_model(args.model)
     model = load_model(model_path, quant=quant, lora=lora, device=device, dtype=dtype)
     if lora is None:  # full fine-tuning: every parameter trains

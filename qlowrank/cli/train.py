@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     args = resolve_options(args)
     if not args.model or (not args.data and not args.dry_run):
         raise ValueError("qlowrank train needs --model and --data (as flags or in --config)")
+    options.offload_request(args)   # refuses --offload-activations off CUDA before anything loads
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.dry_run:
         from .plan import apply_plan, dry_run

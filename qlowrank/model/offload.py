@@ -20,6 +20,18 @@ tables each block takes) is copied once.
 
 The copies run on the current stream, so they are ordered with the compute without events: a
 copy does not overlap the kernels around it (simple and safe; a side stream would hide it).
+Pinned host blocks come from PyTorch's caching host allocator, which rounds each up to a power
+of two and keeps it: the host may hold up to PINNED_ROUNDING x the bytes offloaded.
+
+What stays on the GPU whatever this context does: attention outputs kept inside checkpointed
+blocks (`keep_attention`; the checkpoint stores them itself, not through these hooks; the CLI
+turns `--keep-attention auto` off under offloading for that reason) and a block's recompute.
+
+Autograd checks that a saved tensor was not modified in place before the backward; through
+hooks it cannot, so unpacking makes the same check against the saved tensor's version.
+Only the innermost saved-tensor hooks run: under this context the memory tracker's own hook does
+not see saved tensors, so they count as forward temporaries until the forward ends (its totals,
+and the estimator's, which runs the same nesting, are unchanged).
 
 The memory estimator runs the same hooks on meta tensors (`device_type="meta"`): there a packed
 tensor leaves the device (its storage dies, which the tracker sees) and unpacking allocates a new
@@ -35,17 +47,26 @@ from torch import nn
 
 # Saved tensors smaller than this stay on the device (see the module docstring).
 OFFLOAD_MIN_BYTES = 1 << 20
+# Host bytes pinned per byte offloaded, at worst: the caching host allocator rounds every block up
+# to a power of two (a block's input at 8B width, batch x seq x 4096 x 2 bytes, is one already).
+PINNED_ROUNDING = 2
 
 
 class _Packed:
     """A saved tensor waiting on the host (or, on meta, its shape alone)."""
 
-    __slots__ = ("device", "host", "shape", "__weakref__")
+    __slots__ = ("device", "host", "shape", "source", "version", "__weakref__")
 
-    def __init__(self, device: torch.device, host: torch.Tensor | None,
+    def __init__(self, source: torch.Tensor, host: torch.Tensor | None,
                  shape: tuple[torch.Size, tuple[int, ...] | None, torch.dtype] | None = None) -> None:
         # shape (meta only): size, stride (None: not dense, comes back contiguous), dtype
-        self.device, self.host, self.shape = device, host, shape
+        self.device, self.host, self.shape = source.device, host, shape
+        # the saved tensor, weakly (it may die: that is the point), and its version when saved
+        self.source, self.version = weakref.ref(source), source._version
+
+    def modified_in_place(self) -> bool:
+        source = self.source()
+        return source is not None and source._version != self.version
 
 
 def _non_overlapping_and_dense(tensor: torch.Tensor) -> bool:
@@ -91,18 +112,18 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         seen = self._packed.get(id(tensor))
         if seen is not None and seen[0]() is tensor:
             packed = seen[1]()
-            if packed is not None:
+            if packed is not None and packed.version == tensor._version:
                 return packed
         # The host copy keeps a dense layout and makes any other (an expanded view) contiguous, as
         # empty_like does: every element once, so numel x itemsize bytes either way
         nbytes = tensor.numel() * tensor.element_size()
         if tensor.device.type == "meta":
             dense = tensor.is_contiguous() or _non_overlapping_and_dense(tensor)
-            packed = _Packed(tensor.device, None, (tensor.size(), tensor.stride() if dense else None, tensor.dtype))
+            packed = _Packed(tensor, None, (tensor.size(), tensor.stride() if dense else None, tensor.dtype))
         else:
             host = torch.empty_like(tensor, device="cpu", pin_memory=self.pin_memory)
             host.copy_(tensor, non_blocking=self.pin_memory)
-            packed = _Packed(tensor.device, host)
+            packed = _Packed(tensor, host)
         self.copies += 1
         self.host_bytes += nbytes
         self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
@@ -116,6 +137,9 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
     def _unpack(self, packed):
         if not isinstance(packed, _Packed):
             return packed
+        if packed.modified_in_place():
+            raise RuntimeError("a tensor saved for backward was modified by an inplace operation after it was saved "
+                               "(found while unpacking it from activation offloading); clone it before changing it")
         if packed.host is None:   # meta: a fresh device tensor, as the copy back allocates
             size, stride, dtype = packed.shape
             if stride is None:

@@ -23,6 +23,7 @@ from ..memory.meta_model import layer_count, load_config
 from ..memory.report import format_bytes
 from ..memory.sampler import available_host_bytes
 from ..model.compile import compiling_is_available
+from ..model.offload import PINNED_ROUNDING
 from .compiling import (
     COMPILE_GAIN_CEILING,
     COMPILE_SECONDS_FLOOR,
@@ -135,7 +136,7 @@ def plan_run(
             candidates = search(offload_choices)
         if not candidates:
             raise ValueError(_nothing_fits(global_batch, checkpointing, budget, process_bytes, margin,
-                                           max(offload_choices)))
+                                           max(offload_choices), host_bytes, host_room))
         times = None
         if timed and candidates:
             trainable = estimate(candidates[0].layout).trainable_parameters
@@ -154,11 +155,18 @@ def plan_run(
 
 
 def _nothing_fits(global_batch: int, checkpointing: bool, budget: int, process_bytes, margin,
-                  offload: bool = False) -> str:
-    """The error for a budget below every layout: it names the smallest budget that would do."""
+                  offload: bool = False, host_bytes=None, host_room: int | None = None) -> str:
+    """The error for a budget below every layout: it names the smallest budget that would do (or the host
+    memory, when that is what the offloaded layouts lack)."""
     leanest = [Layout(1, global_batch, True, 0, keep, offload) for keep in (False, True)] if checkpointing else \
         [Layout(1, global_batch, False, offload=offload)]
     needed_mib = min(math.ceil(process_bytes(layout) * (1 + margin(layout)) / 2**20) for layout in leanest)
+    if offload and host_room is not None and needed_mib * 2**20 <= budget:
+        host_mib = min(math.ceil(host_bytes(layout) * PINNED_ROUNDING / 2**20) for layout in leanest)
+        return (f"nothing fits: the GPU budget ({format_bytes(budget)}) would take one sequence per micro-batch with "
+                f"activations offloaded, but the host has {format_bytes(host_room)} for them and that needs "
+                f"{host_mib} MiB ({PINNED_ROUNDING}x the bytes offloaded, for the pinned allocator's rounding); "
+                f"give --max-host-memory {host_mib}MiB or more, or lower --seq")
     what = ("every block checkpointed" if checkpointing else "no checkpointing (--no-checkpointing)") + \
         (" and activations offloaded" if offload else "")
     return (f"nothing fits a {format_bytes(budget)} budget: one sequence per micro-batch with {what} needs "

@@ -6,8 +6,9 @@ model can keep its activations:
 
 - the whole model (no checkpointing: the fastest), if that fits;
 - otherwise, for the attention output kept and recomputed inside checkpointed blocks, the
-  most trailing blocks kept whole (partial checkpointing). Memory grows with each kept block,
-  so the count is bisected between none kept and all, with exact estimates, starting where the
+  most trailing blocks kept whole (partial checkpointing). Memory grows with each kept block
+  (offloaded, a kept block costs the GPU less than a recomputed one, but then no checkpointing,
+  tried first, fits whenever every block checkpointed does), so the count is bisected between none kept and all, with exact estimates, starting where the
   chord between those two crosses the budget: at most 1 + log2(layers) estimates (each takes
   seconds at 8B), where stepping one block at a time from the chord took up to one per layer.
 
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..memory.report import format_bytes
+from ..model.offload import PINNED_ROUNDING
 from .compiling import CompileChoice
 from .timing import KEEP_ATTENTION, OFFLOADED, PLAIN, RECOMPUTE, StepTimes
 
@@ -120,8 +122,8 @@ def fitting_layouts(
             checkpointed layout, for a run that keeps every activation).
         offload_choices: activation offloading off / on (on only for CUDA runs; it fits more in the
             device's memory at the cost of host transfers, which the timed blocks price).
-        host_bytes, host_budget: an offloading layout's host bytes (the estimator's `host_offload_bytes`)
-            must fit `host_budget` too (None: not checked).
+        host_bytes, host_budget: an offloading layout's host bytes (the estimator's `host_offload_bytes`),
+            times PINNED_ROUNDING, must fit `host_budget` too (None: not checked).
     """
     margin_of = margin if callable(margin) else (lambda layout: margin)
 
@@ -130,7 +132,7 @@ def fitting_layouts(
         return Candidate(layout, process_bytes(layout), margin_of(layout), host_bytes=host)
 
     def fits(candidate: Candidate) -> bool:
-        host_fits = host_budget is None or candidate.host_bytes <= host_budget
+        host_fits = host_budget is None or candidate.host_bytes * PINNED_ROUNDING <= host_budget
         return candidate.process_bytes * (1 + candidate.margin) <= budget and host_fits
 
     def at_micro_batch(micro: int, accum: int, offload: bool) -> list[Candidate]:
@@ -187,11 +189,12 @@ def block_modes(candidates: list[Candidate]) -> dict[int, set[str]]:
 
 def untimed_order(candidate: Candidate, layers: int) -> tuple[bool, int, int, int]:
     """Without timings: no offloading first (a GPU's host link moves bytes far slower than it computes),
-    then the fewest bytes offloaded, then fewer recomputed blocks per step, then larger micro-batches
-    (fewer dequantizations)."""
+    then the fewest bytes offloaded per optimizer step, then fewer recomputed blocks per step, then
+    larger micro-batches (fewer dequantizations)."""
     layout = candidate.layout
     recomputed = 0 if not layout.checkpointing else (layers - layout.keep_blocks)
-    return layout.offload, candidate.host_bytes, recomputed * layout.grad_accum, -layout.micro_batch
+    return (layout.offload, candidate.host_bytes * layout.grad_accum, recomputed * layout.grad_accum,
+            -layout.micro_batch)
 
 
 def choose(candidates: list[Candidate], times: StepTimes | None, budget: int, tokens_per_step: int,
