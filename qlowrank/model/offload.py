@@ -145,7 +145,8 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             if stride is None:
                 return torch.empty(size, dtype=dtype, device="meta")
             return torch.empty_strided(size, stride, dtype=dtype, device="meta")
-        return packed.host.to(packed.device, non_blocking=self.pin_memory)
+        # a copy even where host and device are one (a CPU test of the round trip), as it is on a GPU
+        return packed.host.to(packed.device, non_blocking=self.pin_memory, copy=True)
 
     def __exit__(self, *exc) -> None:
         super().__exit__(*exc)
