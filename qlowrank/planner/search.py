@@ -8,9 +8,10 @@ model can keep its activations:
 - otherwise, for the attention output kept and recomputed inside checkpointed blocks, the
   most trailing blocks kept whole (partial checkpointing). Memory grows with each kept block
   (offloaded, a kept block costs the GPU less than a recomputed one, but then no checkpointing,
-  tried first, fits whenever every block checkpointed does), so the count is bisected between none kept and all, with exact estimates, starting where the
-  chord between those two crosses the budget: at most 1 + log2(layers) estimates (each takes
-  seconds at 8B), where stepping one block at a time from the chord took up to one per layer.
+  tried first, fits whenever every block checkpointed does), so the count is bisected between
+  none kept and all, with exact estimates, starting where the chord between those two crosses
+  the budget: at most 1 + log2(layers) estimates (each takes seconds at 8B), where stepping one
+  block at a time from the chord took up to one per layer.
 
 Every candidate's memory is the process model's prediction (`process_bytes`), required to fit
 within the budget with the model's measured error on top (`prediction_margin`, which differs
@@ -136,18 +137,16 @@ def fitting_layouts(
         return candidate.process_bytes * (1 + candidate.margin) <= budget and host_fits
 
     def at_micro_batch(micro: int, accum: int, offload: bool) -> list[Candidate]:
-        # Offloaded, the layouts that recompute every block move the fewest bytes to the host: candidates too
-        leanest = [priced(Layout(micro, accum, True, 0, keep_attention, offload)) for keep_attention in attention_choices
-                   ] if offload else []
-        leanest = [c for c in leanest if fits(c)]
         whole = priced(Layout(micro, accum, checkpointing=False, offload=offload))
+        if fits(whole) and not offload:
+            return [whole]
+        # every block recomputed: the leanest on the GPU and, offloaded, the fewest bytes to the host
+        leanest = [c for c in (priced(Layout(micro, accum, True, 0, keep_attention, offload))
+                               for keep_attention in attention_choices) if fits(c)]
         if fits(whole):
-            return [whole] + leanest
+            return [whole] + leanest   # offloaded: the leanest are candidates too
         found = []
-        for keep_attention in attention_choices:
-            low = priced(Layout(micro, accum, True, 0, keep_attention, offload))
-            if not fits(low):
-                continue
+        for low in leanest:
             # The peak grows with each kept block: bisect between none kept (fits) and all (does not),
             # probing first where the chord between the two crosses the budget (usually at or next to it)
             usable = budget / (1 + max(low.margin, whole.margin))
@@ -155,14 +154,14 @@ def fitting_layouts(
             best, too_many = low, layers
             probe = min(layers - 1, max(1, chord))
             while best.layout.keep_blocks + 1 < too_many:
-                candidate = priced(Layout(micro, accum, True, probe, keep_attention, offload))
+                candidate = priced(dataclasses.replace(low.layout, keep_blocks=probe))
                 if fits(candidate):
                     best = candidate
                 else:
                     too_many = probe
                 probe = (best.layout.keep_blocks + too_many) // 2
             found.append(best)
-        return found + [c for c in leanest if c not in found]
+        return found + [c for c in leanest if offload and c not in found]
 
     found = []
     for micro in divisors(global_batch):
