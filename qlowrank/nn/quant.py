@@ -178,3 +178,83 @@ def make_8bit_optimizer(name: str, params: Iterable, **kwargs) -> torch.optim.Op
     if name not in table:
         raise ValueError(f"unknown 8-bit optimizer {name!r}; use one of {sorted(table)}")
     return table[name](params, **kwargs)
+
+
+# ---- fused MoE experts: a stack of E weight matrices, quantized expert by expert ----------------
+
+def quantize_expert_stack(weight: torch.Tensor, quant: QuantConfig, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Quantize a float (E, out, in) stack of expert weights, each expert on its own, into plain tensors.
+
+    Each expert gets its own 4-bit blocks (and, with double quantization, its own nested
+    scales and offset) or its own int8 rows, so one expert dequantizes alone from a slice.
+    A meta `weight` gives meta tensors of the exact shapes (the estimator's stand-in).
+
+    Returns:
+        name -> tensor, every tensor stacked on a leading expert dimension (E, ...), except
+        the shared code books (`code`, `code2`).
+    """
+    if quant.bits is None:
+        raise ValueError("quantize_expert_stack needs QuantConfig.bits=4 or 8")
+    if weight.dim() != 3:
+        raise ValueError(f"quantize_expert_stack expects an (experts, out, in) weight, got shape {tuple(weight.shape)}")
+    experts, out_features, in_features = weight.shape
+    device = torch.device(device)
+    if weight.is_meta:
+        return _meta_expert_stack(experts, out_features * in_features, out_features, quant)
+    if quant.bits == 8:
+        rows = weight.reshape(experts * out_features, in_features).to(device=device, dtype=torch.float16)
+        codes, scales, _ = bnb_functional.int8_vectorwise_quant(rows, threshold=0.0)
+        return {"codes": codes.reshape(experts, out_features, in_features), "SCB": scales.reshape(experts, out_features)}
+    packed: dict[str, list[torch.Tensor]] = {}
+    shared: dict[str, torch.Tensor] = {}
+    for index in range(experts):
+        one = weight[index].to(device=device, dtype=quant.compute_dtype).contiguous()
+        codes, state = bnb_functional.quantize_4bit(one, blocksize=quant.blocksize, compress_statistics=quant.double_quant,
+                                                    quant_type=quant.quant_type)
+        packed.setdefault("codes", []).append(codes.reshape(-1))
+        packed.setdefault("absmax", []).append(state.absmax)
+        shared["code"] = state.code
+        if state.nested:
+            packed.setdefault("absmax2", []).append(state.state2.absmax)
+            packed.setdefault("offset", []).append(state.offset.reshape(1))
+            shared["code2"] = state.state2.code
+        del one
+    stacked = {name: torch.stack(parts) for name, parts in packed.items()}
+    return {**stacked, **shared}
+
+
+def _meta_expert_stack(experts: int, numel: int, out_features: int, quant: QuantConfig) -> dict[str, torch.Tensor]:
+    meta = torch.device("meta")
+    if quant.bits == 8:
+        return {"codes": torch.empty(experts, out_features, numel // out_features, dtype=torch.int8, device=meta),
+                "SCB": torch.empty(experts, out_features, dtype=torch.float32, device=meta)}
+    blocks = -(-numel // quant.blocksize)
+    tensors = {"codes": torch.empty(experts, -(-numel // 2), dtype=torch.uint8, device=meta),
+               "code": torch.empty(16, dtype=torch.float32, device=meta)}
+    if quant.double_quant:
+        tensors["absmax"] = torch.empty(experts, blocks, dtype=torch.uint8, device=meta)
+        tensors["absmax2"] = torch.empty(experts, -(-blocks // 256), dtype=torch.float32, device=meta)
+        tensors["offset"] = torch.empty(experts, 1, dtype=torch.float32, device=meta)
+        tensors["code2"] = torch.empty(256, dtype=torch.float32, device=meta)
+    else:
+        tensors["absmax"] = torch.empty(experts, blocks, dtype=torch.float32, device=meta)
+    return tensors
+
+
+def dequantize_expert(tensors: dict[str, torch.Tensor], index: int, shape: tuple[int, int], quant: QuantConfig,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """Expert `index`'s (out, in) weight in `dtype`, from `quantize_expert_stack`'s tensors (only its slice is read)."""
+    codes = tensors["codes"]
+    if codes.is_meta:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    if quant.bits == 8:
+        return (codes[index].to(dtype) * (tensors["SCB"][index].to(dtype) / 127.0).unsqueeze(1))
+    nested = None
+    if "absmax2" in tensors:
+        nested = bnb_functional.QuantState(absmax=tensors["absmax2"][index], code=tensors["code2"], blocksize=256,
+                                           dtype=torch.float32)
+    state = bnb_functional.QuantState(
+        absmax=tensors["absmax"][index], shape=torch.Size(shape), code=tensors["code"], blocksize=quant.blocksize,
+        quant_type=quant.quant_type, dtype=quant.compute_dtype,
+        offset=tensors["offset"][index, 0] if nested is not None else None, state2=nested)
+    return bnb_functional.dequantize_4bit(codes[index].reshape(-1, 1), state).to(dtype)
