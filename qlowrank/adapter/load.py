@@ -12,6 +12,7 @@ from torch import nn
 from ..model.surgery import add_lora, lora_layers, make_trainable_copy
 from ..model.tokens import DELTA, wrap_trainable_tokens
 from ..state import state_of
+from .experts import copy_expert_factors, is_expert_key
 from .files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -40,6 +41,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     config, sidecar = read_adapter_config(adapter_dir)
     weights_path = adapter_dir / ADAPTER_WEIGHTS
     tensors = read_adapter_weights(weights_path)
+    experts = _experts_paths(model) if config.get("target_parameters") else set()
+    expert_part = {key: tensors.pop(key) for key in list(tensors) if is_expert_key(key, experts)}
     by_module, saved, tokens = split_keys(list(tensors), config.get("modules_to_save") or [], weights_path)
     lora, seed = adapter_lora_config(config, sidecar, sorted(by_module))
     if not rebuilds_base(lora.init, lora.loftq_iters):
@@ -81,7 +84,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     _copy_saved(model, saved, tensors, weights_path)
     _load_token_rows(model, tokens, tensors, config, adapter_dir)
     _set_scaling(existing, lora)
+    if expert_part or lora.target_parameters:
+        copy_expert_factors(model, expert_part, weights_path)
     return model
+
+
+def _experts_paths(model: nn.Module) -> set[str]:
+    from ..nn.experts import FrozenExperts, is_fused_experts
+
+    return {name for name, module in model.named_modules() if isinstance(module, FrozenExperts) or is_fused_experts(module)}
 
 
 def _load_token_rows(model: nn.Module, tokens: dict, tensors: dict, config: dict, adapter_dir: Path) -> None:

@@ -92,7 +92,6 @@ def check_peft_config(config: dict, path) -> None:
         "layers_to_transform": config.get("layers_to_transform") is not None,
         "layer_replication": bool(config.get("layer_replication")),
         "init_lora_weights": init not in PEFT_INITS and init is not False,
-        "target_parameters": bool(config.get("target_parameters")),
     }
     bad = [name for name, flag in unsupported.items() if flag]
     if bad:
@@ -114,5 +113,6 @@ def adapter_lora_config(config: dict, sidecar: dict | None, target_modules: list
         init=init, loftq_iters=int(sidecar.get("loftq_iters", 1)), svd=svd, use_dora=bool(config.get("use_dora")),
         rank_pattern=dict(config.get("rank_pattern") or {}), alpha_pattern=dict(config.get("alpha_pattern") or {}),
         modules_to_save=list(config.get("modules_to_save") or []),
+        target_parameters=list(config.get("target_parameters") or []),
     )
     return lora, int(sidecar.get("seed", 0))

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..config import LoraConfig, QuantConfig, parse_dtype
 from ..nn import quant as quantlib
 from ..state import state_of
+from .convert import CheckpointConversions
 from .stream import LoadSettings, TensorSink, empty_model, tied_keys
 from .surgery import add_lora, quantize_model
 
@@ -267,18 +268,25 @@ def _load_safetensors(folder: Path, settings: LoadSettings, trust_remote_code: b
     model = _build_empty(folder, trust_remote_code, settings.dtype)
     sink = TensorSink(model, settings)
     mapped = key_mapper(sink.expected, model.base_model_prefix)
+    # transformers' own renames and fusions (per-expert tensors -> 3-D expert stacks), tensor by tensor.
+    conversions = CheckpointConversions(model, list(files.weight_map), sink.expected)
     unexpected: list[str] = []
     bar = tqdm(total=len(files.weight_map), desc="loading", unit="tensor", disable=not settings.progress)
     for shard in files.files():
         with open_safetensors(shard) as handle:  # one memory-mapped shard at a time
             for ckpt_key in handle.keys():
-                key = mapped(ckpt_key)
                 bar.update(1)
+                if conversions.feeds_group(ckpt_key):
+                    for key, tensor in conversions.add(ckpt_key, handle.get_tensor(ckpt_key)).items():
+                        sink.put(key, tensor, shard.name, owned=True)
+                    continue
+                key = mapped(conversions.model_key(ckpt_key) or ckpt_key)
                 if key is None:
                     unexpected.append(ckpt_key)
                     continue
                 sink.put(key, handle.get_tensor(ckpt_key), shard.name)
     bar.close()
+    unexpected += [f"{key} (some of the tensors it is fused from are missing)" for key in conversions.incomplete()]
     return sink.finish(str(folder), unexpected)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import LoraConfig, QuantConfig
 from ..heap import release_free_heap
+from ..nn.experts import freeze_experts, is_fused_experts
 from ..nn.layers import is_conv1d
 from .inspect import linear_layers, name_matches, output_head_names, set_submodule
 from .surgery import quantize_layer
@@ -71,16 +72,20 @@ class TensorSink:
         self.expected = set(model.state_dict().keys())
         self.heads = output_head_names(model)
         self.to_quantize: set[str] = set()
+        self.experts: set[str] = set()
         if settings.quant.bits is not None:
             self.to_quantize = {name for name, _ in linear_layers(model)
                                 if name not in self.heads and not name_matches(name, settings.skip_modules)}
+            # transformers 5's fused MoE experts (3-D stacks): stored per expert, like every linear.
+            self.experts = {name for name, module in model.named_modules()
+                            if is_fused_experts(module) and not name_matches(name, settings.skip_modules)}
         self.pending: dict[str, dict[str, torch.Tensor]] = {}  # linear name -> arrived weight / bias
         self.loaded: set[str] = set()
 
     def quantizes(self, key: str) -> bool:
         """Whether the tensor of model key `key` goes into a quantized layer (else it stays float)."""
         module_name, _, leaf = key.rpartition(".")
-        return module_name in self.to_quantize and leaf in ("weight", "bias")
+        return (module_name in self.to_quantize and leaf in ("weight", "bias")) or module_name in self.experts
 
     def check_shape(self, key: str, shape: tuple[int, ...], origin: str) -> None:
         """ValueError when the checkpoint's tensor does not fit the model built from the config."""
@@ -108,6 +113,9 @@ class TensorSink:
     def _quantize_if_complete(self, name: str) -> None:
         module = self.model.get_submodule(name)
         parts = self.pending[name]
+        if name in self.experts:
+            self._freeze_experts_if_complete(name, module, parts)
+            return
         if "weight" not in parts or (module.bias is not None and "bias" not in parts):
             return  # the other half is in a later tensor or shard
         settings = self.settings
@@ -122,6 +130,14 @@ class TensorSink:
         set_submodule(self.model, name, new)
         del self.pending[name], parts, weight
         release_free_heap()   # quantizing freed float temporaries of many sizes
+
+    def _freeze_experts_if_complete(self, name: str, module: nn.Module, parts: dict[str, torch.Tensor]) -> None:
+        if any(leaf not in parts for leaf in module._parameters):
+            return  # another projection (or its bias) is in a later tensor or shard
+        settings = self.settings
+        set_submodule(self.model, name, freeze_experts(module, settings.quant, settings.device, settings.dtype, parts))
+        del self.pending[name], parts
+        release_free_heap()
 
     def finish(self, origin: str, unexpected: list[str]) -> nn.Module:
         """Check that every tensor arrived (tied ones excepted), tie the embeddings, return the model.

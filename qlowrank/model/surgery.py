@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import LoraConfig, QuantConfig
 from ..nn import quant as quantlib
+from ..nn.experts import ExpertWeights, FrozenExperts, expert_projections, freeze_experts, is_fused_experts
 from ..nn.init import layer_generator, quantize_with_init  # noqa: F401  (layer_generator: public here too)
 from ..nn.layers import is_conv1d
 from ..nn.lora import LoraLinear
@@ -82,6 +83,13 @@ def quantize_model(
         new.train(module.training)
         set_submodule(model, name, new)
         del module
+    for name in [name for name, module in model.named_modules() if is_fused_experts(module)]:
+        module = model.get_submodule(name)
+        if name_matches(name, skip):
+            continue
+        target = torch.device(device) if device is not None else module.down_proj.device
+        set_submodule(model, name, freeze_experts(module, quant, target, module.down_proj.dtype))
+        del module
     return model
 
 
@@ -139,10 +147,45 @@ def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None = None) -> nn.
         set_submodule(model, name, wrapped)
     for name in saved:
         make_trainable_copy(model, name)
+    _add_expert_lora(model, lora, seed)
     state_of(model).lora = lora
     state_of(model).modules_to_save = saved
     state_of(model).seed = 0 if seed is None else seed   # what the init SVDs were seeded with
     return model
+
+
+def expert_targets(model: nn.Module, lora: LoraConfig) -> list[str]:
+    """Paths `<experts module>.<projection>` of the fused expert parameters that `lora.target_parameters` names."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, FrozenExperts):
+            projections = list(module.order)
+        elif is_fused_experts(module):
+            projections = expert_projections(module)
+        else:
+            continue
+        for projection in projections:
+            path = f"{name}.{projection}"
+            if any(p == "experts" or name_matches(path, [p]) for p in lora.target_parameters):
+                found.append(path)
+    return found
+
+
+def _add_expert_lora(model: nn.Module, lora: LoraConfig, seed: int | None) -> None:
+    if not lora.target_parameters:
+        return
+    targets = expert_targets(model, lora)
+    if not targets:
+        raise ValueError(f"LoraConfig.target_parameters={lora.target_parameters} matched no fused MoE expert parameter "
+                         "of this model (they are named like 'mlp.experts.gate_up_proj'; 'experts' means all of them)")
+    for path in targets:
+        experts_name, _, projection = path.rpartition(".")
+        experts = model.get_submodule(experts_name)
+        if not isinstance(experts, FrozenExperts):  # a float base: the same module, its stacks kept in float
+            experts = freeze_experts(experts, None, experts.down_proj.device, experts.down_proj.dtype)
+            set_submodule(model, experts_name, experts)
+        weights: ExpertWeights = getattr(experts, projection)
+        weights.add_lora(lora.layer_config(path), None if seed is None else layer_generator(seed, path))
 
 
 def random_adapted_model(config, quant: QuantConfig, lora: LoraConfig, dtype: torch.dtype,
@@ -265,6 +308,9 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Total and trainable parameter counts, counting packed 4-bit weights as the weights they hold."""
     total = trainable = 0
+    for module in model.modules():
+        if isinstance(module, ExpertWeights):   # frozen stacks live in buffers (packed codes), not parameters
+            total += module.weight_count()
     for param in model.parameters():
         n = quantlib.weight_element_count(param)
         total += n
@@ -277,11 +323,14 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes its base outputs (every LoRA branch switched off)."""
     layers = [layer for _, layer in lora_layers(model)]
-    previous = [layer.disabled for layer in layers]
+    experts = [module for module in model.modules() if isinstance(module, FrozenExperts)]
+    previous = [layer.disabled for layer in layers] + [module.lora_disabled for module in experts]
     for layer in layers:
         layer.disabled = True
+    for module in experts:
+        module.lora_disabled = True
     try:
         yield model
     finally:
-        for layer, was in zip(layers, previous):
-            layer.disabled = was
+        for layer, was in zip(layers + experts, previous):
+            setattr(layer, "disabled" if isinstance(layer, LoraLinear) else "lora_disabled", was)
