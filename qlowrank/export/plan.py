@@ -21,6 +21,7 @@ from ..config import parse_dtype
 from ..model.load import checkpoint_files, key_mapper, open_safetensors, tied_keys
 from ..model.tokens import TrainableTokens
 from ..nn import quant as quantlib
+from ..nn.experts import FrozenExperts
 from ..nn.lora import LoraLinear
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
@@ -107,6 +108,10 @@ def export_plan(model: nn.Module) -> list[ExportEntry]:
                 weight = module.base_layer.weight
                 entries.append(ExportEntry(prefix + "weight", tuple(weight.shape), torch.float32, module.merged_weight))
             continue
+        if isinstance(module, FrozenExperts):
+            skip_inside = prefix
+            entries += expert_entries(module, prefix)
+            continue
         if isinstance(module, LoraLinear) or quantlib.is_quantized_linear(module):
             skip_inside = prefix
             out_features, in_features = module.out_features, module.in_features
@@ -126,6 +131,29 @@ def export_plan(model: nn.Module) -> list[ExportEntry]:
             seen.add(id(tensor))
             # Looked up when written, not now: a sharded (FSDP) module swaps in the gathered tensor.
             entries.append(ExportEntry(key, tuple(tensor.shape), tensor.dtype, lambda m=module, n=leaf: getattr(m, n).detach()))
+    return entries
+
+
+def expert_entries(module: FrozenExperts, prefix: str) -> list[ExportEntry]:
+    """The fused 3-D parameters of a FrozenExperts as transformers stores them: dequant(W_e) + scale * B_e A_e per expert."""
+    entries = []
+    transposed = module.layout.transposed
+    for name in module.order:
+        weights = getattr(module, name)
+        shape = (weights.experts, weights.in_features, weights.out_features) if transposed else \
+            (weights.experts, weights.out_features, weights.in_features)
+
+        def produce(weights=weights) -> torch.Tensor:
+            merged = torch.stack([weights.weight(e, torch.float32) + (weights.delta(e) if weights.r else 0.0)
+                                  for e in range(weights.experts)])          # (E, out, in) float32
+            if weights.r and not torch.isfinite(merged).all():
+                raise ValueError(f"{prefix}{name}: the expert LoRA factors hold NaN or inf; refusing to merge")
+            return merged.transpose(1, 2).contiguous() if transposed else merged
+
+        entries.append(ExportEntry(prefix + name, shape, torch.float32, produce))
+        if weights.bias is not None:
+            entries.append(ExportEntry(f"{prefix}{name}_bias", tuple(weights.bias.shape), weights.bias.dtype,
+                                       lambda w=weights: w.bias.detach()))
     return entries
 
 
