@@ -52,6 +52,9 @@ SHARED_OPTIONS: tuple[Option, ...] = (
     Option(("--dropout",), {"type": float, "default": 0.0, "help": "dropout on the LoRA branch"}),
     Option(("--target", "--targets"), {"dest": "target", "default": "all-linear",
                                        "help": "all-linear, or comma-separated module names (q_proj,v_proj)"}),
+    Option(("--target-parameters",), {"default": None,
+                                      "help": "fused MoE expert parameters to adapt too: 'experts' (all), or "
+                                              "comma-separated PEFT names (mlp.experts.gate_up_proj)"}),
     Option(("--rslora",), {"action": "store_true", "help": "scale by alpha / sqrt(r)"}),
     Option(("--init",), {"default": "kaiming", "choices": ["kaiming", "gaussian", "loftq", "pissa"],
                          "help": "LoRA init; loftq / pissa are quantization-aware (computed from the float weights "
@@ -157,7 +160,8 @@ def lora_config(args: argparse.Namespace, allow_full: bool = False) -> LoraConfi
     target = args.target if args.target == "all-linear" else _names(args.target)
     return LoraConfig(r=args.r, alpha=args.alpha if args.alpha is not None else 2 * args.r, dropout=args.dropout,
                       target_modules=target, use_rslora=args.rslora, init=args.init, loftq_iters=args.loftq_iters,
-                      use_dora=args.dora, modules_to_save=_names(args.train_modules))
+                      use_dora=args.dora, modules_to_save=_names(args.train_modules),
+                      target_parameters=_names(getattr(args, "target_parameters", None)))
 
 
 def compile_request(args: argparse.Namespace) -> bool | None:

@@ -394,6 +394,7 @@ def _simulate_step(config, spec: StepSpec, batch: int, settings: dict) -> Memory
         breakdown, phase = in_pass, "forward/backward"
     owners = {id(p): (m, p) for m in model.modules() for p in m.parameters(recurse=False)}  # tied weights once
     total_params = sum(_true_numel(m, p) for m, p in owners.values())
+    total_params += sum(m.weight_count() for m in model.modules() if hasattr(m, "weight_count"))  # expert stacks
     return MemoryEstimate(breakdown={c: int(breakdown[c]) for c in CATEGORIES}, peak_phase=phase, settings=settings,
                           trainable_parameters=sum(p.numel() for p in trainable), total_parameters=total_params,
                           host_offload_bytes=host_offload,

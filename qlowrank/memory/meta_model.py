@@ -269,4 +269,14 @@ def replace_quantized_layers(model: nn.Module, quant: QuantConfig, device_type: 
         stand_in.fan_in_fan_out = type(module).__name__ == "Conv1D"
         set_submodule(model, name, stand_in.train(module.training))
         count += 1
+    from ..nn.experts import freeze_experts, is_fused_experts
+
+    # Fused MoE experts: the real FrozenExperts, whose packed stacks are meta tensors of the exact
+    # shapes (nn.quant.quantize_expert_stack) and whose meta forward routes T*k rows evenly.
+    for name in [name for name, module in model.named_modules() if is_fused_experts(module)]:
+        module = model.get_submodule(name)
+        if name_matches(name, skip):
+            continue
+        set_submodule(model, name, freeze_experts(module, quant, "meta", source_dtype or module.down_proj.dtype))
+        count += 1
     return count
