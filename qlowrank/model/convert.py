@@ -13,6 +13,7 @@ target (one layer's experts) wait in memory, never the float model.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -73,12 +74,20 @@ class CheckpointConversions:
         group.arrived[checkpoint_key] = tensor
         if len(group.arrived) < len(group.sources):
             return {}
+        per_pattern = Counter(group.sources.values())
+        if len(set(per_pattern.values())) > 1:
+            raise ValueError(f"{target} is fused from {dict(per_pattern)} tensors per source pattern: the checkpoint "
+                             "lacks some of them (truncated or incomplete)")
         # transformers sorts keys naturally before collecting (expert 2 before expert 10): so do we.
         for key in sorted(group.arrived, key=self._natural_key):
             group.converter.add_tensor(target, key, group.sources[key], group.arrived[key])
         group.arrived.clear()
         del self.groups[target]
-        converted = group.converter.convert(target, model=self.model, config=getattr(self.model, "config", None))
+        try:
+            converted = group.converter.convert(target, model=self.model, config=getattr(self.model, "config", None))
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"{target}: transformers' conversion of its checkpoint tensors failed ({err}); the "
+                             "checkpoint does not match its config") from None
         return {name: value[0] if isinstance(value, list) else value for name, value in converted.items()}
 
     def incomplete(self) -> list[str]:

@@ -1,0 +1,204 @@
+"""Mixtures of experts (Qwen3-MoE, Mixtral, gpt-oss): streamed loading through transformers' conversions, experts
+stored 4/8-bit, LoRA on experts in PEFT's target_parameters layout both ways, merged export, estimate vs measured."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import qlowrank as ql
+from qlowrank.nn import quant as quantlib
+from qlowrank.nn.experts import ExpertWeights, FrozenExperts
+from conftest import rel_error
+
+peft = pytest.importorskip("peft")
+
+# Same bits: the float path runs transformers' arithmetic in the same order (measured 1e-7 .. 3e-7 on these models).
+FLOAT_TOLERANCE = 1e-5
+# NF4 round trip of N(0, 0.02) weights, blocksize 64: 0.091 per expert here, 0.092 in machine-notes; int8 0.006.
+NF4_ERROR_BOUND = 0.11
+INT8_ERROR_BOUND = 0.01
+# Issue 32's target for 4-bit MoE blocks (a dense model's blocks are ~0.26x).
+BLOCK_SHARE_BOUND = 0.30
+
+
+def moe_config(family: str, hidden: int = 64, vocab: int = 256) -> transformers.PretrainedConfig:
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=hidden // 4)
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
+                                           num_experts=8, num_experts_per_tok=2, **common)
+    if family == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=hidden // 2, num_local_experts=4, num_experts_per_tok=2,
+                                          **common)
+    if family == "gpt_oss":
+        return transformers.GptOssConfig(intermediate_size=hidden // 2, num_local_experts=4, num_experts_per_tok=2,
+                                         layer_types=["sliding_attention", "full_attention"], **common)
+    raise ValueError(family)
+
+
+FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One save_pretrained checkpoint per family (per-expert tensors for Qwen3-MoE / Mixtral, fused for gpt-oss)."""
+    root = tmp_path_factory.mktemp("moe")
+    paths = {}
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(moe_config(family))
+        model.save_pretrained(root / family)
+        paths[family] = root / family
+    return paths
+
+
+def ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def reference(path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def load(path, bits, lora=None) -> torch.nn.Module:
+    quant = ql.QuantConfig(bits=bits, compute_dtype=torch.float32)
+    return ql.load_model(path, quant=quant, lora=lora, device="cpu", progress=False, seed=0)
+
+
+def expert_lora() -> ql.LoraConfig:
+    return ql.LoraConfig(r=4, alpha=8, target_parameters=["experts"])
+
+
+def with_random_b(model: torch.nn.Module) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_load_matches_transformers(checkpoints, family):
+    if family != "gpt_oss":   # the point: save_pretrained writes one tensor per expert
+        with safe_open(str(checkpoints[family] / "model.safetensors"), "pt") as handle:
+            assert any(".experts.3." in key for key in handle.keys())
+    ours = load(checkpoints[family], None)
+    with torch.no_grad():
+        assert rel_error(ours(ids()).logits, reference(checkpoints[family])(ids()).logits) < FLOAT_TOLERANCE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_experts_stored_quantized_per_expert(checkpoints, family, bits):
+    model = load(checkpoints[family], bits)
+    ref = reference(checkpoints[family])
+    experts = [m for m in model.modules() if isinstance(m, FrozenExperts)]
+    assert len(experts) == 2
+    original = ref.model.layers[0].mlp.experts
+    frozen = experts[0]
+    bound = NF4_ERROR_BOUND if bits == 4 else INT8_ERROR_BOUND
+    for name in frozen.order:
+        weights: ExpertWeights = getattr(frozen, name)
+        stack = getattr(original, name).detach()
+        stack = stack.transpose(1, 2) if original.is_transposed else stack   # (E, out, in)
+        for e in range(weights.experts):
+            assert rel_error(weights.weight(e, torch.float32), stack[e]) < bound
+        # Per weight, the shared code books (a constant 1.1 KiB per stack) aside: NF4 0.5 B + block scales,
+        # int8 1 B + one float32 scale per row of `in` weights.
+        books = sum(getattr(weights, b).numel() * 4 for b in ("code", "code2") if hasattr(weights, b))
+        per_weight = 0.6 if bits == 4 else 1.0 + 4 / weights.in_features + 0.01
+        assert weights.stored_bytes() - books < stack.numel() * per_weight
+    # Every float expert copy is gone: no 3-D float parameter remains.
+    assert not [n for n, p in model.named_parameters() if p.dim() == 3]
+    assert ql.count_parameters(model).total == sum(p.numel() for p in ref.parameters())
+
+
+def test_moe_blocks_stored_near_dense_share(tmp_path):
+    """A 4-bit MoE block holds <= 0.30x its bf16 bytes (the router stays float; it is tiny at real widths)."""
+    torch.manual_seed(0)
+    config = moe_config("qwen3_moe", hidden=256)
+    float_model = transformers.AutoModelForCausalLM.from_config(config)
+    float_model.save_pretrained(tmp_path)
+    bf16_bytes = sum(p.numel() * 2 for p in float_model.model.layers[0].parameters())
+    model = ql.load_model(tmp_path, quant=ql.QuantConfig(), device="cpu", progress=False)
+    block = model.model.layers[0]
+    stored = sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()])
+    assert stored / bf16_bytes <= BLOCK_SHARE_BOUND
+    assert quantlib.is_quantized_linear(block.self_attn.q_proj)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expert_lora_round_trips_with_peft(checkpoints, family, tmp_path):
+    ours = with_random_b(load(checkpoints[family], None, expert_lora()))
+    ql.save_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(
+        ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    theirs = peft.PeftModel.from_pretrained(reference(checkpoints[family]), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        expected = ours(ids()).logits
+        assert rel_error(theirs(ids()).logits, expected) < FLOAT_TOLERANCE
+        with ql.disable_lora(ours):   # the LoRA update is really there: off, the logits move
+            assert rel_error(ours(ids()).logits, expected) > 1e-3
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    back = ql.load_adapter(load(checkpoints[family], None), tmp_path / "theirs")
+    with torch.no_grad():
+        assert rel_error(back(ids()).logits, expected) < FLOAT_TOLERANCE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expert_lora_trains_on_4bit_and_merges(checkpoints, family, tmp_path):
+    model = load(checkpoints[family], 4, expert_lora())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    batch = ids()
+    losses = []
+    for step in range(4):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if "experts" in n and p.requires_grad}
+        # B starts at zero, so A's first gradient is zero; from the second step both factors learn.
+        assert grads and all(g is not None and (step == 0 and "lora_A" in n or g.abs().sum() > 0)
+                             for n, g in grads.items())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    ql.export_merged(model, tmp_path / "merged", dtype=torch.float32, progress=False)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert rel_error(merged(batch).logits, model(batch).logits) < FLOAT_TOLERANCE
+
+
+def test_incomplete_expert_checkpoint_is_named(checkpoints, tmp_path):
+    from safetensors.torch import save_file
+
+    with safe_open(str(checkpoints["qwen3_moe"] / "model.safetensors"), "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k != "model.layers.1.mlp.experts.5.up_proj.weight"}
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((checkpoints["qwen3_moe"] / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.gate_up_proj"):
+        load(tmp_path, 4)
+
+
+def test_estimate_counts_quantized_experts(checkpoints):
+    """The estimator's stand-in stores what the loader stores, byte for byte."""
+    model = ql.load_model(checkpoints["qwen3_moe"], quant=ql.QuantConfig(), lora=expert_lora(), device="cpu",
+                          progress=False)
+    estimate = ql.estimate_memory(str(checkpoints["qwen3_moe"]), quant=ql.QuantConfig(),
+                                  lora=expert_lora(), batch_size=1, seq_len=16, device="cpu")
+    stored = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+                 if not t.requires_grad)
+    # A bitsandbytes linear keeps its block scales in its quant_state, not in a parameter or buffer.
+    stored += sum(quantlib.storage_bytes(m) - m.weight.numel() * m.weight.element_size()
+                  for m in model.modules() if quantlib.is_quantized_linear(m))
+    assert estimate.breakdown["base_weights"] == stored
+    assert estimate.trainable_parameters == ql.count_parameters(model).trainable
