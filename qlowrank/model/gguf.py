@@ -6,13 +6,22 @@ tensor table read by `gguf_header`, which skips the vocabulary), the model is bu
 config (`gguf_header.gguf_config`, equal to transformers'), and each tensor is then:
 
 1. dequantized alone with `gguf.quants.dequantize` (the function transformers' reader calls,
-   so the float values are the same bits), a slab of rows at a time, straight into a tensor
-   of the dtype it will be kept in;
-2. put back into Hugging Face's layout: GGUF lists dimensions fastest-first (`open_gguf`
-   reverses them into torch order), and llama.cpp's converter interleaves the rotary
-   halves of q_proj / k_proj rows for the "llama" architecture, undone here per head;
+   so the float values are the same bits), a slab of rows at a time;
+2. put back into Hugging Face's layout by transformers' own per-architecture tensor processor
+   (`modeling_gguf_pytorch_utils.TENSOR_PROCESSORS`: the q/k rotary rows of "llama", Gemma's
+   `1 + w` norms, ...) and named by transformers' own name map (`get_gguf_hf_weights_map`), so
+   every architecture that reader knows is read with its conventions and no table of ours;
 3. handed to `stream.TensorSink`, which quantizes a linear the moment its weight (and bias)
    are complete and drops the float copy, or keeps an embedding / norm / head in float.
+
+A processor that leaves a tensor as it is (asked first with an empty stand-in) lets it be
+dequantized straight into the dtype it is kept in; the others get transformers' float32
+numpy path, as in transformers' reader.
+
+Not streamed: the architectures of transformers' newer GGUF path (Qwen3.5, LFM2:
+`transformers.integrations.gguf.GGUF_ARCHS`), which `NotStreamable` hands to transformers'
+reader (load.py falls back and says so), and mixtures of experts, refused until the fused
+expert modules can take them.
 
 Peak RAM: the quantized model plus about twice the float32 bytes of the largest quantized
 linear (its float32 copy and bitsandbytes' working copy), measured in benchmarks/gguf_load.py.
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,19 +39,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..heap import release_free_heap
-from .gguf_header import gguf_config, read_gguf_layout
+from .gguf_header import config_from_values, gguf_config_values, read_gguf_layout
 from .stream import LoadSettings, TensorSink, empty_model
 
-# GGUF architectures this reader knows (general.architecture). llama.cpp writes Llama,
-# Mistral and SmolLM2 as "llama"; only "llama" has its q/k rows permuted (convert_hf_to_gguf.py).
-ARCHITECTURES = {"llama": True, "qwen2": False}  # architecture -> q/k rotary rows permuted
-# Tensor types tested equal to transformers' reader (tests/test_gguf_reader.py).
-TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # Rows are dequantized in slabs of about this many values: gguf's numpy dequantizers make a
 # few float32 temporaries of their input's size, so a whole 128k x 4096 embedding at once
 # would cost several GB; 2^22 values keep them at tens of MB and the per-call overhead small.
 SLAB_VALUES = 1 << 22
 FALLBACK = "load_model(..., gguf_reader='transformers') (transformers' reader, which dequantizes the whole file first)"
+
+
+class NotStreamable(ValueError):
+    """A valid GGUF file that the streamed reader cannot read but transformers' reader can (load.py falls back to it)."""
 
 
 def _gguf():
@@ -70,47 +79,47 @@ def open_gguf(path: str | Path) -> tuple[dict, list[GgufTensor]]:
     tokens, several times that for Llama 3's 128k): as much as the 4-bit model's linears.
 
     Raises:
-        ValueError: not a GGUF file, a tensor type this reader does not read (naming the
-            fallback), or a file shorter than its tensor table says.
+        ValueError: not a GGUF file, a tensor type the `gguf` package does not know, or a
+            file shorter than its tensor table says (truncated), naming the file and tensor.
     """
-    types = _gguf().GGMLQuantizationType
+    gguf = _gguf()
+    types = gguf.GGMLQuantizationType
     fields, table = read_gguf_layout(path)
     blob = np.memmap(path, mode="r", dtype=np.uint8)
     tensors = []
     for entry in table:
-        kind = types(entry.ggml_type) if entry.ggml_type in types._value2member_map_ else None
-        if kind is None or kind.name not in TENSOR_TYPES:
-            raise ValueError(f"{path}: tensor {entry.name!r} is stored as {kind.name if kind else entry.ggml_type}, "
-                             f"which the streamed GGUF reader does not read (it reads {', '.join(TENSOR_TYPES)}). "
-                             f"Use {FALLBACK}.")
+        if entry.ggml_type not in types._value2member_map_ or types(entry.ggml_type) not in gguf.GGML_QUANT_SIZES:
+            raise ValueError(f"{path}: tensor {entry.name!r} has tensor type id {entry.ggml_type}, which the `gguf` "
+                             "package does not know: the file is corrupt or newer than `gguf` (pip install -U gguf)")
+        kind = types(entry.ggml_type)
         shape = tuple(reversed(entry.dims))
-        block, size = _gguf().GGML_QUANT_SIZES[kind]
-        raw = blob[entry.offset:entry.offset + int(np.prod(shape)) * size // block]
-        if raw.size * block != int(np.prod(shape)) * size:
-            raise ValueError(f"{path}: tensor {entry.name!r} runs past the end of the file; the file is truncated")
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        count = int(np.prod(shape))
+        if count % block or (shape and shape[-1] % block):
+            raise ValueError(f"{path}: tensor {entry.name!r} has shape {shape}, which does not divide into "
+                             f"{kind.name} blocks of {block}: the file is corrupt")
+        raw = blob[entry.offset:entry.offset + count * size // block]
+        if raw.size * block != count * size:
+            raise ValueError(f"{path}: tensor {entry.name!r} runs past the end of the file ({blob.size} bytes); the "
+                             "file is truncated or corrupt (download or copy it again)")
         if kind in (types.F32, types.F16):
             data = raw.view(np.float32 if kind == types.F32 else np.float16).reshape(shape)
         else:
-            data = raw.reshape(_gguf().quants.quant_shape_to_byte_shape(shape, kind))
+            data = raw.reshape(gguf.quants.quant_shape_to_byte_shape(shape, kind))
         tensors.append(GgufTensor(entry.name, shape, kind, data))
     return fields, tensors
 
 
-def hf_names(model: nn.Module, architecture: str) -> dict[str, str]:
-    """GGUF tensor name -> the model's state-dict key, from the `gguf` package's name map."""
-    gguf = _gguf()
-    arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
-    name_map = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
-    names = {}
-    for key in model.state_dict():
-        stem, dot, suffix = key.rpartition(".")
-        gguf_name = name_map.get_name(stem)
-        if gguf_name is not None:
-            names[gguf_name + dot + suffix] = key
-    return names
+def check_gguf_file(path: str | Path) -> None:
+    """ValueError naming the file and tensor when a GGUF file is truncated or its tensor table corrupt.
+
+    Reads the header only. Called before transformers' GGUF reader (tokenizer, fallback),
+    whose own errors on a short file name neither ("cannot reshape array of size ...").
+    """
+    open_gguf(path)
 
 
-def dequantize(tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(tensor: GgufTensor, dtype: torch.dtype, origin: str = "") -> torch.Tensor:
     """One GGUF tensor as a float torch tensor of `dtype` in numpy (row-major, HF) order.
 
     Values are `gguf.quants.dequantize`'s float32 results, cast once to `dtype`: the slabs
@@ -123,41 +132,92 @@ def dequantize(tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((data.shape[0], shape[-1]), dtype=dtype)
     step = max(1, SLAB_VALUES // shape[-1])
     for start in range(0, data.shape[0], step):
-        slab = quants.dequantize(data[start:start + step], kind)
+        try:
+            slab = quants.dequantize(data[start:start + step], kind)
+        except NotImplementedError:
+            raise ValueError(f"{origin or 'GGUF file'}: tensor {tensor.name!r} is stored as {kind.name}, which the "
+                             "`gguf` package cannot dequantize (nor can transformers' reader, which uses it)") from None
         if not slab.flags.writeable:  # F32 comes back as a view of the read-only mapping
             slab = np.array(slab)
         out[start:start + step] = torch.from_numpy(slab)
     return out.reshape(shape)
 
 
-def unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of q/k from llama.cpp's interleaved rotary pairs back to HF's two halves, per head.
+def tensor_processor(architecture: str, values: dict):
+    """transformers' tensor processor for a GGUF architecture, built on the file's config values."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    The inverse of the exporter's permutation; the same reshape as transformers' reader.
+    return TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=values)
+
+
+def hf_names(model: nn.Module, architecture: str, processor) -> dict[str, str]:
+    """GGUF tensor name -> the model's state-dict key, from transformers' own GGUF name mapping."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    # The file's own architecture, not the model's type: a "llama" file may build a Mistral.
+    return get_gguf_hf_weights_map(model, processor, model_type=architecture,
+                                   num_layers=model.config.num_hidden_layers)
+
+
+class GgufTensors:
+    """A GGUF file's tensors converted one at a time into a model's layout by transformers' processor.
+
+    Args:
+        path: the .gguf file.
+        names: GGUF tensor name -> state-dict key (see `hf_names`).
+        processor: from `tensor_processor`.
     """
-    out, cols = weight.shape
-    half = out // heads // 2
-    return weight.reshape(heads, half, 2, cols).transpose(1, 2).reshape(out, cols)  # (out, in)
+
+    def __init__(self, path: str | Path, names: dict[str, str], processor, tensors: list[GgufTensor] | None = None):
+        self.path, self.names, self.processor = Path(path), names, processor
+        self.tensors = tensors if tensors is not None else open_gguf(path)[1]
+
+    def _changes(self, tensor: GgufTensor) -> bool:
+        """Whether the processor changes this tensor (asked with an empty stand-in of its rank)."""
+        probe = np.empty((0,) * len(tensor.shape), dtype=np.float32)
+        stash = {"tensors": {}}
+        try:
+            result = self.processor.process(weights=probe, name=tensor.name, tensor_key_mapping=self.names,
+                                            parsed_parameters=stash)
+        except Exception:   # e.g. a reshape that needs the real rows: it does something
+            return True
+        return result.weights is not probe or result.name != tensor.name or bool(stash["tensors"])
+
+    def convert(self, tensor: GgufTensor, dtype_of: Callable[[str], torch.dtype]) -> list[tuple[str, torch.Tensor]]:
+        """[(state-dict key, tensor in the dtype `dtype_of(key)` gives)] for one GGUF tensor; [] if unmapped."""
+        if not self._changes(tensor):
+            key = self.names.get(tensor.name)
+            return [] if key is None else [(key, dequantize(tensor, dtype_of(key), str(self.path)))]
+        # transformers' path: the whole tensor in float32 numpy, processed, then cast.
+        weights = dequantize(tensor, torch.float32, str(self.path)).numpy()
+        stash = {"tensors": {}}
+        result = self.processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self.names,
+                                        parsed_parameters=stash)
+        out = list(stash["tensors"].items())   # tensors a processor stores itself (GPT-2's head), HF-named
+        if result.name is not None and result.name in self.names:
+            out.append((self.names[result.name], torch.from_numpy(np.ascontiguousarray(result.weights))))
+        return [(key, value.to(dtype_of(key))) for key, value in out]
+
+    def read(self, key: str) -> torch.Tensor:
+        """The float32 tensor of state-dict key `key` (KeyError if the file has none)."""
+        by_key = {self.names[tensor.name]: tensor for tensor in self.tensors if tensor.name in self.names}
+        if key not in by_key:
+            raise KeyError(f"{self.path}: no GGUF tensor holds {key!r}")
+        return dict(self.convert(by_key[key], lambda _: torch.float32))[key]
 
 
-def rotary_heads(architecture: str, key: str, config) -> int | None:
-    """The head count whose rotary rows llama.cpp permuted in tensor `key` (q / k of "llama"), else None."""
-    if not ARCHITECTURES.get(architecture, False):
-        return None
-    heads = config.num_attention_heads
-    if key.endswith("self_attn.q_proj.weight"):
-        return heads
-    if key.endswith("self_attn.k_proj.weight"):
-        return getattr(config, "num_key_value_heads", None) or heads
-    return None
+def check_streamable(fields: dict, tensors: list[GgufTensor], config, path: Path) -> str:
+    """The file's architecture; NotStreamable (transformers' newer GGUF path) or ValueError (MoE) otherwise."""
+    from transformers.integrations.gguf import GGUF_ARCHS
 
-
-def check_architecture(fields: dict, path: Path) -> str:
-    """The file's architecture, or ValueError naming what the streamed reader reads and the fallback."""
     architecture = str(fields.get("general.architecture", "?"))
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"{path}: the streamed GGUF reader knows the architectures {sorted(ARCHITECTURES)} "
-                         f"(Llama, Mistral, SmolLM2, Qwen2); this file is {architecture!r}. Use {FALLBACK}.")
+    if architecture in GGUF_ARCHS:
+        raise NotStreamable(f"{path}: transformers reads {architecture!r} GGUF files through its newer conversion "
+                            "path, which the streamed reader does not follow yet")
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if experts or any("_exps" in tensor.name for tensor in tensors):
+        raise ValueError(f"{path}: a mixture-of-experts GGUF ({architecture!r}) cannot be loaded yet; load the "
+                         "model's safetensors checkpoint instead")
     return architecture
 
 
@@ -165,32 +225,41 @@ def load_gguf_streamed(path: str | Path, settings: LoadSettings) -> nn.Module:
     """A GGUF model loaded tensor by tensor into `settings` (quantized linears or float).
 
     Raises:
-        ValueError: an architecture or tensor type this reader does not know (naming the
-            transformers fallback), a corrupt file, or tensors that do not fit the config.
+        NotStreamable: a file transformers' reader must read (load.py falls back to it).
+        ValueError: a truncated or corrupt file, a tensor type nothing can dequantize, a
+            mixture of experts, or tensors that do not fit the config, each naming the file
+            and the tensor.
     """
     path = Path(path)
     fields, tensors = open_gguf(path)
-    architecture = check_architecture(fields, path)
-    config = gguf_config(path)
+    model_type, values = gguf_config_values(path)
+    config = config_from_values(model_type, values, path)
+    architecture = check_streamable(fields, tensors, config, path)
     model = empty_model(config, settings.dtype)
     sink = TensorSink(model, settings)
-    names = hf_names(model, architecture)
-    unexpected = []
-    for tensor in tqdm(tensors, desc="loading", unit="tensor", disable=not settings.progress):
-        key = names.get(tensor.name)
-        if key is None:
-            unexpected.append(tensor.name)
-            continue
-        sink.check_shape(key, tensor.shape, path.name)
+    processor = tensor_processor(architecture, values)
+    reader = GgufTensors(path, hf_names(model, architecture, processor), processor, tensors)
+
+    def dtype_of(key: str) -> torch.dtype:
         # A weight that will be quantized stays float32 until then, as on transformers' path
         # (quantize_linear decides whether to round it through the compute dtype first).
-        weight = dequantize(tensor, torch.float32 if sink.quantizes(key) else settings.dtype)
-        heads = rotary_heads(architecture, key, config)
-        if heads is not None:
-            weight = unpermute_rotary(weight, heads)
-        sink.put(key, weight, path.name, owned=True)
-        del weight
+        return torch.float32 if sink.quantizes(key) else settings.dtype
+
+    # Checked before dequantizing, to fail fast on a config that does not fit; a processor may
+    # still change a tensor's rank (Mamba's conv1d), so only same-rank shapes are compared here.
+    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    unexpected = []
+    for tensor in tqdm(tensors, desc="loading", unit="tensor", disable=not settings.progress):
+        key = reader.names.get(tensor.name)
+        if key in shapes and len(tensor.shape) == len(shapes[key]):
+            sink.check_shape(key, tensor.shape, f"{path.name}: GGUF tensor {tensor.name!r}")
+        converted = reader.convert(tensor, dtype_of)
+        if not converted:
+            unexpected.append(tensor.name)
+        for key, weight in converted:
+            sink.put(key, weight, f"{path.name}: GGUF tensor {tensor.name!r}", owned=True)
+        del converted
     model = sink.finish(str(path), unexpected)
-    del tensors  # drops the memory map
+    del tensors, reader  # drops the memory map
     release_free_heap()
     return model

@@ -107,12 +107,20 @@ def read_gguf_header(path: str | Path) -> tuple[dict, list[str]]:
     return fields, [entry.name for entry in table]
 
 
-def gguf_config(path: str | Path) -> transformers.PretrainedConfig:
-    """The transformers config of a GGUF model, from its header only.
+# Architectures whose config this header walk is tested equal to transformers' own
+# (tests/test_gguf_families.py). transformers' reader derives the config of some others with
+# extra rules (StableLM's from its tensors, LFM2's per-layer head counts, T5's, ...): those
+# are read with transformers' `load_gguf_checkpoint` itself, which decodes the vocabulary too.
+HEADER_CONFIG_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
-    It equals the config transformers' own GGUF reader builds (`load_gguf_checkpoint`, whose
-    key mapping and defaults it uses): the streamed reader builds its model from it, and its
-    logits must equal transformers'.
+
+def gguf_config_values(path: str | Path) -> tuple[str, dict]:
+    """(transformers model_type, config values) of a GGUF model, as transformers' GGUF reader parses them.
+
+    These are the values transformers' tensor processors are built with. For the
+    architectures of HEADER_CONFIG_ARCHITECTURES they come from the header alone, for those of
+    transformers' newer GGUF path (`GGUF_CONFIG_ARCHS`) from its header-only builder, and for
+    the others from `transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint`.
 
     Raises:
         ValueError: an architecture transformers cannot read from GGUF.
@@ -124,13 +132,23 @@ def gguf_config(path: str | Path) -> transformers.PretrainedConfig:
 
     fields, names = read_gguf_header(path)
     arch = str(fields.get("general.architecture", ""))
+    from transformers.integrations.gguf import GGUF_CONFIG_ARCHS, get_gguf_config, read_gguf_metadata
+
+    if arch in GGUF_CONFIG_ARCHS:   # transformers' own header-only config builder (Qwen3.5, LFM2)
+        config = get_gguf_config(*read_gguf_metadata(str(path)))
+        return str(config["model_type"]), config
     # transformers' rule, kept as it is so that both readers build the same model: a "llama"
     # file is Mistral when general.name is exactly "mistral" (its test is list membership).
     model_type = "mistral" if arch == "llama" and fields.get("general.name") == "mistral" else arch
     mapping = GGUF_CONFIG_MAPPING.get(model_type) or GGUF_CONFIG_MAPPING.get(arch)
     if not mapping:
         raise ValueError(f"{path}: GGUF architecture {arch!r} has no transformers config mapping; "
-                         "pass the model's config.json instead")
+                         "neither qlowrank nor transformers can read it (pass the model's safetensors checkpoint)")
+    if arch not in HEADER_CONFIG_ARCHITECTURES:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        config = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+        return str(config["model_type"]), config
     config = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, GGUF_CONFIG_DEFAULTS_MAPPING.get(arch) or {}))
     sections = {arch: mapping, "tokenizer": GGUF_CONFIG_MAPPING["tokenizer"],
                 "general": {"name": "_model_name_or_path"}}
@@ -142,6 +160,26 @@ def gguf_config(path: str | Path) -> transformers.PretrainedConfig:
     if "vocab_size" not in config and isinstance(fields.get("tokenizer.ggml.tokens"), _Skipped):
         config["vocab_size"] = int(fields["tokenizer.ggml.tokens"])
     config["tie_word_embeddings"] = "output.weight" not in names
-    result = transformers.AutoConfig.for_model(model_type, **config)
+    # transformers' reader: Gemma 3 GGUF files hold the text model only.
+    return ("gemma3_text" if model_type == "gemma3" else model_type), config
+
+
+def gguf_config(path: str | Path) -> transformers.PretrainedConfig:
+    """The transformers config of a GGUF model, from its header only (see `gguf_config_values`).
+
+    It equals the config transformers' own GGUF reader builds (`load_gguf_checkpoint`, whose
+    key mapping and defaults it uses): the streamed reader builds its model from it, and its
+    logits must equal transformers'.
+
+    Raises:
+        ValueError: an architecture transformers cannot read from GGUF.
+    """
+    return config_from_values(*gguf_config_values(path), path)
+
+
+def config_from_values(model_type: str, values: dict, path: str | Path) -> transformers.PretrainedConfig:
+    """The transformers config that `gguf_config_values`' result describes."""
+    values = {key: value for key, value in values.items() if key != "model_type"}
+    result = transformers.AutoConfig.for_model(model_type, **values)
     result._name_or_path = str(path)
     return result

@@ -14,6 +14,7 @@ Nothing is ever unpickled: `.bin` / `.pt` checkpoints are refused with a message
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -291,10 +292,15 @@ def _load_safetensors(folder: Path, settings: LoadSettings, trust_remote_code: b
 
 
 def _load_gguf(folder: Path, name: str, settings: LoadSettings, reader: str) -> nn.Module:
-    if reader == "streamed":
-        from .gguf import load_gguf_streamed
+    from .gguf import NotStreamable, check_gguf_file, load_gguf_streamed
 
-        return load_gguf_streamed(folder / name, settings)
+    if reader == "streamed":
+        try:
+            return load_gguf_streamed(folder / name, settings)
+        except NotStreamable as err:   # valid, but only transformers' reader reads it: say so, then use it
+            logging.getLogger("qlowrank").warning(f"{err}; reading it with transformers' GGUF reader instead "
+                                                  "(the whole file dequantized to float32 first)")
+    check_gguf_file(folder / name)   # a truncated file named as such, not as a failed numpy reshape
     return _load_gguf_transformers(folder, name, settings)
 
 
@@ -332,5 +338,8 @@ def load_tokenizer(path_or_id: str | os.PathLike, gguf_file: str | None = None):
     """The tokenizer of a model directory, a `.gguf` file (transformers' reader), or a hub id."""
     folder, gguf_name = _resolve(path_or_id, gguf_file)
     if gguf_name is not None:
+        from .gguf import check_gguf_file
+
+        check_gguf_file(folder / gguf_name)   # transformers' reader names neither file nor tensor
         return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_name)
     return transformers.AutoTokenizer.from_pretrained(str(folder))
