@@ -1,0 +1,245 @@
+"""Benchmark: mixtures of experts at real widths (random weights, 4 layers), and the full models on paper.
+
+    flock /tmp/qlowrank-heavy.lock .venv/bin/python benchmarks/moe.py --paper        # full depth, estimate only
+    flock /tmp/qlowrank-heavy.lock .venv/bin/python benchmarks/moe.py --measure qwen3-30b-a3b [--seqs 1024 2048]
+
+Shapes: Qwen3-30B-A3B (hidden 2048, 128 experts of 768, top-8, 32/4 heads of 128, 48 layers) and gpt-oss-20b
+(hidden 2880, 32 experts of 2880, top-4, 24 layers). `--measure` writes a 4-layer checkpoint of the shape into a
+temporary folder (per-expert tensors for Qwen3-MoE, as the hub stores them; fused for gpt-oss), then, each in a
+fresh process sampled through /proc (anonymous memory), measures: qlowrank's 4-bit load, transformers +
+BitsAndBytesConfig(load_in_4bit) loading the same folder, and qlowrank training steps (LoRA r=16 on attention and
+experts, checkpointing, bf16) at each sequence length, with the estimate beside each figure and the share of step
+time spent dequantizing experts. `--paper` estimates the full-depth models' GPU peak at batch 1 x 2048 (NF4, LoRA
+r=16 all-linear, checkpointing) against Unsloth's published figures. Results go to benchmarks/moe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "moe.json"
+GIB = 2**30
+UNSLOTH_GB = {"qwen3-30b-a3b": 17.5, "gpt-oss-20b": 12.8}   # their published QLoRA VRAM figures
+
+
+def config(shape: str, layers: int):
+    import transformers
+
+    if shape == "qwen3-30b-a3b":
+        return transformers.Qwen3MoeConfig(
+            vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+            num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+            num_experts_per_tok=8, tie_word_embeddings=False, max_position_embeddings=40960)
+    if shape == "gpt-oss-20b":
+        return transformers.GptOssConfig(
+            vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=layers,
+            num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2))
+    raise ValueError(shape)
+
+
+def lora(experts: bool):
+    import qlowrank as ql
+
+    return ql.LoraConfig(r=16, alpha=32, target_parameters=["experts"] if experts else [])
+
+
+def write_checkpoint(shape: str, folder: Path) -> int:
+    """Random bf16 weights, one shard per layer; Qwen3-MoE's experts one tensor per expert (the hub's layout)."""
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+
+    cfg = config(shape, 4)
+    with init_empty_weights():
+        shapes = {k: tuple(v.shape) for k, v in transformers.AutoModelForCausalLM.from_config(cfg).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    groups: dict[str, dict[str, tuple]] = {}
+    for key, size in shapes.items():
+        parts = key.split(".")
+        group = f"layer{parts[2]}" if parts[:2] == ["model", "layers"] else "rest"
+        if shape == "qwen3-30b-a3b" and key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            stem = key.rsplit(".", 1)[0]
+            experts, out_features, in_features = size
+            names = (["gate_proj", "up_proj"], out_features // 2) if key.endswith("gate_up_proj") else (["down_proj"], out_features)
+            for e in range(experts):
+                for name in names[0]:
+                    groups.setdefault(group, {})[f"{stem}.{e}.{name}.weight"] = (names[1], in_features)
+            continue
+        groups.setdefault(group, {})[key] = size
+    weight_map, total = {}, 0
+    for index, (group, members) in enumerate(sorted(groups.items())):
+        shard = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {k: (torch.ones(s, dtype=torch.bfloat16) if "norm" in k else
+                       torch.randn(s, generator=generator, dtype=torch.bfloat16).mul_(0.02)) for k, s in members.items()}
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, shard))
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                    "weight_map": weight_map}))
+    cfg.save_pretrained(folder)
+    return total
+
+
+def stored_by_part(model) -> dict[str, int]:
+    from qlowrank.nn import quant as quantlib
+    from qlowrank.nn.experts import ExpertWeights
+
+    parts = {"experts": 0, "attention": 0, "router_and_norms": 0, "embeddings_and_head": 0}
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertWeights):
+            parts["experts"] += module.stored_bytes()
+        elif quantlib.is_quantized_linear(module):
+            parts["attention"] += quantlib.storage_bytes(module)
+        elif ".experts" not in name and "self_attn" not in name:
+            size = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False) if not p.requires_grad)
+            key = "router_and_norms" if ".layers." in name else "embeddings_and_head"
+            parts[key] += size
+    return parts
+
+
+def child_load(folder: str) -> dict:
+    import qlowrank as ql
+
+    start = time.time()
+    model = ql.load_model(folder, quant=ql.QuantConfig(), device="cpu", progress=False)
+    return {"seconds": round(time.time() - start, 1), "stored": stored_by_part(model)}
+
+
+def child_transformers(folder: str) -> dict:
+    import torch
+    import transformers
+
+    start = time.time()
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu",
+                                                              dtype=torch.bfloat16)
+    three_d = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 3)
+    return {"seconds": round(time.time() - start, 1), "experts_bytes_left_float": three_d}
+
+
+def child_train(folder: str, seq: int, steps: int = 2) -> dict:
+    import torch
+
+    import qlowrank as ql
+    from qlowrank.nn.experts import ExpertWeights
+
+    model = ql.load_model(folder, quant=ql.QuantConfig(), lora=lora(True), device="cpu", progress=False, seed=0)
+    ql.enable_gradient_checkpointing(model)
+    model.train()
+    spent = [0.0]
+    weight = ExpertWeights.weight
+
+    def timed(self, index, dtype):   # the benchmark's own stopwatch around qlowrank's dequantization
+        begin = time.perf_counter()
+        result = weight(self, index, dtype)
+        spent[0] += time.perf_counter() - begin
+        return result
+
+    ExpertWeights.weight = timed
+    optimizer = torch.optim.AdamW(ql.lora_parameters(model), lr=1e-4)
+    vocab = model.config.vocab_size
+    times = []
+    for step in range(steps):
+        ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(step))
+        spent[0] = 0.0
+        begin = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append((time.perf_counter() - begin, spent[0]))
+    last, dequant = times[-1]
+    return {"step_seconds": round(last, 2), "dequant_share": round(dequant / last, 3)}
+
+
+def run_child(kind: str, *args) -> dict:
+    from qlowrank.memory.sampler import wait_sampled
+
+    command = [sys.executable, __file__, "--child", kind, *map(str, args)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    code, peaks = wait_sampled(process)
+    out = process.stdout.read()
+    if code != 0:
+        raise RuntimeError(f"{kind} failed with exit code {code}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["anon_peak_gib"] = round(peaks.get("RssAnon", 0) / GIB, 3)
+    return result
+
+
+def estimate(source, seq: int, experts: bool, device: str):
+    import qlowrank as ql
+
+    return ql.estimate_memory(source, quant=ql.QuantConfig(), lora=lora(experts), batch_size=1, seq_len=seq,
+                              gradient_checkpointing=True, device=device)
+
+
+def measure(shape: str, seqs: list[int]) -> dict:
+    with tempfile.TemporaryDirectory(prefix="qlowrank-moe-") as tmp:
+        folder = Path(tmp)
+        written = run_child("write", shape, folder)["bytes"]
+        result = {"shape": shape, "layers": 4, "checkpoint_gib": round(written / GIB, 2)}
+        result["qlowrank_load"] = run_child("load", folder)
+        result["transformers_bnb_load"] = run_child("transformers", folder)
+        result["load_estimate_gib"] = round(estimate(folder, seqs[0], True).process_breakdown.get(
+            "load_peak", 0) / GIB, 3)
+        for seq in seqs:
+            est = estimate(folder, seq, True)
+            result[f"train_seq{seq}"] = {**run_child("train", folder, seq),
+                                         "estimate_process_gib": round(est.process_breakdown["training_peak"] / GIB, 3),
+                                         "estimate_tensor_gib": round(est.total_bytes / GIB, 3)}
+    return result
+
+
+def paper() -> dict:
+    rows = {}
+    layers = {"qwen3-30b-a3b": 48, "gpt-oss-20b": 24}
+    for shape, depth in layers.items():
+        est = estimate(config(shape, depth), 2048, False, "cuda")
+        rows[shape] = {"layers": depth, "tensor_gib": round(est.total_bytes / GIB, 2),
+                       "process_gib": round(est.process_bytes / GIB, 2),
+                       "breakdown_gib": {k: round(v / GIB, 2) for k, v in est.breakdown.items()},
+                       "unsloth_gb": UNSLOTH_GB[shape], "fits_24_gib": est.process_bytes < 24 * GIB}
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--paper", action="store_true")
+    parser.add_argument("--measure", choices=["qwen3-30b-a3b", "gpt-oss-20b"])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--child", nargs="+")
+    args = parser.parse_args(argv)
+    if args.child:
+        kind, *rest = args.child
+        if kind == "write":
+            print(json.dumps({"bytes": write_checkpoint(rest[0], Path(rest[1]))}))
+        else:
+            job = {"load": child_load, "transformers": child_transformers, "train": child_train}[kind]
+            print(json.dumps(job(rest[0], *map(int, rest[1:]))))
+        return 0
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if args.paper:
+        results["paper"] = paper()
+        for shape, row in results["paper"].items():
+            print(f"{shape:15s} {row['layers']} layers, batch 1 x 2048, NF4 + LoRA r16: tensors {row['tensor_gib']} GiB, "
+                  f"process {row['process_gib']} GiB (Unsloth: {row['unsloth_gb']} GB)")
+    if args.measure:
+        results[args.measure] = measure(args.measure, args.seqs)
+        print(json.dumps(results[args.measure], indent=1))
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
