@@ -3,6 +3,7 @@
 from .adapter import load_adapter, save_adapter
 from .config import LoraConfig, QuantConfig
 from .export import export_merged
+from .export.gguf_adapter import save_gguf_adapter
 from .memory import MemoryEstimate, MemoryProfiler, estimate_memory
 from .model.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from .model.load import load_model, load_tokenizer
@@ -25,5 +26,5 @@ __all__ = [
     "LoraConfig", "LoraLinear", "add_tokens", "MemoryEstimate", "MemoryProfiler", "ParameterCount", "QuantConfig", "__version__", "add_lora",
     "count_parameters", "dequantize_weight", "disable_gradient_checkpointing", "disable_lora",
     "enable_gradient_checkpointing", "estimate_memory", "export_merged", "load_adapter", "load_model", "load_tokenizer", "lora_layers", "lora_parameters",
-    "quantize_model", "save_adapter", "QlowrankState", "state_of",
+    "quantize_model", "save_adapter", "save_gguf_adapter", "QlowrankState", "state_of",
 ]

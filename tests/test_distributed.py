@@ -107,14 +107,18 @@ def _full_flags(work: Path, out: Path) -> list[str]:
     # names are covered by the launcher-prefix test, their behaviour by test_adapter_variants.
     # --no-double-quant changes how the base is stored, not how it is distributed, and the
     # estimate compared below assumes the default double quantization.
-    variants = {"--init", "--loftq-iters", "--dora", "--train-modules", "--no-double-quant"}
+    # --target-parameters trains LoRA on fused MoE expert stacks, which this dense model has none of
+    # (tests/test_moe.py covers it).
+    variants = {"--init", "--loftq-iters", "--dora", "--train-modules", "--no-double-quant", "--target-parameters"}
     # Speed options: --compile changes how fast, not what (tests/test_speed_levers.py; a compile
     # per process would cost ~40 s here); so do --keep-blocks / --keep-attention (tests/test_checkpointing.py). Length grouping is on by default, so this run also
     # checks that it groups by the global batch, which 1 and 2 processes share.
     speed = {"--compile", "--no-group-by-length", "--keep-blocks", "--keep-attention"}
     # --offload-activations is CUDA-only and refused on a CPU run (tests/test_offload.py).
     cuda_only = {"--offload-activations"}
-    known = set(flags) | later | planning | variants | speed | cuda_only
+    # --format picks how rows are read (tests/test_layouts.py), not how they are distributed; auto reads these rows.
+    data_layout = {"--format"}
+    known = set(flags) | later | planning | variants | speed | cuda_only | data_layout
     missing = [names[0] for names in _train_options().values() if not known & set(names)]
     assert not missing, f"add these new options to _full_flags (every option must be launched once): {missing}"
     return [str(part) for flag, value in flags.items() for part in ((flag,) if value is None else (flag, value))]

@@ -1,4 +1,4 @@
-"""`qlowrank export`: base checkpoint + adapter -> one plain, merged Hugging Face checkpoint."""
+"""`qlowrank export`: base checkpoint + adapter -> one plain, merged Hugging Face checkpoint (or GGUF, or the adapter alone as GGUF)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--adapter", required=True, help="adapter directory (qlowrank's or PEFT's)")
     parser.add_argument("--out", required=True, help="output directory, or the .gguf file with --format gguf (created atomically)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="exported weight dtype")
-    parser.add_argument("--format", default="safetensors", choices=["safetensors", "gguf"],
-                        help="a Hugging Face checkpoint, or one GGUF file for llama.cpp / Ollama / LM Studio")
+    parser.add_argument("--format", default="safetensors", choices=["safetensors", "gguf", "gguf-adapter"],
+                        help="a Hugging Face checkpoint, one merged GGUF file for llama.cpp / Ollama / LM Studio, "
+                             "or the adapter alone as GGUF (llama.cpp --lora, Ollama ADAPTER; docs/gguf.md)")
     parser.add_argument("--gguf-type", default="f16", choices=["f16", "bf16", "q8_0", "f32"],
-                        help="weight type of a GGUF export (norms stay f32)")
+                        help="weight type of a GGUF export (norms stay f32); gguf-adapter: f16 or f32")
     parser.add_argument("--from-original", action="store_true",
                         help="merge into the original float weights of --model instead of the dequantized ones")
     parser.add_argument("--bits", choices=["4", "8", "none"],
@@ -70,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
     from ..export import export_merged
     from ..model.load import load_model
 
+    if args.format == "gguf-adapter":
+        from ..export.gguf_adapter import ADAPTER_TYPES
+
+        if args.gguf_type not in ADAPTER_TYPES:   # before the base is loaded
+            raise ValueError(f"--gguf-type {args.gguf_type}: a GGUF adapter is written as one of {ADAPTER_TYPES}")
     _, sidecar = read_adapter_config(args.adapter)
     read_adapter_weights(Path(args.adapter) / ADAPTER_WEIGHTS)   # a broken file fails before the model loads
     quant = base_quant(sidecar, args.bits, args.compute_dtype, f"{args.adapter}/qlowrank_adapter.json")
@@ -79,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, quant=quant, device=args.device, gguf_file=args.gguf_file,
                        trust_remote_code=args.trust_remote_code, lora=lora if rebuild else None, seed=seed)
     load_adapter(model, args.adapter)
+    if args.format == "gguf-adapter":
+        from ..export.gguf_adapter import save_gguf_adapter
+
+        save_gguf_adapter(model, args.out, dtype=args.gguf_type, overwrite=args.overwrite)
+        return 0
     base = args.model if args.from_original else None
     export_merged(model, args.out, dtype=parse_dtype(args.dtype), base=base, overwrite=args.overwrite,
                   probe=not args.no_probe, format=args.format, gguf_type=args.gguf_type)

@@ -7,6 +7,8 @@ touches one file.
 
 from __future__ import annotations
 
+import copy
+
 import logging
 from typing import Iterable
 
@@ -20,6 +22,9 @@ from ..config import QuantConfig
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnb_functional  # noqa: E402
+
+_log = logging.getLogger(__name__)
+_WARNED_WIDTHS: set[int] = set()   # in_features already warned about (once per process each)
 
 Linear4bit = bnb.nn.Linear4bit
 Linear8bitLt = bnb.nn.Linear8bitLt
@@ -60,6 +65,11 @@ def quantize_linear(
     out_features, in_features = weight.shape
     has_bias = bias is not None
     if quant.bits == 4:
+        if device.type == "cpu" and in_features % quant.blocksize and in_features not in _WARNED_WIDTHS:
+            _WARNED_WIDTHS.add(in_features)
+            _log.warning("4-bit layers with %d inputs (not a multiple of the blocksize %d) are dequantized about "
+                         "3x less accurately by bitsandbytes' CPU kernels (they restart the blocks at each row); "
+                         "on a CPU, 8-bit or a blocksize dividing %d avoids it", in_features, quant.blocksize, in_features)
         if weight.dtype == torch.float32 and quant.compute_dtype != torch.float32:
             # bitsandbytes dequantizes to the dtype it quantized from: quantizing an fp32
             # checkpoint as is would make every forward and backward build an fp32 weight
@@ -257,4 +267,18 @@ def dequantize_expert(tensors: dict[str, torch.Tensor], index: int, shape: tuple
         absmax=tensors["absmax"][index], shape=torch.Size(shape), code=tensors["code"], blocksize=quant.blocksize,
         quant_type=quant.quant_type, dtype=quant.compute_dtype,
         offset=tensors["offset"][index, 0] if nested is not None else None, state2=nested)
-    return bnb_functional.dequantize_4bit(codes[index].reshape(-1, 1), state).to(dtype)
+    return _dequantize_4bit_flat(codes[index].reshape(-1, 1), state).to(dtype)
+
+
+def _dequantize_4bit_flat(codes: torch.Tensor, state) -> torch.Tensor:
+    """dequantize_4bit of the flat tensor, reshaped: the blocks run over the flattened weight, as quantize_4bit made them.
+
+    bitsandbytes 0.50.2's CPU kernel restarts the blocks at every row of the state's shape, so
+    an (out, in) weight whose `in` is not a multiple of the blocksize comes back wrong (relative
+    error 0.28 instead of 0.09 at in = 96). Its Linear4bit forward does the same, which is why
+    `dequantize_weight` keeps bitsandbytes' reading for dense layers: a merge must equal the
+    forward that trained. Experts are ours end to end, so they take the right one.
+    """
+    flat = copy.copy(state)
+    flat.shape = torch.Size([state.shape.numel()])
+    return bnb_functional.dequantize_4bit(codes, flat).reshape(state.shape)
