@@ -10,9 +10,12 @@ undoes the file's conventions with transformers' own tensor processors: the prob
 our conventions against an independent implementation of them.
 
 Families (export/gguf_arch.py): Llama, Mistral, SmolLM2 ("llama"), Qwen2, Qwen3, Gemma 2,
-Gemma 3 (text), Phi-3, OLMo 2, with a byte-level BPE tokenizer (export/gguf_vocab.py).
-Refused with a clear error: other architectures, mixtures of experts, RoPE scaling,
-attention biases outside Qwen2, and SentencePiece tokenizers (Llama 2, Mistral 7B v0.1, Gemma).
+Gemma 3 (text), Phi-3, OLMo 2, and the mixtures of experts Qwen3-MoE, Mixtral ("llama" with
+experts) and gpt-oss, whose fused experts (expert LoRA merged in) are split into llama.cpp's
+`ffn_*_exps` (export/gguf_experts.py); with a byte-level BPE tokenizer (export/gguf_vocab.py).
+Refused with a clear error: other architectures and MoE layouts (shared experts: Qwen2-MoE),
+RoPE scaling (but gpt-oss's YaRN), attention biases outside Qwen2 / gpt-oss, and SentencePiece
+tokenizers (Llama 2, Mistral 7B v0.1, Gemma).
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ import torch
 from torch import nn
 
 from ..atomic import staged_file
-from ..model.gguf import GgufTensors, tensor_processor
+from ..model.gguf import model_tensors
+from ..model.gguf_header import read_gguf_layout
+from ..model.stream import empty_model
 from .gguf_arch import GgufFamily, add_hparams, gguf_family, is_norm, reader_caveats
+from .gguf_experts import GgufPiece, expert_pieces, experts_transposed, is_expert_stack
 from .gguf_vocab import add_tokenizer
 from .plan import ExportEntry, ExportOptions, export_config, planned_entries
 from .probe import probe_fidelity
@@ -77,11 +83,12 @@ def to_gguf_layout(tensor: torch.Tensor, key: str, gguf_name: str, family: GgufF
     return tensor
 
 
-def _tensor_type(gguf, shape: tuple[int, ...], gguf_type: str):
-    """GGML type of one tensor: norms and biases (1-D) stay F32, as llama.cpp's converter does;
-    q8_0 needs rows divisible by its 32-value blocks, else that tensor is F16."""
+def _tensor_type(gguf, piece: GgufPiece, gguf_type: str):
+    """GGML type of one tensor: norms, biases (gpt-oss's per-expert ones are 2-D) and MoE routers stay F32,
+    as llama.cpp's converter keeps them; q8_0 needs rows divisible by its 32-value blocks, else that tensor is F16."""
     types = gguf.GGMLQuantizationType
-    if len(shape) == 1 or gguf_type == "f32":
+    shape = piece.shape
+    if len(shape) == 1 or gguf_type == "f32" or piece.name.endswith(".bias") or ".ffn_gate_inp." in piece.name:
         return types.F32
     if gguf_type == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[types.Q8_0][0] != 0:
         return types.F16
@@ -119,17 +126,17 @@ def write_gguf(model: nn.Module, options: ExportOptions) -> dict:
     tokenizer = load_tokenizer_for(model, options.tokenizer)
     start = time.time()
     entries = planned_entries(model, options)
-    names = gguf_names(model, family.arch, [entry.key for entry in entries])
+    pieces = gguf_pieces(model, family, entries)
     with staged_file(options.out, "GGUF export") as tmp:
         writer = gguf.GGUFWriter(tmp, family.arch)
         add_hparams(gguf, writer, model.config, family, _general_name(model), options.gguf_type)
         pre = add_tokenizer(gguf, writer, model, tokenizer, model.config.vocab_size)
-        _write_tensors(gguf, writer, model, entries, names, family, options.gguf_type)
+        _write_tensors(gguf, writer, entries, pieces, options.gguf_type)
         report = {"format": "gguf", "gguf_type": options.gguf_type, "architecture": family.arch,
-                  "tokenizer_pre": pre, "tensors": len(entries), "total_bytes": tmp.stat().st_size}
+                  "tokenizer_pre": pre, "tensors": sum(map(len, pieces)), "total_bytes": tmp.stat().st_size}
         report.update(reader_caveats(model.config, family))
         if options.probe:
-            reader = GgufWeights(tmp, names, family.arch, model.config)
+            reader = GgufWeights(tmp, type(model), export_config(model, torch.float32))
             # float32, as transformers' own GGUF reader dequantizes every type.
             report.update(probe_fidelity(model, export_config(model, torch.float32), reader, torch.float32))
         report["seconds"] = round(time.time() - start, 2)
@@ -141,32 +148,64 @@ def _general_name(model: nn.Module) -> str:
     return Path(str(getattr(model.config, "_name_or_path", "") or "model")).stem or "model"
 
 
-def gguf_names(model: nn.Module, arch: str, keys: list[str]) -> dict[str, str]:
-    """State-dict key -> GGUF tensor name for each of `keys`, from the `gguf` package's name map (ValueError for one without)."""
+def _name_map(model: nn.Module, arch: str):
     gguf = _gguf()
     model_arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
-    name_map = gguf.get_tensor_name_map(model_arch, model.config.num_hidden_layers)
+    return gguf.get_tensor_name_map(model_arch, model.config.num_hidden_layers)
+
+
+def gguf_names(model: nn.Module, arch: str, keys: list[str]) -> dict[str, str]:
+    """State-dict key -> GGUF tensor name for each of `keys`, from the `gguf` package's name map (ValueError for one without).
+
+    A parameter without a `.weight` / `.bias` suffix (gpt-oss's attention sinks) is named as a
+    weight, as llama.cpp's converter names it.
+    """
+    name_map = _name_map(model, arch)
     result = {}
     for key in keys:
-        result[key] = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
-        if result[key] is None:
+        name = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
             raise ValueError(f"GGUF export: no {arch!r} GGUF name for tensor {key!r} of {type(model).__name__}")
+        result[key] = name if name.endswith((".weight", ".bias")) else name + ".weight"
     return result
 
 
-def _write_tensors(gguf, writer, model: nn.Module, entries: list[ExportEntry], names: dict[str, str],
-                   family: GgufFamily, gguf_type: str) -> None:
+def gguf_pieces(model: nn.Module, family: GgufFamily, entries: list[ExportEntry]) -> list[list[GgufPiece]]:
+    """For each entry, the GGUF tensors it is written as (fused experts: split into llama.cpp's ffn_*_exps)."""
+    name_map = _name_map(model, family.arch)
+
+    def name_of(key: str) -> str:
+        name = name_map.get_name(key)
+        if name is None:
+            raise ValueError(f"GGUF export: no {family.arch!r} GGUF name for {key!r} of {type(model).__name__}")
+        return name
+
+    plain = gguf_names(model, family.arch, [e.key for e in entries if not is_expert_stack(e.key)])
+    pieces = []
+    for entry in entries:
+        if is_expert_stack(entry.key):
+            pieces.append(expert_pieces(entry.key, entry.shape, experts_transposed(model, entry.key), name_of))
+            continue
+        name = plain[entry.key]
+        pieces.append([GgufPiece(name, entry.shape, lambda t, k=entry.key, n=name:
+                                 to_gguf_layout(t, k, n, family, model.config))])
+    return pieces
+
+
+def _write_tensors(gguf, writer, entries: list[ExportEntry], pieces: list[list[GgufPiece]], gguf_type: str) -> None:
     """The tensor table, then each tensor computed, put in llama.cpp's layout, encoded and written one at a time."""
-    types = [_tensor_type(gguf, entry.shape, gguf_type) for entry in entries]
-    for entry, qtype in zip(entries, types):
-        writer.add_tensor_info(names[entry.key], entry.shape, np.dtype(np.float32), _nbytes(gguf, entry.shape, qtype),
-                               raw_dtype=qtype)
+    types = [[_tensor_type(gguf, piece, gguf_type) for piece in group] for group in pieces]
+    for group, qtypes in zip(pieces, types):
+        for piece, qtype in zip(group, qtypes):
+            writer.add_tensor_info(piece.name, piece.shape, np.dtype(np.float32), _nbytes(gguf, piece.shape, qtype),
+                                   raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for entry, qtype in zip(entries, types):
-        tensor = to_gguf_layout(entry.produce().float(), entry.key, names[entry.key], family, model.config)
-        writer.write_tensor_data(_encode(gguf, tensor, qtype))
+    for entry, group, qtypes in zip(entries, pieces, types):
+        tensor = entry.produce().float()
+        for piece, qtype in zip(group, qtypes):
+            writer.write_tensor_data(_encode(gguf, piece.take(tensor), qtype))
         del tensor
     writer.close()
 
@@ -174,17 +213,16 @@ def _write_tensors(gguf, writer, model: nn.Module, entries: list[ExportEntry], n
 class GgufWeights:
     """Reads one tensor of a written GGUF file by state-dict key, as float32 in HF's layout (the probe's WeightReader).
 
-    The file is memory-mapped by model/gguf.py's streamed reader (its pages are file-backed,
-    reclaimable); each call dequantizes one tensor and hands it to transformers' tensor
-    processor for `arch`, which undoes the rotary permutation and the norm offset.
+    The file is read as the streamed reader reads it (model/gguf.py): memory-mapped (its pages
+    are file-backed, reclaimable), each call dequantizing the GGUF tensors of one key and
+    handing them to transformers' tensor processor for the file's architecture, which undoes
+    the rotary permutation, the norm offset and the expert split.
     """
 
-    def __init__(self, path: Path, names: dict[str, str], arch: str, config):
-        values = {"num_attention_heads": config.num_attention_heads,
-                  "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
-        self.keys = set(names)
-        self.tensors = GgufTensors(path, {gguf_name: key for key, gguf_name in names.items()},
-                                   tensor_processor(arch, values))
+    def __init__(self, path: Path, cls: type, config):
+        arch = str(read_gguf_layout(path)[0]["general.architecture"])
+        self.tensors = model_tensors(path, arch, empty_model(config, torch.float32, cls), config.to_dict())
+        self.keys = set(self.tensors.names.values())
 
     def __call__(self, key: str) -> torch.Tensor:
         if key not in self.keys:

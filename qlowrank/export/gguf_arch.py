@@ -12,7 +12,11 @@ llama.cpp's converter (`convert_hf_to_gguf.py`) and transformers' GGUF reader
   reader subtracts 1 again from every tensor whose name holds "norm.weight").
 - Phi-3 already holds fused `qkv_proj` and `gate_up_proj`, which are llama.cpp's `attn_qkv`
   and `ffn_up` (gate rows first) as they are.
-- Qwen2 keeps its q/k/v biases; the other families here have none.
+- Qwen2 keeps its q/k/v biases; gpt-oss its attention, router and per-expert biases; the
+  other families here have none.
+- Mixtures of experts (Qwen3-MoE, Mixtral as "llama" with experts, gpt-oss) write their fused
+  3-D experts as `ffn_{gate,up,down}_exps` (export/gguf_experts.py) and `expert_count` /
+  `expert_used_count`; gpt-oss also its attention sinks, sliding window and YaRN RoPE.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class GgufFamily:
     norm_offset: float = 0.0        # added to every norm weight: Gemma's RMSNorm multiplies by (1 + w)
     biases: bool = False            # attention biases are part of the layout (Qwen2)
     untied_head: bool = True        # llama.cpp's layout has an output.weight (Gemma 2's has none)
+    rope_types: tuple[str, ...] = ()  # RoPE scalings the layout encodes besides none (gpt-oss: YaRN)
 
 
 # transformers model_type -> family. llama.cpp's converter writes Mistral as "llama" too.
@@ -43,10 +48,14 @@ FAMILIES = {
     "gemma3_text": GgufFamily("gemma3", norm_offset=1.0),
     "phi3": GgufFamily("phi3"),
     "olmo2": GgufFamily("olmo2"),
+    "qwen3_moe": GgufFamily("qwen3moe"),
+    "mixtral": GgufFamily("llama", permute_rotary=True),
+    "gpt_oss": GgufFamily("gpt-oss", biases=True, rope_types=("yarn",)),
 }
-# Mixtures of experts are being rebuilt on fused 3-D expert modules; their GGUF layout
-# (ffn_*_exps) waits for that.
-MOE_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss", "olmoe")
+# Mixtures of experts whose llama.cpp layout (shared experts, ...) this writer does not write yet.
+MOE_TYPES = ("qwen2_moe", "olmoe")
+# gpt-oss's YaRN settings that llama.cpp's "gpt-oss" assumes (its converter writes only type, factor, context).
+GPT_OSS_YARN = {"beta_fast": 32.0, "beta_slow": 1.0}
 
 
 def rope_dicts(config) -> list[dict]:
@@ -72,15 +81,16 @@ def gguf_family(model: nn.Module) -> GgufFamily:
     name, config = type(model).__name__, model.config
     model_type = getattr(config, "model_type", None)
     if model_type in MOE_TYPES:
-        raise ValueError(f"GGUF export of mixture-of-experts models ({name}) is not supported yet; export "
-                         "safetensors (format='safetensors') and convert with llama.cpp's converter")
+        raise ValueError(f"GGUF export of {model_type} mixtures of experts ({name}) is not supported yet (Qwen3-MoE, "
+                         "Mixtral and gpt-oss are); export safetensors (format='safetensors') and convert with "
+                         "llama.cpp's converter")
     family = FAMILIES.get(model_type)
     if family is None or not name.endswith("ForCausalLM"):
         raise ValueError(f"GGUF export supports {sorted(FAMILIES)} causal LMs; {name} is not supported: export "
                          "safetensors (format='safetensors') and convert with llama.cpp's converter")
     for rope in rope_dicts(config):
         rope_type = rope.get("rope_type", rope.get("type"))
-        if rope_type not in (None, "default"):
+        if rope_type not in (None, "default", *family.rope_types):
             raise ValueError(f"GGUF export: {name} uses RoPE scaling {rope_type!r}, which this writer does not "
                              "encode yet (e.g. Llama 3.1's 'llama3'); export safetensors and convert with "
                              "llama.cpp's converter")
@@ -93,7 +103,19 @@ def gguf_family(model: nn.Module) -> GgufFamily:
                          "layout has no tensor for; export safetensors instead")
     if model_type == "gemma3_text":
         _check_gemma3(config)
+    if model_type == "qwen3_moe" and (getattr(config, "decoder_sparse_step", 1) != 1 or getattr(config, "mlp_only_layers", [])):
+        raise ValueError(f"GGUF export: this {name} has dense MLP layers between its MoE layers (decoder_sparse_step / "
+                         "mlp_only_layers), which llama.cpp's 'qwen3moe' layout has no place for")
+    if model_type == "gpt_oss":
+        changed = {k: v for k, v in _yarn(config).items() if k in GPT_OSS_YARN and v != GPT_OSS_YARN[k]}
+        if changed:
+            raise ValueError(f"GGUF export: this {name} has YaRN settings {changed}, which llama.cpp's 'gpt-oss' "
+                             f"layout fixes at {GPT_OSS_YARN}")
     return family
+
+
+def _yarn(config) -> dict:
+    return next((rope for rope in rope_dicts(config) if rope.get("rope_type", rope.get("type")) == "yarn"), {})
 
 
 def _check_gemma3(config) -> None:
@@ -134,6 +156,9 @@ def add_hparams(gguf, writer, config, family: GgufFamily, name: str, gguf_type: 
     writer.add_vocab_size(config.vocab_size)
     if family.arch in ("gemma2", "gemma3"):
         _add_gemma(writer, config, family.arch)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if experts:
+        _add_experts(gguf, writer, config, family.arch, experts)
     if family.arch == "phi3":
         # Phi-3's converter always writes both; a sliding window of 0 means none (Phi-4).
         writer.add_rope_scaling_orig_ctx_len(getattr(config, "original_max_position_embeddings", None)
@@ -143,6 +168,23 @@ def add_hparams(gguf, writer, config, family: GgufFamily, name: str, gguf_type: 
     writer.add_file_type({"f32": file_types.ALL_F32, "f16": file_types.MOSTLY_F16, "bf16": file_types.MOSTLY_BF16,
                           "q8_0": file_types.MOSTLY_Q8_0}[gguf_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_experts(gguf, writer, config, arch: str, experts: int) -> None:
+    writer.add_expert_count(experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    # What llama.cpp's converter writes: Qwen3-MoE's moe_intermediate_size; gpt-oss's experts are
+    # intermediate_size wide; Mixtral's width is feed_forward_length itself.
+    width = getattr(config, "moe_intermediate_size", None) or (config.intermediate_size if arch == "gpt-oss" else None)
+    if width:
+        writer.add_expert_feed_forward_length(width)
+    if arch == "gpt-oss":
+        writer.add_sliding_window(config.sliding_window)
+        yarn = _yarn(config)
+        if yarn:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(yarn["factor"])
+            writer.add_rope_scaling_orig_ctx_len(yarn.get("original_max_position_embeddings", 4096))
 
 
 def _add_gemma(writer, config, arch: str) -> None:
@@ -164,19 +206,32 @@ def reader_caveats(config, family: GgufFamily) -> dict:
         assumed = {head_dim(config), config.hidden_size // config.num_attention_heads}
         if scalar not in assumed:
             caveats["query_pre_attn_scalar_not_in_gguf"] = scalar
-    if family.arch in ("qwen3", "phi3") and head_dim(config) != _reader_head_dim(config):
+    if family.arch in ("qwen3", "phi3", "gpt-oss") and head_dim(config) != _reader_head_dim(config):
         # transformers' GGUF reader does not read attention.key_length for these (llama.cpp does).
         caveats["head_dim_not_read_by_transformers"] = head_dim(config)
-    window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+    window = getattr(config, "sliding_window", None) if config.model_type in ("mistral", "mixtral") else None
     if window and window < config.max_position_embeddings:
         # The "llama" layout has no sliding window (llama.cpp's converter drops it too): the
         # file computes the same as the model only on contexts up to the window.
         caveats["sliding_window_dropped"] = window
+    _moe_caveats(config, caveats)
     return caveats
 
 
+def _moe_caveats(config, caveats: dict) -> None:
+    if config.model_type != "qwen3_moe":
+        return
+    if not config.norm_topk_prob:
+        # llama.cpp's qwen3moe (and transformers' GGUF reader) renormalize the top-k routing weights.
+        caveats["norm_topk_prob_false_not_in_gguf"] = True
+    default = type(config)().moe_intermediate_size
+    if config.moe_intermediate_size != default:
+        # transformers' GGUF reader does not read expert_feed_forward_length (llama.cpp and qlowrank do).
+        caveats["moe_intermediate_size_not_read_by_transformers"] = config.moe_intermediate_size
+
+
 def _reader_head_dim(config) -> int:
-    default = type(config)().head_dim if config.model_type == "qwen3" else None
+    default = type(config)().head_dim if config.model_type in ("qwen3", "gpt_oss") else None
     return default or config.hidden_size // config.num_attention_heads
 
 

@@ -18,10 +18,13 @@ A processor that leaves a tensor as it is (asked first with an empty stand-in) l
 dequantized straight into the dtype it is kept in; the others get transformers' float32
 numpy path, as in transformers' reader.
 
+Mixtures of experts (Qwen3-MoE, Mixtral as "llama" with experts, gpt-oss): each 3-D
+`ffn_*_exps` tensor goes through its processor (model/gguf_moe.py) into transformers 5's
+fused stacks, and the sink freezes a layer's experts 4-bit / 8-bit once its stacks are complete.
+
 Not streamed: the architectures of transformers' newer GGUF path (Qwen3.5, LFM2:
-`transformers.integrations.gguf.GGUF_ARCHS`), which `NotStreamable` hands to transformers'
-reader (load.py falls back and says so), and mixtures of experts, refused until the fused
-expert modules can take them.
+`transformers.integrations.gguf.GGUF_ARCHS`) and the experts of other MoE architectures,
+which `NotStreamable` hands to transformers' reader (load.py falls back and says so).
 
 Peak RAM: the quantized model plus about twice the float32 bytes of the largest quantized
 linear (its float32 copy and bitsandbytes' working copy), measured in benchmarks/gguf_load.py.
@@ -29,6 +32,7 @@ linear (its float32 copy and bitsandbytes' working copy), measured in benchmarks
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,6 +44,7 @@ from tqdm.auto import tqdm
 
 from ..heap import release_free_heap
 from .gguf_header import config_from_values, gguf_config_values, read_gguf_layout
+from .gguf_moe import experts_of, processor_class
 from .stream import LoadSettings, TensorSink, empty_model
 
 # Rows are dequantized in slabs of about this many values: gguf's numpy dequantizers make a
@@ -119,6 +124,20 @@ def check_gguf_file(path: str | Path) -> None:
     open_gguf(path)
 
 
+def check_transformers_reads(path: str | Path) -> None:
+    """ValueError for a GGUF file that transformers' reader (5.25) reads into a wrong model, without an error.
+
+    Mixtral in llama.cpp's layout ("llama" with experts) becomes a dense Llama with random MLPs,
+    and gpt-oss keeps random experts and attention sinks (measured: 0.09 and 0.40 relative logits
+    error); the streamed reader reads both.
+    """
+    fields, _ = read_gguf_layout(path)
+    architecture = fields.get("general.architecture")
+    if architecture == "gpt-oss" or (architecture == "llama" and fields.get("llama.expert_count")):
+        raise ValueError(f"{path}: transformers' GGUF reader leaves the experts of this {architecture!r} mixture of "
+                         "experts randomly initialised; read it with gguf_reader='streamed' (the default)")
+
+
 def dequantize(tensor: GgufTensor, dtype: torch.dtype, origin: str = "") -> torch.Tensor:
     """One GGUF tensor as a float torch tensor of `dtype` in numpy (row-major, HF) order.
 
@@ -144,10 +163,15 @@ def dequantize(tensor: GgufTensor, dtype: torch.dtype, origin: str = "") -> torc
 
 
 def tensor_processor(architecture: str, values: dict):
-    """transformers' tensor processor for a GGUF architecture, built on the file's config values."""
+    """transformers' tensor processor for a GGUF architecture, built on the file's config values.
+
+    Mixtral ("llama" with experts) and gpt-oss get model/gguf_moe.py's, which reuse
+    transformers' own where its table has none that reads llama.cpp's layout.
+    """
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    return TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=values)
+    cls = processor_class(architecture, values) or TENSOR_PROCESSORS.get(architecture, TensorProcessor)
+    return cls(config=values)
 
 
 def hf_names(model: nn.Module, architecture: str, processor) -> dict[str, str]:
@@ -155,12 +179,20 @@ def hf_names(model: nn.Module, architecture: str, processor) -> dict[str, str]:
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
     # The file's own architecture, not the model's type: a "llama" file may build a Mistral.
-    return get_gguf_hf_weights_map(model, processor, model_type=architecture,
-                                   num_layers=model.config.num_hidden_layers)
+    names = get_gguf_hf_weights_map(model, processor, model_type=architecture,
+                                    num_layers=model.config.num_hidden_layers)
+    # A parameter without a suffix (fused expert stacks, attention sinks) is mapped without one,
+    # while llama.cpp names its tensor as a weight ("blk.0.ffn_down_exps.weight").
+    names.update({f"{name}.weight": key for name, key in list(names.items())
+                  if not name.endswith((".weight", ".bias"))})
+    return names
 
 
 class GgufTensors:
     """A GGUF file's tensors converted one at a time into a model's layout by transformers' processor.
+
+    A model tensor that a processor assembles from several GGUF tensors (an MoE layer's gate
+    and up experts) is handed out once the last of them has been converted.
 
     Args:
         path: the .gguf file.
@@ -171,54 +203,75 @@ class GgufTensors:
     def __init__(self, path: str | Path, names: dict[str, str], processor, tensors: list[GgufTensor] | None = None):
         self.path, self.names, self.processor = Path(path), names, processor
         self.tensors = tensors if tensors is not None else open_gguf(path)[1]
+        # How many of the file's tensors feed each key, and how many have been converted.
+        self.sources = Counter(names[t.name] for t in self.tensors if t.name in names)
+        self.arrived: Counter = Counter()
+        self.stash: dict = {"tensors": {}}   # what the processor assembles across tensors (its parsed_parameters)
 
-    def _changes(self, tensor: GgufTensor) -> bool:
-        """Whether the processor changes this tensor (asked with an empty stand-in of its rank)."""
+    def keeps(self, tensor: GgufTensor) -> bool:
+        """Whether the processor leaves this tensor as it is (asked with an empty stand-in of its rank)."""
         probe = np.empty((0,) * len(tensor.shape), dtype=np.float32)
         stash = {"tensors": {}}
         try:
             result = self.processor.process(weights=probe, name=tensor.name, tensor_key_mapping=self.names,
                                             parsed_parameters=stash)
         except Exception:   # e.g. a reshape that needs the real rows: it does something
-            return True
-        return result.weights is not probe or result.name != tensor.name or bool(stash["tensors"])
+            return False
+        return result.weights is probe and result.name == tensor.name and not stash["tensors"]
 
     def convert(self, tensor: GgufTensor, dtype_of: Callable[[str], torch.dtype]) -> list[tuple[str, torch.Tensor]]:
-        """[(state-dict key, tensor in the dtype `dtype_of(key)` gives)] for one GGUF tensor; [] if unmapped."""
-        if not self._changes(tensor):
+        """[(state-dict key, tensor in the dtype `dtype_of(key)` gives)] for one GGUF tensor; [] if unmapped or waiting."""
+        if self.keeps(tensor):
             key = self.names.get(tensor.name)
             return [] if key is None else [(key, dequantize(tensor, dtype_of(key), str(self.path)))]
         # transformers' path: the whole tensor in float32 numpy, processed, then cast.
         weights = dequantize(tensor, torch.float32, str(self.path)).numpy()
-        stash = {"tensors": {}}
         result = self.processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self.names,
-                                        parsed_parameters=stash)
-        out = list(stash["tensors"].items())   # tensors a processor stores itself (GPT-2's head), HF-named
+                                        parsed_parameters=self.stash)
+        if tensor.name in self.names:
+            self.arrived[self.names[tensor.name]] += 1
+        # Tensors a processor stores itself (GPT-2's head, MoE stacks), HF-named: out once complete.
+        stored = self.stash["tensors"]
+        out = [(key, stored.pop(key)) for key in list(stored) if self.arrived[key] >= self.sources[key]]
         if result.name is not None and result.name in self.names:
             out.append((self.names[result.name], torch.from_numpy(np.ascontiguousarray(result.weights))))
         return [(key, value.to(dtype_of(key))) for key, value in out]
 
     def read(self, key: str) -> torch.Tensor:
         """The float32 tensor of state-dict key `key` (KeyError if the file has none)."""
-        by_key = {self.names[tensor.name]: tensor for tensor in self.tensors if tensor.name in self.names}
-        if key not in by_key:
+        sources = [tensor for tensor in self.tensors if self.names.get(tensor.name) == key]
+        if not sources:
             raise KeyError(f"{self.path}: no GGUF tensor holds {key!r}")
-        return dict(self.convert(by_key[key], lambda _: torch.float32))[key]
+        alone = GgufTensors(self.path, self.names, self.processor, sources)   # its own count and stash
+        out = {}
+        for tensor in sources:
+            out.update(alone.convert(tensor, lambda _: torch.float32))
+        return out[key]
 
 
-def check_streamable(fields: dict, tensors: list[GgufTensor], config, path: Path) -> str:
-    """The file's architecture; NotStreamable (transformers' newer GGUF path) or ValueError (MoE) otherwise."""
+# MoE GGUF architectures whose expert tensors the streamed reader takes (model/gguf_moe.py); "llama" with experts is Mixtral.
+STREAMED_MOE = ("qwen3moe", "gpt-oss", "llama")
+
+
+def check_streamable(fields: dict, config, path: Path) -> str:
+    """The file's architecture; NotStreamable for one transformers' reader must read (load.py falls back to it)."""
     from transformers.integrations.gguf import GGUF_ARCHS
 
     architecture = str(fields.get("general.architecture", "?"))
     if architecture in GGUF_ARCHS:
         raise NotStreamable(f"{path}: transformers reads {architecture!r} GGUF files through its newer conversion "
                             "path, which the streamed reader does not follow yet")
-    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
-    if experts or any("_exps" in tensor.name for tensor in tensors):
-        raise ValueError(f"{path}: a mixture-of-experts GGUF ({architecture!r}) cannot be loaded yet; load the "
-                         "model's safetensors checkpoint instead")
+    if experts_of(config.to_dict()) and architecture not in STREAMED_MOE:
+        raise NotStreamable(f"{path}: the streamed reader takes the experts of {STREAMED_MOE} GGUF files, "
+                            f"not of {architecture!r} ones")
     return architecture
+
+
+def model_tensors(path: str | Path, architecture: str, model: nn.Module, values: dict,
+                  tensors: list[GgufTensor] | None = None) -> GgufTensors:
+    """The tensors of a GGUF file of `architecture`, converted into `model`'s state-dict keys and layout."""
+    processor = tensor_processor(architecture, values)
+    return GgufTensors(path, hf_names(model, architecture, processor), processor, tensors)
 
 
 def load_gguf_streamed(path: str | Path, settings: LoadSettings) -> nn.Module:
@@ -226,35 +279,32 @@ def load_gguf_streamed(path: str | Path, settings: LoadSettings) -> nn.Module:
 
     Raises:
         NotStreamable: a file transformers' reader must read (load.py falls back to it).
-        ValueError: a truncated or corrupt file, a tensor type nothing can dequantize, a
-            mixture of experts, or tensors that do not fit the config, each naming the file
-            and the tensor.
+        ValueError: a truncated or corrupt file, a tensor type nothing can dequantize, or
+            tensors that do not fit the config, each naming the file and the tensor.
     """
     path = Path(path)
     fields, tensors = open_gguf(path)
     model_type, values = gguf_config_values(path)
     config = config_from_values(model_type, values, path)
-    architecture = check_streamable(fields, tensors, config, path)
+    architecture = check_streamable(fields, config, path)
     model = empty_model(config, settings.dtype)
     sink = TensorSink(model, settings)
-    processor = tensor_processor(architecture, values)
-    reader = GgufTensors(path, hf_names(model, architecture, processor), processor, tensors)
+    reader = model_tensors(path, architecture, model, values, tensors)
 
     def dtype_of(key: str) -> torch.dtype:
         # A weight that will be quantized stays float32 until then, as on transformers' path
         # (quantize_linear decides whether to round it through the compute dtype first).
         return torch.float32 if sink.quantizes(key) else settings.dtype
 
-    # Checked before dequantizing, to fail fast on a config that does not fit; a processor may
-    # still change a tensor's rank (Mamba's conv1d), so only same-rank shapes are compared here.
-    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    # Checked before dequantizing, to fail fast on a config that does not fit, where the
+    # processor leaves the tensor as it is (others change its shape: Mamba's conv1d, MoE stacks).
     unexpected = []
     for tensor in tqdm(tensors, desc="loading", unit="tensor", disable=not settings.progress):
         key = reader.names.get(tensor.name)
-        if key in shapes and len(tensor.shape) == len(shapes[key]):
+        if key is not None and reader.keeps(tensor):
             sink.check_shape(key, tensor.shape, f"{path.name}: GGUF tensor {tensor.name!r}")
         converted = reader.convert(tensor, dtype_of)
-        if not converted:
+        if not converted and key is None:
             unexpected.append(tensor.name)
         for key, weight in converted:
             sink.put(key, weight, f"{path.name}: GGUF tensor {tensor.name!r}", owned=True)

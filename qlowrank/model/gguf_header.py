@@ -108,10 +108,11 @@ def read_gguf_header(path: str | Path) -> tuple[dict, list[str]]:
 
 
 # Architectures whose config this header walk is tested equal to transformers' own
-# (tests/test_gguf_families.py). transformers' reader derives the config of some others with
+# (tests/test_gguf_families.py, tests/test_gguf_moe.py; gpt-oss, which transformers' reader cannot
+# read, against the exported model's config). transformers' reader derives the config of some others with
 # extra rules (StableLM's from its tensors, LFM2's per-layer head counts, T5's, ...): those
 # are read with transformers' `load_gguf_checkpoint` itself, which decodes the vocabulary too.
-HEADER_CONFIG_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+HEADER_CONFIG_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen3moe", "gpt-oss")
 
 
 def gguf_config_values(path: str | Path) -> tuple[str, dict]:
@@ -140,6 +141,9 @@ def gguf_config_values(path: str | Path) -> tuple[str, dict]:
     # transformers' rule, kept as it is so that both readers build the same model: a "llama"
     # file is Mistral when general.name is exactly "mistral" (its test is list membership).
     model_type = "mistral" if arch == "llama" and fields.get("general.name") == "mistral" else arch
+    # transformers renames a few architectures before its lookup (qwen3moe -> qwen3_moe, gpt-oss -> gpt_oss).
+    model_type = next((name for name in (model_type, arch.replace("-", "_"), arch.replace("moe", "_moe"))
+                       if name in GGUF_CONFIG_MAPPING), model_type)
     mapping = GGUF_CONFIG_MAPPING.get(model_type) or GGUF_CONFIG_MAPPING.get(arch)
     if not mapping:
         raise ValueError(f"{path}: GGUF architecture {arch!r} has no transformers config mapping; "
@@ -160,8 +164,38 @@ def gguf_config_values(path: str | Path) -> tuple[str, dict]:
     if "vocab_size" not in config and isinstance(fields.get("tokenizer.ggml.tokens"), _Skipped):
         config["vocab_size"] = int(fields["tokenizer.ggml.tokens"])
     config["tie_word_embeddings"] = "output.weight" not in names
+    if arch == "llama" and fields.get("llama.expert_count"):
+        model_type = "mixtral"   # llama.cpp's converter writes Mixtral as "llama" with experts
     # transformers' reader: Gemma 3 GGUF files hold the text model only.
-    return ("gemma3_text" if model_type == "gemma3" else model_type), config
+    return ("gemma3_text" if model_type == "gemma3" else model_type), _moe_values(arch, fields, config)
+
+
+def _moe_values(arch: str, fields: dict, config: dict) -> dict:
+    """The MoE settings that llama.cpp reads and transformers' GGUF mapping does not; a dense model's values stay as they are.
+
+    transformers' reader builds 768-wide Qwen3-MoE experts whatever expert_feed_forward_length
+    says, a dense Llama for Mixtral, and fails on gpt-oss's YaRN keys (5.25 takes a key's length
+    for its value); here they are read as llama.cpp reads them.
+    """
+    if arch == "gpt-oss":
+        import transformers
+
+        if fields.get("gpt-oss.attention.key_length"):
+            config["head_dim"] = int(fields["gpt-oss.attention.key_length"])
+        rope = {"rope_type": "default"}
+        if fields.get("gpt-oss.rope.scaling.type") == "yarn":
+            # What the file does not say (beta_fast / beta_slow / truncate) is gpt-oss's own default.
+            rope = dict(transformers.GptOssConfig().rope_parameters)
+            rope["factor"] = float(fields["gpt-oss.rope.scaling.factor"])
+            rope["original_max_position_embeddings"] = int(fields["gpt-oss.rope.scaling.original_context_length"])
+        rope["rope_theta"] = float(config.pop("rope_theta", 10000.0))
+        config["rope_parameters"] = rope
+    if arch == "llama" and fields.get("llama.expert_count"):
+        config["num_local_experts"] = int(fields["llama.expert_count"])
+        config["num_experts_per_tok"] = int(fields["llama.expert_used_count"])
+    if arch == "qwen3moe" and fields.get("qwen3moe.expert_feed_forward_length"):
+        config["moe_intermediate_size"] = int(fields["qwen3moe.expert_feed_forward_length"])
+    return config
 
 
 def gguf_config(path: str | Path) -> transformers.PretrainedConfig:

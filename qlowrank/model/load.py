@@ -292,7 +292,7 @@ def _load_safetensors(folder: Path, settings: LoadSettings, trust_remote_code: b
 
 
 def _load_gguf(folder: Path, name: str, settings: LoadSettings, reader: str) -> nn.Module:
-    from .gguf import NotStreamable, check_gguf_file, load_gguf_streamed
+    from .gguf import NotStreamable, check_gguf_file, check_transformers_reads, load_gguf_streamed
 
     if reader == "streamed":
         try:
@@ -301,6 +301,7 @@ def _load_gguf(folder: Path, name: str, settings: LoadSettings, reader: str) -> 
             logging.getLogger("qlowrank").warning(f"{err}; reading it with transformers' GGUF reader instead "
                                                   "(the whole file dequantized to float32 first)")
     check_gguf_file(folder / name)   # a truncated file named as such, not as a failed numpy reshape
+    check_transformers_reads(folder / name)
     return _load_gguf_transformers(folder, name, settings)
 
 
