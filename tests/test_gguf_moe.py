@@ -256,7 +256,7 @@ def test_cli_trains_on_a_moe_gguf_and_exports_it_as_gguf(bundles, tmp_path):
     assert moved > 1e2 * RECONSTRUCTION_TOLERANCE   # the delta is really there (experts that got no token have none)
 
 
-def test_moe_without_a_llama_cpp_layout_here_is_refused(tok, tmp_path):
+def test_moe_layouts_not_written_here_are_refused(tok, tmp_path):
     config = transformers.Qwen2MoeConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=32,
                                          shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
@@ -264,3 +264,9 @@ def test_moe_without_a_llama_cpp_layout_here_is_refused(tok, tmp_path):
     with pytest.raises(ValueError, match="qwen2_moe mixtures of experts .* not supported yet"):
         ql.export_merged(model, tmp_path / "m.gguf", format="gguf", tokenizer=tok, progress=False)
     assert not (tmp_path / "m.gguf").exists()
+    # The adapter GGUF has no layout for expert LoRA yet: refused, rather than written without it.
+    moe = transformers.AutoModelForCausalLM.from_config(_config("mixtral", len(tok)))
+    ql.add_lora(moe, ql.LoraConfig(**LORA))
+    with pytest.raises(ValueError, match="is a mixture of experts: only its merged GGUF export"):
+        ql.save_gguf_adapter(moe, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()

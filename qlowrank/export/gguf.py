@@ -51,7 +51,7 @@ def _gguf():
 
 def check_gguf_support(model: nn.Module) -> str:
     """The GGUF architecture name for `model`, or ValueError saying why it cannot be written."""
-    return gguf_family(model).arch
+    return gguf_family(model, experts=True).arch
 
 
 def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -122,7 +122,7 @@ def write_gguf(model: nn.Module, options: ExportOptions) -> dict:
     if options.out.suffix != ".gguf":
         raise ValueError(f"{options.out}: a GGUF export is one file; name it with a .gguf suffix")
     options.check_target()
-    family = gguf_family(model)
+    family = gguf_family(model, experts=True)
     tokenizer = load_tokenizer_for(model, options.tokenizer)
     start = time.time()
     entries = planned_entries(model, options)
