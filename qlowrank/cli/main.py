@@ -10,13 +10,13 @@ from ..version import __version__
 
 # Each module in qlowrank/commands/ defines register(subparsers), which adds its parser
 # and sets `func` (args -> exit code). Add a module here when its command is ready.
-COMMAND_MODULES: list[str] = ["estimate", "profile", "train", "demo", "export", "generate"]
+COMMAND_MODULES: list[str] = ["estimate", "profile", "train", "demo", "export", "generate", "data"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlowrank",
-        description="Quantized, low-memory LoRA fine-tuning: train, estimate, profile, export, generate, demo.",
+        description="Quantized, low-memory LoRA fine-tuning: train, estimate, profile, export, generate, demo, data.",
     )
     parser.add_argument("--version", action="version", version=f"qlowrank {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

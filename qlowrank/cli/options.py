@@ -28,6 +28,7 @@ from ..config import (
     TrainConfig,
     parse_dtype,
 )
+from ..data import FORMATS, Fields
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,29 @@ SHARED_OPTIONS: tuple[Option, ...] = (
                                                                "the planner compiles when the run is long enough to "
                                                                "pay the compile back)"}),
 )
+
+# How data rows are read: `train` and `data` take the same flags (layouts: qlowrank/data/layouts.py, docs/data.md).
+DATA_OPTIONS: tuple[Option, ...] = (
+    Option(("--format", "--data-format"), {"dest": "format", "default": "auto", "choices": ["auto", *FORMATS],
+                                           "help": "row layout (auto: detected per row from its fields)"}),
+    Option(("--text-field",), {"default": "text", "help": "row field (column) holding whole texts"}),
+    Option(("--prompt-field",), {"default": "prompt", "help": "row field holding prompts (no loss)"}),
+    Option(("--completion-field",), {"default": "completion", "help": "row field holding completions (loss)"}),
+    Option(("--messages-field",), {"default": "messages", "help": "row field holding chat messages"}),
+)
+
+
+def add_data_options(add: Callable[..., object]) -> None:
+    """Declare `DATA_OPTIONS` through `add` (a parser's add_argument, or `LayeredOptions.adder`)."""
+    for option in DATA_OPTIONS:
+        add(*option.names, **option.kwargs)
+
+
+def data_fields(args: argparse.Namespace) -> Fields:
+    """The row field names the --*-field options give."""
+    return Fields(text=args.text_field, prompt=args.prompt_field, completion=args.completion_field,
+                  messages=args.messages_field)
+
 
 # `train --optimizer` builds these; `estimate` / `profile` also model SGD (full fine-tuning comparisons).
 ESTIMATE_OPTIMIZER_CHOICES: list[str] = list(dict.fromkeys(TRAIN_OPTIMIZERS + ESTIMATE_OPTIMIZERS))

@@ -14,6 +14,7 @@ import argparse
 import functools
 import math
 import os
+import sys
 from pathlib import Path
 
 from ..config import TRAIN_OPTIMIZERS, LoraConfig, QuantConfig, TrainConfig, parse_dtype
@@ -45,10 +46,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_shared_options(add)   # base, adapter, step shape, loss, checkpointing: as estimate has them
     add("--data", nargs="+", help="training data: .jsonl / .json / .parquet / .csv / text file(s) or save_to_disk folders")
     add("--eval-data", nargs="+", help="held-out data file(s) (default: --eval-fraction of --data)")
-    add("--text-field", default="text", help="row field (column) holding whole texts")
-    add("--prompt-field", default="prompt", help="row field holding prompts (no loss)")
-    add("--completion-field", default="completion", help="row field holding completions (loss)")
-    add("--messages-field", default="messages", help="row field holding chat messages")
+    options.add_data_options(add)   # --format, --text-field, ...: as `qlowrank data` has them
     add("--eval-fraction", type=float, default=0.05, help="share of --data held out when --eval-data is absent")
     add("--out", default="qlowrank-out", help="output folder")
     add("--no-truncation", action="store_true", help="a row longer than --seq is an error instead of being cut")
@@ -100,14 +98,6 @@ def load_tokenizer(model_path: str | Path):
     return load(model_path)
 
 
-def data_fields(args: argparse.Namespace):
-    """The row field names the --*-field options give."""
-    from ..train import Fields
-
-    return Fields(text=args.text_field, prompt=args.prompt_field, completion=args.completion_field,
-                  messages=args.messages_field)
-
-
 def configs(args: argparse.Namespace) -> tuple[TrainConfig, QuantConfig, LoraConfig]:
     """The run's configs (cli/options.py); a value out of range names where it may have come from."""
     try:
@@ -118,19 +108,24 @@ def configs(args: argparse.Namespace) -> tuple[TrainConfig, QuantConfig, LoraCon
 
 def examples(args: argparse.Namespace, tokenizer) -> tuple[list, list]:
     """(training, held-out) examples: --data, and --eval-data or a seeded --eval-fraction of --data; packed with --packing."""
+    from ..data import DataStats
     from ..train import load_examples, pack_examples, split_examples
 
     read = functools.partial(load_examples, tokenizer=tokenizer, seq_len=args.seq, truncation=not args.no_truncation,
-                             fields=data_fields(args))
+                             fields=options.data_fields(args), format=args.format)
+    stats = DataStats()
     if args.eval_data:
-        train, held = read(args.data), read(args.eval_data)
+        train, held = read(args.data, stats=stats), read(args.eval_data)
     else:
-        rows = read(args.data)
+        rows = read(args.data, stats=stats)
         train, held = split_examples(rows, args.eval_fraction if len(rows) >= 20 else 0.0, args.seed)
     if args.packing:
         train = pack_examples(train, args.seq)
     if int(os.environ.get("RANK", "0")) == 0:   # the main process under torchrun / accelerate launch
         print(f"data: {len(train)} training sequences, {len(held)} held out", flush=True)
+        warning = stats.end_warning()
+        if warning:   # the usual silent bug: a model that never learns to stop (see `qlowrank data`)
+            print(f"qlowrank train: warning: --data: {warning}", file=sys.stderr, flush=True)
     return train, held
 
 

@@ -17,6 +17,12 @@ class Fields:
     prompt: str = "prompt"           # prompt of a prompt/completion row (no loss)
     completion: str = "completion"   # completion (loss)
     messages: str = "messages"       # chat: a list of {"role", "content"}
+    conversations: str = "conversations"   # ShareGPT: a list of {"from", "value"}
+    instruction: str = "instruction"       # alpaca: the task (no loss) ...
+    input: str = "input"                   # ... its optional context, joined to it ...
+    output: str = "output"                 # ... and the answer (loss)
+    system: str = "system"                 # alpaca / ShareGPT: an optional system prompt
+    tools: str = "tools"                   # chat: tool (function) schemas for the template
 
 
 @dataclass

@@ -1,15 +1,15 @@
-"""Training data: read JSONL / JSON / text / Parquet / CSV files or saved datasets, tokenize, mask, pack, batch.
+"""Training data: tokenize rows of any layout (layouts.py), mask their labels, and read whole files into examples.
 
-Row formats (one per row; a file may mix them):
-  {"text": ...}                          loss on every token
-  {"prompt": ..., "completion": ...}     loss on the completion only
-  {"messages": [{"role", "content"}]}    rendered with the tokenizer's chat template,
-                                         loss on the assistant turns only
-The field names can be remapped (`Fields(text="content")`, CLI `--text-field content`).
-Parquet, CSV and `save_to_disk` folders are read through the optional `datasets` library
-(sources.py). Labels are aligned with input_ids (transformers' convention); -100 marks "no
-loss". A bad row raises `DataError` naming the file and line (`file:line:`), or the file and
-row for tables (`file:row N:`), so it can be fixed where it is.
+A row is detected as one of the layouts in `layouts.LAYOUTS` (or forced with `format=`) and
+becomes one of three samples:
+  Text         loss on every token, EOS appended
+  Completion   loss on the completion only, EOS appended
+  Chat         rendered with the tokenizer's chat template, loss on the assistant turns
+               (their text, tool calls and end-of-turn marker; never headers or tool results)
+Files are JSONL, JSON, text, or tables (Parquet, CSV, `save_to_disk` folders) through the
+optional `datasets` library (sources.py). Labels are aligned with input_ids (transformers'
+convention); -100 marks "no loss". A bad row raises `DataError` naming the file and line
+(`file:line:`), or the file and row for tables (`file:row N:`), so it can be fixed where it is.
 """
 
 from __future__ import annotations
@@ -19,34 +19,10 @@ from typing import Any, Sequence
 
 from ..nn.loss import IGNORE_INDEX
 from .example import DataError, Example, Fields
+from .layouts import Chat, Completion, Sample, Text, detect, function_name
 from .readers import read_rows
 from .sources import is_table_source
-
-_ROLES = ("system", "user", "assistant", "tool")
-
-
-def _field(row: dict, name: str, where: str) -> str:
-    if name not in row:
-        raise DataError(f"{where}: missing field {name!r} (row keys: {_keys(row)})")
-    if not isinstance(row[name], str):
-        raise DataError(f"{where}: field {name!r} must be a string, got {type(row[name]).__name__}")
-    _check_unicode(row[name], where, repr(name))
-    return row[name]
-
-
-def _keys(row: dict) -> str:
-    """A row's keys for an error message, short even when a key is a megabyte long."""
-    names = [repr(k[:40] + "..." if len(k) > 40 else k) for k in sorted(row)[:10]]
-    return "[" + ", ".join(names) + (", ..." if len(row) > 10 else "") + "]"
-
-
-def _check_unicode(text: str, where: str, what: str) -> None:
-    # JSON's \ud800 escapes can make strings that are not Unicode; tokenizers reject them.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise DataError(f"{where}: {what} holds an unpaired surrogate ({text[err.start]!r}), which is not "
-                        "valid Unicode") from None
+from .stats import DataStats, end_of_turn_ids
 
 
 def _encode(tokenizer, text: str, special: bool) -> list[int]:
@@ -57,63 +33,89 @@ def _eos(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def tokenize_row(row: Any, tokenizer, where: str = "row", fields: Fields | None = None) -> Example:
-    """Tokenize one row of any supported format, with labels masked to where the loss belongs.
+def tokenize_row(row: Any, tokenizer, where: str = "row", fields: Fields | None = None,
+                 format: str | None = None) -> Example:
+    """Tokenize one row of any layout, with labels masked to where the loss belongs.
 
-    `fields` names the row's fields when they differ from text / prompt / completion / messages.
+    Args:
+        row: one row (a dict) of a data file.
+        tokenizer: a transformers tokenizer (chat rows need its chat template).
+        where: "file:line" for error messages and `Example.source`.
+        fields: the row's field names where they differ from the layouts' own (text, prompt, ...).
+        format: a layout name (layouts.FORMATS) to force, or None / "auto" to detect it from the fields.
     """
     f = fields or Fields()
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    if f.messages in row:
-        return _tokenize_messages(row[f.messages], tokenizer, where, f.messages)
-    if f.prompt in row or f.completion in row:
-        prompt = _encode(tokenizer, _field(row, f.prompt, where), special=True)
-        completion = _encode(tokenizer, _field(row, f.completion, where), special=False) + _eos(tokenizer)
+    return tokenize_sample(detect(row, where, f, format).convert(row, f, where), tokenizer, where)
+
+
+def tokenize_sample(sample: Sample, tokenizer, where: str = "row") -> Example:
+    """Tokenize a Text, Completion or Chat sample (layouts.py) into ids and masked labels."""
+    if isinstance(sample, Chat):
+        if getattr(tokenizer, "chat_template", None):
+            return _tokenize_chat(sample, tokenizer, where)
+        if sample.plain is None:
+            raise DataError(f"{where}: chat rows need a tokenizer with a chat template, and this tokenizer has none")
+        sample = sample.plain
+    if isinstance(sample, Completion):
+        prompt = _encode(tokenizer, sample.prompt, special=True)
+        completion = _encode(tokenizer, sample.completion, special=False) + _eos(tokenizer)
         return Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, where)
-    if f.text in row:
-        ids = _encode(tokenizer, _field(row, f.text, where), special=True) + _eos(tokenizer)
-        return Example(ids, list(ids), where)
-    raise DataError(f"{where}: row has none of the fields {f.text!r}, {f.prompt!r}/{f.completion!r}, {f.messages!r} "
-                    f"(keys: {_keys(row)}); map other names with --text-field / --prompt-field / "
-                    "--completion-field / --messages-field")
+    assert isinstance(sample, Text), type(sample)
+    ids = _encode(tokenizer, sample.text, special=True) + _eos(tokenizer)
+    return Example(ids, list(ids), where)
 
 
-def _tokenize_messages(messages: Any, tokenizer, where: str, name: str = "messages") -> Example:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field {name!r} must be a non-empty list of {{'role', 'content'}} objects")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
-        if message["role"] not in _ROLES:
-            raise DataError(f"{where}: messages[{i}] has role {message['role'][:50]!r}; use one of {_ROLES}")
-        _check_unicode(message["content"], where, f"messages[{i}].content")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant message, so nothing to learn; add one or drop the row")
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: 'messages' rows need a tokenizer with a chat template, and this tokenizer has none")
+def _tokenize_chat(chat: Chat, tokenizer, where: str) -> Example:
+    from jinja2 import TemplateError
+
+    messages = chat.messages
 
     def render(upto: int, generation_prompt: bool = False) -> str:
         if upto == 0:
             return ""
-        return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(messages[:upto], tools=chat.tools, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except TemplateError as err:   # the template's own raise_exception("...")
+            raise DataError(f"{where}: the chat template refuses this conversation: {err}") from None
 
     # Render growing prefixes of the conversation: the text each message adds is the
-    # difference; for an assistant turn the generation prompt (its header) gets no loss.
+    # difference; for a learned assistant turn the generation prompt (its header) gets no loss.
     ids: list[int] = []
     labels: list[int] = []
     done = ""
     for i, message in enumerate(messages):
-        pieces = [(render(i, True), False), (render(i + 1), True)] if message["role"] == "assistant" else [(render(i + 1), False)]
-        for text, learn in pieces:
+        before = done
+        learn = message["role"] == "assistant" and i >= chat.learn_from
+        pieces = [(render(i, True), False), (render(i + 1), True)] if learn else [(render(i + 1), False)]
+        for text, learned in pieces:
             if not text.startswith(done):
-                raise DataError(f"{where}: the chat template does not render messages as growing prefixes; qlowrank cannot mask it")
+                raise DataError(f"{where}: the chat template does not render messages as growing prefixes; "
+                                "qlowrank cannot mask it")
             # The template writes its own special tokens (BOS included where the model wants one).
             piece = _encode(tokenizer, text[len(done):], special=False)
             ids += piece
-            labels += piece if learn else [IGNORE_INDEX] * len(piece)
+            labels += piece if learned else [IGNORE_INDEX] * len(piece)
             done = text
+        _check_rendered(message, done[len(before):], f"{where}: messages[{i}]")
+    for name in map(function_name, chat.tools or []):
+        if name not in done:
+            raise DataError(f"{where}: the chat template ignores the row's 'tools' (tool {name!r} is not in the "
+                            "rendered text); use a model whose template renders tools, or drop the field")
     return Example(ids, labels, where)
+
+
+def _check_rendered(message: dict, added: str, where: str) -> None:
+    """A tool result or tool call that the template drops would train on a conversation that never happened."""
+    for name in map(function_name, message.get("tool_calls", [])):
+        if name not in added:
+            raise DataError(f"{where}: the chat template drops the assistant's tool_calls (call {name!r} is not "
+                            "in the rendered text); use a model whose template renders tool calls, or write the "
+                            "call into 'content'")
+    content = message["content"].strip()
+    if message["role"] == "tool" and content and content not in added:
+        raise DataError(f"{where}: the chat template drops 'tool' messages; use a model whose template renders "
+                        "them, or drop the tool turns")
 
 
 def load_examples(
@@ -122,6 +124,8 @@ def load_examples(
     seq_len: int,
     truncation: bool = True,
     fields: Fields | None = None,
+    format: str | None = None,
+    stats: DataStats | None = None,
 ) -> list[Example]:
     """Read and tokenize every row of one or more files.
 
@@ -130,27 +134,44 @@ def load_examples(
         tokenizer: a transformers tokenizer.
         seq_len: the longest sequence a batch may hold.
         truncation: cut longer rows to seq_len (True) or raise DataError naming the row (False).
-        fields: the row fields holding text / prompt / completion / messages, if not those names.
+        fields: the row fields of each layout, if not their own names.
+        format: force one layout (layouts.FORMATS) for every row; None or "auto" detects each row's.
+        stats: filled with what happened to the rows (layouts, truncated, dropped, learned tokens).
 
     Returns:
         The examples; rows left with no loss token after truncation are dropped.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
+    f = fields or Fields()
+    stats = stats if stats is not None else DataStats()
+    stats.end_ids = end_of_turn_ids(tokenizer)
     examples = []
     for path in paths:
         table = Path(path).exists() and is_table_source(Path(path))
         for number, row in read_rows(path):
-            example = tokenize_row(row, tokenizer, f"{path}:row {number}" if table else f"{path}:{number}", fields)
-            if len(example.input_ids) > seq_len:
+            where = f"{path}:row {number}" if table else f"{path}:{number}"
+            layout = detect(row, where, f, format)
+            example = tokenize_sample(layout.convert(row, f, where), tokenizer, where)
+            stats.rows += 1
+            stats.layouts[layout.name] += 1
+            cut = len(example.input_ids) > seq_len
+            if cut:
                 if not truncation:
                     raise DataError(
-                        f"{example.source}: row is {len(example.input_ids)} tokens, longer than seq_len={seq_len}; "
+                        f"{where}: row is {len(example.input_ids)} tokens, longer than seq_len={seq_len}; "
                         "raise --seq, shorten the row, or allow truncation"
                     )
-                example = Example(example.input_ids[:seq_len], example.labels[:seq_len], example.source)
+                stats.truncated.append(where)
+                example = Example(example.input_ids[:seq_len], example.labels[:seq_len], where)
+            # The first label predicts nothing (no token comes before it): a row needs a later one.
             if any(label != IGNORE_INDEX for label in example.labels[1:]):
                 examples.append(example)
+                stats.keep(example)
+            else:
+                stats.drop(f"no token left to learn after truncation to seq_len={seq_len}" if cut
+                           else "nothing to learn (no loss token after the first)", where)
     if not examples:
-        raise DataError(f"{', '.join(map(str, paths))}: no usable rows (empty file, or every row lost its loss tokens)")
+        why = "; ".join(f"{len(where)} rows dropped: {reason}" for reason, where in stats.dropped.items())
+        raise DataError(f"{', '.join(map(str, paths))}: no usable rows ({why or 'empty file'})")
     return examples
