@@ -21,6 +21,7 @@ from conftest import tiny_tokenizer
 from qlowrank.data import LAYOUTS, DataError, DataStats, detect, end_of_turn_ids, load_examples, tokenize_row
 from qlowrank.nn.loss import IGNORE_INDEX
 
+# Llama 3.1's manner: tool schemas up front, calls as JSON, tool results ("ipython") through tojson.
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}"
     "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\nYou may call these functions:\n"
@@ -30,7 +31,7 @@ LLAMA3_TEMPLATE = (
     "{% for c in m.tool_calls %}{\"name\": \"{{ c.function.name }}\", \"parameters\": "
     "{{ c.function.arguments | tojson }}}{% endfor %}<|eot_id|>"
     "{% else %}<|start_header_id|>{{ 'ipython' if m.role == 'tool' else m.role }}<|end_header_id|>\n\n"
-    "{{ m.content | trim }}<|eot_id|>{% endif %}"
+    "{% if m.role == 'tool' %}{{ m.content | tojson }}{% else %}{{ m.content | trim }}{% endif %}<|eot_id|>{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
@@ -208,7 +209,7 @@ def test_conversational_prompt_completion_learns_only_the_completion(toks):
 def _tool_conversation():
     return [{"role": "user", "content": "Weather in Paris?"},
             {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
-            {"role": "tool", "name": "get_weather", "content": "sunny, 24 C"},
+            {"role": "tool", "name": "get_weather", "content": "sunny\n24 C"},
             {"role": "assistant", "content": "It is sunny."}]
 
 
@@ -218,7 +219,7 @@ def test_tool_calls_are_learned_and_tool_results_are_not(toks):
     assert _learned(tok, example) == ('{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>'
                                       "It is sunny.<|eot_id|>")
     masked = tok.decode([t for t, label in zip(example.input_ids, example.labels) if label == IGNORE_INDEX])
-    assert "<|start_header_id|>ipython<|end_header_id|>\n\nsunny, 24 C<|eot_id|>" in masked
+    assert '<|start_header_id|>ipython<|end_header_id|>\n\n"sunny\\n24 C"<|eot_id|>' in masked
     assert '"description": "Weather in a city"' in masked   # the tool schema reached the template
     # tools given as a JSON string (how tables keep them) mean the same
     again = tokenize_row({"messages": _tool_conversation(), "tools": json.dumps([WEATHER_TOOL])}, tok)
@@ -238,7 +239,7 @@ def test_templates_that_cannot_render_tools_are_named(toks):
     # Tool results in text form pass through ChatML and are masked.
     example = tokenize_row({"messages": text_only}, toks["smollm2"])
     assert _learned(toks["smollm2"], example) == "It is sunny.<|im_end|>\n"
-    assert "<|im_start|>tool\nsunny, 24 C<|im_end|>" in toks["smollm2"].decode(example.input_ids)
+    assert "<|im_start|>tool\nsunny\n24 C<|im_end|>" in toks["smollm2"].decode(example.input_ids)
 
 
 @pytest.mark.parametrize("row, message", [
