@@ -229,8 +229,9 @@ def test_mxfp4_experts_are_read_as_the_gguf_package_dequantizes_them(bundles, tm
     assert 0 < rel_error(packed["model.layers.0.mlp.experts.gate_up_proj"], original) < 0.2   # 4-bit: rounded, close
 
 
-def test_cli_trains_on_a_moe_gguf_and_exports_it_as_gguf(bundles, tmp_path):
-    path = bundles("qwen3_moe")["root"] / "model.gguf"
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_trains_on_a_moe_gguf_and_exports_it_as_gguf(family, bundles, tmp_path):
+    path = bundles(family)["root"] / "model.gguf"
     rows = tmp_path / "data.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"def f{i}(x):", "completion": " return x"}) + "\n" for i in range(8)))
     args = ["train", "--model", str(path), "--data", str(rows), "--out", str(tmp_path / "run"), "--steps", "2",

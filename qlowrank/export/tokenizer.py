@@ -19,6 +19,7 @@ from typing import Any
 import transformers
 from torch import nn
 
+from ..model.gguf import load_gguf_tokenizer
 from ..state import state_of
 
 # Files that make up a Hugging Face tokenizer, copied as they are from the source folder.
@@ -65,7 +66,7 @@ def load_tokenizer_for(model: nn.Module, tokenizer: Any = None) -> Any:
         raise ValueError("GGUF export needs the tokenizer (a GGUF file carries it): pass tokenizer=..., "
                          "or load the model with qlowrank.load_model so its source is known")
     if found.gguf_file:
-        return transformers.AutoTokenizer.from_pretrained(str(found.folder), gguf_file=found.gguf_file)
+        return load_gguf_tokenizer(found.folder, found.gguf_file)
     return transformers.AutoTokenizer.from_pretrained(str(found.folder))
 
 
@@ -75,7 +76,7 @@ def save_tokenizer(model: nn.Module, folder: Path, tokenizer: Any = None) -> str
     if found.tokenizer is not None:
         found.tokenizer.save_pretrained(str(folder))
     elif found.gguf_file:
-        gguf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(found.folder), gguf_file=found.gguf_file)
+        gguf_tokenizer = load_gguf_tokenizer(found.folder, found.gguf_file)
         gguf_tokenizer.save_pretrained(str(folder))
     elif found.folder is not None:
         copied = [name for name in TOKENIZER_FILES if (found.folder / name).is_file()]

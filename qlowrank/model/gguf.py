@@ -138,6 +138,19 @@ def check_transformers_reads(path: str | Path) -> None:
                          "experts randomly initialised; read it with gguf_reader='streamed' (the default)")
 
 
+def load_gguf_tokenizer(folder: Path, name: str):
+    """The tokenizer of a GGUF file, by transformers' reader (which names neither file nor tensor of a truncated file)."""
+    import transformers
+
+    check_gguf_file(folder / name)
+    fields, _ = read_gguf_layout(folder / name)
+    # AutoTokenizer parses the file's config first, and transformers 5.25 fails on gpt-oss's YaRN keys
+    # there; the class it would pick for gpt-oss is the default fast tokenizer, used directly here.
+    auto = fields.get("general.architecture") != "gpt-oss"
+    cls = transformers.AutoTokenizer if auto else transformers.PreTrainedTokenizerFast
+    return cls.from_pretrained(str(folder), gguf_file=name)
+
+
 def dequantize(tensor: GgufTensor, dtype: torch.dtype, origin: str = "") -> torch.Tensor:
     """One GGUF tensor as a float torch tensor of `dtype` in numpy (row-major, HF) order.
 

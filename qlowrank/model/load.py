@@ -339,8 +339,7 @@ def load_tokenizer(path_or_id: str | os.PathLike, gguf_file: str | None = None):
     """The tokenizer of a model directory, a `.gguf` file (transformers' reader), or a hub id."""
     folder, gguf_name = _resolve(path_or_id, gguf_file)
     if gguf_name is not None:
-        from .gguf import check_gguf_file
+        from .gguf import load_gguf_tokenizer
 
-        check_gguf_file(folder / gguf_name)   # transformers' reader names neither file nor tensor
-        return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_name)
+        return load_gguf_tokenizer(folder, gguf_name)
     return transformers.AutoTokenizer.from_pretrained(str(folder))
