@@ -115,9 +115,10 @@ class LoraConfig:
     rank_pattern: dict = field(default_factory=dict)   # module-name regex -> r (PEFT's meaning)
     alpha_pattern: dict = field(default_factory=dict)  # module-name regex -> alpha (PEFT's meaning)
     modules_to_save: Sequence[str] = field(default_factory=list)  # full-precision trainable modules (lm_head, ...)
-    # Fused MoE expert parameters to adapt (PEFT's `target_parameters`): names such as
-    # "mlp.experts.gate_up_proj" (a full path or a suffix), or "experts" for every expert
-    # projection. Empty: experts stay frozen (attention, dense MLPs and shared experts are linears).
+    # MoE parameters to adapt (PEFT's `target_parameters`): fused expert stacks such as
+    # "mlp.experts.gate_up_proj" and router weights such as "mlp.gate.weight" (a full path or a
+    # suffix), "experts" for every expert projection, "router" for every router. Empty: experts
+    # and routers stay frozen (attention, dense MLPs and shared experts are linears).
     target_parameters: Sequence[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -126,7 +127,7 @@ class LoraConfig:
         self.target_parameters = list(self.target_parameters or [])
         if not all(isinstance(n, str) and n for n in self.target_parameters):
             raise ValueError(f"LoraConfig.target_parameters={self.target_parameters!r} must be parameter names "
-                             "(e.g. 'mlp.experts.gate_up_proj') or 'experts'")
+                             "(e.g. 'mlp.experts.gate_up_proj', 'mlp.gate.weight'), 'experts' or 'router'")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"LoraConfig.r={self.r!r} must be a positive integer (typical: 8, 16, 64)")
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:

@@ -1,5 +1,6 @@
 """Mixtures of experts (Qwen3-MoE, Mixtral, gpt-oss): streamed loading through transformers' conversions, experts
-stored 4/8-bit, LoRA on experts in PEFT's target_parameters layout both ways, merged export, estimate vs measured."""
+stored 4/8-bit, LoRA on experts and routers in PEFT's target_parameters layout both ways (PEFT's all-linear MoE
+adapters included), merged export, estimate vs measured."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safetensors import safe_open
 import qlowrank as ql
 from qlowrank.nn import quant as quantlib
 from qlowrank.nn.experts import ExpertWeights, FrozenExperts
+from qlowrank.nn.router import LoraRouter
 from conftest import rel_error
 
 peft = pytest.importorskip("peft")
@@ -42,6 +44,10 @@ def moe_config(family: str, hidden: int = 64, vocab: int = 256) -> transformers.
 
 
 FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
+# Where PEFT 0.21's all-linear adapts the router (`mlp.gate.weight`) and the experts (gpt-oss: attention only).
+ROUTED_BY_PEFT = ["qwen3_moe", "mixtral"]
+# Each family's router path inside a block.
+ROUTER = {"qwen3_moe": "mlp.gate", "mixtral": "mlp.gate", "gpt_oss": "mlp.router"}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +78,10 @@ def load(path, bits, lora=None) -> torch.nn.Module:
 
 def expert_lora() -> ql.LoraConfig:
     return ql.LoraConfig(r=4, alpha=8, target_parameters=["experts"])
+
+
+def expert_and_router_lora() -> ql.LoraConfig:
+    return ql.LoraConfig(r=4, alpha=8, target_parameters=["experts", "router"])
 
 
 def with_random_b(model: torch.nn.Module) -> torch.nn.Module:
@@ -153,8 +163,10 @@ def test_expert_lora_round_trips_with_peft(checkpoints, family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_expert_lora_trains_on_4bit_and_merges(checkpoints, family, tmp_path):
-    model = load(checkpoints[family], 4, expert_lora())
+def test_expert_and_router_lora_train_on_4bit_and_merge(checkpoints, family, tmp_path):
+    model = load(checkpoints[family], 4, expert_and_router_lora())
+    router = model.model.layers[0].get_submodule(ROUTER[family])
+    assert isinstance(router, LoraRouter) and router.base_layer.weight.dtype == torch.float32   # never quantized
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
@@ -163,7 +175,9 @@ def test_expert_lora_trains_on_4bit_and_merges(checkpoints, family, tmp_path):
     for step in range(4):
         loss = model(batch, labels=batch).loss
         loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if "experts" in n and p.requires_grad}
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and ("experts" in n or
+                                                                                      ROUTER[family] in n)}
+        assert any(ROUTER[family] in n for n in grads)
         # B starts at zero, so A's first gradient is zero; from the second step both factors learn.
         assert grads and all(g is not None and (step == 0 and "lora_A" in n or g.abs().sum() > 0)
                              for n, g in grads.items())
@@ -176,6 +190,10 @@ def test_expert_lora_trains_on_4bit_and_merges(checkpoints, family, tmp_path):
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
     with torch.no_grad():
         assert rel_error(merged(batch).logits, model(batch).logits) < FLOAT_TOLERANCE
+        # The router's update is folded in: the merged router weight moved off the frozen one, by the delta.
+        folded = merged.model.layers[0].get_submodule(ROUTER[family]).weight
+        assert rel_error(folded, router.base_layer.weight + router.delta_weight()) < FLOAT_TOLERANCE
+        assert rel_error(folded, router.base_layer.weight) > 1e-4
 
 
 def test_incomplete_expert_checkpoint_is_named(checkpoints, tmp_path):
@@ -191,10 +209,10 @@ def test_incomplete_expert_checkpoint_is_named(checkpoints, tmp_path):
 
 def test_estimate_counts_quantized_experts(checkpoints):
     """The estimator's stand-in stores what the loader stores, byte for byte."""
-    model = ql.load_model(checkpoints["qwen3_moe"], quant=ql.QuantConfig(), lora=expert_lora(), device="cpu",
-                          progress=False)
+    model = ql.load_model(checkpoints["qwen3_moe"], quant=ql.QuantConfig(), lora=expert_and_router_lora(),
+                          device="cpu", progress=False)
     estimate = ql.estimate_memory(str(checkpoints["qwen3_moe"]), quant=ql.QuantConfig(),
-                                  lora=expert_lora(), batch_size=1, seq_len=16, device="cpu")
+                                  lora=expert_and_router_lora(), batch_size=1, seq_len=16, device="cpu")
     stored = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
                  if not t.requires_grad)
     # A bitsandbytes linear keeps its block scales in its quant_state, not in a parameter or buffer.
@@ -202,3 +220,60 @@ def test_estimate_counts_quantized_experts(checkpoints):
                   for m in model.modules() if quantlib.is_quantized_linear(m))
     assert estimate.breakdown["base_weights"] == stored
     assert estimate.trainable_parameters == ql.count_parameters(model).trainable
+    routers = sum(p.numel() for n, p in model.named_parameters() if ".mlp.gate.lora_" in n)
+    assert routers == 2 * 4 * (64 + 8)   # 2 layers x r (H + E): the router LoRA is in both counts
+
+
+def peft_all_linear(path, root) -> "peft.PeftModel":
+    """PEFT 0.21's own all-linear adapter on a MoE model (random B), saved under `root`/theirs."""
+    theirs = with_random_b(peft.get_peft_model(reference(path), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                                target_modules="all-linear")))
+    theirs.save_pretrained(str(root / "theirs"))
+    return theirs
+
+
+@pytest.mark.parametrize("family", ROUTED_BY_PEFT)
+def test_peft_all_linear_moe_adapter_both_ways(checkpoints, family, tmp_path):
+    """PEFT's all-linear on Qwen3-MoE / Mixtral: attention, experts (gate_up at 2r) and the router, both ways."""
+    theirs = peft_all_linear(checkpoints[family], tmp_path)
+    config = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert "gate.weight" in config["target_parameters"] and config["rank_pattern"] == {".*\\.gate_up_proj": 8}
+    ours = ql.load_adapter(load(checkpoints[family], None), tmp_path / "theirs").eval()
+    block = ours.model.layers[0]
+    assert isinstance(block.mlp.gate, LoraRouter) and block.mlp.gate.r == 4
+    assert (block.mlp.experts.gate_up_proj.r, block.mlp.experts.down_proj.r) == (8, 4)
+    assert ql.count_parameters(ours).trainable == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    with torch.no_grad():
+        expected = theirs(ids()).logits
+        assert rel_error(ours(ids()).logits, expected) < FLOAT_TOLERANCE
+        with ql.disable_lora(ours):   # off, every branch, the router's included, gives the base exactly
+            assert rel_error(ours(ids()).logits, reference(checkpoints[family])(ids()).logits) < FLOAT_TOLERANCE
+    ql.save_adapter(ours, tmp_path / "ours")
+    with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as mine, \
+            safe_open(str(tmp_path / "theirs" / "adapter_model.safetensors"), "pt") as peft_file:
+        assert set(mine.keys()) == set(peft_file.keys())   # PEFT's key names, router and nesting included
+    back = peft.PeftModel.from_pretrained(reference(checkpoints[family]), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert rel_error(back(ids()).logits, ours(ids()).logits) < FLOAT_TOLERANCE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_lora_alone_round_trips_with_peft(checkpoints, family, tmp_path):
+    """Router LoRA by PEFT's parameter name (gpt-oss's router is `mlp.router`), saved so PEFT reads it."""
+    name = f"{ROUTER[family]}.weight"
+    ours = with_random_b(load(checkpoints[family], None, ql.LoraConfig(r=4, alpha=8, target_modules=["q_proj"],
+                                                                       target_parameters=[name])))
+    assert not [n for n, _ in ours.named_parameters() if "experts" in n and "lora_" in n]   # the router only
+    ql.save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["target_parameters"] == [name]
+    theirs = peft.PeftModel.from_pretrained(reference(checkpoints[family]), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        expected = ours(ids()).logits
+        assert rel_error(theirs(ids()).logits, expected) < FLOAT_TOLERANCE
+        with ql.disable_lora(ours):
+            assert rel_error(ours(ids()).logits, expected) > 1e-3
+
+
+def test_router_target_that_matches_nothing_is_named(checkpoints):
+    with pytest.raises(ValueError, match=r"\['gate\.weight'\] matched no fused MoE expert parameter nor router"):
+        load(checkpoints["gpt_oss"], None, ql.LoraConfig(r=4, target_parameters=["experts", "gate.weight"]))

@@ -1,4 +1,4 @@
-"""LoRA on fused MoE experts in PEFT's `target_parameters` file layout, both ways.
+"""LoRA on MoE parameters (fused experts, routers) in PEFT's `target_parameters` file layout, both ways.
 
 PEFT wraps each targeted 3-D parameter of a module in a `ParamWrapper`; several targeted
 parameters of one module nest, the first defined innermost. So for a Qwen3-MoE experts
@@ -8,7 +8,10 @@ module with both projections targeted the keys are
     base_model.model.<experts>.lora_A.weight                # down_proj
 
 with lora_A (r*E, in) and lora_B (out, r*E), the layout `nn/experts.py` trains in, so the
-tensors are written and read as they are.
+tensors are written and read as they are. A router's weight (E, H) is one 2-D ParamWrapper:
+
+    base_model.model.<router>.lora_A.weight                 # (r, H)
+    base_model.model.<router>.lora_B.weight                 # (E, r)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 import torch
 from torch import nn
 
+from ..model.surgery import router_layers
 from ..nn.experts import FrozenExperts
 from .files import FACTORS, KEY_PREFIX
 
@@ -33,53 +37,61 @@ def adapted_projections(model: nn.Module) -> dict[str, list[str]]:
     return found
 
 
-def expert_keys(model: nn.Module) -> dict[tuple[str, str, str], str]:
-    """{(experts path, projection, factor): PEFT key} for every adapted expert projection."""
-    keys = {}
+def parameter_factors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{PEFT key: factor} for every adapted expert projection and router, in the model's order."""
+    factors = {}
     for name, projections in adapted_projections(model).items():
+        module = model.get_submodule(name)
         for depth, projection in enumerate(projections):
             nesting = "base_layer." * (len(projections) - 1 - depth)
             for factor in FACTORS:
-                keys[(name, projection, factor)] = f"{KEY_PREFIX}{name}.{nesting}{factor}.weight"
-    return keys
+                factors[f"{KEY_PREFIX}{name}.{nesting}{factor}.weight"] = getattr(getattr(module, projection), factor)
+    for name, router in router_layers(model):   # one ParamWrapper per router: no nesting
+        for factor in FACTORS:
+            factors[f"{KEY_PREFIX}{name}.{factor}.weight"] = getattr(router, factor).weight
+    return factors
 
 
-def expert_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The experts' LoRA factors under PEFT's keys, float32 on the CPU."""
-    return {key: getattr(getattr(model.get_submodule(name), projection), factor).detach().float().cpu().contiguous()
-            for (name, projection, factor), key in expert_keys(model).items()}
+def parameter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The experts' and routers' LoRA factors under PEFT's keys, float32 on the CPU."""
+    return {key: factor.detach().float().cpu().contiguous() for key, factor in parameter_factors(model).items()}
+
+
+def parameter_ranks(model: nn.Module) -> dict[str, tuple[int, float]]:
+    """{path PEFT matches rank_pattern against: (r, alpha)}: `<experts>.<projection>` and `<router>.weight`."""
+    ranks = {f"{name}.{p}": (getattr(model.get_submodule(name), p).r, getattr(model.get_submodule(name), p).alpha)
+             for name, projections in adapted_projections(model).items() for p in projections}
+    ranks.update({f"{name}.weight": (router.r, router.alpha) for name, router in router_layers(model)})
+    return ranks
 
 
 def target_parameter_names(model: nn.Module) -> list[str]:
-    """PEFT's `target_parameters`: each adapted projection's path from its first part after a layer index."""
-    names = set()
-    for name, projections in adapted_projections(model).items():
-        tail = re.split(r"(?:^|\.)\d+\.", name)[-1]   # model.layers.3.mlp.experts -> mlp.experts
-        names.update(f"{tail}.{projection}" for projection in projections)
-    return sorted(names)
+    """PEFT's `target_parameters`: each adapted parameter's path from its first part after a layer index."""
+    # model.layers.3.mlp.experts.gate_up_proj -> mlp.experts.gate_up_proj; model.layers.3.mlp.gate.weight -> mlp.gate.weight
+    return sorted({re.split(r"(?:^|\.)\d+\.", path)[-1] for path in parameter_ranks(model)})
 
 
-def is_expert_key(key: str, experts_paths: set[str]) -> bool:
-    """Whether an adapter key belongs to a ParamWrapper on one of these experts modules."""
+def is_parameter_key(key: str, paths: set[str]) -> bool:
+    """Whether an adapter key belongs to a ParamWrapper on one of these experts or router modules."""
     body = key.removeprefix(KEY_PREFIX)
     stem = re.sub(r"\.(lora_A|lora_B)(\.default)?\.weight$", "", body)
     while stem.endswith(".base_layer"):
         stem = stem[: -len(".base_layer")]
-    return stem in experts_paths and stem != body
+    return stem in paths and stem != body
 
 
-def copy_expert_factors(model: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
-    """Copy PEFT-layout expert factors from `tensors` into the model's adapted projections.
+def copy_parameter_factors(model: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    """Copy PEFT-layout expert and router factors from `tensors` into the model's adapted parameters.
 
     Raises:
         ValueError: a factor is missing or has another shape (wrong base, rank or targets).
     """
-    expected = expert_keys(model)
-    known = set(expected.values()) | {key.replace(".weight", ".default.weight") for key in expected.values()}
-    problems = [f"{key} is not an adapted expert projection of this model" for key in tensors if key not in known]
+    expected = parameter_factors(model)
+    known = set(expected) | {key.replace(".weight", ".default.weight") for key in expected}
+    problems = [f"{key} is not an adapted expert projection or router of this model" for key in tensors
+                if key not in known]
     with torch.no_grad():
-        for (name, projection, factor), key in expert_keys(model).items():
-            target = getattr(getattr(model.get_submodule(name), projection), factor)
+        for key, target in expected.items():
             value = tensors.get(key, tensors.get(key.replace(".weight", ".default.weight")))
             if value is None:
                 problems.append(f"{key} missing")
@@ -88,4 +100,4 @@ def copy_expert_factors(model: nn.Module, tensors: dict[str, torch.Tensor], path
             else:
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
     if problems:
-        raise ValueError(f"{path}: the expert LoRA factors do not match this model: {problems[:10]}")
+        raise ValueError(f"{path}: the expert / router LoRA factors do not match this model: {problems[:10]}")

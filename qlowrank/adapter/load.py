@@ -11,8 +11,10 @@ from torch import nn
 
 from ..model.surgery import add_lora, lora_layers, make_trainable_copy
 from ..model.tokens import DELTA, wrap_trainable_tokens
+from ..nn.experts import FrozenExperts, is_fused_experts
+from ..nn.router import moe_routers
 from ..state import state_of
-from .experts import copy_expert_factors, is_expert_key
+from .experts import copy_parameter_factors, is_parameter_key
 from .files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -41,8 +43,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     config, sidecar = read_adapter_config(adapter_dir)
     weights_path = adapter_dir / ADAPTER_WEIGHTS
     tensors = read_adapter_weights(weights_path)
-    experts = _experts_paths(model) if config.get("target_parameters") else set()
-    expert_part = {key: tensors.pop(key) for key in list(tensors) if is_expert_key(key, experts)}
+    owners = _parameter_owners(model) if config.get("target_parameters") else set()
+    parameter_part = {key: tensors.pop(key) for key in list(tensors) if is_parameter_key(key, owners)}
     by_module, saved, tokens = split_keys(list(tensors), config.get("modules_to_save") or [], weights_path)
     lora, seed = adapter_lora_config(config, sidecar, sorted(by_module))
     if not rebuilds_base(lora.init, lora.loftq_iters):
@@ -84,15 +86,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     _copy_saved(model, saved, tensors, weights_path)
     _load_token_rows(model, tokens, tensors, config, adapter_dir)
     _set_scaling(existing, lora)
-    if expert_part or lora.target_parameters:
-        copy_expert_factors(model, expert_part, weights_path)
+    if parameter_part or lora.target_parameters:
+        copy_parameter_factors(model, parameter_part, weights_path)
     return model
 
 
-def _experts_paths(model: nn.Module) -> set[str]:
-    from ..nn.experts import FrozenExperts, is_fused_experts
-
-    return {name for name, module in model.named_modules() if isinstance(module, FrozenExperts) or is_fused_experts(module)}
+def _parameter_owners(model: nn.Module) -> set[str]:
+    """Paths of the modules whose parameters PEFT's `target_parameters` wraps: fused experts and routers."""
+    experts = {name for name, module in model.named_modules() if isinstance(module, FrozenExperts) or is_fused_experts(module)}
+    return experts | set(moe_routers(model))
 
 
 def _load_token_rows(model: nn.Module, tokens: dict, tensors: dict, config: dict, adapter_dir: Path) -> None:

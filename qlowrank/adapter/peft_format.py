@@ -48,15 +48,22 @@ def _most_common(values: list):
     return Counter(values).most_common(1)[0][0]
 
 
-def peft_lora_fields(model: nn.Module, layers: dict, targets: list[str]) -> dict:
-    """r, lora_alpha, rank/alpha patterns, DoRA, modules_to_save and init of an adapter_config.json."""
+def peft_lora_fields(model: nn.Module, layers: dict, targets: list[str],
+                     parameter_ranks: dict[str, tuple[int, float]]) -> dict:
+    """r, lora_alpha, rank/alpha patterns, DoRA, modules_to_save and init of an adapter_config.json.
+
+    `parameter_ranks`: {expert / router parameter path: (r, alpha)} (`experts.parameter_ranks`).
+    """
     lora_cfg = state_of(model).lora
-    r = _most_common([layer.r for layer in layers.values()])
-    alpha = _most_common([layer.alpha for layer in layers.values()])
-    # Full module paths as keys: PEFT reads a key as a regex anchored at a "." boundary, so a
-    # full path picks out exactly one layer.
-    rank_pattern = {name: layer.r for name, layer in layers.items() if layer.r != r}
-    alpha_pattern = {name: layer.alpha for name, layer in layers.items() if layer.alpha != alpha}
+    # Linear layers by module path; expert stacks and routers by the parameter path PEFT matches
+    # patterns against (its all-linear gives gate_up_proj twice the rank).
+    ranks = {name: (layer.r, layer.alpha) for name, layer in layers.items()} | parameter_ranks
+    r = _most_common([rank for rank, _ in ranks.values()])
+    alpha = _most_common([value for _, value in ranks.values()])
+    # Full paths as keys: PEFT reads a key as a regex anchored at a "." boundary, so a full
+    # path picks out exactly one layer.
+    rank_pattern = {name: rank for name, (rank, _) in ranks.items() if rank != r}
+    alpha_pattern = {name: value for name, (_, value) in ranks.items() if value != alpha}
     first = next(iter(layers.values()))
     init = {v: k for k, v in PEFT_INITS.items()}.get(first.init, True)
     if not rebuilds_base(first.init, first.loftq_iters):

@@ -15,7 +15,7 @@ from ..config import QuantConfig
 from ..model.surgery import lora_layers
 from ..model.tokens import DELTA
 from ..state import state_of
-from .experts import adapted_projections, expert_tensors, target_parameter_names
+from .experts import parameter_factors, parameter_ranks, parameter_tensors, target_parameter_names
 from .files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -58,7 +58,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool =
     if format not in ("peft", "qlowrank"):
         raise ValueError(f"save_adapter format={format!r}: use 'peft' or 'qlowrank'")
     layers = dict(lora_layers(model))
-    if not layers and not adapted_projections(model):
+    if not layers and not parameter_factors(model):
         raise ValueError("save_adapter: the model has no LoRA layers (call add_lora or load_model(lora=...) first)")
     if len({(layer.use_rslora, layer.use_dora, layer.init) for layer in layers.values()}) > 1:
         raise ValueError("save_adapter needs one rsLoRA / DoRA / init setting for all layers (one adapter config)")
@@ -67,7 +67,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool =
         raise ValueError("save_adapter: this adapter cannot be expressed in PEFT's format: " + "; ".join(reasons)
                          + ". save_adapter(model, dir, format='qlowrank') writes it for qlowrank, which rebuilds that "
                          "base from the sidecar (load_adapter / qlowrank export).")
-    tensors = {**_adapter_tensors(model, layers, tensors), **expert_tensors(model)}
+    tensors = {**_adapter_tensors(model, layers, tensors), **parameter_tensors(model)}
     first = next(iter(layers.values()))
     config = _peft_config(model, layers)
     out_dir = Path(out_dir)
@@ -130,7 +130,7 @@ def _peft_config(model: nn.Module, layers: dict) -> dict:
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if is_causal else None,
         "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
-        **peft_lora_fields(model, layers, _target_modules(model, list(layers))),
+        **peft_lora_fields(model, layers, _target_modules(model, list(layers)), parameter_ranks(model)),
         "fan_in_fan_out": bool(first.fan_in_fan_out),
         "bias": "none",
         "inference_mode": True,

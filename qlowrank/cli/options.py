@@ -54,8 +54,9 @@ SHARED_OPTIONS: tuple[Option, ...] = (
     Option(("--target", "--targets"), {"dest": "target", "default": "all-linear",
                                        "help": "all-linear, or comma-separated module names (q_proj,v_proj)"}),
     Option(("--target-parameters",), {"default": None,
-                                      "help": "fused MoE expert parameters to adapt too: 'experts' (all), or "
-                                              "comma-separated PEFT names (mlp.experts.gate_up_proj)"}),
+                                      "help": "MoE parameters to adapt too: 'experts' (all expert stacks), "
+                                              "'router' (all routers), or comma-separated PEFT names "
+                                              "(mlp.experts.gate_up_proj,mlp.gate.weight)"}),
     Option(("--rslora",), {"action": "store_true", "help": "scale by alpha / sqrt(r)"}),
     Option(("--init",), {"default": "kaiming", "choices": ["kaiming", "gaussian", "loftq", "pissa"],
                          "help": "LoRA init; loftq / pissa are quantization-aware (computed from the float weights "

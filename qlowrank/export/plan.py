@@ -1,7 +1,7 @@
 """What an export writes: the options, and every tensor of the merged state dict with how to compute it when written.
 
-Both writers (Hugging Face safetensors and GGUF) take the same `ExportOptions` and walk the same plan. A LoRA layer's weight is
-computed as dequant(W) + scale * B A in float32 (DoRA: row-rescaled) the moment it is written,
+Both writers (Hugging Face safetensors and GGUF) take the same `ExportOptions` and walk the same plan. A LoRA layer's weight (a
+LoRA router's too) is computed as dequant(W) + scale * B A in float32 (DoRA: row-rescaled) the moment it is written,
 so the merged model is never held whole; `from_original` swaps in the original checkpoint's
 tensors instead of the dequantized ones.
 """
@@ -23,6 +23,7 @@ from ..model.tokens import TrainableTokens
 from ..nn import quant as quantlib
 from ..nn.experts import FrozenExperts
 from ..nn.lora import LoraLinear
+from ..nn.router import LoraRouter
 
 DEFAULT_SHARD_BYTES = 2 * 2**30
 FORMATS = ("safetensors", "gguf")
@@ -112,6 +113,10 @@ def export_plan(model: nn.Module) -> list[ExportEntry]:
             skip_inside = prefix
             entries += expert_entries(module, prefix)
             continue
+        if isinstance(module, LoraRouter):
+            skip_inside = prefix
+            entries += router_entries(module, prefix)
+            continue
         if isinstance(module, LoraLinear) or quantlib.is_quantized_linear(module):
             skip_inside = prefix
             out_features, in_features = module.out_features, module.in_features
@@ -154,6 +159,21 @@ def expert_entries(module: FrozenExperts, prefix: str) -> list[ExportEntry]:
         if weights.bias is not None:
             entries.append(ExportEntry(f"{prefix}{name}_bias", tuple(weights.bias.shape), weights.bias.dtype,
                                        lambda w=weights: w.bias.detach()))
+    return entries
+
+
+def router_entries(module: LoraRouter, prefix: str) -> list[ExportEntry]:
+    """A LoRA-adapted router as transformers stores it: `weight` = W + scale * B A, its other tensors (bias) as they are."""
+    def produce() -> torch.Tensor:
+        module.check_finite()
+        return module.merged_weight()   # (E, H) float32
+
+    base = module.base_layer
+    entries = [ExportEntry(prefix + "weight", tuple(base.weight.shape), torch.float32, produce)]
+    for leaf, tensor in base.named_parameters(recurse=False):
+        if leaf != "weight":
+            entries.append(ExportEntry(prefix + leaf, tuple(tensor.shape), tensor.dtype,
+                                       lambda n=leaf: getattr(base, n).detach()))
     return entries
 
 
@@ -205,12 +225,12 @@ def from_original(model: nn.Module, entries: list[ExportEntry], base: Path) -> l
     for entry in entries:
         path, ckpt_key = where[entry.key]
         layer = modules.get(entry.key.rpartition(".")[0])
-        delta_layer = layer if isinstance(layer, LoraLinear) and entry.key.endswith(".weight") else None
+        delta_layer = layer if isinstance(layer, (LoraLinear, LoraRouter)) and entry.key.endswith(".weight") else None
         result.append(ExportEntry(entry.key, entry.shape, entry.dtype, _original_producer(path, ckpt_key, entry, delta_layer)))
     return result
 
 
-def _original_producer(path: Path, ckpt_key: str, entry: ExportEntry, layer: LoraLinear | None):
+def _original_producer(path: Path, ckpt_key: str, entry: ExportEntry, layer: LoraLinear | LoraRouter | None):
     def produce() -> torch.Tensor:
         with open_safetensors(path) as handle:
             tensor = handle.get_tensor(ckpt_key)

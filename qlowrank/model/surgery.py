@@ -21,6 +21,7 @@ from ..nn.experts import ExpertWeights, FrozenExperts, expert_projections, freez
 from ..nn.init import layer_generator, quantize_with_init  # noqa: F401  (layer_generator: public here too)
 from ..nn.layers import is_conv1d
 from ..nn.lora import LoraLinear
+from ..nn.router import LoraRouter, moe_routers
 from ..state import state_of
 from .inspect import inside_lora, linear_layers, name_matches, output_head_names, set_submodule
 
@@ -132,7 +133,7 @@ def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None = None) -> nn.
         ValueError: a target name or regex matches no linear layer (the message lists the
             linear layer names that exist), or the model already has LoRA layers.
     """
-    if any(isinstance(m, LoraLinear) for m in model.modules()):
+    if any(isinstance(m, (LoraLinear, LoraRouter)) for m in model.modules()):
         raise ValueError("this model already has LoRA layers; load an adapter with load_adapter instead of add_lora twice")
     heads = output_head_names(model)
     candidates = linear_layers(model)
@@ -147,7 +148,7 @@ def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None = None) -> nn.
         set_submodule(model, name, wrapped)
     for name in saved:
         make_trainable_copy(model, name)
-    _add_expert_lora(model, lora, seed)
+    _add_parameter_lora(model, lora, seed)
     state_of(model).lora = lora
     state_of(model).modules_to_save = saved
     state_of(model).seed = 0 if seed is None else seed   # what the init SVDs were seeded with
@@ -156,6 +157,16 @@ def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None = None) -> nn.
 
 def expert_targets(model: nn.Module, lora: LoraConfig) -> list[str]:
     """Paths `<experts module>.<projection>` of the fused expert parameters that `lora.target_parameters` names."""
+    return [path for path, _ in _expert_matches(model, lora.target_parameters)]
+
+
+def router_targets(model: nn.Module, lora: LoraConfig) -> list[str]:
+    """Paths of the MoE routers whose weight `lora.target_parameters` names ("router", or PEFT's "gate.weight")."""
+    return [path for path, _ in _router_matches(model, lora.target_parameters)]
+
+
+def _expert_matches(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, set[str]]]:
+    """(`<experts>.<projection>`, the patterns naming it) for each fused expert parameter some pattern names."""
     found = []
     for name, module in model.named_modules():
         if isinstance(module, FrozenExperts):
@@ -166,26 +177,51 @@ def expert_targets(model: nn.Module, lora: LoraConfig) -> list[str]:
             continue
         for projection in projections:
             path = f"{name}.{projection}"
-            if any(p == "experts" or name_matches(path, [p]) for p in lora.target_parameters):
-                found.append(path)
+            hits = {p for p in patterns if p == "experts" or name_matches(path, [p])}
+            if hits:
+                found.append((path, hits))
     return found
 
 
-def _add_expert_lora(model: nn.Module, lora: LoraConfig, seed: int | None) -> None:
+def _router_matches(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, set[str]]]:
+    # PEFT names a router by its parameter (`mlp.gate.weight`), so a pattern matches `<router>.weight`.
+    found = []
+    for path in moe_routers(model):
+        hits = {p for p in patterns if p == "router" or name_matches(f"{path}.weight", [p])}
+        if hits:
+            found.append((path, hits))
+    return found
+
+
+def _add_parameter_lora(model: nn.Module, lora: LoraConfig, seed: int | None) -> None:
+    """LoRA on what `target_parameters` names: fused expert stacks (ExpertWeights) and router weights (LoraRouter)."""
     if not lora.target_parameters:
         return
-    targets = expert_targets(model, lora)
-    if not targets:
-        raise ValueError(f"LoraConfig.target_parameters={lora.target_parameters} matched no fused MoE expert parameter "
-                         "of this model (they are named like 'mlp.experts.gate_up_proj'; 'experts' means all of them)")
-    for path in targets:
+    experts, routers = _expert_matches(model, lora.target_parameters), _router_matches(model, lora.target_parameters)
+    named = set().union(*(hits for _, hits in experts + routers))
+    unmatched = [p for p in lora.target_parameters if p not in named]
+    if unmatched:
+        raise ValueError(f"LoraConfig.target_parameters {unmatched} matched no fused MoE expert parameter nor router "
+                         "weight of this model (they are named like 'mlp.experts.gate_up_proj' and 'mlp.gate.weight'; "
+                         "'experts' means every expert projection, 'router' every router)")
+    for path, _ in experts:
         experts_name, _, projection = path.rpartition(".")
-        experts = model.get_submodule(experts_name)
-        if not isinstance(experts, FrozenExperts):  # a float base: the same module, its stacks kept in float
-            experts = freeze_experts(experts, None, experts.down_proj.device, experts.down_proj.dtype)
-            set_submodule(model, experts_name, experts)
-        weights: ExpertWeights = getattr(experts, projection)
+        module = model.get_submodule(experts_name)
+        if not isinstance(module, FrozenExperts):  # a float base: the same module, its stacks kept in float
+            module = freeze_experts(module, None, module.down_proj.device, module.down_proj.dtype)
+            set_submodule(model, experts_name, module)
+        weights: ExpertWeights = getattr(module, projection)
         weights.add_lora(lora.layer_config(path), None if seed is None else layer_generator(seed, path))
+    for path, _ in routers:
+        generator = None if seed is None else layer_generator(seed, path)
+        set_submodule(model, path, LoraRouter(model.get_submodule(path), lora.layer_config(f"{path}.weight"), generator))
+
+
+def router_layers(model: nn.Module) -> Iterator[tuple[str, LoraRouter]]:
+    """(name, router) for every LoraRouter in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraRouter):
+            yield name, module
 
 
 def random_adapted_model(config, quant: QuantConfig, lora: LoraConfig, dtype: torch.dtype,
@@ -322,15 +358,13 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 @contextlib.contextmanager
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes its base outputs (every LoRA branch switched off)."""
-    layers = [layer for _, layer in lora_layers(model)]
-    experts = [module for module in model.modules() if isinstance(module, FrozenExperts)]
-    previous = [layer.disabled for layer in layers] + [module.lora_disabled for module in experts]
-    for layer in layers:
-        layer.disabled = True
-    for module in experts:
-        module.lora_disabled = True
+    switches = [(module, "lora_disabled" if isinstance(module, FrozenExperts) else "disabled")
+                for module in model.modules() if isinstance(module, (LoraLinear, LoraRouter, FrozenExperts))]
+    previous = [getattr(module, flag) for module, flag in switches]
+    for module, flag in switches:
+        setattr(module, flag, True)
     try:
         yield model
     finally:
-        for layer, was in zip(layers + experts, previous):
-            setattr(layer, "disabled" if isinstance(layer, LoraLinear) else "lora_disabled", was)
+        for (module, flag), was in zip(switches, previous):
+            setattr(module, flag, was)

@@ -9,7 +9,7 @@ and the forward runs only the experts that receive tokens, one at a time:
 
 The dequantized weight is transient: a custom autograd function dequantizes it again in
 backward instead of saving it (as bitsandbytes' 4-bit matmul does), so the float weight of
-one expert is alive at a time. The router stays as it was: float and frozen.
+one expert is alive at a time. The router stays float (LoRA on it: `nn/router.py`).
 
 LoRA factors are kept in PEFT's `target_parameters` layout, so adapter files need no
 reshaping: `lora_A` (r*E, in) with expert e's rows at [e*r, (e+1)*r), and `lora_B`
@@ -88,6 +88,7 @@ class ExpertWeights(nn.Module):
             self.packed_names = tuple(packed)
         self.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype), requires_grad=False) if bias is not None else None
         self.r = 0
+        self.alpha = 0.0
         self.scaling = 0.0
 
     def weight(self, index: int, dtype: torch.dtype) -> torch.Tensor:
@@ -111,7 +112,7 @@ class ExpertWeights(nn.Module):
             raise ValueError("LoRA on fused MoE experts supports neither DoRA nor dropout (PEFT's target_parameters "
                              "neither): set use_dora=False and dropout=0, or do not target the experts")
         device = next(iter(self.buffers())).device
-        self.r, self.scaling = config.r, config.scaling
+        self.r, self.alpha, self.scaling = config.r, config.alpha, config.scaling   # alpha: for rank / alpha patterns
         values = torch.empty(config.r * self.experts, self.in_features, dtype=torch.float32)
         if device.type != "meta":
             for index in range(self.experts):  # each expert's A as a (r, in) Linear would be initialised
