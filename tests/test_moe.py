@@ -253,8 +253,10 @@ def test_peft_all_linear_moe_adapter_both_ways(checkpoints, family, tmp_path):
             safe_open(str(tmp_path / "theirs" / "adapter_model.safetensors"), "pt") as peft_file:
         assert set(mine.keys()) == set(peft_file.keys())   # PEFT's key names, router and nesting included
     back = peft.PeftModel.from_pretrained(reference(checkpoints[family]), str(tmp_path / "ours")).eval()
+    again = ql.load_adapter(load(checkpoints[family], None), tmp_path / "ours").eval()   # our patterns, read by us
     with torch.no_grad():
         assert rel_error(back(ids()).logits, ours(ids()).logits) < FLOAT_TOLERANCE
+        assert rel_error(again(ids()).logits, ours(ids()).logits) < FLOAT_TOLERANCE
 
 
 @pytest.mark.parametrize("family", FAMILIES)
