@@ -44,7 +44,7 @@ def shard_base(root: nn.Module, device: torch.device) -> None:
 
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("sharding='fsdp' needs a process group: launch with torchrun or accelerate launch "
-                         "(see README, 'More than one process or GPU')")
+                         "(see docs/multi-process.md)")
     model = root.model
     eight_bit = [name for name, m in model.named_modules() if quantlib.quantized_bits(m) == 8]
     if eight_bit:
