@@ -18,6 +18,9 @@ _COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _INITS = ("kaiming", "gaussian", "loftq", "pissa")
 _SVDS = ("randomized", "full")
 _PRECISIONS = ("bf16", "fp32", "auto")
+# What a run minimises (train/objective.py, train/preference.py): supervised cross-entropy, or
+# preference pairs with DPO (reference: the base with LoRA off) or ORPO (no reference).
+OBJECTIVES = ("sft", "dpo", "orpo")
 
 # Optimizers the Trainer builds over the LoRA factors (train/optim.py): torch's AdamW, or
 # bitsandbytes' block-wise 8-bit AdamW, plain or paged (its states may move to CPU memory
@@ -232,6 +235,10 @@ class TrainConfig:
                                         # (oneDNN) keep memory for it, so RSS grew each step with free
                                         # lengths; 64 bounds the shapes (benchmarks/soak.py: finer steps of
                                         # 24 with grouping let RSS grow 7.5% in 120 steps). 1: no rounding
+    objective: str = "sft"              # one of OBJECTIVES; dpo / orpo train on prompt / chosen / rejected pairs
+    beta: float = 0.1                   # DPO's beta: how far the policy may move from the reference (TRL's default)
+    label_smoothing: float = 0.0        # DPO: assumed share of flipped preference labels (cDPO), in [0, 0.5)
+    orpo_lambda: float = 0.1            # ORPO's lambda: weight of the odds-ratio term beside the NLL (TRL's beta)
 
     def __post_init__(self) -> None:
         if self.precision not in _PRECISIONS:
@@ -246,5 +253,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.steps={self.steps} must be >= 1 (or None to train for `epochs`)")
         if self.steps is None and self.epochs <= 0:
             raise ValueError(f"TrainConfig.epochs={self.epochs} must be > 0")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"TrainConfig.objective={self.objective!r} is not supported; use one of {OBJECTIVES}")
+        if not self.beta > 0 or not self.orpo_lambda > 0:
+            raise ValueError(f"TrainConfig.beta={self.beta} and orpo_lambda={self.orpo_lambda} must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"TrainConfig.label_smoothing={self.label_smoothing} must be in [0, 0.5) (a share of "
+                             "flipped labels; 0.5 would make the preferences meaningless)")
         if self.sharding not in SHARDINGS:
             raise ValueError(f"TrainConfig.sharding={self.sharding!r}: use None (DDP on several processes) or 'fsdp'")

@@ -114,10 +114,7 @@ def workdir(tmp_path_factory):
     """A tiny Llama checkpoint with a real BPE tokenizer, and a prompt/completion data file."""
     root = tmp_path_factory.mktemp("cli")
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = tiny_llama(tok)
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     with open(root / "data.jsonl", "w") as handle:
@@ -135,13 +132,19 @@ def doc_examples(tok, n=24):
     return [tokenize_row(r, tok) for r in rows]
 
 
-def trainable_model(tok, seed=0, dropout=0.0, head_scale=8.0, checkpointing=False):
+def tiny_llama(tok, seed=0, head_scale=1.0) -> torch.nn.Module:
+    """A random 2-layer Llama (hidden 64) over `tok`'s vocabulary, its output head scaled by `head_scale`."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     model = transformers.AutoModelForCausalLM.from_config(config)
     # LoRA leaves the 0.02-init head frozen, which bounds the logits (and so the loss): scale it so the loss can fall.
     model.lm_head.weight.data.mul_(head_scale)
+    return model
+
+
+def trainable_model(tok, seed=0, dropout=0.0, head_scale=8.0, checkpointing=False):
+    model = tiny_llama(tok, seed, head_scale)
     ql.quantize_model(model, ql.QuantConfig(bits=4, compute_dtype=torch.float32))
     ql.add_lora(model, ql.LoraConfig(r=8, alpha=16, dropout=dropout))
     if checkpointing:

@@ -118,7 +118,10 @@ def _full_flags(work: Path, out: Path) -> list[str]:
     cuda_only = {"--offload-activations"}
     # --format picks how rows are read (tests/test_layouts.py), not how they are distributed; auto reads these rows.
     data_layout = {"--format"}
-    known = set(flags) | later | planning | variants | speed | cuda_only | data_layout
+    # Preference objectives read pairs, not this run's rows (tests/test_preference.py); their loss rides
+    # on the same Stepper normalisation over ranks that this SFT run checks.
+    objectives = {"--objective", "--beta", "--label-smoothing", "--orpo-lambda"}
+    known = set(flags) | later | planning | variants | speed | cuda_only | data_layout | objectives
     missing = [names[0] for names in _train_options().values() if not known & set(names)]
     assert not missing, f"add these new options to _full_flags (every option must be launched once): {missing}"
     return [str(part) for flag, value in flags.items() for part in ((flag,) if value is None else (flag, value))]

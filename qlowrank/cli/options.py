@@ -222,7 +222,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         pad_multiple=args.pad_multiple, compile=args.compile, offload_activations=args.offload_activations,
         group_by_length=not args.no_group_by_length,
         sharding=None if args.sharding in (None, "none") else args.sharding,
-        progress=not args.no_progress,
+        progress=not args.no_progress, objective=args.objective, beta=args.beta,
+        label_smoothing=args.label_smoothing, orpo_lambda=args.orpo_lambda,
     )
 
 

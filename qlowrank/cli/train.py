@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import TRAIN_OPTIMIZERS, LoraConfig, QuantConfig, TrainConfig, parse_dtype
+from ..config import OBJECTIVES, TRAIN_OPTIMIZERS, LoraConfig, QuantConfig, TrainConfig, parse_dtype
 from . import options
 from .errors import exit_2_on_bad_input
 from .options import add_shared_options
@@ -63,6 +63,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-memory", default=None, help="with --batch auto: the process memory budget to plan in, e.g. 6GiB "
         "(default: the free RAM, or the free VRAM on CUDA)")
     add("--dry-run", action="store_true", help="print the memory estimate (tensor and process) for these settings and exit")
+    add("--objective", default="sft", choices=list(OBJECTIVES), help="sft: supervised rows; dpo / orpo: "
+        "preference pairs (prompt / chosen / rejected rows; docs/preference.md)")
+    add("--beta", type=float, default=0.1, help="DPO: how far the policy may move from the reference")
+    add("--label-smoothing", type=float, default=0.0, help="DPO: assumed share of flipped preferences (cDPO)")
+    add("--orpo-lambda", type=float, default=0.1, help="ORPO: weight of the odds-ratio term beside the NLL")
     add("--lr", type=float, default=2e-4)
     add("--lora-plus-ratio", type=float, default=1.0, help="LoRA+: lora_B trains at lr * ratio (16 in the paper)")
     add("--optimizer", default="adamw", choices=list(TRAIN_OPTIMIZERS))
@@ -109,20 +114,26 @@ def configs(args: argparse.Namespace) -> tuple[TrainConfig, QuantConfig, LoraCon
 def examples(args: argparse.Namespace, tokenizer) -> tuple[list, list]:
     """(training, held-out) examples: --data, and --eval-data or a seeded --eval-fraction of --data; packed with --packing."""
     from ..data import DataStats
+    from ..data.pairs import load_pairs
     from ..train import load_examples, pack_examples, split_examples
 
-    read = functools.partial(load_examples, tokenizer=tokenizer, seq_len=args.seq, truncation=not args.no_truncation,
+    pairs = args.objective != "sft"
+    if pairs and args.packing:
+        raise ValueError(f"--packing with --objective {args.objective}: the two sides of a pair are scored as "
+                         "whole sequences and cannot be packed yet; drop --packing")
+    read = functools.partial(load_pairs if pairs else load_examples, tokenizer=tokenizer, seq_len=args.seq, truncation=not args.no_truncation,
                              fields=options.data_fields(args), format=args.format)
     stats = DataStats()
+    counted = {} if pairs else {"stats": stats}   # pairs are counted as pairs (no per-layout token statistics)
     if args.eval_data:
-        train, held = read(args.data, stats=stats), read(args.eval_data)
+        train, held = read(args.data, **counted), read(args.eval_data)
     else:
-        rows = read(args.data, stats=stats)
+        rows = read(args.data, **counted)
         train, held = split_examples(rows, args.eval_fraction if len(rows) >= 20 else 0.0, args.seed)
     if args.packing:
         train = pack_examples(train, args.seq)
     if int(os.environ.get("RANK", "0")) == 0:   # the main process under torchrun / accelerate launch
-        print(f"data: {len(train)} training sequences, {len(held)} held out", flush=True)
+        print(f"data: {len(train)} training {'pairs' if pairs else 'sequences'}, {len(held)} held out", flush=True)
         warning = stats.end_warning()
         if warning:   # the usual silent bug: a model that never learns to stop (see `qlowrank data`)
             print(f"qlowrank train: warning: --data: {warning}", file=sys.stderr, flush=True)

@@ -141,7 +141,7 @@ def count_predicted_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _plain_head(model: nn.Module) -> nn.Linear | None:
+def plain_head(model: nn.Module) -> nn.Linear | None:
     """The output head if the chunked path can reproduce the model's own logits, else None."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
@@ -171,7 +171,7 @@ def causal_lm_loss(
     attention_mask) make transformers attend within each restarted segment only.
     """
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
-    head = _plain_head(model) if chunk_tokens else None
+    head = plain_head(model) if chunk_tokens else None
     if head is None:
         logits = model(**inputs).logits
         shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # (B*(T-1), V)

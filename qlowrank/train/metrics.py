@@ -99,8 +99,9 @@ class RunLog:
         """An evaluation: always logged, and shown beside the bar."""
         self.write(metrics)
         if self.config.progress and self.enabled:
-            tqdm.write(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f}, "
-                       f"perplexity {metrics['eval_ppl']:.2f}")
+            extra = (f"perplexity {metrics['eval_ppl']:.2f}" if "eval_ppl" in metrics   # SFT; pairs: their accuracy
+                     else f"reward accuracy {metrics.get('eval_rewards/accuracies', float('nan')):.3f}")
+            tqdm.write(f"step {metrics['step']}: eval loss {metrics['eval_loss']:.4f}, {extra}")
 
     def memory(self, record: MemoryRecord) -> None:
         """Write memory.json and memory.txt (atomically)."""

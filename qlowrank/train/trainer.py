@@ -31,7 +31,6 @@ from ..data import Example
 from ..model.checkpointing import trim_heaps_before_backward
 from ..model.compile import compile_blocks
 from ..model.packing import check_packed_attention
-from ..nn.loss import count_predicted_tokens
 from .checkpoint import (
     Checkpointed,
     find_resumable,
@@ -44,7 +43,9 @@ from .checkpoint import (
 )
 from .metrics import MemoryRecord, RunLog, peak_memory_bytes
 from .optim import build_optimizer, build_scheduler
-from .parallel import LossModule, choose_strategy
+from ..data.pairs import longest_side
+from .objective import objective_for
+from .parallel import choose_strategy
 from .sampler import BatchLayout, Sampler
 from .signals import StopRequested, StopSignals, TrainingInterrupted
 from .step import Padding, Stepper
@@ -99,11 +100,12 @@ class Trainer:
         # self.model stays the user's module; the strategy wraps a module whose forward computes
         # the whole loss, so DDP's and FSDP's hooks see the chunked head too. Built before the
         # optimizer: FSDP replaces the parameters with sharded ones.
-        self.strategy.wrap(LossModule(model, config.chunk_tokens))
+        self.objective = objective_for(config)
+        self.strategy.wrap(self.objective.loss_module(model, config.chunk_tokens))
         self.optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay, config.lora_plus_ratio)
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, self.total_steps, config.min_lr_ratio)
-        padding = Padding(pad_token_id, config.pad_multiple, max(len(e.input_ids) for e in every))
-        self.stepper = Stepper(self.strategy, config, padding, self.optimizer, self.scheduler)
+        padding = Padding(pad_token_id, config.pad_multiple, longest_side(every))
+        self.stepper = Stepper(self.strategy, config, padding, self.optimizer, self.scheduler, self.objective)
         self.step = 0
         self.signals: StopSignals | None = None   # active while train() runs
         self._last_good = (0, [0, 0], None)       # (step, position, RNG states) of the last completed step
@@ -133,7 +135,8 @@ class Trainer:
     # ---- evaluation ----
     @torch.no_grad()
     def evaluate(self) -> dict | None:
-        """Token-weighted eval loss and perplexity over the held-out examples (None if there are none).
+        """Token-weighted eval loss and perplexity over the held-out examples (None if there are none);
+        for preference pairs the mean pair loss and eval_rewards/... (objective.py).
 
         Several processes split every global batch of held-out examples as in training and
         add up their loss sums and token counts.
@@ -143,15 +146,16 @@ class Trainer:
         module, size = self.strategy.module, self.layout.global_micro
         was_training = module.training
         module.eval()
-        total, tokens = 0.0, 0
+        totals, counts = None, None
         for start in range(0, len(self.eval_examples), size):
             batch = self.stepper.batch(self.layout.share(self.eval_examples[start:start + size]))
-            total += self.stepper.loss_sum(batch).item()
-            tokens += count_predicted_tokens(batch["labels"])
+            sums, seen = self.stepper.loss_sum(batch).reshape(-1).tolist(), self.objective.counts(batch)
+            totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
+            counts = seen if counts is None else [a + b for a, b in zip(counts, seen)]
         module.train(was_training)
-        total, tokens = self.strategy.sum([total, tokens])
-        loss = total / max(tokens, 1)
-        return {"step": self.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        summed = self.strategy.sum(totals + counts)
+        loss = sum(t / max(c, 1) for t, c in zip(summed[:len(totals)], summed[len(totals):]))
+        return {"step": self.step, "eval_loss": loss, **self.objective.eval_metrics(loss, self.strategy.sum)}
 
     # ---- checkpoints and outputs ----
     def save(self) -> Path:
