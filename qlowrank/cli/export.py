@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="exported weight dtype")
     parser.add_argument("--format", default="safetensors", choices=["safetensors", "gguf", "gguf-adapter"],
                         help="a Hugging Face checkpoint, one merged GGUF file for llama.cpp / Ollama / LM Studio, "
-                             "or the adapter alone as GGUF (llama.cpp --lora, Ollama ADAPTER; docs/gguf.md)")
+                             "or the adapter alone as GGUF (llama.cpp --lora, Ollama ADAPTER; docs/export.md)")
     parser.add_argument("--gguf-type", default="f16", choices=["f16", "bf16", "q8_0", "f32"],
                         help="weight type of a GGUF export (norms stay f32); gguf-adapter: f16 or f32")
     parser.add_argument("--from-original", action="store_true",
