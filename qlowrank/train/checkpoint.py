@@ -254,8 +254,9 @@ def load_checkpoint(
 # Fields that decide which examples each step sees: a resume with other values would not
 # continue the same run. batch_size and grad_accum may change with the number of processes
 # as long as the global batch (batch_size x processes x grad_accum) stays the same.
-_TRAJECTORY_FIELDS = ("seed", "optimizer", "group_by_length")
-_FIELD_BEFORE_IT_EXISTED = {"group_by_length": False}   # what older checkpoints ran with
+# objective: a DPO checkpoint resumed as SFT (or the reverse) would read other data with another loss
+_TRAJECTORY_FIELDS = ("seed", "optimizer", "group_by_length", "objective")
+_FIELD_BEFORE_IT_EXISTED = {"group_by_length": False, "objective": "sft"}   # what older checkpoints ran with
 
 
 def resume_position(path: Path, state: dict[str, Any], config: TrainConfig, processes: int) -> list[int]:
