@@ -47,7 +47,8 @@ PATHS = {
     "merged export": "4-bit + trained LoRA, export_merged: plain transformers gives the trained model's logits",
     "GGUF export": "the merged model as f32 GGUF, read by transformers' GGUF reader: the merged export's logits",
     "load GGUF": "load_model on that GGUF (qlowrank's streamed reader): the merged export's logits",
-    "adapter GGUF": "save_gguf_adapter: every lora_a / lora_b pair names a tensor of the base GGUF, shapes (r, in) / (out, r)",
+    "adapter GGUF": "save_gguf_adapter: every lora_a / lora_b pair names a tensor of the base GGUF, shapes (r, in) / (out, r); "
+                    "MoE expert LoRA on its ffn_*_exps, (E, r, in) / (E, out, r)",
     "estimate": "estimate_memory's base bytes equal the 4-bit model's stored bytes, exactly",
 }
 # Architectures transformers 5.25's GGUF reader loads without an error but wrongly, so it cannot
@@ -235,10 +236,13 @@ def check_adapter_gguf(family: Family) -> None:
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: tuple(reversed(t.shape.tolist())) for t in reader.tensors}
     assert tensors and all(name.endswith((".lora_a", ".lora_b")) for name in tensors)
+    # The MoE families' LoRA targets their experts: those pairs must be in the file, 3-D.
+    assert any("_exps." in name for name in tensors) == (family.name in MOE)
     for name, shape in tensors.items():
         stem = name.rsplit(".", 1)[0]
-        out, inp = base[stem][0], base[stem][-1]
-        assert shape == ((4, inp) if name.endswith("lora_a") else (out, 4)), (name, shape, base[stem])
+        *experts, out, inp = base[stem]   # (E, out, in) for ffn_*_exps, (out, in) otherwise
+        expected = (*experts, 4, inp) if name.endswith("lora_a") else (*experts, out, 4)
+        assert shape == expected and len(shape) == (3 if "_exps." in name else 2), (name, shape, base[stem])
     alpha = reader.get_field("adapter.lora.alpha")
     assert alpha is not None and float(alpha.parts[alpha.data[0]][0]) == 8.0
 

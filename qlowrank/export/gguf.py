@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def _gguf():
 
 def check_gguf_support(model: nn.Module) -> str:
     """The GGUF architecture name for `model`, or ValueError saying why it cannot be written."""
-    return gguf_family(model, experts=True).arch
+    return gguf_family(model).arch
 
 
 def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -122,7 +123,7 @@ def write_gguf(model: nn.Module, options: ExportOptions) -> dict:
     if options.out.suffix != ".gguf":
         raise ValueError(f"{options.out}: a GGUF export is one file; name it with a .gguf suffix")
     options.check_target()
-    family = gguf_family(model, experts=True)
+    family = gguf_family(model)
     tokenizer = load_tokenizer_for(model, options.tokenizer)
     start = time.time()
     entries = planned_entries(model, options)
@@ -170,16 +171,22 @@ def gguf_names(model: nn.Module, arch: str, keys: list[str]) -> dict[str, str]:
     return result
 
 
-def gguf_pieces(model: nn.Module, family: GgufFamily, entries: list[ExportEntry]) -> list[list[GgufPiece]]:
-    """For each entry, the GGUF tensors it is written as (fused experts: split into llama.cpp's ffn_*_exps)."""
-    name_map = _name_map(model, family.arch)
+def expert_namer(model: nn.Module, arch: str) -> Callable[[str], str]:
+    """`name_of(hf_key)`: the `gguf` map's name (no suffix) of an unfused expert projection key, as expert_pieces wants."""
+    name_map = _name_map(model, arch)
 
     def name_of(key: str) -> str:
         name = name_map.get_name(key)
         if name is None:
-            raise ValueError(f"GGUF export: no {family.arch!r} GGUF name for {key!r} of {type(model).__name__}")
+            raise ValueError(f"GGUF export: no {arch!r} GGUF name for {key!r} of {type(model).__name__}")
         return name
 
+    return name_of
+
+
+def gguf_pieces(model: nn.Module, family: GgufFamily, entries: list[ExportEntry]) -> list[list[GgufPiece]]:
+    """For each entry, the GGUF tensors it is written as (fused experts: split into llama.cpp's ffn_*_exps)."""
+    name_of = expert_namer(model, family.arch)
     plain = gguf_names(model, family.arch, [e.key for e in entries if not is_expert_stack(e.key)])
     pieces = []
     for entry in entries:

@@ -14,11 +14,14 @@ alpha / r * B' equals our scale * B for every layer, whatever reads the file.
 
 Layout. For the "llama" architecture llama.cpp stores q_proj / k_proj rows interleaved per
 rotary pair (export/gguf.py); B's rows are permuted the same way, since (P B) A = P (B A).
-Gemma's `1 + w` norm offset concerns norms, which carry no LoRA.
+Gemma's `1 + w` norm offset concerns norms, which carry no LoRA. Mixtures of experts (Qwen3-MoE,
+Mixtral, gpt-oss): router LoRA is a 2-D pair on `ffn_gate_inp`; expert LoRA is written as 3-D pairs on `ffn_{gate,up,down}_exps`, lora_a
+(E, r, in) and lora_b (E, out, r), split as the merged export splits the stacks
+(export/gguf_adapter_experts.py); the same alpha / r and ratio folding apply to them.
 
 Refused: DoRA (its per-row magnitude has no llama.cpp form), modules trained whole
-(`modules_to_save`, new-token rows: llama.cpp refuses adapters with full tensors), mixtures
-of experts, PiSSA and multi-iteration LoftQ (their base is not the base GGUF's weights), and every
+(`modules_to_save`, new-token rows: llama.cpp refuses adapters with full tensors),
+PiSSA and multi-iteration LoftQ (their base is not the base GGUF's weights), and every
 family or layout export/gguf_arch.py refuses.
 """
 
@@ -35,10 +38,14 @@ from torch import nn
 
 from ..atomic import staged_file
 from ..model.surgery import lora_layers
+from ..nn.experts import ExpertWeights
 from ..nn.lora import LoraLinear
+from ..nn.router import LoraRouter
 from ..state import state_of
-from .gguf import gguf_names, permute_rotary, rotary_heads
+from .gguf import expert_namer, gguf_names, permute_rotary, rotary_heads
+from .gguf_adapter_experts import expert_lora_layers, expert_lora_tensors
 from .gguf_arch import gguf_family
+from .gguf_experts import experts_transposed
 
 ADAPTER_TYPES = ("f32", "f16")
 # A layer's scale ratio within this of 1 is written unfolded (alpha / r computed two ways in float64).
@@ -53,10 +60,13 @@ def _gguf():
     return gguf
 
 
-def _check_adapter(model: nn.Module) -> list[tuple[str, LoraLinear]]:
-    """The model's LoRA layers, or ValueError naming what llama.cpp's adapter format cannot carry."""
-    layers = list(lora_layers(model))
-    if not layers:
+def _check_adapter(model: nn.Module) -> tuple[list[tuple[str, LoraLinear | LoraRouter]], list[tuple[str, ExpertWeights]]]:
+    """The model's 2-D LoRA layers (linears, then MoE routers) and expert stacks with LoRA, or ValueError naming what
+    llama.cpp's adapter format cannot carry."""
+    layers, experts = list(lora_layers(model)), expert_lora_layers(model)
+    # A router's (E, H) weight is llama.cpp's ffn_gate_inp, which it adapts as any 2-D weight (build_lora_mm).
+    routers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraRouter)]
+    if not layers and not experts and not routers:
         raise ValueError("save_gguf_adapter: the model has no LoRA layers (add_lora or load_adapter first)")
     dora = [name for name, layer in layers if layer.use_dora]
     if dora:
@@ -73,10 +83,16 @@ def _check_adapter(model: nn.Module) -> list[tuple[str, LoraLinear]]:
         whole = list(state.modules_to_save) + list(state.trainable_tokens)
         raise ValueError(f"save_gguf_adapter: {whole} are trained whole (modules_to_save / new tokens); llama.cpp "
                          "refuses adapters with full tensors, so export the merged model instead")
-    return layers
+    # Factors this writer does not know (a LoRA kind added later) are refused, never silently left out.
+    written = {id(p) for _, module in layers + routers + experts for p in module.parameters()}
+    unknown = [name for name, p in model.named_parameters() if "lora_" in name and id(p) not in written]
+    if unknown:
+        raise ValueError(f"save_gguf_adapter: LoRA factors {unknown[:3]} belong to no layer this writer writes; "
+                         "export the merged model instead (export_merged(..., format='gguf'))")
+    return layers + routers, experts
 
 
-def scale_ratio(layer: LoraLinear, alpha: float) -> float:
+def scale_ratio(layer: LoraLinear | LoraRouter | ExpertWeights, alpha: float) -> float:
     """What lora_b is multiplied by so that llama.cpp's alpha / r gives the layer's own scale (1.0: none)."""
     ratio = layer.scaling * layer.r / alpha
     return 1.0 if abs(ratio - 1.0) <= UNFOLDED_RATIO else ratio
@@ -92,7 +108,8 @@ def save_gguf_adapter(model: nn.Module, path: str | os.PathLike, dtype: str = "f
         overwrite: replace an existing file.
 
     Returns:
-        A report: architecture, alpha, layers, folded (layers whose scale is folded into lora_b), bytes.
+        A report: architecture, alpha, layers (LoRA linears and routers), expert_stacks (fused expert projections with
+        LoRA), folded (of both, those whose scale is folded into lora_b), bytes.
 
     Raises:
         ValueError: DoRA, modules trained whole, a family or layout GGUF export refuses.
@@ -107,7 +124,8 @@ def save_gguf_adapter(model: nn.Module, path: str | os.PathLike, dtype: str = "f
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     family = gguf_family(model)
-    layers = _check_adapter(model)
+    layers, experts = _check_adapter(model)
+    # add_lora records the config (always, when experts carry LoRA); a hand-wrapped model has layers.
     alpha = float(state_of(model).lora.alpha if state_of(model).lora is not None else layers[0][1].alpha)
     if not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"save_gguf_adapter: LoRA alpha {alpha} cannot be written (llama.cpp needs alpha > 0)")
@@ -125,18 +143,21 @@ def save_gguf_adapter(model: nn.Module, path: str | os.PathLike, dtype: str = "f
             a, b = _factors(layer, f"{name}.weight", family, model.config, alpha, folded, name)
             writer.add_tensor(names[f"{name}.weight"] + ".lora_a", _encode(a, dtype))
             writer.add_tensor(names[f"{name}.weight"] + ".lora_b", _encode(b, dtype))
+        if experts:
+            _add_experts(writer, model, family.arch, experts, alpha, dtype, folded)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
         size = tmp.stat().st_size
     report = {"format": "gguf-adapter", "architecture": family.arch, "alpha": alpha, "layers": len(layers),
-              "folded": len(folded), "dtype": dtype, "total_bytes": size, "seconds": round(time.time() - start, 2)}
+              "expert_stacks": len(experts), "folded": len(folded), "dtype": dtype, "total_bytes": size,
+              "seconds": round(time.time() - start, 2)}
     print(f"exported {path}: " + ", ".join(f"{k}={v}" for k, v in report.items()))
     return report
 
 
-def _factors(layer: LoraLinear, key: str, family, config, alpha: float, folded: list, name: str):
+def _factors(layer: LoraLinear | LoraRouter, key: str, family, config, alpha: float, folded: list, name: str):
     """(A, B) in float32 as llama.cpp wants them: B's rows in the base tensor's row order, the scale ratio folded in."""
     a = layer.lora_A.weight.detach().float().cpu()                # (r, in)
     b = layer.lora_B.weight.detach().float().cpu()                # (out, r)
@@ -150,6 +171,19 @@ def _factors(layer: LoraLinear, key: str, family, config, alpha: float, folded: 
         folded.append(name)
         b = b * ratio
     return a, b
+
+
+def _add_experts(writer, model: nn.Module, arch: str, experts: list[tuple[str, ExpertWeights]], alpha: float,
+                 dtype: str, folded: list) -> None:
+    """The 3-D lora_a / lora_b pairs of every expert stack with LoRA (export/gguf_adapter_experts.py)."""
+    name_of = expert_namer(model, arch)
+    for key, weights in experts:
+        ratio = scale_ratio(weights, alpha)
+        if ratio != 1.0:
+            folded.append(key)
+        for base, a, b in expert_lora_tensors(key, weights, experts_transposed(model, key), ratio, name_of):
+            writer.add_tensor(base + ".lora_a", _encode(a, dtype))
+            writer.add_tensor(base + ".lora_b", _encode(b, dtype))
 
 
 def _encode(tensor: torch.Tensor, dtype: str) -> np.ndarray:

@@ -76,17 +76,14 @@ def rope_theta(config, layer_type: str = "full_attention") -> float:
     return float(rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
 
 
-def gguf_family(model: nn.Module, experts: bool = False) -> GgufFamily:
+def gguf_family(model: nn.Module) -> GgufFamily:
     """The GGUF family of `model`, or ValueError saying why this writer cannot write it.
 
-    `experts`: the caller writes fused MoE experts (the merged export does); other callers (the
-    adapter GGUF, whose expert LoRA has no llama.cpp layout here yet) get mixtures of experts refused.
+    Both writers (the merged model, the adapter alone) write fused MoE experts in llama.cpp's
+    `ffn_*_exps` layout, so a family accepted here is accepted by both.
     """
     name, config = type(model).__name__, model.config
     model_type = getattr(config, "model_type", None)
-    if not experts and (getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)):
-        raise ValueError(f"{name} is a mixture of experts: only its merged GGUF export (export_merged(..., "
-                         "format='gguf')) is written so far")
     if model_type in MOE_TYPES:
         raise ValueError(f"GGUF export of {model_type} mixtures of experts ({name}) is not supported yet (Qwen3-MoE, "
                          "Mixtral and gpt-oss are); export safetensors (format='safetensors') and convert with "
