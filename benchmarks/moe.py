@@ -86,7 +86,22 @@ def write_checkpoint(shape: str, folder: Path) -> int:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                     "weight_map": weight_map}))
     cfg.save_pretrained(folder)
+    write_tokenizer_and_data(folder)
     return total
+
+
+def write_tokenizer_and_data(folder: Path) -> None:
+    """SmolLM2's real tokenizer (its ids fit any vocabulary here) and rows of Python's docs longer than any --seq."""
+    from pydoc_data.topics import topics
+
+    from qlowrank.model.embedded import smollm2_gguf
+    from qlowrank.model.load import load_tokenizer
+
+    load_tokenizer(smollm2_gguf()).save_pretrained(folder)
+    text = " ".join(topics[key] for key in sorted(topics))
+    with open(folder / "data.jsonl", "w") as handle:
+        for start in range(0, 40 * 20000, 20000):   # ~20k characters: > 2048 tokens each
+            handle.write(json.dumps({"text": text[start:start + 20000]}) + "\n")
 
 
 def stored_by_part(model) -> dict[str, int]:
@@ -99,8 +114,8 @@ def stored_by_part(model) -> dict[str, int]:
             parts["experts"] += module.stored_bytes()
         elif quantlib.is_quantized_linear(module):
             parts["attention"] += quantlib.storage_bytes(module)
-        elif ".experts" not in name and "self_attn" not in name:
-            size = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False) if not p.requires_grad)
+        elif ".experts" not in name and "self_attn" not in name and "lora_" not in name:
+            size = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
             key = "router_and_norms" if ".layers." in name else "embeddings_and_head"
             parts[key] += size
     return parts
@@ -163,6 +178,33 @@ def child_train(folder: str, seq: int, steps: int = 2) -> dict:
     return {"step_seconds": round(last, 2), "dequant_share": round(dequant / last, 3)}
 
 
+def train_flags(folder: str, seq: int) -> list[str]:
+    """`qlowrank train` for the measured run: 4-bit, LoRA r=16 on attention and experts, checkpointing, 2 steps."""
+    return ["train", "--model", folder, "--data", f"{folder}/data.jsonl", "--out", f"{folder}/out-{seq}",
+            "--bits", "4", "--lora-rank", "16", "--lora-alpha", "32", "--target-parameters", "experts",
+            "--seq", str(seq), "--batch", "1", "--steps", "2", "--eval-fraction", "0", "--no-progress",
+            "--device", "cpu", "--save-every", "0"]
+
+
+def child_cli(folder: str, seq: int) -> dict:
+    """The trainer itself (what a user runs), so that its anonymous peak is compared with its own estimate."""
+    from qlowrank.cli.main import main
+
+    start = time.time()
+    code = main(train_flags(folder, seq))
+    return {"exit": code, "seconds": round(time.time() - start, 1)}
+
+
+def trainer_estimate(folder: str, seq: int):
+    """What `qlowrank train --dry-run` predicts for exactly train_flags(folder, seq)."""
+    from qlowrank.cli.main import build_parser
+    from qlowrank.cli.plan import estimate_for_args
+    from qlowrank.cli.train import resolve_options
+
+    parsed = resolve_options(build_parser().parse_args(train_flags(folder, seq)))
+    return estimate_for_args(parsed, int(parsed.batch))
+
+
 def run_child(kind: str, *args) -> dict:
     from qlowrank.memory.sampler import wait_sampled
 
@@ -191,13 +233,17 @@ def measure(shape: str, seqs: list[int]) -> dict:
         result = {"shape": shape, "layers": 4, "checkpoint_gib": round(written / GIB, 2)}
         result["qlowrank_load"] = run_child("load", folder)
         result["transformers_bnb_load"] = run_child("transformers", folder)
-        result["load_estimate_gib"] = round(estimate(folder, seqs[0], True).process_breakdown.get(
+        result["load_estimate_gib"] = round(estimate(folder, seqs[0], True, "cpu").process_breakdown.get(
             "load_peak", 0) / GIB, 3)
         for seq in seqs:
-            est = estimate(folder, seq, True)
-            result[f"train_seq{seq}"] = {**run_child("train", folder, seq),
-                                         "estimate_process_gib": round(est.process_breakdown["training_peak"] / GIB, 3),
-                                         "estimate_tensor_gib": round(est.total_bytes / GIB, 3)}
+            # A hand-written loop (bf16 autocast, the full loss) for the step time and the dequantization share.
+            result[f"loop_seq{seq}"] = run_child("train", folder, seq)
+            est = trainer_estimate(str(folder), seq)
+            measured = run_child("cli", folder, seq)
+            result[f"trainer_seq{seq}"] = {
+                **measured, "estimate_process_gib": round(est.process_bytes / GIB, 3),
+                "estimate_tensor_gib": round(est.total_bytes / GIB, 3),
+                "estimate_error": round(est.process_bytes / (measured["anon_peak_gib"] * GIB) - 1, 3)}
     return result
 
 
@@ -225,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "write":
             print(json.dumps({"bytes": write_checkpoint(rest[0], Path(rest[1]))}))
         else:
-            job = {"load": child_load, "transformers": child_transformers, "train": child_train}[kind]
+            job = {"load": child_load, "transformers": child_transformers, "train": child_train, "cli": child_cli}[kind]
             print(json.dumps(job(rest[0], *map(int, rest[1:]))))
         return 0
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}

@@ -279,3 +279,43 @@ def test_router_lora_alone_round_trips_with_peft(checkpoints, family, tmp_path):
 def test_router_target_that_matches_nothing_is_named(checkpoints):
     with pytest.raises(ValueError, match=r"\['gate\.weight'\] matched no fused MoE expert parameter nor router"):
         load(checkpoints["gpt_oss"], None, ql.LoraConfig(r=4, target_parameters=["experts", "gate.weight"]))
+
+
+PIN_CHILD = r"""
+import sys, torch, transformers
+sys.path.insert(0, sys.argv[1])
+from test_moe import moe_config
+import qlowrank as ql
+from qlowrank.heap import heap_statistics
+from qlowrank.model.checkpointing import trim_heaps_before_backward
+
+big = torch.empty(30 << 20, dtype=torch.uint8); big.fill_(1); del big   # glibc now raises its threshold to ~30 MiB
+model = transformers.AutoModelForCausalLM.from_config(moe_config("qwen3_moe"))
+ql.quantize_model(model, ql.QuantConfig(bits=4, compute_dtype=torch.float32))
+trim_heaps_before_backward(model)
+before = heap_statistics()["hblkhd"]
+temporary = torch.empty(20 << 20, dtype=torch.uint8); temporary.fill_(1)
+print(heap_statistics()["hblkhd"] - before)
+"""
+
+
+@pytest.mark.parametrize("trims", ["1", "0"])
+def test_training_an_moe_on_cpu_pins_the_mmap_threshold(trims):
+    """Routed experts fragment glibc's heaps (heap.py): a CPU MoE model's training pins the mmap threshold,
+    so a 20 MiB temporary is mmapped (and returned on free) even after glibc raised its threshold past it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from qlowrank.heap import heap_statistics
+
+    if not heap_statistics():
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    out = subprocess.run([sys.executable, "-c", PIN_CHILD, str(Path(__file__).parent)], capture_output=True, text=True,
+                         env={**os.environ, "QLOWRANK_HEAP_TRIM": trims}, timeout=300, check=True).stdout
+    mmapped = int(out.strip().splitlines()[-1])
+    if trims == "1":
+        assert mmapped >= 20 << 20
+    else:   # the control: without the pin the temporary lands in the heap
+        assert mmapped < 20 << 20

@@ -33,7 +33,8 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from ..heap import release_before_backward
+from ..heap import pin_mmap_threshold, release_before_backward
+from ..nn.experts import FrozenExperts
 from .inspect import repeated_blocks
 
 _aten = torch.ops.aten
@@ -126,6 +127,8 @@ def trim_heaps_before_backward(model: nn.Module, block_types: type | Sequence[ty
     `enable_gradient_checkpointing` and the Trainer call it; idempotent. Returns the number of blocks
     it watches (0 when the model has no repeated blocks to find).
     """
+    if any(isinstance(m, FrozenExperts) for m in model.modules()) and _on_cpu(model):
+        pin_mmap_threshold()   # routed experts fragment the heaps most (heap.py's docstring)
     try:
         blocks = repeated_blocks(model, block_types)
     except ValueError:
@@ -134,6 +137,11 @@ def trim_heaps_before_backward(model: nn.Module, block_types: type | Sequence[ty
         if getattr(block, "_qlowrank_heap_trim", None) is None:
             block._qlowrank_heap_trim = block.register_forward_hook(_release_before_backward)
     return len(blocks)
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    first = next(model.parameters(), None)
+    return first is not None and first.device.type == "cpu"
 
 
 def _release_before_backward(module: nn.Module, args, output) -> None:
