@@ -2,6 +2,7 @@
 
     flock /tmp/qlowrank-heavy.lock .venv/bin/python benchmarks/moe.py --paper        # full depth, estimate only
     flock /tmp/qlowrank-heavy.lock .venv/bin/python benchmarks/moe.py --measure qwen3-30b-a3b [--seqs 1024 2048]
+    flock /tmp/qlowrank-heavy.lock .venv/bin/python benchmarks/moe.py --heap --seqs 1024   # glibc settings, 1 layer
 
 Shapes: Qwen3-30B-A3B (hidden 2048, 128 experts of 768, top-8, 32/4 heads of 128, 48 layers) and gpt-oss-20b
 (hidden 2880, 32 experts of 2880, top-4, 24 layers). `--measure` writes a 4-layer checkpoint of the shape into a
@@ -205,11 +206,11 @@ def trainer_estimate(folder: str, seq: int):
     return estimate_for_args(parsed, int(parsed.batch))
 
 
-def run_child(kind: str, *args) -> dict:
+def run_child(kind: str, *args, env: dict | None = None) -> dict:
     from qlowrank.memory.sampler import wait_sampled
 
     command = [sys.executable, __file__, "--child", kind, *map(str, args)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     code, peaks = wait_sampled(process)
     out = process.stdout.read()
     if code != 0:
@@ -247,6 +248,39 @@ def measure(shape: str, seqs: list[int]) -> dict:
     return result
 
 
+# glibc settings for --heap: the pinned threshold qlowrank sets (heap.pin_mmap_threshold), glibc's own
+# dynamic one (QLOWRANK_HEAP_TRIM=0 turns the pin off) and fixed thresholds below it.
+HEAP_SETTINGS = {
+    "pinned 16 MiB (qlowrank)": {},
+    "glibc default": {"QLOWRANK_HEAP_TRIM": "0"},
+    "fixed 8 MiB": {"QLOWRANK_HEAP_TRIM": "0", "MALLOC_MMAP_THRESHOLD_": str(8 << 20)},
+    "fixed 4 MiB": {"QLOWRANK_HEAP_TRIM": "0", "MALLOC_MMAP_THRESHOLD_": str(4 << 20)},
+}
+
+
+def heap(seq: int) -> dict:
+    """`qlowrank train` on one layer of the Qwen3-30B-A3B shape (vocab cut to SmolLM2's) under each HEAP_SETTINGS."""
+    import os
+
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix="qlowrank-moe-heap-") as tmp:
+        folder = Path(tmp)
+        cfg = config("qwen3-30b-a3b", 1)
+        cfg.vocab_size = 49152
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(folder)
+        write_tokenizer_and_data(folder)
+        est = trainer_estimate(str(folder), seq)
+        rows = {"seq": seq, "estimate_tensor_gib": round(est.total_bytes / GIB, 3),
+                "estimate_process_gib": round(est.process_bytes / GIB, 3)}
+        for name, env in HEAP_SETTINGS.items():
+            rows[name] = run_child("cli", folder, seq, env={**os.environ, **env})
+            print(name, rows[name], flush=True)
+    return rows
+
+
 def paper() -> dict:
     rows = {}
     layers = {"qwen3-30b-a3b": 48, "gpt-oss-20b": 24}
@@ -264,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paper", action="store_true")
     parser.add_argument("--measure", choices=["qwen3-30b-a3b", "gpt-oss-20b"])
     parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--heap", action="store_true", help="one layer of Qwen3-30B-A3B under glibc settings")
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args(argv)
     if args.child:
@@ -280,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         for shape, row in results["paper"].items():
             print(f"{shape:15s} {row['layers']} layers, batch 1 x 2048, NF4 + LoRA r16: tensors {row['tensor_gib']} GiB, "
                   f"process {row['process_gib']} GiB (Unsloth: {row['unsloth_gb']} GB)")
+    if args.heap:
+        results["heap"] = heap(args.seqs[0])
     if args.measure:
         results[args.measure] = measure(args.measure, args.seqs)
         print(json.dumps(results[args.measure], indent=1))
