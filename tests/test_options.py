@@ -135,3 +135,25 @@ def test_full_fine_tuning_is_for_estimates_of_a_float_base_only():
         options.lora_config(parser.parse_args(["estimate", "--r", "0"]), allow_full=True)
     with pytest.raises(ValueError):   # train never fully fine-tunes: r must be >= 1
         options.lora_config(resolve_options(parser.parse_args(["train", "--r", "0"])))
+
+
+def test_estimate_says_which_model_and_refuses_fp16_on_a_cpu(capsys, monkeypatch):
+    """No silent substitutions: a missing --model is named as the embedded default, fp16 on a CPU is refused."""
+    assert main(["estimate", "--seq", "32"]) == 0
+    assert "no --model given: estimating the embedded SmolLM2-135M-Instruct" in capsys.readouterr().err
+    assert main(["estimate", "--seq", "32", "--dtype", "fp16", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("qlowrank estimate: error: --dtype fp16: fp16 compute is refused on a CPU; use bf16 (or fp32), "
+                       "or --device cuda")
+    assert main(["estimate", "--seq", "32", "--dtype", "fp16", "--device", "cuda", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["dtype"] == "float16"   # estimated as asked, not as bf16
+
+
+def test_qlowrank_traceback_shows_where_an_error_was_raised(capsys, monkeypatch, tmp_path):
+    missing = str(tmp_path / "missing")
+    assert main(["estimate", "--model", missing]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setenv("QLOWRANK_TRACEBACK", "1")
+    assert main(["estimate", "--model", missing]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("qlowrank estimate: error:")

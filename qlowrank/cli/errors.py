@@ -1,9 +1,16 @@
-"""How every command reports a failure: one line on stderr, exit 2 for bad input, 1 for a failed write; never a traceback."""
+"""How every command reports a failure: one line on stderr, exit 2 for bad input, 1 for a failed write.
+
+The traceback is kept from users, since the line names the file and what to do. Set
+QLOWRANK_TRACEBACK=1 to print it above the line, e.g. for an error raised inside torch or
+transformers mid-step, where the line alone cannot say where.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from typing import Callable
 
 
@@ -21,9 +28,14 @@ def exit_2_on_bad_input(command: str, body: Callable[[argparse.Namespace], int])
         try:
             return body(args)
         except (FileNotFoundError, FileExistsError, ValueError) as err:   # DataError, CheckpointError, JSON, TOML, UTF-8
-            print(f"qlowrank {command}: error: {one_line(err)}", file=sys.stderr)
-            return 2
+            return _report(command, err, 2)
         except OSError as err:
-            print(f"qlowrank {command}: error: {one_line(err)}", file=sys.stderr)
-            return 1
+            return _report(command, err, 1)
     return run
+
+
+def _report(command: str, err: BaseException, code: int) -> int:
+    if os.environ.get("QLOWRANK_TRACEBACK") == "1":
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"qlowrank {command}: error: {one_line(err)}", file=sys.stderr)
+    return code

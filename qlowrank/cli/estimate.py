@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..memory.report import format_bytes, parse_bytes
 from . import options
@@ -60,6 +61,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.full_logits_loss:
         args.chunk_tokens = 0
+    if not args.model:   # said: an estimate of the wrong model looks like an answer
+        print("qlowrank estimate: no --model given: estimating the embedded SmolLM2-135M-Instruct", file=sys.stderr)
     if args.plan:
         return _plan(args)
     arguments = options.estimate_arguments(args, args.batch, args.device)
