@@ -127,7 +127,8 @@ def trim_heaps_before_backward(model: nn.Module, block_types: type | Sequence[ty
     `enable_gradient_checkpointing` and the Trainer call it; idempotent. Returns the number of blocks
     it watches (0 when the model has no repeated blocks to find).
     """
-    if any(isinstance(m, FrozenExperts) for m in model.modules()) and _on_cpu(model):
+    experts = next((m for m in model.modules() if isinstance(m, FrozenExperts)), None)
+    if experts is not None and next(experts.buffers()).device.type == "cpu":
         pin_mmap_threshold()   # routed experts fragment the heaps most (heap.py's docstring)
     try:
         blocks = repeated_blocks(model, block_types)
@@ -137,11 +138,6 @@ def trim_heaps_before_backward(model: nn.Module, block_types: type | Sequence[ty
         if getattr(block, "_qlowrank_heap_trim", None) is None:
             block._qlowrank_heap_trim = block.register_forward_hook(_release_before_backward)
     return len(blocks)
-
-
-def _on_cpu(model: nn.Module) -> bool:
-    first = next(model.parameters(), None)
-    return first is not None and first.device.type == "cpu"
 
 
 def _release_before_backward(module: nn.Module, args, output) -> None:

@@ -7,8 +7,6 @@ touches one file.
 
 from __future__ import annotations
 
-import copy
-
 import logging
 from typing import Iterable
 
@@ -263,22 +261,14 @@ def dequantize_expert(tensors: dict[str, torch.Tensor], index: int, shape: tuple
     if "absmax2" in tensors:
         nested = bnb_functional.QuantState(absmax=tensors["absmax2"][index], code=tensors["code2"], blocksize=256,
                                            dtype=torch.float32)
+    # The blocks run over the flattened weight, as quantize_4bit made them, so it is dequantized flat:
+    # bitsandbytes 0.50.2's CPU kernel restarts the blocks at every row of a 2-D shape, and an (out, in)
+    # weight whose `in` is not a multiple of the blocksize comes back wrong (relative error 0.28
+    # instead of 0.09 at in = 96). Its Linear4bit forward does the same, which is why
+    # `dequantize_weight` keeps bitsandbytes' reading for dense layers (a merge must equal the forward
+    # that trained); experts are ours end to end.
     state = bnb_functional.QuantState(
-        absmax=tensors["absmax"][index], shape=torch.Size(shape), code=tensors["code"], blocksize=quant.blocksize,
-        quant_type=quant.quant_type, dtype=quant.compute_dtype,
+        absmax=tensors["absmax"][index], shape=torch.Size([shape[0] * shape[1]]), code=tensors["code"],
+        blocksize=quant.blocksize, quant_type=quant.quant_type, dtype=quant.compute_dtype,
         offset=tensors["offset"][index, 0] if nested is not None else None, state2=nested)
-    return _dequantize_4bit_flat(codes[index].reshape(-1, 1), state).to(dtype)
-
-
-def _dequantize_4bit_flat(codes: torch.Tensor, state) -> torch.Tensor:
-    """dequantize_4bit of the flat tensor, reshaped: the blocks run over the flattened weight, as quantize_4bit made them.
-
-    bitsandbytes 0.50.2's CPU kernel restarts the blocks at every row of the state's shape, so
-    an (out, in) weight whose `in` is not a multiple of the blocksize comes back wrong (relative
-    error 0.28 instead of 0.09 at in = 96). Its Linear4bit forward does the same, which is why
-    `dequantize_weight` keeps bitsandbytes' reading for dense layers: a merge must equal the
-    forward that trained. Experts are ours end to end, so they take the right one.
-    """
-    flat = copy.copy(state)
-    flat.shape = torch.Size([state.shape.numel()])
-    return bnb_functional.dequantize_4bit(codes, flat).reshape(state.shape)
+    return bnb_functional.dequantize_4bit(codes[index].reshape(-1, 1), state).reshape(shape).to(dtype)
