@@ -212,3 +212,32 @@ def planned_flags(out: str) -> list[str]:
     if layout == "no checkpointing":
         return [*flags, "--no-checkpointing"]
     return [*flags, "--keep-blocks", kept or "0", "--keep-attention", "on" if attention == "kept" else "off"]
+
+
+def random_lora_b(model: torch.nn.Module, std: float = 0.05, seed: int = 3) -> torch.nn.Module:
+    """Every `lora_B` set to seeded N(0, std) noise (B starts at zero, so an adapter would do nothing); in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model.eval()
+
+
+def adamw_losses(model: torch.nn.Module, batch: torch.Tensor, steps: int, lr: float = 1e-2,
+                 after_backward=None) -> list[float]:
+    """Train the trainable parameters on one batch for `steps` AdamW steps; the losses.
+
+    `after_backward(step)` runs once the gradients exist, before the optimizer step (to inspect them).
+    """
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        if after_backward is not None:
+            after_backward(step)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import rel_error, tiny_tokenizer
+from conftest import random_lora_b, rel_error, tiny_tokenizer
 
 import qlowrank as ql
 from qlowrank.cli.main import main
@@ -77,9 +77,7 @@ def _build(family: str, tok, root) -> dict:
     ql.add_lora(model, ql.LoraConfig(**LORA))
     quiet = dict(tokenizer=tok, probe=False, progress=False)
     ql.export_merged(model, root / "base.gguf", format="gguf", gguf_type="f32", **quiet)   # B = 0: the base
-    with torch.no_grad():
-        for _, layer in ql.lora_layers(model):
-            layer.lora_B.weight.normal_(0, 0.05)
+    random_lora_b(model)
     ql.export_merged(model, root / "merged", dtype=torch.float32, **quiet)
     report = ql.export_merged(model, root / "merged.gguf", format="gguf", gguf_type="f32", tokenizer=tok)
     adapter = ql.save_gguf_adapter(model, root / "adapter.gguf")
@@ -210,9 +208,7 @@ def test_cli_exports_the_adapter_as_gguf(tok, tmp_path, capsys):
     tok.save_pretrained(tmp_path / "base")
     model = ql.load_model(tmp_path / "base", quant=ql.QuantConfig(bits=4, compute_dtype=torch.float32),
                           lora=ql.LoraConfig(r=4, alpha=8), device="cpu", progress=False)
-    with torch.no_grad():
-        for _, layer in ql.lora_layers(model):
-            layer.lora_B.weight.normal_(0, 0.05)
+    random_lora_b(model)
     ql.save_adapter(model, tmp_path / "adapter")
     args = ["export", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--device", "cpu",
             "--format", "gguf-adapter"]

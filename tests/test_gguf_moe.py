@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import rel_error, tiny_tokenizer
+from conftest import adamw_losses, rel_error, tiny_tokenizer
 from test_moe import moe_config
 
 import qlowrank as ql
@@ -183,15 +183,7 @@ def test_4bit_gguf_load_equals_4bit_safetensors_load_and_trains(family, bundles)
     from_gguf.eval(), from_hf.eval()
     assert rel_error(_logits(from_gguf, ids), _logits(from_hf, ids)) <= SAME_NF4_TOLERANCE
     from_gguf.train()
-    trainable = [p for p in from_gguf.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = from_gguf(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = adamw_losses(from_gguf, ids, 3)
     assert losses[-1] < losses[0]
     assert frozen[0].gate_up_proj.lora_B.abs().sum() > 0   # the expert factors trained
 

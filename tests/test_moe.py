@@ -15,7 +15,7 @@ import qlowrank as ql
 from qlowrank.nn import quant as quantlib
 from qlowrank.nn.experts import ExpertWeights, FrozenExperts
 from qlowrank.nn.router import LoraRouter
-from conftest import rel_error
+from conftest import adamw_losses, random_lora_b, rel_error
 
 peft = pytest.importorskip("peft")
 
@@ -84,15 +84,6 @@ def expert_and_router_lora() -> ql.LoraConfig:
     return ql.LoraConfig(r=4, alpha=8, target_parameters=["experts", "router"])
 
 
-def with_random_b(model: torch.nn.Module) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model.eval()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streamed_load_matches_transformers(checkpoints, family):
     if family != "gpt_oss":   # the point: save_pretrained writes one tensor per expert
@@ -145,7 +136,7 @@ def test_moe_blocks_stored_near_dense_share(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_expert_lora_round_trips_with_peft(checkpoints, family, tmp_path):
-    ours = with_random_b(load(checkpoints[family], None, expert_lora()))
+    ours = random_lora_b(load(checkpoints[family], None, expert_lora()))
     ql.save_adapter(ours, tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == sorted(
@@ -169,21 +160,17 @@ def test_expert_and_router_lora_train_on_4bit_and_merge(checkpoints, family, tmp
     assert isinstance(router, LoraRouter) and router.base_layer.weight.dtype == torch.float32   # never quantized
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     batch = ids()
-    losses = []
-    for step in range(4):
-        loss = model(batch, labels=batch).loss
-        loss.backward()
+
+    def check_gradients(step: int) -> None:
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and ("experts" in n or
                                                                                       ROUTER[family] in n)}
         assert any(ROUTER[family] in n for n in grads)
         # B starts at zero, so A's first gradient is zero; from the second step both factors learn.
         assert grads and all(g is not None and (step == 0 and "lora_A" in n or g.abs().sum() > 0)
                              for n, g in grads.items())
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+
+    losses = adamw_losses(model, batch, 4, after_backward=check_gradients)
     assert losses[-1] < losses[0]
     model.eval()
     ql.export_merged(model, tmp_path / "merged", dtype=torch.float32, progress=False)
@@ -226,7 +213,7 @@ def test_estimate_counts_quantized_experts(checkpoints):
 
 def peft_all_linear(path, root) -> "peft.PeftModel":
     """PEFT 0.21's own all-linear adapter on a MoE model (random B), saved under `root`/theirs."""
-    theirs = with_random_b(peft.get_peft_model(reference(path), peft.LoraConfig(r=4, lora_alpha=8,
+    theirs = random_lora_b(peft.get_peft_model(reference(path), peft.LoraConfig(r=4, lora_alpha=8,
                                                                                 target_modules="all-linear")))
     theirs.save_pretrained(str(root / "theirs"))
     return theirs
@@ -263,7 +250,7 @@ def test_peft_all_linear_moe_adapter_both_ways(checkpoints, family, tmp_path):
 def test_router_lora_alone_round_trips_with_peft(checkpoints, family, tmp_path):
     """Router LoRA by PEFT's parameter name (gpt-oss's router is `mlp.router`), saved so PEFT reads it."""
     name = f"{ROUTER[family]}.weight"
-    ours = with_random_b(load(checkpoints[family], None, ql.LoraConfig(r=4, alpha=8, target_modules=["q_proj"],
+    ours = random_lora_b(load(checkpoints[family], None, ql.LoraConfig(r=4, alpha=8, target_modules=["q_proj"],
                                                                        target_parameters=[name])))
     assert not [n for n, _ in ours.named_parameters() if "experts" in n and "lora_" in n]   # the router only
     ql.save_adapter(ours, tmp_path / "ours")

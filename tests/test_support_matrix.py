@@ -20,7 +20,7 @@ import gguf
 import pytest
 import torch
 import transformers
-from conftest import rel_error, tiny_tokenizer
+from conftest import adamw_losses, random_lora_b, rel_error, tiny_tokenizer
 from test_gguf_families import CONFIGS as DENSE_CONFIGS
 from test_gguf_moe import _config as gguf_moe_config
 
@@ -120,31 +120,17 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits.float()
 
 
-def randomize_b(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return model
-
-
 def trained(family: Family, bits: int) -> torch.nn.Module:
     """The family's model, quantized to `bits`, after three AdamW steps on one batch (cached per bits)."""
     key = f"trained-{bits}"
     if key not in family.cache:
         model = family.load(bits)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-        batch, losses = family.ids(), []
-        for _ in range(3):
-            loss = model(batch, labels=batch).loss
-            loss.backward()
+
+        def base_frozen(step: int) -> None:
             frozen_grads = [n for n, p in model.named_parameters() if p.grad is not None and "lora_" not in n]
             assert not frozen_grads, f"the base got gradients: {frozen_grads[:3]}"
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
+
+        losses = adamw_losses(model, family.ids(), 3, after_backward=base_frozen)
         assert losses[-1] < losses[0], losses
         family.cache[key] = model.eval()
     return family.cache[key]
@@ -188,7 +174,7 @@ def check_train(bits: int):
 
 
 def check_adapter_to_peft(family: Family) -> None:
-    ours = randomize_b(family.load(None))
+    ours = random_lora_b(family.load(None))
     ql.save_adapter(ours, family.root / "ours")
     theirs = peft.PeftModel.from_pretrained(family.reference(), str(family.root / "ours")).eval()
     expected = logits(ours, family.ids())
@@ -199,7 +185,7 @@ def check_adapter_to_peft(family: Family) -> None:
 def check_adapter_from_peft(family: Family) -> None:
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                              target_parameters=list(EXPERT_PARAMETERS) if family.name in MOE else None)
-    theirs = randomize_b(peft.get_peft_model(family.reference(), config)).eval()
+    theirs = random_lora_b(peft.get_peft_model(family.reference(), config))
     theirs.save_pretrained(str(family.root / "theirs"))
     ours = ql.load_adapter(family.load(None, lora=False), family.root / "theirs")
     assert rel_error(logits(ours, family.ids()), logits(theirs, family.ids())) < FLOAT_TOLERANCE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import adamw_losses, tiny_model, token_batch
 from torch import nn
 
 import qlowrank as ql
@@ -128,12 +128,6 @@ def test_4bit_tiny_llama_overfits_one_batch():
     model = _qlora_llama(head_scale=20.0)
     model.train()
     tokens = token_batch(batch=2, seq=16)
-    optimizer = torch.optim.AdamW(ql.lora_parameters(model), lr=1e-2)
-    losses = []
-    for _ in range(50):
-        loss = model(tokens, labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    assert {id(p) for p in ql.lora_parameters(model)} == {id(p) for p in model.parameters() if p.requires_grad}
+    losses = adamw_losses(model, tokens, 50)
     assert losses[-1] < losses[0] / 2, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
