@@ -358,13 +358,12 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 @contextlib.contextmanager
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes its base outputs (every LoRA branch switched off)."""
-    switches = [(module, "lora_disabled" if isinstance(module, FrozenExperts) else "disabled")
-                for module in model.modules() if isinstance(module, (LoraLinear, LoraRouter, FrozenExperts))]
-    previous = [getattr(module, flag) for module, flag in switches]
-    for module, flag in switches:
-        setattr(module, flag, True)
+    switches = [module for module in model.modules() if isinstance(module, (LoraLinear, LoraRouter, FrozenExperts))]
+    previous = [module.disabled for module in switches]
+    for module in switches:
+        module.disabled = True
     try:
         yield model
     finally:
-        for (module, flag), was in zip(switches, previous):
-            setattr(module, flag, was)
+        for module, was in zip(switches, previous):
+            module.disabled = was

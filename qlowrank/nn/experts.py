@@ -158,12 +158,12 @@ class FrozenExperts(nn.Module):
         for attribute in ("act_fn", "alpha", "limit", "post_expert_norm"):
             if hasattr(original, attribute):
                 setattr(self, attribute, getattr(original, attribute))
-        self.lora_disabled = False
+        self.disabled = False   # LoRA switched off (disable_lora), as on LoraLinear
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)                         # (T, H)
         first = self.gate_up_proj if self.layout.has_gate else self.up_proj
-        enabled = not self.lora_disabled
+        enabled = not self.disabled
         for index, token_idx, position in _routed(top_k_index, self.num_experts):
             x = hidden_states[token_idx]                              # (n, H)
             h = first(x, index, enabled)                              # (n, 2I) or (n, I)
