@@ -25,11 +25,12 @@ without checkpointing at 8B width (4 layers, 1 x 2048, accumulated twice) the pe
 Mixtures of experts fragment the heaps far more: each routed expert dequantizes its weight
 (megabytes) and runs on a different number of tokens, in the forward, the recompute and the
 backward. At Qwen3-30B-A3B's widths (1 layer, seq 1024, 4-bit, LoRA on experts; RESULTS.md,
-"Mixtures of experts") a training run's anonymous peak was 6.1-6.3 GiB for 1.13 GiB of tensors.
-Pinning glibc's mmap threshold at EXPERT_MMAP_THRESHOLD (it otherwise climbs to 32 MiB after the
-first large free) sends the larger temporaries to mmap, which returns them on free: 3.76 GiB, at
-the same run time (26.2 s against 26.4-26.6 s). Lower thresholds cut deeper and cost time (8 MiB:
-3.04 GiB, +25%; 4 MiB: 2.58 GiB, +38%): each freed expert weight is faulted in again.
+"Mixtures of experts", `benchmarks/moe.py --heap`) a training run's anonymous peak was 5.60 GiB
+for 1.13 GiB of tensors. Pinning glibc's mmap threshold at EXPERT_MMAP_THRESHOLD (it otherwise
+climbs to 32 MiB after the first large free) sends the larger temporaries to mmap, which returns
+them on free: 3.61 GiB, for 29.3 s against 24.9 s of load + 2 steps. Lower thresholds cut deeper
+and cost more time (8 MiB: 3.27 GiB, 34.9 s; 4 MiB: 2.57 GiB, 37.8 s): each freed expert weight is
+faulted in again.
 
 Set QLOWRANK_HEAP_TRIM=0 to turn the training trims and the pinned threshold off (for
 comparisons; nothing else changes).
