@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/gpu_memory.py             # needs one NVIDIA GPU, a few minutes
     .venv/bin/python benchmarks/gpu_memory.py --dry-run   # CPU only: the meta-device estimate
+    .venv/bin/python benchmarks/gpu_memory.py --chunked-loss --json OUT.json   # as benchmarks/gpu_all.sh runs it
 
 Settings: Llama-3-8B shape (hidden 4096, 32 layers, GQA 32/8, vocab 128256), NF4 +
 double quantization, bf16 compute and activations, LoRA r=8 alpha=16 on every linear layer
@@ -22,6 +23,7 @@ beside the assumed values, and `estimate_memory(...).process_bytes` beside nvidi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import time
@@ -69,6 +71,28 @@ def process_rows(estimate, prof) -> list[tuple[str, int | None]]:
     ]
 
 
+def reserve_ratio(prof) -> float:
+    """What the caching allocator reserved above the allocated peak, as a share of it."""
+    return prof.cuda_max_reserved / prof.cuda_max_allocated - 1
+
+
+def record(args, estimate, prof, seconds: float) -> dict:
+    """The measured figures and the process model's CUDA constants, for --json (benchmarks/gpu_all.sh)."""
+    from qlowrank.memory import process as model
+
+    rows = dict(process_rows(estimate, prof))
+    smi, reserved_now = rows["nvidia-smi used_memory (this pid)"], rows["torch.cuda.memory_reserved (same moment)"]
+    return {"device": torch.cuda.get_device_name(), "batch": args.batch, "seq": args.seq, "steps": args.steps,
+            "chunked_loss": args.chunked_loss, "seconds_per_step": seconds, "profiler_peak": prof.peak_bytes,
+            "cuda_max_allocated": prof.cuda_max_allocated, "cuda_max_reserved": prof.cuda_max_reserved,
+            "estimate_bytes": estimate.total_bytes, "estimate_process_bytes": estimate.process_bytes,
+            "nvidia_smi_bytes": smi, "reserved_now": reserved_now,
+            "context_bytes": None if smi is None else smi - reserved_now, "reserve_ratio": reserve_ratio(prof),
+            "assumed_context_bytes": model.CUDA_CONTEXT_BYTES + model.CUDA_CUBLAS_WORKSPACE_BYTES,
+            "assumed_reserve_ratio": model.CUDA_RESERVE_RATIO,
+            "torchtune_published_gib": TORCHTUNE_QLORA_8B_GIB}
+
+
 def print_process_check(estimate, prof) -> None:
     """The process-level table, and the CUDA constants it measures next to process.py's assumptions."""
     from qlowrank.memory import process as model
@@ -78,7 +102,7 @@ def print_process_check(estimate, prof) -> None:
     for name, value in rows:
         print(f"{name:<44}{'n/a' if value is None else f'{value / 2**30:.3f}':>8}")
     smi, reserved_now = rows[0][1], rows[1][1]
-    reserve = prof.cuda_max_reserved / prof.cuda_max_allocated - 1
+    reserve = reserve_ratio(prof)
     print(f"allocator reserve: max reserved / max allocated - 1 = {100 * reserve:.1f}% "
           f"(process.py assumes {100 * model.CUDA_RESERVE_RATIO:.0f}%)")
     if smi is None:
@@ -96,7 +120,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--chunked-loss", action="store_true", help="measure with the trainer's chunked cross-entropy")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu_memory.py needs an NVIDIA GPU (torch sees none); --dry-run prints the "
+                         "estimate only")
 
     estimates = {chunked: ql.estimate_memory(CONFIG, quant=QUANT, lora=LORA, batch_size=args.batch, seq_len=args.seq,
                                              gradient_checkpointing=True, optimizer="adamw", dtype=torch.bfloat16,
@@ -108,8 +136,6 @@ def main() -> None:
     if args.dry_run:
         print("\n--dry-run: no GPU used. Run without --dry-run on a machine with one NVIDIA GPU.")
         return
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/gpu_memory.py needs an NVIDIA GPU; use --dry-run to see the estimate only")
 
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -143,6 +169,9 @@ def main() -> None:
         print(f"{name:<42}{value / gib:>8.2f}{100 * (value - prof.cuda_max_allocated) / prof.cuda_max_allocated:>+17.1f}%")
     print_process_check(estimate, prof)
     print(f"\n{torch.cuda.get_device_name()}, batch {args.batch} x {args.seq}, {seconds:.2f} s/step")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(record(args, estimate, prof, seconds), handle, indent=1)
 
 
 if __name__ == "__main__":

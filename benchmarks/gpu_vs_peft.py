@@ -1,6 +1,7 @@
 """qlowrank vs PEFT + bitsandbytes on one GPU: a 1B Llama, and Llama-3-8B beside torchtune's published QLoRA figure.
 
-    python benchmarks/gpu_vs_peft.py            # prepared for one GPU; ~8 minutes on an H200
+    python benchmarks/gpu_vs_peft.py            # one GPU; ~8 minutes on an H200
+    python benchmarks/gpu_vs_peft.py --models llama1b --libs qlowrank,peft --json OUT.json   # gpu_all.sh's ~3 min
 
 The same recipe and worker as benchmarks/vs_peft.py (NF4 + double quant, bf16 compute,
 LoRA r=16 all-linear, alpha 32, checkpointing, torch AdamW), run on CUDA: the random
@@ -20,6 +21,7 @@ comparison is vs_peft.py's job.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -37,11 +39,27 @@ import vs_peft  # noqa: E402
 TORCHTUNE = dict(gpu="RTX 4090", batch=2, seq=2048, peak_gib=7.4, tokens_per_s=2413)
 
 
+SHAPES = {"llama1b": dict(batch=4, seq=512, runs=1), "llama3_8b": dict(batch=2, seq=2048, runs=1)}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(SHAPES), type=lambda s: s.split(","), help="of " + ", ".join(SHAPES))
+    parser.add_argument("--libs", default="qlowrank,ql-compile,peft", type=lambda s: s.split(","))
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "gpu_vs_peft.json"))
+    args = parser.parse_args()
+    unknown = [m for m in args.models if m not in SHAPES]
+    if unknown:
+        raise SystemExit(f"gpu_vs_peft.py: unknown --models {unknown}; choose from {sorted(SHAPES)}")
+    return args
+
+
 def main() -> None:
+    args = parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("gpu_vs_peft.py needs an NVIDIA GPU; on a CPU run benchmarks/vs_peft.py")
-    shapes = {"llama1b": dict(batch=4, seq=512, runs=1), "llama3_8b": dict(batch=2, seq=2048, runs=1)}
-    args = Namespace(models=list(shapes), steps=5, libs=["qlowrank", "ql-compile", "peft"])
+        raise SystemExit("gpu_vs_peft.py needs an NVIDIA GPU (torch sees none); on a CPU run benchmarks/vs_peft.py")
+    shapes = SHAPES
     results = []
     for model in args.models:
         vs_peft.prepare_model(model)
@@ -74,7 +92,7 @@ def main() -> None:
                   f"{med['final_loss']:.4f} |")
     print(f"| Llama-3-8B | {TORCHTUNE['batch']} x {TORCHTUNE['seq']} | torchtune QLoRA, published ({TORCHTUNE['gpu']}) | "
           f"{TORCHTUNE['tokens_per_s']} | {TORCHTUNE['peak_gib']} (peak) | - | - |")
-    out = Path(__file__).resolve().parent / "gpu_vs_peft.json"
+    out = Path(args.json)
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "results": results}, indent=1))
 
 

@@ -19,6 +19,8 @@ process, so their construction does not count. Writes process_memory.json / .png
 
 `--fit` derives the CPU constants of qlowrank/memory/process.py from the configurations in
 FIT (the rest are held out) and prints the table with the model as it is now in process.py.
+Every mode also writes process_memory_errors.json (beside the JSON --fit reads, or in --out):
+each configuration's role and error, and the median and worst |error| of the held-out ones.
 """
 
 from __future__ import annotations
@@ -317,14 +319,29 @@ def print_table(rows: list[dict]) -> None:
               f"{r['predicted_training_peak'] / mib:.0f} / {r['train_anon_peak'] / mib:.0f} MiB | "
               f"{r['predicted_process'] / mib:.0f} / {r['process_anon_peak'] / mib:.0f} MiB | {100 * r['error']:+.1f}% | "
               f"{max(r['load_file_peak'], r['train_file_peak']) / mib:.0f} / {r['predicted_file_backed'] / mib:.0f} MiB |")
+    for label, figures in error_summary(rows)["summary"].items():
+        print(f"|error| {label}: median {100 * figures['median']:.1f}%, worst {100 * figures['worst']:.1f}% "
+              f"over {figures['configurations']} configurations")
+
+
+def error_summary(rows: list[dict]) -> dict:
+    """Each configuration's role and errors, and |error|'s median and worst per subset (process_memory_errors.json)."""
+    fitted = fitted_names()
     held = [r for r in rows if r["name"] not in fitted]
+    summary = {}
     for label, subset, key in (("process, all", rows, "error"), ("process, held out", held, "error"),
                                ("training phase, held out", held, "training_error"),
                                ("load phase, held out", held, "load_error")):
         if subset:
             errors = [abs(r[key]) for r in subset]
-            print(f"|error| {label}: median {100 * median(errors):.1f}%, worst {100 * max(errors):.1f}% "
-                  f"over {len(subset)} configurations")
+            # the worst keeps its sign: a low prediction is the dangerous one
+            worst = max((r[key] for r in subset), key=abs)
+            summary[label] = {"median": median(errors), "worst": abs(worst), "worst_signed": worst,
+                              "configurations": len(subset)}
+    return {"summary": summary,
+            "configurations": [{"name": r["name"], "role": "fit" if r["name"] in fitted else "held out",
+                                "error": r["error"], "predicted_process": r["predicted_process"],
+                                "process_anon_peak": r["process_anon_peak"]} for r in rows]}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -394,6 +411,10 @@ def main() -> None:
             (out / "process_memory.json").write_text(json.dumps(rows, indent=1))
     rows = [with_errors(r) for r in rows]
     print_table(rows)
+    errors = Path(args.fit).with_name("process_memory_errors.json") if args.fit else out / "process_memory_errors.json"
+    errors.parent.mkdir(parents=True, exist_ok=True)
+    errors.write_text(json.dumps({"command": " ".join(["benchmarks/process_memory.py", *sys.argv[1:]]),
+                                  "measurements": "process_memory.json", **error_summary(rows)}, indent=1) + "\n")
     if args.fit:
         return
     out.mkdir(parents=True, exist_ok=True)
