@@ -23,7 +23,7 @@ LAYERS = {
     "model": 2,
     "adapter": 3, "data": 3,
     "export": 4, "memory": 4,
-    "train": 5, "planner": 5,
+    "train": 5, "planner": 5, "integrations": 5,
     "cli": 6,
     "__init__": 7, "__main__": 7,
 }
