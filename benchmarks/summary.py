@@ -1,7 +1,7 @@
 """The headline figures, read from the JSONs the benchmark scripts wrote, rendered into the pages that quote them.
 
     python benchmarks/summary.py            # print the summary table
-    python benchmarks/summary.py --write    # regenerate the blocks in RESULTS.md, README.md, docs/benchmarks.md
+    python benchmarks/summary.py --write    # regenerate the blocks in RESULTS.md and README.md
     python benchmarks/summary.py --check    # exit 1 naming each block that differs from what the JSONs say
 
 Each figure comes from one JSON under benchmarks/, written by the script that measured it; the
@@ -356,7 +356,6 @@ def render_readme() -> str:
 BLOCKS: dict[str, dict[str, Callable[[], str]]] = {
     "benchmarks/RESULTS.md": {"table": lambda: render_table("")},
     "README.md": {"readme": render_readme},
-    "docs/benchmarks.md": {"table": lambda: render_table("../benchmarks/")},
 }
 
 

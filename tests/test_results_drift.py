@@ -1,4 +1,4 @@
-"""The figures README, docs/benchmarks.md and RESULTS.md quote are the ones the benchmark JSONs hold.
+"""The figures README and RESULTS.md quote are the ones the benchmark JSONs hold.
 
 benchmarks/summary.py renders each page's generated block from the JSONs; these tests fail when a
 block differs from that rendering (a hand-edited number, or a JSON rewritten without
