@@ -43,6 +43,15 @@ def run_demo(device: str | None, steps: int, timeout: float) -> dict:
     return {"exit": status, "wall_s": wall, "demo": demo}
 
 
+def commit() -> str | None:
+    """The checkout's commit, so the figures name the code they measured."""
+    try:
+        return subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cpu or cuda [default: the demo's, cuda if present]")
@@ -53,7 +62,7 @@ def main() -> int:
     result = run_demo(args.device, args.steps, args.timeout)
     record = {"command": "python " + " ".join(["benchmarks/demo.py", *sys.argv[1:]]),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores", **result}
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "commit": commit(), **result}
     Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.json}: exit {result['exit']}, {result['wall_s']:.0f} s", flush=True)
     return 0 if result["exit"] == 0 and result["demo"] else 1
