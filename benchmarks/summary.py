@@ -1,7 +1,7 @@
 """The headline figures, read from the JSONs the benchmark scripts wrote, rendered into the pages that quote them.
 
     python benchmarks/summary.py            # print the summary table
-    python benchmarks/summary.py --write    # regenerate the blocks in RESULTS.md and README.md
+    python benchmarks/summary.py --write    # regenerate the blocks in RESULTS.md, README.md, docs/install.md
     python benchmarks/summary.py --check    # exit 1 naming each block that differs from what the JSONs say
 
 Each figure comes from one JSON under benchmarks/, written by the script that measured it; the
@@ -160,6 +160,24 @@ def load_memory() -> Figure | None:
     return Figure("Loading", text, "load_memory.json", data["date"], data["command"])
 
 
+def large_model() -> Figure | None:
+    data = load("large_model.json")
+    if data is None:
+        return None
+    phases = {p["name"]: p for p in data["phases"]}
+    parts = []
+    for name in ("load NF4 + LoRA", "train seq 512", "train seq 2048"):
+        if name in phases and phases[name].get("predicted_anon"):
+            anon = phases[name]["measured"]["RssAnon"]
+            parts.append(f"{name} {anon / GIB:.2f} GiB anonymous (estimate "
+                         f"{pct(phases[name]['predicted_anon'] / anon - 1)})")
+    tensors = data.get("estimates", {}).get("seq 2048", {}).get("total_bytes")
+    text = ("the Llama-3-8B shape end to end: " + "; ".join(parts)
+            + (f"; tensor estimate at seq 2048 {tensors / GIB:.2f} GiB" if tensors else ""))
+    return Figure("Memory estimate", text, "large_model.json", data["date"][:10],
+                  " ".join(["python benchmarks/large_model.py", *data.get("argv", [])]))
+
+
 # --- planner, reliability, quality, long runs, several processes --------------------------------------
 
 def planner() -> Figure | None:
@@ -307,7 +325,7 @@ def figures() -> list[Figure]:
         lambda: vs_peft("vs_peft_llama600m.json", "llama600m", "random Llama 554M, batch 4 x 512", "2026-11-29",
                         "python benchmarks/vs_peft.py --models llama600m --runs 2 --steps 3 "
                         "--libs qlowrank,peft,ql-compile"),
-        levers, demo, estimate_accuracy, process_model, gguf_load, load_memory, planner, fault_injection,
+        levers, demo, estimate_accuracy, process_model, large_model, gguf_load, load_memory, planner, fault_injection,
         quality, soak, ddp, moe]
     found = [f for f in (make() for make in makers) if f is not None]
     for name in EXTRA:
@@ -352,10 +370,35 @@ def render_readme() -> str:
         "held-out runs ([Memory](docs/memory.md#how-far-to-trust-it))."])
 
 
+def render_install_demo() -> str:
+    """docs/install.md's figures of the demo: demo.json, and the demo's row of process_memory.json."""
+    data = load("demo.json")
+    lines = []
+    if data is None or not data.get("demo"):
+        lines.append("- the demo's run time and losses are not recorded yet: `python benchmarks/demo.py` writes them;")
+    else:
+        d = data["demo"]
+        lines += [
+            f"- [demo.json](../benchmarks/demo.json) ({data['date'][:10]}, {d['device']}): evaluation, the "
+            f"{d['steps']} steps and evaluation again take {d['seconds_eval_and_train']:.0f} s, the whole process "
+            f"{data['wall_s']:.0f} s;",
+            f"- held-out eval loss {d['eval_loss_before']:.3f} -> {d['eval_loss_after']:.3f} "
+            f"({pct(d['eval_loss_after'] / d['eval_loss_before'] - 1, 0)}); the exported bf16 checkpoint, loaded with "
+            f"plain transformers, scores {d['export_eval_loss_plain_transformers']:.4f};",
+            f"- peak live tensors {d['peak_tensor_bytes'] / MIB:.0f} MiB;"]
+    rows = {r["name"]: r for r in load("process_memory.json") or []}
+    demo_row = rows.get("demo (smollm2 4-bit b4 s160)")
+    if demo_row:
+        lines.append(f"- the process's anonymous memory peaks at {demo_row['train_anon_peak'] / MIB:.0f} MiB while "
+                     "training ([process_memory.json](../benchmarks/process_memory.json), the demo's settings);")
+    return "\n".join(lines)
+
+
 # page -> {block name: renderer}
 BLOCKS: dict[str, dict[str, Callable[[], str]]] = {
     "benchmarks/RESULTS.md": {"table": lambda: render_table("")},
     "README.md": {"readme": render_readme},
+    "docs/install.md": {"demo": render_install_demo},
 }
 
 
