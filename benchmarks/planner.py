@@ -224,8 +224,8 @@ def main() -> None:
         print(f"  {describe(layout, layers):70s} {r['tokens_per_s']:7.0f} tokens/s  {r['anon_peak'] / 2**20:7.0f} MiB"
               + predicted)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "grid": [{"layout": lay, **r} for lay, r in measured.values()]},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows,
+                                               "grid": [{"layout": lay, **r} for lay, r in measured.values()]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,11 @@ def load(name: str) -> dict | list | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def dated(data: dict | list, recorded: str) -> str:
+    """The date a JSON carries (scripts write one since 2026-12-07), else the one its RESULTS.md section records."""
+    return data["date"][:10] if isinstance(data, dict) and data.get("date") else recorded
+
+
 def pct(value: float, digits: int = 1) -> str:
     return f"{100 * value:+.{digits}f}%"
 
@@ -72,7 +77,7 @@ def vs_peft(name: str, model: str, label: str, date: str, command: str) -> Figur
             f"{q['peak_rss_bytes'] / p['peak_rss_bytes']:.2f}x its peak RSS, "
             f"{q['peak_tensor_bytes'] / p['peak_tensor_bytes']:.2f}x its peak tensors, "
             f"eval loss {pct(q['eval_loss'] / p['eval_loss'] - 1, 2)} ({label})")
-    return Figure("Speed and memory vs PEFT + bitsandbytes", text, name, date, command)
+    return Figure("Speed and memory vs PEFT + bitsandbytes", text, name, dated(data, date), command)
 
 
 def levers() -> Figure | None:
@@ -85,7 +90,7 @@ def levers() -> Figure | None:
     text = (f"`--compile` {pct(compiled['step_s'] / eager['step_s'] - 1, 0)} s/step on SmolLM2-135M "
             f"({eager['step_s']:.2f} -> {compiled['step_s']:.2f} s); torchtune's QLoRA modules "
             f"{tune['step_s']:.2f} s/step ({eager['step_s'] / tune['step_s']:.2f}x for qlowrank)")
-    return Figure("Speed levers, and torchtune", text, name, "2026-11-29",
+    return Figure("Speed levers, and torchtune", text, name, dated(data, "2026-11-29"),
                   "python benchmarks/vs_peft.py --models smollm2 --runs 2 --steps 3 "
                   "--libs qlowrank,peft,ql-compile,ql-recompute,torchtune")
 
@@ -191,7 +196,7 @@ def planner() -> Figure | None:
     text = (f"4 layers of Llama-3-8B's widths, seq 2048, {len(rows)} budgets: {within} of {len(rows)} choices "
             f"within budget, tokens/s {ratios} of the fastest layout that fits (planned with the "
             f"headroom by regime; see RESULTS.md for the re-plan at the 15% headroom of wide models)")
-    return Figure("Planner", text, name, "2026-12-04",
+    return Figure("Planner", text, name, dated(data, "2026-12-04"),
                   "python benchmarks/planner.py --model 8b-width --seq 2048 --global-batch 2 --micro-batches 1,2 "
                   "--steps 2 --json benchmarks/planner_8b_width_trimmed.json")
 

@@ -350,7 +350,8 @@ def main() -> None:
     peak_flops = bf16_matmul_flops()
     model_peaks = {model: own_shape_flops(model, args.batch * args.seq) for model in args.models}
     table = summarize(results, args, peak_flops, model_peaks)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "peak_flops": peak_flops, "model_peak_flops": model_peaks,
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args),
+                                          "peak_flops": peak_flops, "model_peak_flops": model_peaks,
                                           "results": results}, indent=1))
     print(table)
 
