@@ -7,7 +7,7 @@
 # Steps (each in a fresh process, each with its own time limit; the limits add up to 570 s):
 #   gpu_memory   VRAM of a Llama-3-8B-shaped QLoRA step against the estimate, and the CUDA process
 #                margin: the context (nvidia-smi minus reserved) and the allocator's reserve
-#                (benchmarks/gpu_memory.py --chunked-loss)
+#                (benchmarks/gpu_memory.py --chunked-loss --steps 2)
 #   gpu_vs_peft  tokens/s and VRAM against PEFT + bitsandbytes, Llama-3.2-1B shape
 #                (benchmarks/gpu_vs_peft.py --models llama1b --libs qlowrank,peft)
 #   offload      `qlowrank profile --offload-activations` on SmolLM2 at seq 4096 against
@@ -53,13 +53,13 @@ run_step() {
 
 GGUF="$("$PY" -c "from qlowrank.model.embedded import smollm2_gguf; print(smollm2_gguf())" 2>/dev/null)"
 
-run_step gpu_memory 140 "$PY" benchmarks/gpu_memory.py --chunked-loss --json "$OUT/gpu_memory.json"
-run_step gpu_vs_peft 170 "$PY" benchmarks/gpu_vs_peft.py --models llama1b --libs qlowrank,peft \
+run_step gpu_memory 130 "$PY" benchmarks/gpu_memory.py --chunked-loss --steps 2 --json "$OUT/gpu_memory.json"
+run_step gpu_vs_peft 160 "$PY" benchmarks/gpu_vs_peft.py --models llama1b --libs qlowrank,peft \
     --json "$OUT/gpu_vs_peft.json"
 OFFLOAD=(--model "$GGUF" --bits 4 --r 16 --batch 1 --seq 4096 --device cuda --offload-activations)
 run_step offload 80 bash -c '"$1" -m qlowrank estimate "${@:3}" --json >"$2/offload_estimate.json" &&
     "$1" -m qlowrank profile "${@:3}" --steps 2 --out "$2/offload"' _ "$PY" "$OUT" "${OFFLOAD[@]}"
-run_step demo 120 "$PY" benchmarks/demo.py --device cuda --timeout 110 --json "$OUT/demo.json"
-run_step cuda_tests 60 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
+run_step demo 110 "$PY" benchmarks/demo.py --device cuda --timeout 100 --json "$OUT/demo.json"
+run_step cuda_tests 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
 
 "$PY" benchmarks/gpu_collect.py "$OUT" "$HERE/gpu_all.json" "$DEVICE"
