@@ -12,7 +12,8 @@ nothing was measured on a GPU yet. Imports nothing beyond the standard library, 
 
 A JSON that this script has no renderer for can still reach the table: give it a top-level
 "headline" list of {"topic": ..., "figure": ..., "date": ..., "command": ...} entries (figure a
-sentence with its numbers; date and command optional), and name it in EXTRA below.
+sentence with its numbers, written by the script from its own results; date and command optional).
+Every benchmarks/*.json with such a list gets its rows.
 """
 
 from __future__ import annotations
@@ -270,16 +271,31 @@ def moe() -> Figure | None:
                   "python benchmarks/moe.py --measure qwen3-30b-a3b --seqs 1024 2048")
 
 
-# JSONs of other benchmarks that carry their own "headline" entries (see the module docstring)
-EXTRA = ("moe_process.json", "moe_estimate.json", "preference.json")
+def preference() -> Figure | None:
+    """examples/preference.py's figures (DPO after SFT), when its JSON is kept as benchmarks/preference.json."""
+    data = load("preference.json")
+    if not isinstance(data, dict) or "dpo" not in data:
+        return None
+    dpo, sft = data["dpo"], data["sft"]
+    text = (f"DPO after SFT on {dpo['held_out_pairs']} held-out pairs: reward accuracy "
+            f"{dpo['before']['eval_rewards/accuracies']:.2f} -> {dpo['after']['eval_rewards/accuracies']:.2f}, "
+            f"reward margin {dpo['before']['eval_rewards/margins']:.3f} -> {dpo['after']['eval_rewards/margins']:.3f}, "
+            f"log-prob accuracy {dpo['logp_accuracy_before']:.2f} -> {dpo['logp_accuracy_after']:.2f}; SFT held-out "
+            f"loss {sft['held_out_loss_before']:.3f} -> {sft['held_out_loss_after']:.3f}")
+    return Figure("Preference tuning", text, "preference.json", dated(data, "-"),
+                  data.get("command", "python examples/preference.py --out benchmarks/preference.json"))
 
 
-def headlines(name: str) -> list[Figure]:
-    data = load(name)
-    if not isinstance(data, dict) or not isinstance(data.get("headline"), list):
-        return []
-    return [Figure(h["topic"], h["figure"], name, h.get("date", data.get("date", "-")),
-                   h.get("command", data.get("command", "-"))) for h in data["headline"]]
+def headlines() -> list[Figure]:
+    """Rows of any JSON under benchmarks/ with a top-level "headline" list (see the module docstring)."""
+    rows = []
+    for path in sorted(HERE.glob("*.json")):
+        data = load(path.name)
+        if not isinstance(data, dict) or not isinstance(data.get("headline"), list):
+            continue
+        rows += [Figure(h["topic"], h["figure"], path.name, h.get("date", dated(data, "-")),
+                        h.get("command", data.get("command", "-"))) for h in data["headline"]]
+    return rows
 
 
 # --- the GPU script (benchmarks/gpu_all.sh) -------------------------------------------------------------
@@ -331,11 +347,9 @@ def figures() -> list[Figure]:
                         "python benchmarks/vs_peft.py --models llama600m --runs 2 --steps 3 "
                         "--libs qlowrank,peft,ql-compile"),
         levers, demo, estimate_accuracy, process_model, large_model, gguf_load, load_memory, planner, fault_injection,
-        quality, soak, ddp, moe]
+        quality, soak, ddp, moe, preference]
     found = [f for f in (make() for make in makers) if f is not None]
-    for name in EXTRA:
-        found += headlines(name)
-    return found + [gpu()]
+    return found + headlines() + [gpu()]
 
 
 def link(source: str, prefix: str) -> str:
