@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
@@ -142,3 +144,70 @@ def test_multi_process_script_trains_on_two_processes(tiny_chat_model, tmp_path)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     losses = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 2    # rank 0 alone writes the metrics: one line per step, not two
+
+
+def test_preference_pairs_hold_out_whole_topics(tmp_path):
+    from qlowrank.data.demo import build_conversations
+
+    preference = example("preference")
+    train, held = build_conversations(eval_every=preference.HOLD_OUT_EVERY)
+    topics_of = {}
+    for row in train + held:
+        topics_of.setdefault(row["messages"][1]["content"], set()).add(row["topic"])
+    for rows in (train, held):
+        for row, pair in zip(rows, preference.pydoc_pairs(rows)):
+            assert pair["prompt"] == row["messages"][:1] and pair["chosen"] == row["messages"][1:]
+            assert row["topic"] not in topics_of[pair["rejected"][0]["content"]]   # the answer to another topic
+    files = preference.write_data(tmp_path)
+    rows = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in files.items()}
+    assert len(rows["pairs"]) == len(rows["sft"]) == len(train)
+    trained = {json.dumps(m) for r in rows["sft"] + rows["pairs"] for side in r.values() for m in side}
+    held_texts = {json.dumps(m) for r in rows["pairs_eval"] for m in r["prompt"] + r["chosen"]}
+    assert len(rows["pairs_eval"]) > 30 and not held_texts & trained   # no held-out question or answer was trained on
+
+
+def test_preference_logp_accuracy_counts_each_pair(tiny_chat_model):
+    from qlowrank.data.pairs import tokenize_pair
+
+    preference = example("preference")
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_chat_model)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model)
+    keys = sorted(topics)[:10]
+    rows = [{"prompt": f"Topic {k}:\n", "chosen": topics[k][:30 + 9 * i], "rejected": topics[keys[i - 3]][:70 - 4 * i]}
+            for i, k in enumerate(keys)]
+    pairs = [tokenize_pair(r, tok) for r in rows]
+
+    def summed(ids, labels):   # one sequence, no padding, through the model's own logits
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        return sum(float(logp[t, y]) for t, y in enumerate(labels[1:]) if y != -100)
+
+    wins = [summed(p.input_ids, p.labels) > summed(p.rejected_ids, p.rejected_labels) for p in pairs]
+    assert 0 < sum(wins) < len(wins)   # both outcomes occur, so a swapped or constant count would fail
+    assert preference.logp_accuracy(model, pairs, tok.pad_token_id, batch=4) == sum(wins) / len(wins)
+
+
+@pytest.mark.slow   # ~15 s of CPU even on the tiny model: 65 held-out pairs scored four times, two exports
+def test_preference_on_a_tiny_model(tiny_chat_model, tmp_path, capsys):
+    out = tmp_path / "figures.json"
+    example("preference").main(["--model", str(tiny_chat_model), "--work", str(tmp_path), "--out", str(out),
+                                "--sft-steps", "1", "--dpo-steps", "2", "--seq", "128", "--dpo-lr", "1e-2"])
+    figures = json.loads(out.read_text())
+    dpo = figures["dpo"]
+    assert dpo["held_out_pairs"] == 65 and dpo["train_pairs"] == 130   # pydoc_data, every 4th topic held out
+    # A fresh adapter: the policy is the reference, so every reward is exactly 0 before DPO.
+    assert dpo["before"]["eval_rewards/margins"] == 0.0 and dpo["before"]["eval_rewards/accuracies"] == 0.0
+    assert dpo["after"]["eval_rewards/margins"] != 0.0
+    assert 0.0 <= dpo["logp_accuracy_before"] <= 1.0 and 0.0 <= dpo["logp_accuracy_after"] <= 1.0
+    assert figures["export"]["argmax_agreement"] > 0.9
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.dtype == torch.bfloat16
+    assert "held-out pairs: reward margin" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_preference_smollm2(tmp_path):
+    _run_script("preference", "--work", str(tmp_path), "--out", str(tmp_path / "figures.json"), cwd=tmp_path)
+    dpo = json.loads((tmp_path / "figures.json").read_text())["dpo"]
+    assert dpo["after"]["eval_rewards/margins"] > dpo["before"]["eval_rewards/margins"] + 0.1
+    assert dpo["after"]["eval_rewards/accuracies"] > 0.5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -16,8 +17,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 DOCS = sorted((README.parent / "docs").glob("*.md"))
 # (page, language, index, code); blocks that load the real SmolLM2 (~15 s) or start the CLI run with -m slow
+# Blocks that use TRL (an optional extra) are skipped where it is not installed.
+NO_TRL = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs trl (pip install -e .[trl])")
 DOC_BLOCKS = [pytest.param(doc, lang, i, code, id=f"{doc.name}-{lang}-{i}",
-                           marks=[pytest.mark.slow] if lang == "bash" or "smollm2" in code else [])
+                           marks=([pytest.mark.slow] if lang == "bash" or "smollm2" in code else [])
+                           + ([NO_TRL] if "import trl" in code else []))
               for doc in DOCS
               for i, (lang, code) in enumerate(re.findall(r"```(python|bash)\n(.*?)```", doc.read_text(), flags=re.S))]
 
