@@ -147,13 +147,3 @@ def test_estimate_says_which_model_and_refuses_fp16_on_a_cpu(capsys, monkeypatch
                        "or --device cuda")
     assert main(["estimate", "--seq", "32", "--dtype", "fp16", "--device", "cuda", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["settings"]["dtype"] == "float16"   # estimated as asked, not as bf16
-
-
-def test_qlowrank_traceback_shows_where_an_error_was_raised(capsys, monkeypatch, tmp_path):
-    missing = str(tmp_path / "missing")
-    assert main(["estimate", "--model", missing]) == 2
-    assert "Traceback" not in capsys.readouterr().err
-    monkeypatch.setenv("QLOWRANK_TRACEBACK", "1")
-    assert main(["estimate", "--model", missing]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("qlowrank estimate: error:")

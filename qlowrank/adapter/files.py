@@ -44,17 +44,18 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[dict, dict | No
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    config = _read_json_object(path)
+    config = read_json_object(path)
     check_peft_config(config, path)
     _check_config_values(config, path)
     sidecar_path = adapter_dir / QLOWRANK_SIDECAR
-    sidecar = _read_json_object(sidecar_path) if sidecar_path.is_file() else None
+    sidecar = read_json_object(sidecar_path) if sidecar_path.is_file() else None
     if sidecar is not None and not isinstance(sidecar.get("base_quant") or {}, dict):
         raise ValueError(f"{sidecar_path}: key 'base_quant' must be an object or null, got {sidecar['base_quant']!r:.80}")
     return config, sidecar
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path`; ValueError naming the file if it is not UTF-8, not JSON, or not an object."""
     try:
         value = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as err:

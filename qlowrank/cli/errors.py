@@ -1,8 +1,16 @@
-"""How every command reports a failure: one line on stderr, exit 2 for bad input, 1 for a failed write.
+"""How every command reports a failure: a user error is one line, a fault inside the code shows where it was raised.
 
-The traceback is kept from users, since the line names the file and what to do. Set
-QLOWRANK_TRACEBACK=1 to print it above the line, e.g. for an error raised inside torch or
-transformers mid-step, where the line alone cannot say where.
+Three kinds, told apart by who raised what (see `kind_of`):
+
+- a user error (a bad path, data row, flag value, config or adapter file; a budget too small): one line
+  on stderr, exit 2. qlowrank's own checks raise these; the line names the thing and what to do.
+- a failure qlowrank understands (a write that failed on a full disk or a read-only folder, a loss that
+  became NaN): one line, exit 1. Nothing is wrong with the input or the code; the line says what to do.
+- anything else (a KeyError, a RuntimeError raised inside torch mid-step, a ValueError raised inside
+  transformers): "internal error", the innermost frames of its traceback, exit 1.
+
+`--debug` (on any command) or QLOWRANK_DEBUG=1 prints the full traceback, causes included, above the
+line for every kind.
 """
 
 from __future__ import annotations
@@ -11,7 +19,16 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable
+
+# The package whose own checks raise user errors; a frame under this folder is qlowrank's code.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+# Innermost frames an internal error prints: enough to show the library call and qlowrank's caller.
+LAST_FRAMES = 4
+
+USER, FAILED, INTERNAL = "user", "failed", "internal"
+EXIT_CODES = {USER: 2, FAILED: 1, INTERNAL: 1}
 
 
 def one_line(err: BaseException) -> str:
@@ -21,21 +38,71 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(text).split()) or type(err).__name__
 
 
-def exit_2_on_bad_input(command: str, body: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Wrap a command body: a missing or malformed input (file, config, data, adapter) prints
-    one line and exits 2; a write that fails (full disk, read-only folder) prints one line and exits 1."""
+def _in_qlowrank(frame: traceback.FrameSummary) -> bool:
+    return Path(frame.filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
+def raised_in_qlowrank(err: BaseException) -> bool:
+    """Whether the innermost Python frame of `err`'s traceback is qlowrank's code (its own check raised it)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and _in_qlowrank(frames[-1])
+
+
+def last_frames(err: BaseException) -> str:
+    """The innermost LAST_FRAMES frames of `err`'s traceback, formatted; when none of them is qlowrank's
+    code, the innermost frame that is goes first, since it says which call of qlowrank's led there."""
+    frames = traceback.extract_tb(err.__traceback__)
+    shown = traceback.format_list(frames[-LAST_FRAMES:])
+    ours = [frame for frame in frames[:-LAST_FRAMES] if _in_qlowrank(frame)]
+    if ours:
+        shown = [*traceback.format_list(ours[-1:]), "  ...\n", *shown]
+    return "".join(shown)
+
+
+def kind_of(err: BaseException) -> str:
+    """USER, FAILED or INTERNAL (module docstring).
+
+    A ValueError is a user error only when qlowrank raised it: the same class raised inside torch or
+    transformers means qlowrank handed it something it should not have. Where qlowrank relies on a
+    library to reject a file (JSON, TOML, safetensors, tokenizers), the call site re-raises naming the file.
+    """
+    own_class = type(err).__module__.split(".")[0] == "qlowrank"
+    if isinstance(err, (ValueError, FileNotFoundError, FileExistsError)) and (own_class or raised_in_qlowrank(err)):
+        return USER
+    if own_class or (isinstance(err, OSError) and err.errno is not None):
+        return FAILED   # NaN loss, a write refused by the OS: the message is the whole story
+    return INTERNAL
+
+
+def debugging(args: argparse.Namespace | None = None) -> bool:
+    """Whether to print full tracebacks: `--debug` on the command line or QLOWRANK_DEBUG=1."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("QLOWRANK_DEBUG") == "1"
+
+
+def report(command: str, err: BaseException, debug: bool = False) -> int:
+    """Print `err` as its kind asks on stderr and return the exit code."""
+    kind = kind_of(err)
+    if debug:
+        traceback.print_exception(err, file=sys.stderr)
+    elif kind == INTERNAL:
+        print("Traceback (innermost frames; --debug or QLOWRANK_DEBUG=1 prints all):", file=sys.stderr)
+        print(last_frames(err), end="", file=sys.stderr)
+    if kind == INTERNAL:
+        print(f"qlowrank {command}: internal error: {type(err).__name__}: {one_line(err)}", file=sys.stderr)
+    else:
+        print(f"qlowrank {command}: error: {one_line(err)}", file=sys.stderr)
+    return EXIT_CODES[kind]
+
+
+def reporting_errors(command: str, body: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a command body so that any exception it raises is reported by `report` (KeyboardInterrupt passes)."""
     def run(args: argparse.Namespace) -> int:
         try:
             return body(args)
-        except (FileNotFoundError, FileExistsError, ValueError) as err:   # DataError, CheckpointError, JSON, TOML, UTF-8
-            return _report(command, err, 2)
-        except OSError as err:
-            return _report(command, err, 1)
+        except Exception as err:   # noqa: BLE001 - every error gets a kind; none leaves as a bare traceback
+            return report(command, err, debugging(args))
     return run
 
 
-def _report(command: str, err: BaseException, code: int) -> int:
-    if os.environ.get("QLOWRANK_TRACEBACK") == "1":
-        traceback.print_exception(err, file=sys.stderr)
-    print(f"qlowrank {command}: error: {one_line(err)}", file=sys.stderr)
-    return code
+# The name every command module registers its body with.
+exit_2_on_bad_input = reporting_errors

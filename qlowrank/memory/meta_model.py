@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +28,7 @@ import transformers
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..adapter.files import read_json_object
 from ..config import QuantConfig
 
 _ENCODER_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "electra")
@@ -56,7 +56,7 @@ def load_config(source: str | Path | transformers.PretrainedConfig) -> transform
                 return load_config(ggufs[0])
             raise FileNotFoundError(f"{path} holds no config.json (nor a .gguf file); pass the model's directory")
         path = path / "config.json"
-    data = json.loads(path.read_text())
+    data = read_json_object(path)   # a malformed file is named, not a JSONDecodeError from inside json
     model_type = data.pop("model_type", None)
     if model_type is None:
         raise ValueError(f"{path} has no 'model_type'; it does not look like a transformers config.json")
