@@ -22,14 +22,11 @@ _PRECISIONS = ("bf16", "fp32", "auto")
 # preference pairs with DPO (reference: the base with LoRA off) or ORPO (no reference).
 OBJECTIVES = ("sft", "dpo", "orpo")
 
-# Optimizers the Trainer builds over the LoRA factors (train/optim.py): torch's AdamW, or
-# bitsandbytes' block-wise 8-bit AdamW, plain or paged (its states may move to CPU memory
-# under pressure). What `TrainConfig.optimizer` and `qlowrank train --optimizer` accept.
-TRAIN_OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
-# Optimizers whose state memory the estimator models (memory/estimate.py): AdamW (two fp32
-# states), 8-bit AdamW (two uint8 states; paged ones hold the same bytes) and SGD (no state,
-# for full fine-tuning comparisons). Not all of them train LoRA here, hence a name of its own.
-ESTIMATE_OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+# Optimizers the Trainer builds over the LoRA factors (train/optim.py) and the estimator models
+# (memory/estimate.py): torch's AdamW (two fp32 states), bitsandbytes' block-wise 8-bit AdamW,
+# plain or paged (its states may move to CPU memory under pressure; the same bytes), and SGD
+# without momentum (no state: the floor for full fine-tuning comparisons).
+TRAIN_OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
 # How several training processes hold the model. None: every rank holds all of it (one
 # process, or DDP); "fsdp": the frozen base and the factors are split over the ranks (FSDP2,
 # train/parallel.py), each rank gathering one decoder block at a time.
@@ -68,6 +65,7 @@ class QuantConfig:
     blocksize: int = 64                    # weights per 4-bit absmax block
     compute_dtype: torch.dtype | str = torch.bfloat16  # dtype the base matmul runs in
     int8_threshold: float = 6.0            # LLM.int8 outlier threshold on activations (0 disables)
+    skip_modules: Sequence[str] = ()       # linear layer names (or name suffixes) kept in float while loading
 
     def __post_init__(self) -> None:
         if self.bits not in _BITS:
@@ -85,6 +83,10 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.compute_dtype={self.compute_dtype} is not supported; use bf16, fp16 or fp32")
         if not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
             raise ValueError(f"QuantConfig.int8_threshold={self.int8_threshold!r} must be a number >= 0 (0 disables outliers)")
+        names = (self.skip_modules,) if isinstance(self.skip_modules, str) else tuple(self.skip_modules or ())
+        if not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"QuantConfig.skip_modules={self.skip_modules!r} must be linear layer names (or suffixes)")
+        self.skip_modules = names
 
     def check_device(self, device: torch.device | str) -> None:
         """Refuse combinations that run but are unusable on the given device."""
@@ -200,7 +202,11 @@ def _pattern_value(pattern: dict, module_name: str, default):
 
 @dataclass
 class TrainConfig:
-    """How to train. Every field has a CLI flag of the same name (dashes for underscores)."""
+    """How the training loop runs: steps, micro-batch, optimizer, schedule, objective, outputs.
+
+    Every field has a `qlowrank train` flag of the same name (dashes for underscores; `out_dir`
+    is `--out`, `batch_size` is `--batch`). The rest of a run (model, base, adapter, sequence
+    length, checkpointing, processes, device) is in `RunSpec`, which holds one of these."""
 
     out_dir: str = "qlowrank-out"       # adapter, checkpoints/, metrics.jsonl, memory.json go here
     steps: int | None = None            # optimizer steps; None: run `epochs` epochs
@@ -262,3 +268,117 @@ class TrainConfig:
                              "flipped labels; 0.5 would make the preferences meaningless)")
         if self.sharding not in SHARDINGS:
             raise ValueError(f"TrainConfig.sharding={self.sharding!r}: use None (DDP on several processes) or 'fsdp'")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run, described once: what the CLI, the estimator, the planner and the Trainer read.
+
+    The model and how its base and adapters are built, the shape of each step, what a step keeps
+    in memory, the training loop (`train`), how many processes share it and where it runs.
+    `qlowrank train` flags and `--config` files are its fields; `estimate_memory(spec)`,
+    `plan(spec, budget)` (which returns a spec) and `Trainer(model, spec)` read it and nothing else.
+    Frozen: who changes a run returns a new spec (`dataclasses.replace`, `with_train`).
+    """
+
+    model: object = None                   # model folder, config.json or .gguf (Python: also a transformers config)
+    quant: QuantConfig = field(default_factory=QuantConfig)   # how the frozen base is stored (bits None: float)
+    lora: LoraConfig | None = field(default_factory=LoraConfig)  # the adapters; None: full fine-tuning of a float
+                                           # base (estimates and profiles only)
+    train: TrainConfig = field(default_factory=TrainConfig)   # the loop: micro-batch, accumulation, optimizer,
+                                           # schedule, objective, loss chunk, compile, offload, sharding
+    seq_len: int = 512                     # longest sequence in tokens (estimates pad every batch to it)
+    packing: bool = False                  # short examples packed into seq_len windows
+    checkpointing: bool = True             # recompute each decoder block in backward (model/checkpointing.py)
+    keep_blocks: int = 0                   # with checkpointing: the last N blocks keep their activations
+    keep_attention: bool | None = None     # with checkpointing: blocks keep their attention output (None: decided
+                                           # by sequence length, as enable_gradient_checkpointing does)
+    processes: int = 1                     # training processes (torchrun's WORLD_SIZE); figures are one rank's
+    device: str | None = None              # "cpu" or "cuda" (None: cuda when one is present)
+
+    def __post_init__(self) -> None:
+        if self.device not in (None, "cpu", "cuda"):
+            raise ValueError(f"RunSpec.device={self.device!r}: use 'cpu' or 'cuda' (or None: cuda when present)")
+        for name in ("seq_len", "processes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RunSpec.{name}={value!r} must be a positive integer")
+        if not isinstance(self.keep_blocks, int) or self.keep_blocks < 0:
+            raise ValueError(f"RunSpec.keep_blocks={self.keep_blocks!r} must be an integer >= 0")
+        if self.lora is None and self.quant.bits is not None:
+            raise ValueError(f"a {self.quant.bits}-bit base cannot be fully fine-tuned; give an adapter "
+                             "(LoraConfig) or a float base (QuantConfig(bits=None))")
+        if self.train.offload_activations and self.device_type != "cuda":
+            raise ValueError("activation offloading moves activations from a GPU to host memory; on a CPU they are "
+                             "in host memory already: drop it (--offload-activations), or run on CUDA")
+        self.quant.check_device(self.device_type)
+
+    @property
+    def device_type(self) -> str:
+        """"cuda" or "cpu": `device`, or cuda when one is present."""
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: of activations, of the base's matmuls and of the weights kept in float."""
+        return parse_dtype(self.quant.compute_dtype, "QuantConfig.compute_dtype")
+
+    @property
+    def pairs(self) -> bool:
+        """Preference pairs (DPO / ORPO): each example is two sequences, chosen and rejected."""
+        return self.train.objective != "sft"
+
+    @property
+    def global_batch(self) -> int:
+        """Examples per optimizer step, over every process."""
+        return self.train.batch_size * self.train.grad_accum * self.processes
+
+    def with_train(self, **changes) -> RunSpec:
+        """This spec with some TrainConfig fields changed (validated again)."""
+        return replace(self, train=replace(self.train, **changes))
+
+    def describe(self) -> dict:
+        """The spec's memory-relevant choices as plain values (the estimate's table and JSON show them)."""
+        t = self.train
+        return {"model": _model_name(self.model), "bits": self.quant.bits, "r": self.lora.r if self.lora else None,
+                "batch_size": t.batch_size, "seq_len": self.seq_len, "grad_accum": t.grad_accum,
+                "packing": self.packing, "objective": t.objective, "gradient_checkpointing": self.checkpointing,
+                "keep_blocks": self.keep_blocks, "keep_attention": self.keep_attention, "optimizer": t.optimizer,
+                "dtype": str(self.dtype).removeprefix("torch."), "device": self.device_type,
+                "chunked_loss": bool(t.chunk_tokens), "chunk_tokens": t.chunk_tokens, "processes": self.processes,
+                "sharding": t.sharding, "offload_activations": t.offload_activations, "compile": t.compile}
+
+
+def _model_name(model: object) -> str:
+    if model is None or isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        return str(model or "")
+    return getattr(model, "_name_or_path", "") or getattr(model, "model_type", "")
+
+
+# Keyword names of `estimate_memory` / `plan_run` (the Python API's thin builders of a spec) that are
+# TrainConfig fields, and the two that are spelled differently there.
+_TRAIN_KEYWORDS = ("batch_size", "grad_accum", "optimizer", "objective", "sharding", "compile",
+                   "offload_activations", "chunk_tokens")
+_RENAMED_KEYWORDS = {"gradient_checkpointing": "checkpointing"}
+
+
+def spec_from_keywords(model: object, base: RunSpec | None = None, **keywords) -> RunSpec:
+    """A RunSpec for `model` from keyword arguments (estimate_memory's and plan_run's names): RunSpec
+    fields, TrainConfig fields of `_TRAIN_KEYWORDS`, `gradient_checkpointing`, `dtype` (the compute
+    dtype) and `chunked_loss` (False: the model's own loss over full logits). Unknown names are refused."""
+    base = base or RunSpec()
+    train = {k: keywords.pop(k) for k in _TRAIN_KEYWORDS if k in keywords}
+    if "chunked_loss" in keywords:
+        chunked = keywords.pop("chunked_loss")
+        train.setdefault("chunk_tokens", (base.train.chunk_tokens or DEFAULT_CHUNK_TOKENS) if chunked else None)
+    if train.get("optimizer") not in (None, *TRAIN_OPTIMIZERS):
+        raise ValueError(f"optimizer={train['optimizer']!r} is not supported; use one of {TRAIN_OPTIMIZERS}")
+    fields = {_RENAMED_KEYWORDS.get(k, k): v for k, v in keywords.items()}
+    quant = fields.pop("quant", base.quant) or QuantConfig(bits=None)
+    if "dtype" in fields:
+        quant = replace(quant, compute_dtype=parse_dtype(fields.pop("dtype"), "dtype"))
+    unknown = sorted(set(fields) - set(RunSpec.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"unknown run options {unknown}; use RunSpec's fields, TrainConfig's {list(_TRAIN_KEYWORDS)}, "
+                        "gradient_checkpointing, dtype or chunked_loss")
+    return replace(base, model=model, quant=quant, train=replace(base.train, **train), **fields)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 
@@ -145,13 +146,15 @@ def test_estimate_optimizer_step_peak_for_full_finetune():
 def test_fits_and_max_batch_size_are_consistent():
     config = tiny_config("llama")
     est = estimate(config, 4, 8, True, 1, 64)
-    budget = est.process_bytes + 4 * est.total_bytes   # the runtime, then room for a few more samples
+    budget = est.required_bytes + 8 * est.total_bytes   # the runtime and margin, then room for a few more samples
     best = est.max_batch_size(budget)
     assert best >= 2
     assert est._simulate(best).fits(budget)
     assert not est._simulate(best + 1).fits(budget)
-    assert est.max_batch_size(est.process_bytes - 1) == 0
-    assert est.fits(est.process_bytes) and not est.fits(est.total_bytes)   # fits() counts the whole process
+    assert est.max_batch_size(est.required_bytes - 1) == 0
+    # fits() counts the whole process and the headroom for the process model's error in its regime
+    assert est.prediction_margin > 0 and est.required_bytes == math.ceil(est.process_bytes * (1 + est.prediction_margin))
+    assert est.fits(est.required_bytes) and not est.fits(est.required_bytes - 1) and not est.fits(est.process_bytes)
 
 
 def test_checkpointing_and_quantization_lower_the_estimate():

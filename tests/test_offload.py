@@ -110,14 +110,15 @@ def test_a_saved_tensor_changed_in_place_is_refused_as_autograd_refuses_it():
 
 def test_offloading_turns_automatic_attention_keeping_off():
     """A kept attention output stays on the GPU (the checkpoint stores it): offloaded, `auto` means recompute."""
-    from argparse import Namespace
+    from qlowrank.cli.main import build_parser
+    from qlowrank.cli.options import run_spec
 
-    from qlowrank.cli.options import checkpointing
+    def kept(*flags: str):
+        return run_spec(build_parser().parse_args(["estimate", "--model", "m", "--device", "cuda", *flags])).keep_attention
 
-    args = Namespace(keep_blocks=0, keep_attention="auto", offload_activations=True)
-    assert checkpointing(args)["keep_attention"] is False
-    assert checkpointing(Namespace(**{**vars(args), "offload_activations": False}))["keep_attention"] is None
-    assert checkpointing(Namespace(**{**vars(args), "keep_attention": "on"}))["keep_attention"] is True
+    assert kept("--offload-activations") is False
+    assert kept() is None
+    assert kept("--offload-activations", "--keep-attention", "on") is True
 
 
 def test_small_tensors_and_other_devices_stay():
@@ -161,8 +162,8 @@ def test_the_estimate_moves_the_block_boundaries_to_the_host():
 def test_offloading_is_refused_on_a_cpu():
     with pytest.raises(ValueError, match="host memory already"):
         ql.estimate_memory(offload_config(), quant=QUANT, lora=LORA, device="cpu", offload_activations=True)
-    with pytest.raises(ValueError, match="plan a CUDA run"):
-        plan_run(offload_config(), 2**33, 4, QUANT, LORA, 512, device="cpu", offload=True, progress=False)
+    with pytest.raises(ValueError, match="host memory already"):
+        plan_run(offload_config(), 2**33, 4, quant=QUANT, lora=LORA, seq_len=512, device="cpu", offload=True, progress=False)
     model = adapted_model(0)
     example = Example(input_ids=list(range(8)), labels=list(range(8)))
     with pytest.raises(ValueError, match="drop --offload-activations"):
@@ -170,7 +171,7 @@ def test_offloading_is_refused_on_a_cpu():
 
 
 def cuda_plan(budget: int, **kwargs):
-    return plan_run(offload_config(), budget, 4, QUANT, LORA, 512, device="cuda", timed=False, progress=False, **kwargs)
+    return plan_run(offload_config(), budget, 4, quant=QUANT, lora=LORA, seq_len=512, device="cuda", timed=False, progress=False, **kwargs)
 
 
 def needed(offload: bool) -> int:
@@ -240,5 +241,7 @@ def test_on_cuda_offloading_keeps_the_gradients_and_the_estimate_matches_the_pro
 def test_the_cli_refuses_offloading_on_a_cpu_before_loading(command, capsys):
     from qlowrank.cli.main import main
 
-    code = main([*command, "--offload-activations", "--device", "cpu"])
+    from qlowrank.model.embedded import smollm2_gguf
+
+    code = main([*command, "--model", str(smollm2_gguf()), "--offload-activations", "--device", "cpu"])
     assert code != 0 and "host memory already" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from qlowrank.cli import options
 from qlowrank.cli.main import build_parser, main
 from qlowrank.cli.train import resolve_options
 from qlowrank.memory import format_bytes
+from qlowrank.model.embedded import smollm2_gguf
 
 VARIANT = ["--dora", "--init", "pissa", "--train-modules", "lm_head"]
 # Flags of `train` that change memory beyond the adapter: accumulation keeps every LoRA gradient
@@ -137,13 +138,17 @@ def test_full_fine_tuning_is_for_estimates_of_a_float_base_only():
         options.lora_config(resolve_options(parser.parse_args(["train", "--r", "0"])))
 
 
-def test_estimate_says_which_model_and_refuses_fp16_on_a_cpu(capsys, monkeypatch):
-    """No silent substitutions: a missing --model is named as the embedded default, fp16 on a CPU is refused."""
-    assert main(["estimate", "--seq", "32"]) == 0
-    assert "no --model given: estimating the embedded SmolLM2-135M-Instruct" in capsys.readouterr().err
-    assert main(["estimate", "--seq", "32", "--dtype", "fp16", "--device", "cpu"]) == 2
+def test_estimate_needs_a_model_imitates_trains_device_and_refuses_fp16_on_a_cpu(capsys):
+    """No silent substitutions: a missing --model is an error, the device default is train's, fp16 on a CPU is refused."""
+    assert main(["estimate", "--seq", "32"]) == 2
+    assert "qlowrank estimate needs --model" in capsys.readouterr().err
+    model = str(smollm2_gguf())
+    assert main(["estimate", "--model", model, "--seq", "32", "--json"]) == 0
+    here = "cuda" if torch.cuda.is_available() else "cpu"   # train's default: cuda when present
+    assert json.loads(capsys.readouterr().out)["settings"]["device"] == here
+    assert main(["estimate", "--model", model, "--seq", "32", "--dtype", "fp16", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("qlowrank estimate: error: --dtype fp16: fp16 compute is refused on a CPU; use bf16 (or fp32), "
                        "or --device cuda")
-    assert main(["estimate", "--seq", "32", "--dtype", "fp16", "--device", "cuda", "--json"]) == 0
+    assert main(["estimate", "--model", model, "--seq", "32", "--dtype", "fp16", "--device", "cuda", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["settings"]["dtype"] == "float16"   # estimated as asked, not as bf16

@@ -13,7 +13,8 @@ import qlowrank as ql
 from qlowrank.cli.main import main
 from qlowrank.memory.process import prediction_margin
 from qlowrank.model.compile import compiling_is_available
-from qlowrank.planner import Layout, plan_run
+from qlowrank.config import RunSpec
+from qlowrank.planner import Layout, plan as plan_spec
 from qlowrank.planner.compiling import (
     COMPILE_GAIN_CEILING,
     COMPILE_SECONDS_FLOOR,
@@ -34,6 +35,11 @@ def config():
     c = tiny_config("llama")
     c.num_hidden_layers, c.max_position_embeddings = 4, SEQ
     return c
+
+
+def spec() -> RunSpec:
+    """The run the planner lays out: 4-bit, r=8, SEQ tokens, on this CPU."""
+    return RunSpec(model=config(), quant=QUANT, lora=LORA, seq_len=SEQ, device="cpu")
 
 
 def process_bytes(layout: Layout) -> int:
@@ -70,7 +76,7 @@ def test_every_layout_found_fits_and_keeps_as_many_blocks_as_fit():
 
 def test_the_plan_is_the_fastest_candidate_by_its_timed_blocks():
     budget = budget_between()
-    plan = plan_run(config(), budget, GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False)
+    plan = plan_spec(spec(), budget, GLOBAL_BATCH, progress=False)
     assert len(plan.candidates) >= 2
     assert all(c.step_seconds and c.step_seconds > 0 for c in plan.candidates)
     assert plan.chosen.step_seconds == min(c.step_seconds for c in plan.candidates)
@@ -81,14 +87,14 @@ def test_the_plan_is_the_fastest_candidate_by_its_timed_blocks():
 
 def test_nothing_fits_names_the_smallest_budget_that_would():
     with pytest.raises(ValueError, match="nothing fits .* give --max-memory (\\d+)MiB or more, or lower --seq") as error:
-        plan_run(config(), 2**20, GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False, timed=False)
+        plan_spec(spec(), 2**20, GLOBAL_BATCH, progress=False, timed=False)
     named = int(re.search(r"give --max-memory (\d+)MiB", str(error.value)).group(1)) * 2**20
     leanest = min(process_bytes(Layout(1, GLOBAL_BATCH, True, 0, keep)) for keep in (False, True))
     assert named >= leanest * (1 + MARGIN) > named - 2**20   # the leanest layout with its headroom, rounded up
-    plan = plan_run(config(), named, GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False, timed=False)
+    plan = plan_spec(spec(), named, GLOBAL_BATCH, progress=False, timed=False)
     assert plan.chosen.layout.micro_batch == 1   # and at that budget it does fit
     with pytest.raises(ValueError, match="nothing fits"):
-        plan_run(config(), named - 2**20, GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False, timed=False)
+        plan_spec(spec(), named - 2**20, GLOBAL_BATCH, progress=False, timed=False)
 
 
 def test_estimate_plan_prints_the_flags_of_the_chosen_layout(tmp_path, capsys):
@@ -103,7 +109,7 @@ def test_estimate_plan_prints_the_flags_of_the_chosen_layout(tmp_path, capsys):
 
 def test_without_timings_every_process_ranks_alike_by_recompute_then_micro_batch():
     """What ranks use under torchrun: no timed blocks, so the order cannot differ between processes."""
-    plan = plan_run(config(), budget_between(), GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", timed=False, progress=False)
+    plan = plan_spec(spec(), budget_between(), GLOBAL_BATCH, timed=False, progress=False)
     assert all(c.step_seconds is None for c in plan.candidates)
     order = [untimed_order(c, 4) for c in plan.candidates]
     assert order == sorted(order) and plan.chosen is plan.candidates[0]
@@ -122,13 +128,13 @@ def test_compiling_is_chosen_only_when_the_saved_steps_pay_the_compile_back():
 
 
 def test_a_short_run_is_not_compiled_and_no_compile_is_timed():
-    plan = plan_run(config(), budget_between(), GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False, steps=2)
+    plan = plan_spec(spec(), budget_between(), GLOBAL_BATCH, progress=False, steps=2)
     assert not plan.compile.enabled and "could save at most" in plan.compile.reason
     assert plan.compile.compiled_step is None   # nothing was compiled to find out
     assert "compile: no" in plan.table()
-    unknown = plan_run(config(), budget_between(), GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False)
+    unknown = plan_spec(spec(), budget_between(), GLOBAL_BATCH, progress=False)
     assert not unknown.compile.enabled and "length is unknown" in unknown.compile.reason
-    asked = plan_run(config(), budget_between(), GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False,
+    asked = plan_spec(spec(), budget_between(), GLOBAL_BATCH, progress=False,
                      timed=False, compile=True)
     assert asked.compile.enabled and asked.compile.reason == "asked for"
 
@@ -137,7 +143,7 @@ def test_a_short_run_is_not_compiled_and_no_compile_is_timed():
 def test_a_long_run_times_the_chosen_block_compiled_and_decides_by_payback():
     """The one compile of the suite (~20 s on 2 cores): the chosen layout's block, compiled, timed."""
     steps = 10**7   # so long that any gain pays back
-    plan = plan_run(config(), budget_between(), GLOBAL_BATCH, QUANT, LORA, SEQ, device="cpu", progress=False,
+    plan = plan_spec(spec(), budget_between(), GLOBAL_BATCH, progress=False,
                     steps=steps)
     choice = plan.compile
     assert choice.compiled_step is not None and choice.compiled_step > 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import doc_examples, train_config, trainable_model
+from conftest import doc_examples, tiny_config, train_config, trainable_model
 
 import qlowrank as ql
 from qlowrank.train import (
@@ -152,14 +152,15 @@ def test_a_rank_left_without_examples_gets_one_fully_masked_example():
     assert len(filled) == 2 and filled[0] is examples[0] and set(filled[1].labels) == {IGNORE_INDEX}
 
 
-def test_options_are_refused_where_they_are_defined_and_the_estimator_keeps_its_own_optimizers(tmp_path):
-    from qlowrank.config import ESTIMATE_OPTIMIZERS, SHARDINGS, TRAIN_OPTIMIZERS
+def test_options_are_refused_where_they_are_defined_and_one_optimizer_list_serves_trainer_and_estimator(tmp_path):
+    from qlowrank.config import SHARDINGS, TRAIN_OPTIMIZERS
 
-    # The trainer builds no SGD: TrainConfig refuses it at once, naming what it accepts.
-    with pytest.raises(ValueError, match=r"TrainConfig.optimizer='sgd'.*paged_adamw8bit"):
-        train_config(tmp_path, optimizer="sgd")
+    with pytest.raises(ValueError, match=r"TrainConfig.optimizer='lion'.*paged_adamw8bit"):
+        train_config(tmp_path, optimizer="lion")
     with pytest.raises(ValueError, match="TrainConfig.sharding='ddp'"):
         train_config(tmp_path, sharding="ddp")
-    assert "sgd" in ESTIMATE_OPTIMIZERS and "sgd" not in TRAIN_OPTIMIZERS and SHARDINGS == (None, "fsdp")
+    with pytest.raises(ValueError, match="optimizer='lion' is not supported"):
+        ql.estimate_memory(tiny_config("llama"), optimizer="lion")
+    assert "sgd" in TRAIN_OPTIMIZERS and SHARDINGS == (None, "fsdp")
     for name in TRAIN_OPTIMIZERS:
         assert train_config(tmp_path, optimizer=name).optimizer == name

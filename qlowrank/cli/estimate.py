@@ -14,12 +14,12 @@ from .errors import exit_2_on_bad_input
 def add_model_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
     """What `estimate` and `profile` accept: the model, every flag of `train` that changes memory
     (cli/options.py), the batch, the optimizer and the dtype."""
-    parser.add_argument("--model", default=None,
-                        help="model directory, config.json or .gguf (default: the embedded SmolLM2-135M GGUF)")
+    parser.add_argument("--model", default=None, help="model directory, config.json or .gguf" + (
+        "" if (defaults or {}).get("model_required") else " (default: the embedded SmolLM2-135M GGUF)"))
     options.add_shared_options(parser.add_argument, {"seq": 2048, **(defaults or {})})
     parser.add_argument("--batch", type=int, default=(defaults or {}).get("batch", 1), help="sequences per micro-batch")
-    parser.add_argument("--optimizer", default="adamw", choices=options.ESTIMATE_OPTIMIZER_CHOICES)
-    parser.add_argument("--dtype", default="bf16", help="dtype of float weights and activations (bf16, fp32)")
+    parser.add_argument("--dtype", default="bf16", help="dtype of float weights and activations (bf16, fp32; "
+                        "fp16 on CUDA only)")
 
 
 def default_model(path: str | None) -> str:
@@ -33,9 +33,12 @@ def default_model(path: str | None) -> str:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("estimate", help="predict peak training memory from a config (no weights loaded)",
                                    description=__doc__)
-    add_model_arguments(parser)
+    add_model_arguments(parser, {"model_required": True})
     parser.add_argument("--gpu", default=None, help="device memory to check against, e.g. 24GiB or 80GB")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="whose kernels to imitate")
+    parser.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                        help="whose kernels to imitate (default: cuda if present, as for train)")
+    parser.add_argument("--processes", type=int, default=1, help="training processes (torchrun --nproc-per-node): "
+                        "the figures are one rank's (with --sharding fsdp each holds a share of the model)")
     parser.add_argument("--full-logits-loss", action="store_true",
                         help="model the model's own loss over full fp32 logits (default: the trainer's chunked loss)")
     parser.add_argument("--chunked-loss", action="store_true", help=argparse.SUPPRESS)   # the default now; kept for old scripts
@@ -57,24 +60,25 @@ def register(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ..memory.estimate import estimate_memory
-    from .plan import process_lines
+    from .plan import process_lines, verdict
 
     if args.full_logits_loss:
         args.chunk_tokens = 0
-    if not args.model:   # said: an estimate of the wrong model looks like an answer
-        print("qlowrank estimate: no --model given: estimating the embedded SmolLM2-135M-Instruct", file=sys.stderr)
+    if not args.model:   # an estimate of the wrong model looks like an answer
+        raise ValueError("qlowrank estimate needs --model (a model folder, its config.json or a .gguf file); "
+                         "`qlowrank demo` runs the bundled SmolLM2-135M")
+    spec = options.run_spec(args, allow_full=True)
     if args.plan:
-        return _plan(args)
-    arguments = options.estimate_arguments(args, args.batch, args.device)
-    model = default_model(args.model)
-    estimate = estimate_memory(model, **arguments)
+        return _plan(args, spec)
+    estimate = estimate_memory(spec)
     if args.calibrate:
-        return _calibrated(args, model, arguments, estimate)
+        return _calibrated(args, spec, estimate)
     result = estimate.to_dict()
     if args.gpu:
         device_bytes = parse_bytes(args.gpu)
         result["device_bytes"] = device_bytes
         result["fits"] = estimate.fits(device_bytes)
+        result["required_bytes"] = estimate.required_bytes
         result["max_batch_size"] = estimate.max_batch_size(device_bytes)
     if args.json:
         print(json.dumps(result, indent=1))
@@ -82,21 +86,22 @@ def _run(args: argparse.Namespace) -> int:
     print(estimate.table())
     print(process_lines(estimate))
     if args.gpu:
-        verdict = "fits" if result["fits"] else "does NOT fit"
-        print(f"\nprocess peak {format_bytes(estimate.process_bytes)} {verdict} in {format_bytes(device_bytes)}; "
-              f"largest batch that fits at seq {args.seq}: {result['max_batch_size']}")
+        print(f"\n{verdict(estimate, device_bytes, '--gpu')}; largest batch that fits at seq {args.seq}: "
+              f"{result['max_batch_size']}")
     return 0
 
 
-def _calibrated(args: argparse.Namespace, model, arguments: dict, estimate) -> int:
+def _calibrated(args: argparse.Namespace, spec, estimate) -> int:
     """`estimate --calibrate`: the stand-ins' measured training peak, extrapolated, beside the analytic figure."""
     from ..memory.calibrate import calibrate_training_peak, stand_in_run
     from ..memory.estimate import estimate_memory
     from ..memory.meta_model import load_config
 
-    run = stand_in_run(arguments)
-    calibration = calibrate_training_peak(load_config(model), estimate.total_bytes,
-                                          lambda config: estimate_memory(config, **arguments), run)
+    import dataclasses
+
+    run = stand_in_run(spec)
+    calibration = calibrate_training_peak(load_config(spec.model), estimate.total_bytes,
+                                          lambda config: estimate_memory(dataclasses.replace(spec, model=config)), run)
     load_peak = estimate.process_breakdown["load_peak"]
     calibrated = max(calibration.training_bytes, load_peak)
     if args.json:
@@ -116,17 +121,16 @@ def _calibrated(args: argparse.Namespace, model, arguments: dict, estimate) -> i
     return 0
 
 
-def _plan(args: argparse.Namespace) -> int:
+def _plan(args: argparse.Namespace, spec) -> int:
     """`estimate --plan`: the planner's table for these settings (timed here when --device is this machine's)."""
     import torch
 
     from .plan import plan_layout
 
-    args.model = default_model(args.model)
-    here = args.device == "cpu" or torch.cuda.is_available()
+    here = spec.device_type == "cpu" or torch.cuda.is_available()
     if not here and not args.max_memory:
         raise ValueError("--plan for --device cuda on a machine without one needs --max-memory (the GPU's memory)")
-    plan = plan_layout(args, distributed=not here, steps=args.steps)
+    plan = plan_layout(args, spec, distributed=not here, steps=args.steps)
     print(plan.table())
     layout = plan.chosen.layout
     flags = (f"--batch {layout.micro_batch} --grad-accum {layout.grad_accum} "

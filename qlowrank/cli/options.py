@@ -1,18 +1,18 @@
 """The one translator from command-line options (and `--config` files) to configs.
 
 `train`, `train --dry-run`, `train --batch auto`, `estimate` and `profile` describe a run with
-the same flags. Those flags are declared here once (`SHARED_OPTIONS`) and turned into
-`QuantConfig`, `LoraConfig`, `TrainConfig`, the loss and `estimate_memory`'s arguments here
-once, so an estimate always describes the adapter, base and loss that the run would train.
+the same flags. Those flags are declared here once (`SHARED_OPTIONS`, their defaults read off
+`RunSpec` and its configs) and turned into one `RunSpec` here once (`run_spec`), so an estimate
+always describes the adapter, base, loss and layout that the run would train.
 `LayeredOptions` layers a command's defaults < a JSON / TOML config file < the typed flags.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +21,11 @@ import torch
 
 from ..config import (
     DEFAULT_CHUNK_TOKENS,
-    ESTIMATE_OPTIMIZERS,
+    OBJECTIVES,
     TRAIN_OPTIMIZERS,
     LoraConfig,
     QuantConfig,
+    RunSpec,
     TrainConfig,
     parse_dtype,
 )
@@ -39,18 +40,24 @@ class Option:
     kwargs: dict = field(default_factory=dict)
 
 
+def default_of(config: type, name: str) -> object:
+    """The default of field `name` of dataclass `config`: flags take their defaults from the configs, not a copy."""
+    found = config.__dataclass_fields__[name]
+    return found.default_factory() if callable(found.default_factory) else found.default
+
+
 # What every command that describes a training run accepts. Every long name is unambiguous
 # for launchers that take abbreviations from the script's own arguments (torchrun's `--r`).
 SHARED_OPTIONS: tuple[Option, ...] = (
     # the frozen base
     Option(("--bits",), {"default": "4", "choices": ["4", "8", "none"], "help": "base storage (none: float base)"}),
-    Option(("--quant-type",), {"default": "nf4", "choices": ["nf4", "fp4"]}),
+    Option(("--quant-type",), {"default": default_of(QuantConfig, "quant_type"), "choices": ["nf4", "fp4"]}),
     Option(("--no-double-quant",), {"action": "store_true", "help": "keep the 4-bit block scales in fp32"}),
     # the adapter
-    Option(("--lora-rank", "--r"), {"dest": "r", "type": int, "default": 16, "help": "LoRA rank r"}),
+    Option(("--lora-rank", "--r"), {"dest": "r", "type": int, "default": default_of(LoraConfig, "r"), "help": "LoRA rank r"}),
     Option(("--lora-alpha", "--alpha"), {"dest": "alpha", "type": float, "default": None,
                                          "help": "LoRA alpha (default 2 * r)"}),
-    Option(("--dropout",), {"type": float, "default": 0.0, "help": "dropout on the LoRA branch"}),
+    Option(("--dropout",), {"type": float, "default": default_of(LoraConfig, "dropout"), "help": "dropout on the LoRA branch"}),
     Option(("--target", "--targets"), {"dest": "target", "default": "all-linear",
                                        "help": "all-linear, or comma-separated module names (q_proj,v_proj)"}),
     Option(("--target-parameters",), {"default": None,
@@ -58,22 +65,32 @@ SHARED_OPTIONS: tuple[Option, ...] = (
                                               "'router' (all routers), or comma-separated PEFT names "
                                               "(mlp.experts.gate_up_proj,mlp.gate.weight)"}),
     Option(("--rslora",), {"action": "store_true", "help": "scale by alpha / sqrt(r)"}),
-    Option(("--init",), {"default": "kaiming", "choices": ["kaiming", "gaussian", "loftq", "pissa"],
+    Option(("--init",), {"default": default_of(LoraConfig, "init"), "choices": ["kaiming", "gaussian", "loftq", "pissa"],
                          "help": "LoRA init; loftq / pissa are quantization-aware (computed from the float weights "
                                  "while loading)"}),
-    Option(("--loftq-iters",), {"type": int, "default": 1,
+    Option(("--loftq-iters",), {"type": int, "default": default_of(LoraConfig, "loftq_iters"),
                                 "help": "LoftQ alternations (> 1 also changes the frozen base)"}),
     Option(("--dora",), {"action": "store_true", "help": "DoRA: a trainable magnitude per output row"}),
     Option(("--train-modules",), {"default": None, "help": "comma-separated modules trained whole in float32 "
                                                            "(PEFT's modules_to_save), e.g. lm_head,embed_tokens"}),
     # the step's shape and what it keeps
-    Option(("--seq",), {"type": int, "default": 512, "help": "longest sequence (tokens)"}),
-    Option(("--grad-accum",), {"type": int, "default": 1, "help": "micro-batches per optimizer step"}),
+    Option(("--seq",), {"type": int, "default": default_of(RunSpec, "seq_len"), "help": "longest sequence (tokens)"}),
+    Option(("--grad-accum",), {"type": int, "default": default_of(TrainConfig, "grad_accum"),
+                               "help": "micro-batches per optimizer step"}),
+    Option(("--objective",), {"default": default_of(TrainConfig, "objective"), "choices": list(OBJECTIVES),
+                              "help": "sft: supervised rows; dpo / orpo: preference pairs (prompt / chosen / rejected "
+                                      "rows, two sequences each; docs/preference.md)"}),
+    Option(("--optimizer",), {"default": default_of(TrainConfig, "optimizer"), "choices": list(TRAIN_OPTIMIZERS),
+                              "help": "adamw (fp32 states), adamw8bit / paged_adamw8bit (bitsandbytes 8-bit states), "
+                                      "sgd (no state)"}),
+    Option(("--sharding",), {"default": "none", "choices": ["none", "fsdp"],
+                             "help": "several processes: none (DDP, each holds the model) or fsdp (the frozen base "
+                                     "is sharded across them; estimates are one rank's)"}),
     Option(("--packing",), {"action": "store_true", "help": "pack short examples into --seq windows"}),
     Option(("--chunk-tokens",), {"type": int, "default": DEFAULT_CHUNK_TOKENS,
                                  "help": "rows of logits per chunk of the loss (0: naive full logits)"}),
     Option(("--no-checkpointing",), {"action": "store_true", "help": "keep activations instead of recomputing them"}),
-    Option(("--keep-blocks",), {"type": int, "default": 0, "help": "partial checkpointing: the last N decoder blocks "
+    Option(("--keep-blocks",), {"type": int, "default": default_of(RunSpec, "keep_blocks"), "help": "partial checkpointing: the last N decoder blocks "
                                 "keep their activations (faster, more memory; 0: recompute every block)"}),
     Option(("--keep-attention",), {"default": "auto", "choices": ["auto", "on", "off"],
                                    "help": "checkpointed blocks keep their attention output (auto: from 256 tokens)"}),
@@ -113,10 +130,6 @@ def data_fields(args: argparse.Namespace) -> Fields:
     """The row field names the --*-field options give."""
     return Fields(text=args.text_field, prompt=args.prompt_field, completion=args.completion_field,
                   messages=args.messages_field)
-
-
-# `train --optimizer` builds these; `estimate` / `profile` also model SGD (full fine-tuning comparisons).
-ESTIMATE_OPTIMIZER_CHOICES: list[str] = list(dict.fromkeys(TRAIN_OPTIMIZERS + ESTIMATE_OPTIMIZERS))
 
 
 def add_shared_options(add: Callable[..., object], defaults: dict | None = None) -> None:
@@ -205,73 +218,63 @@ def offload_request(args: argparse.Namespace) -> bool | None:
     """--offload-activations (True), --no-offload (False), or neither: None, the planner decides (on CUDA).
 
     Raises:
-        ValueError: both given, or offloading asked for a run that is not on CUDA.
+        ValueError: both given (offloading off CUDA is refused by the RunSpec).
     """
     if args.offload_activations and args.no_offload:
         raise ValueError("--offload-activations and --no-offload contradict each other: give one")
-    if args.offload_activations and device(args).type != "cuda":
-        raise ValueError("--offload-activations moves activations from a GPU to host memory; on a CPU they are in "
-                         "host memory already: drop it (or give --device cuda)")
     return True if args.offload_activations else (False if args.no_offload else None)
 
 
+# TrainConfig fields whose flag has another name or form (the rest: the field's name, dashes for underscores)
+_TRAIN_FLAGS: dict[str, Callable[[argparse.Namespace], object]] = {
+    "out_dir": lambda args: args.out,
+    "batch_size": lambda args: args.batch,
+    "max_grad_norm": lambda args: args.max_grad_norm or None,
+    "chunk_tokens": lambda args: args.chunk_tokens or None,
+    "group_by_length": lambda args: not args.no_group_by_length,
+    "progress": lambda args: not args.no_progress,
+    "sharding": lambda args: None if args.sharding in (None, "none") else args.sharding,
+}
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig the `train` options describe."""
-    return TrainConfig(
-        out_dir=args.out, steps=args.steps, epochs=args.epochs, batch_size=args.batch, grad_accum=args.grad_accum,
-        lr=args.lr, lora_plus_ratio=args.lora_plus_ratio, optimizer=args.optimizer, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm or None,
-        precision=args.precision, chunk_tokens=args.chunk_tokens or None, eval_every=args.eval_every,
-        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
-        pad_multiple=args.pad_multiple, compile=args.compile, offload_activations=args.offload_activations,
-        group_by_length=not args.no_group_by_length,
-        sharding=None if args.sharding in (None, "none") else args.sharding,
-        progress=not args.no_progress, objective=args.objective, beta=args.beta,
-        label_smoothing=args.label_smoothing, orpo_lambda=args.orpo_lambda,
-    )
+    """The TrainConfig the options describe; a command without some loop flags (estimate) gets their defaults."""
+    values = {}
+    for name in TrainConfig.__dataclass_fields__:
+        read = _TRAIN_FLAGS.get(name, lambda args, name=name: getattr(args, name))
+        try:
+            values[name] = read(args)
+        except AttributeError:   # not a flag of this command: TrainConfig's default
+            continue
+    if not isinstance(values.get("batch_size", 1), int):   # --batch auto, before the planner chose
+        values.pop("batch_size")
+    return TrainConfig(**values)
 
 
-def loss_fn(args: argparse.Namespace) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
-    """The step's loss `(model, tokens) -> loss`: the trainer's chunked loss at --chunk-tokens, or
-    the model's own loss over full fp32 logits for --chunk-tokens 0 (what the estimate and the
-    profiler both run)."""
-    from ..memory.estimate import chunked_loss_fn, default_loss
+def run_spec(args: argparse.Namespace, allow_full: bool = False, processes: int | None = None) -> RunSpec:
+    """The run the options describe: the one translation `train`, `--dry-run`, `--batch auto`, `estimate`
+    and `profile` share, so an estimate describes the base, adapter, loss and layout the run trains.
 
-    if not args.chunk_tokens:
-        return default_loss
-    if args.chunk_tokens == DEFAULT_CHUNK_TOKENS:
-        return chunked_loss_fn
-    return functools.partial(_chunked_loss, chunk_tokens=args.chunk_tokens)
-
-
-def _chunked_loss(model: torch.nn.Module, tokens: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    from ..nn.loss import causal_lm_loss
-
-    return causal_lm_loss(model, tokens, tokens, chunk_tokens=chunk_tokens)
-
-
-def checkpointing(args: argparse.Namespace) -> dict:
-    """`enable_gradient_checkpointing`'s keep_blocks / keep_attention for --keep-blocks / --keep-attention."""
+    Args:
+        args: the parsed (and resolved) options.
+        allow_full: `--r 0` means full fine-tuning of a float base (estimate, profile).
+        processes: training processes (default: --processes, else torchrun's WORLD_SIZE, else 1).
+    """
+    processes = processes or getattr(args, "processes", None) or int(os.environ.get("WORLD_SIZE", "1"))
     # offloaded, a kept attention output stays on the GPU (checkpoint stores it, not the offloading hooks):
     # automatic then means recomputed, which is what offloading is for
     automatic = False if args.offload_activations else None
-    return {"keep_blocks": args.keep_blocks,
-            "keep_attention": {"auto": automatic, "on": True, "off": False}[args.keep_attention]}
+    device = getattr(args, "device", None)
+    return RunSpec(model=args.model, quant=quant_config(args), lora=lora_config(args, allow_full),
+                   train=train_config(args), seq_len=args.seq, packing=args.packing,
+                   checkpointing=not args.no_checkpointing, keep_blocks=args.keep_blocks,
+                   keep_attention={"auto": automatic, "on": True, "off": False}[args.keep_attention],
+                   processes=processes, device=torch.device(device).type if device else None)
 
 
-def estimate_arguments(args: argparse.Namespace, batch: int, device_type: str) -> dict:
-    """`estimate_memory`'s keyword arguments for the run the flags describe, at micro-batch `batch`.
-
-    The same quantization, adapter (DoRA, init, modules to save), compute dtype, optimizer
-    states, loss (`loss_fn`), checkpointing, accumulation and packing as the run itself.
-    """
-    # paged_adamw8bit keeps the same 8-bit states as adamw8bit (paging only moves them under pressure)
-    optimizer = "adamw8bit" if args.optimizer in ("adamw8bit", "paged_adamw8bit") else args.optimizer
-    return {"quant": quant_config(args), "lora": lora_config(args, allow_full=True), "batch_size": batch, "seq_len": args.seq,
-                "gradient_checkpointing": not args.no_checkpointing, "optimizer": optimizer, "dtype": compute_dtype(args),
-                "device": device_type, "chunked_loss": bool(args.chunk_tokens), "loss_fn": loss_fn(args),
-                "grad_accum": args.grad_accum, "packing": args.packing,
-                "offload_activations": args.offload_activations, **checkpointing(args)}
+def checkpointing(spec: RunSpec) -> dict:
+    """`enable_gradient_checkpointing`'s keep_blocks / keep_attention for the run."""
+    return {"keep_blocks": spec.keep_blocks, "keep_attention": spec.keep_attention}
 
 
 # --- defaults < config file < flags --------------------------------------------------------

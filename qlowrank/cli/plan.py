@@ -12,19 +12,20 @@ import os
 
 import torch
 
+from ..config import RunSpec
 from ..memory.estimate import MemoryEstimate, estimate_memory
 from ..memory.report import format_bytes, parse_bytes
 from ..memory.sampler import available_host_bytes, read_status
 from . import options
 
 
-def estimate_for_args(args: argparse.Namespace, batch: int, grad_accum: int | None = None) -> MemoryEstimate:
-    """estimate_memory for the train command's settings at micro-batch `batch` (cli/options.py translates
-    them), with `grad_accum` micro-batches per step instead of --grad-accum when given."""
-    arguments = options.estimate_arguments(args, batch, options.device(args).type)
-    if grad_accum is not None:
-        arguments["grad_accum"] = grad_accum
-    return estimate_memory(args.model, **arguments)
+def estimate_for_args(args: argparse.Namespace, batch: int | None = None,
+                      grad_accum: int | None = None) -> MemoryEstimate:
+    """The estimate of the run the train command's options describe (`options.run_spec`), at micro-batch
+    `batch` and `grad_accum` micro-batches per step when given."""
+    spec = options.run_spec(args, allow_full=True)
+    changes = {k: v for k, v in (("batch_size", batch), ("grad_accum", grad_accum)) if v is not None}
+    return estimate_memory(spec.with_train(**changes) if changes else spec)
 
 
 def memory_budget(args: argparse.Namespace) -> int:
@@ -46,60 +47,58 @@ def host_budget(args: argparse.Namespace) -> int:
     return share // 2**30 * 2**30
 
 
-def plan_layout(args: argparse.Namespace, distributed: bool = False, steps: int | None = None):
-    """The planner's layout for these settings within --max-memory (default: what is free), for
-    --global-batch (default 4 x --grad-accum): micro-batch, accumulation and checkpointing, and
-    whether to compile (--compile / --no-compile, or decided for a run of `steps` optimizer steps).
+def plan_layout(args: argparse.Namespace, spec: RunSpec, distributed: bool = False, steps: int | None = None):
+    """The planner's layout of `spec` within --max-memory (default: what is free), for --global-batch
+    (default 4 x --grad-accum): micro-batch, accumulation and checkpointing, and whether to compile
+    (--compile / --no-compile, or decided for a run of `steps` optimizer steps).
 
     `distributed` ranks without timings, so every process picks the same layout.
 
     Raises:
-        ValueError: nothing fits.
+        ValueError: nothing fits, or full fine-tuning (--r 0: the planner plans adapters).
     """
-    from ..planner import plan_run
+    from ..planner import plan
 
-    global_batch = args.global_batch or 4 * args.grad_accum
-    if global_batch < 1:
-        raise ValueError(f"--global-batch {global_batch} must be >= 1")
-    arguments = options.estimate_arguments(args, 1, options.device(args).type)
-    for name in ("batch_size", "grad_accum", "gradient_checkpointing", "keep_blocks", "keep_attention",
-                 "offload_activations"):
-        arguments.pop(name)   # the planner chooses these
-    arguments["lora"] = options.lora_config(args)   # an adapter, always: --r 0 is refused here as in train
+    if spec.lora is None:
+        raise ValueError("--r 0 (full fine-tuning) cannot be planned: the planner lays out LoRA runs; give --r >= 1")
     offload = options.offload_request(args)
-    return plan_run(args.model, memory_budget(args), global_batch, timed=not distributed,
-                    checkpointing=not args.no_checkpointing, progress=not getattr(args, "no_progress", False),
-                    chunk_tokens=args.chunk_tokens, steps=steps, compile=options.compile_request(args),
-                    offload=offload, host_budget=host_budget(args) if offload is not False else None, **arguments)
+    return plan(spec, memory_budget(args), global_batch=args.global_batch or 4 * args.grad_accum, steps=steps,
+                compile=options.compile_request(args), offload=offload, timed=not distributed,
+                progress=not getattr(args, "no_progress", False),
+                host_budget=host_budget(args) if offload is not False else None)
 
 
-def apply_plan(args: argparse.Namespace, distributed: bool = False, steps: int | None = None) -> None:
-    """--batch auto: plan the run of `steps` optimizer steps (`plan_layout`), print the plan, set the flags it chose."""
-    plan = plan_layout(args, distributed, steps)
+def apply_plan(args: argparse.Namespace, spec: RunSpec, distributed: bool = False, steps: int | None = None) -> RunSpec:
+    """--batch auto: plan the run of `steps` optimizer steps (`plan_layout`), print the plan, return the chosen run."""
+    plan = plan_layout(args, spec, distributed, steps)
     layout = plan.chosen.layout
-    args.compile, args.no_compile = plan.compile.enabled, not plan.compile.enabled
     print(plan.table(), flush=True)
-    args.batch, args.grad_accum = layout.micro_batch, layout.grad_accum
-    args.no_checkpointing = not layout.checkpointing
-    args.keep_blocks = layout.keep_blocks if layout.checkpointing else 0
-    args.keep_attention = "on" if layout.keep_attention else "off"
-    args.offload_activations = layout.offload
     print(f"batch auto: micro-batch {layout.micro_batch} x grad-accum {layout.grad_accum} = global batch "
           f"{layout.micro_batch * layout.grad_accum}, {layout.describe(plan.layers)} (predicted process peak "
           f"{format_bytes(plan.chosen.process_bytes)} + {plan.chosen.margin:.0%} headroom, of a {format_bytes(plan.budget)} "
           f"budget{'' if distributed else '; ranked by timed blocks on this machine'})", flush=True)
+    return plan.spec
 
 
-def dry_run(args: argparse.Namespace) -> int:
-    """Print the estimate for exactly these settings (tensor table and process peak) and return 0."""
-    estimate = estimate_for_args(args, int(args.batch))
+def dry_run(args: argparse.Namespace, spec: RunSpec) -> int:
+    """Print the estimate of exactly this run (tensor table and process peak) and return 0."""
+    estimate = estimate_memory(spec)
     print(estimate.table())
     print(process_lines(estimate))
     if args.max_memory:
         budget = parse_bytes(args.max_memory)
-        print(f"{'fits' if estimate.fits(budget) else 'does NOT fit'} in --max-memory {format_bytes(budget)}")
-    print(f"--dry-run: micro-batch {args.batch} x grad-accum {args.grad_accum}; nothing was loaded or trained")
+        print(verdict(estimate, budget, "--max-memory"))
+    ranks = f" on each of {spec.processes} processes" if spec.processes > 1 else ""
+    print(f"--dry-run: micro-batch {spec.train.batch_size} x grad-accum {spec.train.grad_accum}{ranks}; "
+          "nothing was loaded or trained")
     return 0
+
+
+def verdict(estimate: MemoryEstimate, budget: int, name: str) -> str:
+    """Whether the run fits `budget` (`MemoryEstimate.fits`: the process peak plus its margin), in words."""
+    need = f"needs {format_bytes(estimate.required_bytes)}: process peak {format_bytes(estimate.process_bytes)} + " \
+           f"{estimate.prediction_margin:.0%} headroom for the prediction's error"
+    return f"{'fits' if estimate.fits(budget) else 'does NOT fit'} in {name} {format_bytes(budget)} ({need})"
 
 
 def process_lines(estimate) -> str:

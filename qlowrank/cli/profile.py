@@ -79,7 +79,7 @@ def offloaded(loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..memory.estimate import estimate_memory
+    from ..memory.estimate import estimate_memory, loss_for
     from ..memory.profile import profile_steps
     from ..model.checkpointing import enable_gradient_checkpointing
     from ..model.load import load_model
@@ -88,16 +88,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.packing:   # no silent difference between what is measured and what is estimated
         raise ValueError("qlowrank profile measures unpacked batches of random tokens, so --packing would not be "
                          "measured; estimate it with `qlowrank estimate --packing` or `qlowrank train --dry-run --packing`")
-    quant, lora, dtype = options.quant_config(args), options.lora_config(args, allow_full=True), options.compute_dtype(args)
-    device = options.device(args)
-    options.offload_request(args)   # refuses --offload-activations off CUDA, before loading
-    model_path = default_model(args.model)
-    model = load_model(model_path, quant=quant, lora=lora, device=device, dtype=dtype)
-    if lora is None:  # full fine-tuning: every parameter trains
+    if args.objective != "sft" or args.sharding != "none":   # the same: only what is measured is estimated
+        raise ValueError("qlowrank profile measures one process of supervised steps on random tokens; estimate "
+                         "--objective / --sharding runs with `qlowrank estimate` or `qlowrank train --dry-run`")
+    args.model = default_model(args.model)
+    spec = options.run_spec(args, allow_full=True, processes=1)   # refuses offloading off CUDA, before loading
+    device = torch.device(spec.device_type)
+    model_path = args.model
+    model = load_model(model_path, quant=spec.quant, lora=spec.lora, device=device, dtype=spec.dtype)
+    if spec.lora is None:  # full fine-tuning: every parameter trains
         for param in model.parameters():
             param.requires_grad_(True)
-    if not args.no_checkpointing:
-        enable_gradient_checkpointing(model, **options.checkpointing(args))
+    if spec.checkpointing:
+        enable_gradient_checkpointing(model, **options.checkpointing(spec))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(args.optimizer, params, lr=args.lr)
@@ -106,11 +109,11 @@ def _run(args: argparse.Namespace) -> int:
     tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
     started = time.perf_counter()
     # the run's loss (the trainer's chunked cross-entropy at --chunk-tokens), as the estimate models it
-    loss_fn = offloaded(options.loss_fn(args)) if args.offload_activations else options.loss_fn(args)
+    loss_fn = loss_for(spec.train.chunk_tokens)
+    loss_fn = offloaded(loss_fn) if spec.train.offload_activations else loss_fn
     prof = profile_steps(model, optimizer, tokens, args.steps, loss_fn=accumulated(loss_fn, args.grad_accum))
     seconds = time.perf_counter() - started
-    estimate = estimate_memory(model_path, **{**options.estimate_arguments(args, args.batch, device.type),
-                                              "quantized_from": quantized_source_dtype(model)})
+    estimate = estimate_memory(spec, quantized_from=quantized_source_dtype(model))
     out = Path(args.out)
     header = (f"{model_path}: bits={args.bits} r={args.r} batch={args.batch} seq={args.seq} "
               f"checkpointing={not args.no_checkpointing} optimizer={args.optimizer} dtype={args.dtype} "

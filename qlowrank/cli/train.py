@@ -17,10 +17,15 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import OBJECTIVES, TRAIN_OPTIMIZERS, LoraConfig, QuantConfig, TrainConfig, parse_dtype
+from ..config import RunSpec, TrainConfig, parse_dtype
 from . import options
 from .errors import exit_2_on_bad_input
 from .options import add_shared_options
+
+
+def default(name: str) -> object:
+    """TrainConfig's default for a field: the flags restate no default."""
+    return options.default_of(TrainConfig, name)
 
 
 def register(subparsers) -> None:
@@ -48,13 +53,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--eval-data", nargs="+", help="held-out data file(s) (default: --eval-fraction of --data)")
     options.add_data_options(add)   # --format, --text-field, ...: as `qlowrank data` has them
     add("--eval-fraction", type=float, default=0.05, help="share of --data held out when --eval-data is absent")
-    add("--out", default="qlowrank-out", help="output folder")
+    add("--out", default=default("out_dir"), help="output folder")
     add("--no-truncation", action="store_true", help="a row longer than --seq is an error instead of being cut")
-    add("--pad-multiple", type=int, default=64, help="pad each batch's length up to a multiple of this (at most the "
+    add("--pad-multiple", type=int, default=default("pad_multiple"), help="pad each batch's length up to a multiple of this (at most the "
         "longest example): few batch shapes keep the CPU kernels' memory flat (1: pad to the batch's longest only)")
     add("--no-group-by-length", action="store_true", help="batch examples in plain random order instead of "
         "grouping similar lengths (grouping spends less compute on padding)")
-    add("--batch", type=options.batch_value, default=4,
+    add("--batch", type=options.batch_value, default=default("batch_size"),
         help="sequences per micro-batch, per process (global batch: batch x processes x grad-accum), or 'auto': "
         "plan micro-batch, accumulation and checkpointing (--keep-blocks, --keep-attention) for the fastest run "
         "that fits --max-memory, keeping --global-batch")
@@ -63,32 +68,31 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-memory", default=None, help="with --batch auto: the process memory budget to plan in, e.g. 6GiB "
         "(default: the free RAM, or the free VRAM on CUDA)")
     add("--dry-run", action="store_true", help="print the memory estimate (tensor and process) for these settings and exit")
-    add("--objective", default="sft", choices=list(OBJECTIVES), help="sft: supervised rows; dpo / orpo: "
-        "preference pairs (prompt / chosen / rejected rows; docs/preference.md)")
-    add("--beta", type=float, default=0.1, help="DPO: how far the policy may move from the reference")
-    add("--label-smoothing", type=float, default=0.0, help="DPO: assumed share of flipped preferences (cDPO)")
-    add("--orpo-lambda", type=float, default=0.1, help="ORPO: weight of the odds-ratio term beside the NLL")
-    add("--lr", type=float, default=2e-4)
-    add("--lora-plus-ratio", type=float, default=1.0, help="LoRA+: lora_B trains at lr * ratio (16 in the paper)")
-    add("--optimizer", default="adamw", choices=list(TRAIN_OPTIMIZERS))
-    add("--weight-decay", type=float, default=0.0)
-    add("--warmup-steps", type=int, default=0)
-    add("--min-lr-ratio", type=float, default=0.0, help="the cosine ends at lr * this")
-    add("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    add("--steps", type=int, default=None, help="optimizer steps (default: --epochs)")
-    add("--epochs", type=float, default=1.0)
-    add("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast dtype of the compute")
-    add("--eval-every", type=int, default=0, help="evaluate every N steps (always before and after)")
-    add("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
-    add("--keep-checkpoints", type=int, default=2)
-    add("--seed", type=int, default=0, help="seeds LoRA init, dropout, data order and the eval split")
+    add("--beta", type=float, default=default("beta"), help="DPO: how far the policy may move from the reference")
+    add("--label-smoothing", type=float, default=default("label_smoothing"),
+        help="DPO: assumed share of flipped preferences (cDPO)")
+    add("--orpo-lambda", type=float, default=default("orpo_lambda"),
+        help="ORPO: weight of the odds-ratio term beside the NLL")
+    add("--lr", type=float, default=default("lr"))
+    add("--lora-plus-ratio", type=float, default=default("lora_plus_ratio"),
+        help="LoRA+: lora_B trains at lr * ratio (16 in the paper)")
+    add("--weight-decay", type=float, default=default("weight_decay"))
+    add("--warmup-steps", type=int, default=default("warmup_steps"))
+    add("--min-lr-ratio", type=float, default=default("min_lr_ratio"), help="the cosine ends at lr * this")
+    add("--max-grad-norm", type=float, default=default("max_grad_norm"), help="gradient clipping (0: off)")
+    add("--steps", type=int, default=default("steps"), help="optimizer steps (default: --epochs)")
+    add("--epochs", type=float, default=default("epochs"))
+    add("--precision", default=default("precision"), choices=["auto", "bf16", "fp32"],
+        help="autocast dtype of the compute")
+    add("--eval-every", type=int, default=default("eval_every"), help="evaluate every N steps (always before and after)")
+    add("--save-every", type=int, default=default("save_every"), help="checkpoint every N steps (always at the end)")
+    add("--keep-checkpoints", type=int, default=default("keep_checkpoints"))
+    add("--seed", type=int, default=default("seed"), help="seeds LoRA init, dropout, data order and the eval split")
     add("--device", default=None, help="cpu or cuda (default: cuda if present)")
     add("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     add("--export", action="store_true", help="write the merged, dequantized model to OUT/merged at the end")
     add("--export-dtype", default="bf16", help="dtype of the merged export (bf16, fp16, fp32)")
     add("--no-progress", action="store_true", help="no progress bar")
-    add("--sharding", default="none", choices=["none", "fsdp"],
-        help="several processes: none (DDP, each holds the model) or fsdp (the frozen base is sharded across them)")
 
 
 def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
@@ -103,10 +107,10 @@ def load_tokenizer(model_path: str | Path):
     return load(model_path)
 
 
-def configs(args: argparse.Namespace) -> tuple[TrainConfig, QuantConfig, LoraConfig]:
-    """The run's configs (cli/options.py); a value out of range names where it may have come from."""
+def run_spec(args: argparse.Namespace) -> RunSpec:
+    """The run the options describe (cli/options.py); a value out of range names where it may have come from."""
     try:
-        return options.train_config(args), options.quant_config(args), options.lora_config(args)
+        return options.run_spec(args)
     except ValueError as err:
         raise ValueError(f"{err}" + (f" (options from --config {args.config} and the flags)" if args.config else "")) from None
 
@@ -157,26 +161,26 @@ def run(args: argparse.Namespace) -> int:
     args = resolve_options(args)
     if not args.model or (not args.data and not args.dry_run):
         raise ValueError("qlowrank train needs --model and --data (as flags or in --config)")
-    options.offload_request(args)   # refuses --offload-activations off CUDA before anything loads
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    options.offload_request(args)
+    spec = run_spec(args)   # refuses what cannot run (offloading off CUDA, ...) before anything loads
+    world = spec.processes
     if args.dry_run:
         from .plan import apply_plan, dry_run
         if args.batch == "auto":
-            apply_plan(args, distributed=world > 1, steps=args.steps)
-        return dry_run(args)
+            spec = apply_plan(args, spec, distributed=world > 1, steps=args.steps)
+        return dry_run(args, spec)
     tokenizer = load_tokenizer(args.model)
     train, held = examples(args, tokenizer)
     if args.batch == "auto":   # after the data: whether compiling pays depends on how many steps it makes
         from .plan import apply_plan
-        apply_plan(args, distributed=world > 1, steps=planned_steps(args, len(train), world))
-    config, quant, lora = configs(args)
-    model = load_model(args.model, quant=quant, lora=lora, device=local_device(args.device), dtype=quant.compute_dtype,
-                       seed=args.seed)
-    if not args.no_checkpointing:
-        enable_gradient_checkpointing(model, **options.checkpointing(args))
+        spec = apply_plan(args, spec, distributed=world > 1, steps=planned_steps(args, len(train), world))
+    model = load_model(spec.model, quant=spec.quant, lora=spec.lora, device=local_device(args.device),
+                       dtype=spec.dtype, seed=spec.train.seed)
+    if spec.checkpointing:
+        enable_gradient_checkpointing(model, **options.checkpointing(spec))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     # SIGTERM / SIGINT end training with TrainingInterrupted; cli.main turns it into 143 / 130.
-    trainer = Trainer(model, config, train, held, pad_token_id=pad)
+    trainer = Trainer(model, spec, train, held, pad_token_id=pad)
     result = trainer.train(resume=args.resume)
     merged = Path(args.out) / "merged" if args.export else None
     if merged is not None:   # every rank takes part (FSDP gathers the base one block at a time); rank 0 writes

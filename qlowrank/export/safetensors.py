@@ -41,15 +41,7 @@ def export_merged(
     model: nn.Module,
     out_dir: str | os.PathLike,
     dtype: torch.dtype | str = torch.bfloat16,
-    base: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    tokenizer: Any = None,
-    max_shard_size: int = DEFAULT_SHARD_BYTES,
-    probe: bool = True,
-    progress: bool = True,
-    format: str = "safetensors",
-    gguf_type: str = "f16",
-    before_tensor: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> dict:
     """Write the model as a merged, dequantized Hugging Face checkpoint (or one GGUF file).
 
@@ -57,6 +49,7 @@ def export_merged(
         model: a transformers model with LoraLinear / bitsandbytes layers (or plain float).
         out_dir: the checkpoint directory; it appears only once complete.
         dtype: dtype of the exported weights (bf16, fp16 or fp32).
+        **options: the rest of `ExportOptions` (export/plan.py), by name:
         base: a local float safetensors checkpoint (usually the one the model was loaded
             from): merge B A into its original weights instead of into dequant(W_q). The
             result keeps the original weights' precision but no longer reproduces the
@@ -83,8 +76,7 @@ def export_merged(
         OSError: the output cannot be written (full disk, read-only folder); the staging
             folder is removed and an existing `out_dir` is unchanged.
     """
-    options = ExportOptions(out_dir, dtype, base, overwrite, tokenizer, max_shard_size, probe, progress, format,
-                            gguf_type, before_tensor)
+    options = ExportOptions(out_dir, dtype, **options)
     if options.format == "gguf":
         return write_gguf(model, options)
     return write_safetensors(model, options)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from ..config import LoraConfig, QuantConfig
+from ..config import LoraConfig, QuantConfig, RunSpec
 from .meta_model import layer_count, with_depth
 
 # Steps each stand-in trains (the peak is over all of them): the first allocates the optimizer's
@@ -60,29 +60,31 @@ class Calibration:
         return self.tensor_peak + self.residual(2) + max(0, self.layers - 2) * self.per_block
 
 
-def stand_in_run(arguments: dict) -> dict:
-    """The stand-ins' run shape from `estimate_memory`'s keyword arguments (what the CLI translates).
+def stand_in_run(spec: RunSpec) -> dict:
+    """The stand-ins' run shape (plain values, for a child process) from the run's spec.
 
     Raises:
         ValueError: settings the stand-ins do not reproduce yet (a CUDA run, full fine-tuning,
-            partial checkpointing, packing, an optimizer other than AdamW).
+            partial checkpointing, packing, preference pairs, several processes, an optimizer other than AdamW).
     """
-    unsupported = {"--device cuda (the stand-ins measure this machine's CPU process: give --device cpu)": arguments.get("device") == "cuda",
-                   "--r 0 (full fine-tuning)": arguments.get("lora") is None,
-                   "--keep-blocks": bool(arguments.get("keep_blocks")),
-                   "--packing": bool(arguments.get("packing")),
-                   f"--optimizer {arguments.get('optimizer')}": arguments.get("optimizer", "adamw") != "adamw"}
+    unsupported = {"--device cuda (the stand-ins measure this machine's CPU process: give --device cpu)":
+                   spec.device_type == "cuda",
+                   "--r 0 (full fine-tuning)": spec.lora is None,
+                   "--keep-blocks": bool(spec.keep_blocks),
+                   "--packing": spec.packing,
+                   f"--objective {spec.train.objective}": spec.pairs,
+                   f"--processes {spec.processes}": spec.processes > 1,
+                   f"--optimizer {spec.train.optimizer}": spec.train.optimizer != "adamw"}
     refused = [name for name, present in unsupported.items() if present]
     if refused:
         raise ValueError(f"--calibrate does not reproduce {', '.join(refused)} yet; drop it, or use the analytic estimate")
-    quant = dataclasses.asdict(arguments["quant"])
-    quant["compute_dtype"] = str(arguments["quant"].compute_dtype).removeprefix("torch.")
-    lora = dataclasses.asdict(arguments["lora"])
+    quant = dataclasses.asdict(spec.quant)
+    quant["compute_dtype"] = str(spec.dtype).removeprefix("torch.")
+    lora = dataclasses.asdict(spec.lora)
     lora["target_modules"] = lora["target_modules"] if isinstance(lora["target_modules"], str) else list(lora["target_modules"])
-    return {"quant": quant, "lora": lora, "batch_size": arguments["batch_size"], "seq_len": arguments["seq_len"],
-            "grad_accum": arguments.get("grad_accum", 1), "gradient_checkpointing": arguments["gradient_checkpointing"],
-            "keep_attention": arguments.get("keep_attention"),
-            "dtype": str(arguments.get("dtype", torch.bfloat16)).removeprefix("torch.")}
+    return {"quant": quant, "lora": lora, "batch_size": spec.train.batch_size, "seq_len": spec.seq_len,
+            "grad_accum": spec.train.grad_accum, "gradient_checkpointing": spec.checkpointing,
+            "keep_attention": spec.keep_attention, "dtype": str(spec.dtype).removeprefix("torch.")}
 
 
 def calibrate_training_peak(config: transformers.PretrainedConfig, tensor_peak: int, estimate_for,

@@ -15,6 +15,8 @@ step, gradients appear during backward and are freed by `zero_grad()`.
 
 from __future__ import annotations
 
+import functools
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,18 +26,13 @@ import torch
 import transformers
 from torch import nn
 
-from ..config import (
-    ESTIMATE_OPTIMIZERS,
-    SHARDINGS,
-    LoraConfig,
-    QuantConfig,
-    parse_dtype,
-)
+from ..config import DEFAULT_CHUNK_TOKENS, LoraConfig, QuantConfig, RunSpec, TrainConfig, parse_dtype, spec_from_keywords
 from ..heap import trims_before_backward
 from ..model.checkpointing import enable_gradient_checkpointing
 from ..model.offload import OffloadActivations
-from ..model.surgery import add_lora
+from ..model.surgery import add_lora, disable_lora
 from ..nn.layers import is_linear_like, linear_shape
+from ..nn.loss import causal_lm_loss
 from . import process as process_model
 from .meta_model import (
     build_meta_model,
@@ -62,10 +59,6 @@ def default_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def chunked_loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """The trainer's chunked cross-entropy (never materializes the full fp32 logits)."""
-    try:
-        from ..nn.loss import causal_lm_loss
-    except ImportError as err:
-        raise ImportError(f"chunked_loss=True needs qlowrank.train.loss.causal_lm_loss ({err})") from None
     return causal_lm_loss(model, tokens, tokens)
 
 
@@ -75,7 +68,8 @@ class MemoryEstimate:
 
     breakdown: dict[str, int]
     peak_phase: str                       # "forward/backward" or "optimizer": where the peak falls
-    settings: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)   # the spec's choices as plain values (RunSpec.describe)
+    spec: RunSpec | None = None           # the run estimated
     trainable_parameters: int = 0
     total_parameters: int = 0
     facts: process_model.ModelFacts | None = None   # what the CPU process model needs (sizes, source)
@@ -89,7 +83,7 @@ class MemoryEstimate:
 
     @property
     def process_bytes(self) -> int:
-        """Predicted peak memory of the whole training process that has to fit: on a CPU the
+        """Predicted peak memory of the whole training process: on a CPU the
         anonymous peak (RssAnon: runtime + tensors + what the heaps keep; the larger of loading
         and training), on CUDA what nvidia-smi shows (context + reserved). `memory/process.py`."""
         return process_model.process_bytes(self.total_bytes, self.settings.get("device", "cpu"), self.facts)
@@ -99,6 +93,11 @@ class MemoryEstimate:
         """Upper bound of the file-backed pages beside `process_bytes` (CPU: the libraries and the
         memory-mapped checkpoint while loading; reclaimable, so not part of what has to fit)."""
         return process_model.file_backed_bytes(self.settings.get("device", "cpu"), self.facts)
+
+    @property
+    def required_bytes(self) -> int:
+        """What a budget must hold for this run: `process_bytes` plus the prediction's measured error."""
+        return required_bytes(self.process_bytes, self.prediction_margin)
 
     @property
     def prediction_margin(self) -> float:
@@ -113,10 +112,6 @@ class MemoryEstimate:
         sum to training_peak), then training_peak and load_peak."""
         return process_model.process_breakdown(self.total_bytes, self.settings.get("device", "cpu"), self.facts)
 
-    def _training_process_bytes(self) -> int:
-        # the part of process_bytes that grows with the batch (loading does not)
-        return self.process_breakdown.get("training_peak", self.process_bytes)
-
     def at_batch(self, batch_size: int) -> "MemoryEstimate":
         """The same estimate at another batch size (simulated once, then cached)."""
         if self._simulate is None:
@@ -124,24 +119,30 @@ class MemoryEstimate:
         return self._simulate(batch_size)
 
     def fits(self, device_bytes: int) -> bool:
-        """True when the predicted process peak (`process_bytes`) fits in `device_bytes`."""
-        return self.process_bytes <= int(device_bytes)
+        """Whether the run fits in `device_bytes`: its predicted process peak plus the headroom for the
+        prediction's error in its regime (`required_bytes`). The one meaning of "fits": the CLI's
+        `--gpu`, `--dry-run --max-memory`, the planner and examples/will_it_fit.py all ask this."""
+        return fits_budget(self.process_bytes, self.prediction_margin, device_bytes)
 
     def max_batch_size(self, device_bytes: int, limit: int = 1 << 16) -> int:
-        """The largest batch size whose predicted process peak fits in `device_bytes` (0: not even 1).
+        """The largest batch size that `fits` in `device_bytes` (0: not even 1), up to `limit`.
 
-        Solved from the linear trend of batch 1 and 2, then checked by simulating the answer.
+        Doubling, then bisection: the peak grows with the batch (flat while it falls in a full
+        fine-tuning's optimizer step), so the answer is the exact boundary in about 2 log2(batch)
+        simulations, each cached.
         """
         if self._simulate is None:
             raise RuntimeError("this estimate cannot re-simulate other batch sizes")
         if not self._simulate(1).fits(device_bytes):
             return 0
-        one, two = self._simulate(1)._training_process_bytes(), self._simulate(2)._training_process_bytes()
-        per_sample = max(two - one, 1)
-        batch = min(limit, 1 + max(0, int(device_bytes) - one) // per_sample)
-        while batch > 1 and not self._simulate(batch).fits(device_bytes):
-            batch -= max(1, batch // 50)  # the trend is near-linear: a few small steps back suffice
-        return max(batch, 1)
+        low, high = 1, 2
+        while high <= limit and self._simulate(high).fits(device_bytes):
+            low, high = high, 2 * high
+        high = min(high, limit + 1)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self._simulate(middle).fits(device_bytes) else (low, middle)
+        return low
 
     def table(self) -> str:
         """The breakdown as a text table, with the settings."""
@@ -165,132 +166,106 @@ class MemoryEstimate:
                 "host_offload_bytes": self.host_offload_bytes}
 
 
+# What `estimate_memory(path, ...)` assumes for what its keywords leave out: one sequence of 2048 tokens
+# on a float base, AdamW, checkpointing, the chunked loss (a spec given whole is taken as it is).
+KEYWORD_DEFAULTS = RunSpec(quant=QuantConfig(bits=None), lora=None, train=TrainConfig(batch_size=1), seq_len=2048)
+
+
 def estimate_memory(
-    path_or_config: str | Path | transformers.PretrainedConfig,
+    run: RunSpec | str | Path | transformers.PretrainedConfig,
     quant: QuantConfig | None = None,
     lora: LoraConfig | None = None,
-    batch_size: int = 1,
-    seq_len: int = 2048,
-    gradient_checkpointing: bool = True,
-    optimizer: str = "adamw",
-    dtype: torch.dtype | str = torch.bfloat16,
-    device: str | None = None,
-    chunked_loss: bool = True,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    *,
     loss_fn: LossFn | None = None,
     quantized_from: torch.dtype | str | None = None,
-    processes: int = 1,
-    sharding: str | None = None,
-    grad_accum: int = 1,
-    packing: bool = False,
-    keep_blocks: int = 0,
-    keep_attention: bool | None = None,
-    offload_activations: bool = False,
+    **keywords,
 ) -> MemoryEstimate:
-    """Predict the peak memory of one training step, from a config alone.
+    """Predict the peak memory of one training step of a run, from its model's config alone.
 
     Args:
-        path_or_config: a model directory, its config.json, a .gguf file, or a transformers config.
-        quant: how the base is stored (None or bits=None: unquantized, in `dtype`).
-        lora: the adapters; None with an unquantized base means full fine-tuning.
-        batch_size: sequences per step (per process when processes > 1).
-        seq_len: tokens per sequence.
-        gradient_checkpointing: recompute each block in backward (qlowrank's checkpointing).
-        optimizer: "adamw" (fp32 states), "adamw8bit" (bitsandbytes block-wise) or "sgd" (no state).
-        dtype: dtype of unquantized weights (embeddings, norms, head, a float base) and activations.
-        device: "cuda" or "cpu": whose kernels to imitate (default: cuda if present, else cpu).
-        chunked_loss: the trainer's chunked cross-entropy (default: what `qlowrank train` runs);
-            False: the model's own loss over the full fp32 logits.
-        loss_fn: any `(model, tokens) -> loss`, overriding the two above.
-        quantized_from: dtype the weights had when quantized (default `dtype`); bitsandbytes
-            dequantizes a 4-bit weight back to it in backward, so an fp32 source doubles that buffer.
-        processes: training processes (ranks); the estimate is then one rank's peak.
-        sharding: None (each rank holds the whole model: DDP) or "fsdp" (parameters split
-            across ranks, as `TrainConfig(sharding="fsdp")` does; see `memory/sharding.py`).
-        grad_accum: micro-batches per optimizer step: above 1 every trainable parameter's gradient
-            is alive through the later micro-batches' passes.
-        packing: examples packed into --seq windows: the same shapes plus the block-diagonal
-            (batch, 1, seq, seq) boolean attention mask transformers builds from the position ids.
-        keep_blocks: under checkpointing, how many of the last blocks keep their activations
-            (partial checkpointing, as `enable_gradient_checkpointing(keep_blocks=...)`).
-        keep_attention: under checkpointing, keep each block's attention output (None: from
-            KEEP_ATTENTION_MIN_SEQ tokens on, as `enable_gradient_checkpointing` decides).
-        offload_activations: (CUDA) tensors saved for backward wait in host memory
-            (`model.offload.OffloadActivations`, `--offload-activations`); what the host then holds
-            is `host_offload_bytes`, outside `total_bytes`.
+        run: the run (`RunSpec`), or its model (a model directory, its config.json, a .gguf file or
+            a transformers config) with the rest given as keywords.
+        quant, lora, batch_size, seq_len: the run's base, adapters, micro-batch and sequence length,
+            also by position (None: the spec's, or for a model a float base, full fine-tuning, 1, 2048).
+        loss_fn: any `(model, tokens) -> loss` in place of the run's loss (the trainer's chunked
+            cross-entropy at `train.chunk_tokens`, or the model's own loss over full fp32 logits).
+        quantized_from: dtype the weights had when quantized (default: the compute dtype);
+            bitsandbytes dequantizes a 4-bit weight back to it in backward, so an fp32 source doubles that buffer.
+        **keywords: the run's fields, overriding `run`'s (or, for a model, `KEYWORD_DEFAULTS`): any
+            RunSpec field (quant, lora, seq_len, packing, checkpointing, keep_blocks, keep_attention,
+            processes, device), the TrainConfig fields batch_size, grad_accum, optimizer, objective,
+            sharding, compile, offload_activations and chunk_tokens, and the older spellings
+            gradient_checkpointing, dtype (the compute dtype) and chunked_loss.
+
+    The estimate is one rank's when `processes` > 1 (FSDP: the parameters split across ranks,
+    `memory/sharding.py`). Preference pairs (objective dpo / orpo) are two sequences each, and DPO
+    adds its reference forward (the same model with LoRA off, without gradients). Activation
+    offloading's host bytes are `host_offload_bytes`, outside `total_bytes`.
 
     Returns:
-        A MemoryEstimate with `total_bytes`, `breakdown`, `fits()` and `max_batch_size()`.
+        A MemoryEstimate with `total_bytes`, `process_bytes`, `breakdown`, `fits()` and `max_batch_size()`.
 
     Raises:
-        ValueError: an unknown optimizer, a quantized base without LoRA, or non-positive sizes.
+        ValueError: a field out of range, a quantized base without LoRA, offloading off CUDA.
+        TypeError: a keyword that is not a field of the run.
     """
-    quant = quant or QuantConfig(bits=None)
-    dtype = parse_dtype(dtype, "estimate_memory dtype")
-    source_dtype = parse_dtype(quantized_from, "quantized_from") if quantized_from is not None else dtype
-    if optimizer not in ESTIMATE_OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {ESTIMATE_OPTIMIZERS}")
-    if lora is None and quant.bits is not None:
-        raise ValueError(f"a {quant.bits}-bit base cannot be fully fine-tuned; pass a LoraConfig (or quant bits=None)")
-    if sharding not in SHARDINGS or processes < 1:
-        raise ValueError(f"processes={processes} must be >= 1 and sharding={sharding!r} None or 'fsdp'")
-    if batch_size < 1 or seq_len < 1 or grad_accum < 1:
-        raise ValueError(f"batch_size={batch_size}, seq_len={seq_len} and grad_accum={grad_accum} must be positive")
-    if keep_blocks < 0:
-        raise ValueError(f"keep_blocks={keep_blocks} must be >= 0")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"device={device!r}: estimate for 'cuda' or 'cpu'")
-    if offload_activations and device != "cuda":
-        raise ValueError("offload_activations moves activations from a GPU to host memory; a CPU run has them "
-                         "in host memory already (estimate for device='cuda', or drop it)")
-    config = load_config(path_or_config)
-    source = source_of(path_or_config)
-    loss_fn = loss_fn or (chunked_loss_fn if chunked_loss else default_loss)
-    settings = {
-        "model": getattr(config, "_name_or_path", "") or config.model_type, "bits": quant.bits,
-        "r": lora.r if lora else None, "batch_size": batch_size, "seq_len": seq_len,
-        "gradient_checkpointing": gradient_checkpointing, "keep_blocks": keep_blocks,
-        "keep_attention": keep_attention, "optimizer": optimizer,
-        "dtype": str(dtype).removeprefix("torch."), "device": device, "chunked_loss": chunked_loss,
-        "processes": processes, "sharding": sharding, "source": source[0],
-        "grad_accum": grad_accum, "packing": packing, "offload_activations": offload_activations,
-    }
-    spec = StepSpec(quant=quant, lora=lora, seq_len=seq_len, checkpointing=gradient_checkpointing,
-                    optimizer=optimizer, dtype=dtype, source_dtype=source_dtype, device=device, loss_fn=loss_fn,
-                    grad_accum=grad_accum, packing=packing, processes=processes, sharding=sharding, source=source,
-                    keep_blocks=keep_blocks, keep_attention=keep_attention, offload=offload_activations)
+    given = {"quant": quant, "lora": lora, "batch_size": batch_size, "seq_len": seq_len}
+    keywords.update({k: v for k, v in given.items() if v is not None})
+    if isinstance(run, RunSpec):
+        spec = spec_from_keywords(run.model, base=run, **keywords) if keywords else run
+    else:
+        spec = spec_from_keywords(run, base=KEYWORD_DEFAULTS, **keywords)
+    if spec.model is None:
+        raise ValueError("estimate_memory: the run names no model (RunSpec.model): give a model folder, "
+                         "config.json, .gguf file or a transformers config")
+    config = load_config(spec.model)
+    source_dtype = parse_dtype(quantized_from, "quantized_from") if quantized_from is not None else spec.dtype
+    step = _Step(spec, loss_fn or loss_for(spec.train.chunk_tokens), source_dtype, source_of(spec.model))
     cache: dict[int, MemoryEstimate] = {}
 
     def simulate(batch: int) -> MemoryEstimate:
         if batch not in cache:
-            cache[batch] = _simulate_step(config, spec, batch, {**settings, "batch_size": batch})
+            cache[batch] = _simulate_step(config, step, batch)
             cache[batch]._simulate = simulate
         return cache[batch]
 
-    return simulate(batch_size)
+    return simulate(spec.train.batch_size)
+
+
+def loss_for(chunk_tokens: int | None) -> LossFn:
+    """The step's loss for a run's `chunk_tokens`: the trainer's chunked cross-entropy, or (None / 0)
+    the model's own loss over full fp32 logits (what the estimate and the profiler both run)."""
+    if not chunk_tokens:
+        return default_loss
+    if chunk_tokens == DEFAULT_CHUNK_TOKENS:
+        return chunked_loss_fn
+    return functools.partial(_chunked_loss, chunk_tokens=chunk_tokens)
+
+
+def _chunked_loss(model: nn.Module, tokens: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    return causal_lm_loss(model, tokens, tokens, chunk_tokens=chunk_tokens)
+
+
+def required_bytes(process_bytes: int, margin: float) -> int:
+    """A budget that holds a predicted process peak with `margin` (the prediction's relative error) on top."""
+    return math.ceil(process_bytes * (1 + margin))
+
+
+def fits_budget(process_bytes: int, margin: float, budget: int) -> bool:
+    """Whether a predicted process peak, with its margin, fits `budget`: what every "fits" asks."""
+    return required_bytes(process_bytes, margin) <= int(budget)
 
 
 @dataclass(frozen=True)
-class StepSpec:
-    """What `estimate_memory` simulates, batch size aside (its arguments, validated)."""
+class _Step:
+    """The spec as `estimate_memory` resolved it: the loss it runs, the weights' source dtype and files."""
 
-    quant: QuantConfig
-    lora: LoraConfig | None
-    seq_len: int
-    checkpointing: bool
-    optimizer: str
-    dtype: torch.dtype
-    source_dtype: torch.dtype
-    device: str
+    spec: RunSpec
     loss_fn: LossFn
-    grad_accum: int = 1
-    packing: bool = False
-    processes: int = 1
-    sharding: str | None = None
-    source: tuple[str, int | None] = ("safetensors", None)
-    keep_blocks: int = 0
-    keep_attention: bool | None = None
-    offload: bool = False
+    source_dtype: torch.dtype
+    source: tuple[str, int | None]
 
 
 def source_of(path_or_config: str | Path | transformers.PretrainedConfig) -> tuple[str, int | None]:
@@ -306,30 +281,32 @@ def source_of(path_or_config: str | Path | transformers.PretrainedConfig) -> tup
     return "safetensors", (sum(sizes) if sizes else None)
 
 
-def _model_facts(model: nn.Module, config, spec: StepSpec, batch: int) -> dict:
+def _model_facts(model: nn.Module, config, step: _Step, sequences: int) -> dict:
     """Shapes and sizes the process model needs, read off the meta model before quantization and LoRA."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     shapes = [linear_shape(m) for m in model.modules() if is_linear_like(m) and m is not head]
     base_params = sum(p.numel() for p in model.parameters())
-    kind, size = spec.source
+    kind, size = step.source
+    spec = step.spec
     hidden = hidden_size_of(config)
     return dict(linear_params=sum(o * i for o, i in shapes), base_params=base_params, bits=spec.quant.bits,
                 source=kind, source_bytes=size if size is not None else base_params * spec.dtype.itemsize,
                 largest_linear=max((o * i for o, i in shapes), default=0),
                 heap_dequant_params=process_model.heap_dequantized(shapes), layers=layer_count(config),
-                hidden_tokens=batch * spec.seq_len * hidden,
+                hidden_tokens=sequences * spec.seq_len * hidden,
                 # The peak falls in the first backward: trimmed only if that block trims first, i.e. when no
                 # block keeps its activations (kept blocks run their backward before any trim)
                 heap_trimmed=spec.checkpointing and not spec.keep_blocks and trims_before_backward(hidden),
                 blocks_trim=trims_before_backward(hidden))
 
 
-def _prepare(config, spec: StepSpec, batch: int) -> tuple[nn.Module, dict, list[torch.Tensor]]:
+def _prepare(config, step: _Step, sequences: int) -> tuple[nn.Module, dict, list[torch.Tensor]]:
     """The meta model as it trains (quantized stand-ins, LoRA, checkpointing), its facts, its trainables."""
+    spec = step.spec
     model = build_meta_model(config, spec.dtype)
-    facts = _model_facts(model, config, spec, batch)
+    facts = _model_facts(model, config, step, sequences)
     if spec.quant.bits is not None:
-        replace_quantized_layers(model, spec.quant, spec.device, spec.source_dtype)
+        replace_quantized_layers(model, spec.quant, spec.device_type, step.source_dtype)
     if spec.lora is not None:
         add_lora(model, spec.lora)
     else:
@@ -340,28 +317,34 @@ def _prepare(config, spec: StepSpec, batch: int) -> tuple[nn.Module, dict, list[
     return model, facts, [p for p in model.parameters() if p.requires_grad]
 
 
-def _run_pass(model: nn.Module, spec: StepSpec, batch: int,
+def _run_pass(model: nn.Module, step: _Step, sequences: int,
               trainable: list[torch.Tensor]) -> tuple[TensorTracker, list[torch.Tensor], int]:
-    """One forward and backward on meta tensors under the tracker, the optimizer states (live
-    from the start; the caller keeps them alive, or the tracker stops counting them), and the
-    host bytes of offloaded activations at most."""
-    tokens = torch.zeros(batch, spec.seq_len, dtype=torch.long, device="meta")
-    states = optimizer_states(trainable, spec.optimizer)   # made outside the tracker, added as state
+    """One forward and backward on meta tensors under the tracker (after DPO's reference forward), the
+    optimizer states (live from the start; the caller keeps them alive, or the tracker stops counting
+    them), and the host bytes of offloaded activations at most."""
+    spec = step.spec
+    offloading = spec.train.offload_activations
+    tokens = torch.zeros(sequences, spec.seq_len, dtype=torch.long, device="meta")
+    states = optimizer_states(trainable, spec.train.optimizer)   # made outside the tracker, added as state
     tracker = TensorTracker(model, None, devices=["meta"])
     # the run's own offloading hooks, on meta: packed tensors leave the device, unpacking allocates anew
-    offload = OffloadActivations("meta") if spec.offload else nullcontext()
-    with tracker, fused_attention(spec.device):
+    offload = OffloadActivations("meta") if offloading else nullcontext()
+    with tracker, fused_attention(spec.device_type):
         for tensor in states:
             tracker.add(tensor, "optimizer_states")
         tracker.set_phase("forward")
+        if spec.train.objective == "dpo":   # the reference: LoRA off, no gradients, before the policy's pass
+            with torch.no_grad(), disable_lora(model):
+                reference = step.loss_fn(model, tokens)
+            del reference
         with offload:
-            loss = spec.loss_fn(model, tokens)
+            loss = step.loss_fn(model, tokens)
         loss.backward()
         del loss
-    return tracker, states, offload.host_peak_bytes if spec.offload else 0
+    return tracker, states, offload.host_peak_bytes if offloading else 0
 
 
-def _in_pass_peak(tracker: TensorTracker, spec: StepSpec, batch: int, trainable: list[torch.Tensor]) -> dict[str, int]:
+def _in_pass_peak(tracker: TensorTracker, spec: RunSpec, sequences: int, trainable: list[torch.Tensor]) -> dict[str, int]:
     """The forward/backward peak, with what accumulation and packing add to it.
 
     With several micro-batches per step every trainable parameter's gradient is alive from the
@@ -369,25 +352,28 @@ def _in_pass_peak(tracker: TensorTracker, spec: StepSpec, batch: int, trainable:
     which it builds a block-diagonal (batch, 1, seq, seq) boolean mask that lives through the pass.
     """
     peak = dict(tracker.state.peak_breakdown)
-    if spec.grad_accum > 1:
+    if spec.train.grad_accum > 1:
         grads = sum(p.numel() * p.element_size() for p in trainable)
         peak["gradients"] = max(peak["gradients"], grads)
     if spec.packing:
-        peak["activations"] += batch * spec.seq_len * spec.seq_len
+        peak["activations"] += sequences * spec.seq_len * spec.seq_len
     return peak
 
 
-def _simulate_step(config, spec: StepSpec, batch: int, settings: dict) -> MemoryEstimate:
-    model, facts, trainable = _prepare(config, spec, batch)
-    tracker, states, host_offload = _run_pass(model, spec, batch, trainable)
+def _simulate_step(config, step: _Step, batch: int) -> MemoryEstimate:
+    spec = step.spec if batch == step.spec.train.batch_size else step.spec.with_train(batch_size=batch)
+    sequences = batch * (2 if spec.pairs else 1)   # a pair is its chosen and its rejected sequence
+    model, facts, trainable = _prepare(config, step, sequences)
+    tracker, states, host_offload = _run_pass(model, step, sequences, trainable)
     after_backward = dict(tracker.state.live)  # weights, LoRA, gradients, optimizer states
     del states
-    step_temp = optimizer_step_temporaries(trainable, spec.optimizer, spec.device)
+    step_temp = optimizer_step_temporaries(trainable, spec.train.optimizer, spec.device_type)
     # One rank's share of each candidate peak (the same figures on one process).
+    sharding = spec.train.sharding
     at_step = per_rank_breakdown(model, {**after_backward, "temporaries": after_backward["temporaries"] + step_temp},
-                                 spec.processes, spec.sharding, "optimizer")
-    in_pass = per_rank_breakdown(model, _in_pass_peak(tracker, spec, batch, trainable), spec.processes,
-                                 spec.sharding, "forward/backward")
+                                 spec.processes, sharding, "optimizer")
+    in_pass = per_rank_breakdown(model, _in_pass_peak(tracker, spec, sequences, trainable), spec.processes,
+                                 sharding, "forward/backward")
     if sum(at_step.values()) > sum(in_pass.values()):
         breakdown, phase = at_step, "optimizer"
     else:
@@ -395,11 +381,12 @@ def _simulate_step(config, spec: StepSpec, batch: int, settings: dict) -> Memory
     owners = {id(p): (m, p) for m in model.modules() for p in m.parameters(recurse=False)}  # tied weights once
     total_params = sum(_true_numel(m, p) for m, p in owners.values())
     total_params += sum(m.weight_count() for m in model.modules() if hasattr(m, "weight_count"))  # expert stacks
-    return MemoryEstimate(breakdown={c: int(breakdown[c]) for c in CATEGORIES}, peak_phase=phase, settings=settings,
+    facts = process_model.ModelFacts(base_bytes=int(breakdown["base_weights"]),
+                                     temporary_bytes=int(tracker.state.category_peaks["temporaries"]), **facts)
+    return MemoryEstimate(breakdown={c: int(breakdown[c]) for c in CATEGORIES}, peak_phase=phase,
+                          settings={**spec.describe(), "source": step.source[0]}, spec=spec,
                           trainable_parameters=sum(p.numel() for p in trainable), total_parameters=total_params,
-                          host_offload_bytes=host_offload,
-                          facts=process_model.ModelFacts(base_bytes=int(breakdown["base_weights"]),
-                                                         temporary_bytes=int(tracker.state.category_peaks["temporaries"]), **facts))
+                          host_offload_bytes=host_offload, facts=facts)
 
 
 def _true_numel(module: nn.Module, param: torch.Tensor) -> int:
@@ -422,7 +409,7 @@ def optimizer_states(trainable: list[torch.Tensor], optimizer: str) -> list[torc
             return torch.empty(param.numel() if n is None else n, dtype=dtype, device="meta")
         if optimizer == "adamw":
             states += [like(param.dtype), like(param.dtype), torch.empty((), dtype=torch.float32, device="meta")]
-        elif optimizer == "adamw8bit":
+        elif optimizer in ("adamw8bit", "paged_adamw8bit"):   # paging moves the same bytes under pressure
             if param.numel() >= _BNB_MIN_8BIT_SIZE:
                 blocks = -(-param.numel() // _BNB_BLOCK)
                 states += [like(torch.uint8), like(torch.uint8), like(torch.float32, blocks),
@@ -440,7 +427,7 @@ def optimizer_step_temporaries(trainable: list[torch.Tensor], optimizer: str, de
     the denominator for all parameters at once (one copy of all states' size). bitsandbytes'
     8-bit step works block-wise in place; SGD without momentum adds in place.
     """
-    if not trainable or optimizer in ("sgd", "adamw8bit"):
+    if not trainable or optimizer in ("sgd", "adamw8bit", "paged_adamw8bit"):
         return 0
     sizes = [p.numel() * p.element_size() for p in trainable]
     return sum(sizes) if device == "cuda" else 2 * max(sizes)

@@ -64,7 +64,6 @@ def load_model(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     dtype: torch.dtype | str | None = None,
-    skip_modules: tuple[str, ...] = (),
     progress: bool = True,
     seed: int | None = None,
     gguf_reader: str = "streamed",
@@ -83,7 +82,6 @@ def load_model(
         trust_remote_code: allow a checkpoint's own modelling code (off unless asked for).
         dtype: dtype of the weights that stay in float (embeddings, norms, output head);
             None = `quant.compute_dtype`.
-        skip_modules: linear layer names (or name suffixes) to keep in float.
         progress: show a tqdm bar while streaming tensors.
         seed: with `lora`, makes the LoRA init reproducible (see `add_lora`); it also seeds
             LoftQ / PiSSA's randomized SVDs, which run layer by layer on each float weight
@@ -110,7 +108,7 @@ def load_model(
     dtype = parse_dtype(dtype, "dtype") if dtype is not None else quant.compute_dtype
     if gguf_reader not in GGUF_READERS:
         raise ValueError(f"gguf_reader={gguf_reader!r}: use one of {GGUF_READERS}")
-    settings = LoadSettings(quant, device, dtype, tuple(skip_modules), lora, seed, progress)
+    settings = LoadSettings(quant, device, dtype, tuple(quant.skip_modules), lora, seed, progress)
     folder, gguf_name = _resolve(path_or_id, gguf_file)
     if gguf_name is not None:
         model = _load_gguf(folder, gguf_name, settings, gguf_reader)

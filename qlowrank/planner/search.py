@@ -15,7 +15,8 @@ model can keep its activations:
 
 Every candidate's memory is the process model's prediction (`process_bytes`), required to fit
 within the budget with the model's measured error on top (`prediction_margin`, which differs
-between the regimes of the process model: heaps trimmed before the peak or not). Its time is the
+between the regimes of the process model: heaps trimmed before the peak or not), by
+`memory.estimate.fits_budget`, the test `MemoryEstimate.fits` makes too. Its time is the
 calibrated step-time model (`timing.py`). The fastest candidate is chosen; the runner-up is
 reported beside it.
 """
@@ -26,6 +27,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..memory.estimate import fits_budget, required_bytes
 from ..memory.report import format_bytes
 from ..model.offload import PINNED_ROUNDING
 from .compiling import CompileChoice
@@ -72,7 +74,8 @@ class RunPlan:
     budget: int
     layers: int
     tokens_per_step: int
-    compile: CompileChoice | None = None   # set by plan_run
+    compile: CompileChoice | None = None   # set by plan
+    spec: object = None                    # the chosen run (a RunSpec), set by plan
 
     def table(self) -> str:
         """Every candidate: layout, predicted process peak (with headroom) and time; the choice marked."""
@@ -85,7 +88,7 @@ class RunPlan:
             rate = f"{self.tokens_per_step / c.step_seconds:8.0f}" if c.step_seconds else f"{'?':>8}"
             lines.append(f"  {mark:2} {c.layout.micro_batch:>5} x {c.layout.grad_accum:<5}  "
                          f"{format_bytes(c.process_bytes):>12}  "
-                         f"{format_bytes(int(c.process_bytes * (1 + c.margin))) + f' ({c.margin:.0%})':>14}  "
+                         f"{format_bytes(required_bytes(c.process_bytes, c.margin)) + f' ({c.margin:.0%})':>14}  "
                          f"{seconds}  {rate}  {c.layout.describe(self.layers)}"
                          + (f" ({format_bytes(c.host_bytes)} on the host)" if c.layout.offload else ""))
         if self.compile is not None:
@@ -134,7 +137,7 @@ def fitting_layouts(
 
     def fits(candidate: Candidate) -> bool:
         host_fits = host_budget is None or candidate.host_bytes * PINNED_ROUNDING <= host_budget
-        return candidate.process_bytes * (1 + candidate.margin) <= budget and host_fits
+        return fits_budget(candidate.process_bytes, candidate.margin, budget) and host_fits
 
     def at_micro_batch(micro: int, accum: int, offload: bool) -> list[Candidate]:
         whole = priced(Layout(micro, accum, checkpointing=False, offload=offload))

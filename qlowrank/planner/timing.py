@@ -34,7 +34,7 @@ import torch
 import transformers
 from torch import nn
 
-from ..config import DEFAULT_CHUNK_TOKENS, LoraConfig, QuantConfig
+from ..config import DEFAULT_CHUNK_TOKENS, LoraConfig, QuantConfig, RunSpec
 from ..memory.meta_model import hidden_size_of, layer_count, with_depth
 from ..model.checkpointing import (
     disable_gradient_checkpointing,
@@ -134,40 +134,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def calibrate(
+def time_blocks(
     config: transformers.PretrainedConfig,
-    quant: QuantConfig,
-    lora: LoraConfig,
-    seq: int,
+    spec: RunSpec,
     micro_batches: dict[int, set[str]],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-    autocast_dtype: torch.dtype | None = torch.bfloat16,
     trainable_parameters: int = 0,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     repeats: int = 2,
     progress=None,
 ) -> StepTimes:
-    """Time one decoder block of `config` (and its head, and the optimizer step) on this machine.
+    """Time one decoder block of `config` (and its head, and the optimizer step) on this machine, as `spec` runs it.
 
     Args:
         config: the model's config (its widths; the layer count is read from it).
-        quant, lora: how the run stores the base and which adapters it trains.
-        seq: tokens per sequence.
+        spec: the run: its base, adapters, sequence length, compute dtype, device and loss chunk.
         micro_batches: micro-batch -> the block modes to time at it (PLAIN, RECOMPUTE, KEEP_ATTENTION,
             each also + OFFLOADED).
-        device, dtype, autocast_dtype: where and how the run computes.
         trainable_parameters: the run's trainable parameter count (the optimizer step is timed on as many).
-        chunk_tokens: the loss's chunk size.
         repeats: timed runs per measurement (the fastest counts), after one untimed.
         progress: called with a short text before each measurement (a progress bar's description).
 
     Returns:
         StepTimes for the timed micro-batches.
     """
-    device = torch.device(device)
+    device, dtype, autocast_dtype, chunk_tokens = _run_shape(spec)
+    seq = spec.seq_len
     times = StepTimes(layers=layer_count(config), seq=seq)
-    model = stand_in_model(config, quant, lora, device, dtype)
+    model = stand_in_model(config, spec.quant, spec.lora, device, dtype)
     generator = torch.Generator().manual_seed(0)
     hidden = hidden_size_of(config)
     head = torch.randn(int(config.vocab_size), hidden, generator=generator).to(device, dtype)
@@ -200,27 +192,22 @@ def calibrate(
 
 def time_compiled(
     config: transformers.PretrainedConfig,
-    quant: QuantConfig,
-    lora: LoraConfig,
-    seq: int,
+    spec: RunSpec,
     micro_batch: int,
     modes: set[str],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-    autocast_dtype: torch.dtype | None = torch.bfloat16,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     repeats: int = 2,
     progress=None,
 ) -> CompiledTimes:
     """Time one decoder block of `config` compiled (`compile_blocks`, as `--compile` runs it) in each of
-    `modes` at `micro_batch`, and what compiling it costs (arguments as for `calibrate`)."""
-    device = torch.device(device)
+    `modes` at `micro_batch`, and what compiling it costs (arguments as for `time_blocks`)."""
+    device, dtype, autocast_dtype, chunk_tokens = _run_shape(spec)
+    seq = spec.seq_len
     generator = torch.Generator().manual_seed(0)
     block, compile_seconds = {}, 0.0
     for mode in sorted(modes):
         if progress:
             progress(f"compiling a block: micro-batch {micro_batch}, {mode.replace('_', ' ')}")
-        model = stand_in_model(config, quant, lora, device, dtype)   # a fresh one: compile after checkpointing
+        model = stand_in_model(config, spec.quant, spec.lora, device, dtype)   # a fresh one: compile after checkpointing
         _set_mode(model, mode)
         compile_blocks(model)
         block_step = _block_step(model, micro_batch, seq, device, autocast_dtype, chunk_tokens, generator,
@@ -233,6 +220,12 @@ def time_compiled(
         compile_seconds += max(0.0, first - block[mode]) + max(0.0, first_block - block[mode])
         del model, block_step
     return CompiledTimes(micro_batch=micro_batch, block=block, compile_seconds=compile_seconds)
+
+
+def _run_shape(spec: RunSpec) -> tuple[torch.device, torch.dtype, torch.dtype | None, int | None]:
+    """(device, dtype, autocast dtype or None for fp32, loss chunk) of the run: how its blocks compute."""
+    dtype = spec.dtype
+    return torch.device(spec.device_type), dtype, None if dtype == torch.float32 else dtype, spec.train.chunk_tokens
 
 
 def stand_in_model(config: transformers.PretrainedConfig, quant: QuantConfig, lora: LoraConfig,

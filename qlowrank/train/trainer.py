@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..adapter import save_adapter
-from ..config import TrainConfig
+from ..config import RunSpec, TrainConfig
 from ..data import Example
 from ..model.checkpointing import trim_heaps_before_backward
 from ..model.compile import compile_blocks
@@ -69,18 +69,20 @@ class Trainer:
 
     Args:
         model: a model with LoraLinear layers (add_lora or load_model(lora=...)).
-        config: the TrainConfig.
+        config: the run (`RunSpec`: the Trainer reads its `train` loop), or only its TrainConfig.
         train: training examples (load_examples / pack_examples).
         eval: held-out examples for eval loss and perplexity (may be empty).
         pad_token_id: id used to pad batches (its labels are always -100).
         on_step: optional callback(trainer, step, metrics) after every optimizer step.
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig, train: Sequence[Example],
+    def __init__(self, model: nn.Module, config: RunSpec | TrainConfig, train: Sequence[Example],
                  eval: Sequence[Example] = (), pad_token_id: int = 0,
                  on_step: Callable[[Trainer, int, dict], None] | None = None) -> None:
         if not train:
             raise ValueError("Trainer needs at least one training example")
+        self.spec = config if isinstance(config, RunSpec) else None
+        config = config.train if isinstance(config, RunSpec) else config
         self.model, self.config, self.on_step = model, config, on_step
         self.eval_examples, self.out_dir = list(eval), Path(config.out_dir)
         every = list(train) + self.eval_examples
