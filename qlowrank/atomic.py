@@ -179,6 +179,9 @@ def staged_file(target: str | os.PathLike, what: str = "output") -> Iterator[Pat
         os.close(handle)
         tmp = Path(name)
         yield tmp
+        umask = os.umask(0)   # mkstemp makes files 0600: give the result a plain open()'s permissions
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         _fsync(tmp, directory=False)
         os.replace(tmp, target)
         _fsync(target.parent, directory=True)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..atomic import staged_file
 from .tracker import CATEGORIES, PHASES
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -60,32 +60,18 @@ def breakdown_table(breakdown: Mapping[str, int], title: str, extra: Sequence[tu
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temporary name in the same folder, then rename into place."""
+    """Write `text` to `path` through `atomic.staged_file`: a staging name, fsynced, renamed into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    _publish(tmp, path)
+    with staged_file(path, what=path.name) as tmp:
+        tmp.write_text(text)
     return path
 
 
-def _publish(tmp: str, path: Path) -> None:
-    # mkstemp creates files 0600; give the result the permissions a plain open() would
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Save a matplotlib figure atomically as PNG."""
+    """Save a matplotlib figure as PNG the same way (`atomic.staged_file`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _publish(tmp, path)
+    with staged_file(path, what=path.name) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return path
 
 
