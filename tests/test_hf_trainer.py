@@ -84,7 +84,7 @@ class CrashAfterSave(transformers.TrainerCallback):
 
 def test_trainer_checkpoints_the_adapter_and_resumes_exactly(base, tmp_path):
     folder, tok = base
-    rows = datasets.Dataset.from_list([{"input_ids": tok(topics[k][:160])["input_ids"]} for k in KEYS])
+    rows = datasets.Dataset.from_list([{"input_ids": tok(topics[k][:100])["input_ids"]} for k in KEYS[:8]])
     collator = transformers.DataCollatorForLanguageModeling(tok, mlm=False)
 
     def run(out, crash=None, resume=None):
@@ -165,8 +165,8 @@ def test_trl_casts_the_factors_of_a_model_that_says_it_is_4bit(base, tmp_path):
 
 
 def _pairs() -> list[dict]:
-    return [{"prompt": f"Topic {k}:\n", "chosen": topics[k][:60], "rejected": topics[KEYS[(i + 5) % 12]][:60]}
-            for i, k in enumerate(KEYS)]
+    return [{"prompt": f"Topic {k}:\n", "chosen": topics[k][:60], "rejected": topics[KEYS[(i + 3) % 8]][:60]}
+            for i, k in enumerate(KEYS[:8])]
 
 
 def _dpo_args(out, **kw):
@@ -182,11 +182,16 @@ def _logp(model, prompt_ids, completion_ids) -> float:
         return float(sequence_log_probs(model, ids, labels)[0][0])
 
 
+def _dpo(folder, tok, out, callbacks=()):
+    model = qlowrank_model(folder)
+    trainer = DPO(model=model, args=_dpo_args(out, max_steps=2, save_steps=1, precompute_ref_log_probs=True),
+                  train_dataset=datasets.Dataset.from_list(_pairs()), processing_class=tok, callbacks=list(callbacks))
+    return model, trainer
+
+
 def test_dpo_trainer_with_precomputed_reference_needs_no_second_model(base, tmp_path):
     folder, tok = base
-    model = qlowrank_model(folder)
-    trainer = DPO(model=model, args=_dpo_args(tmp_path, max_steps=3, save_steps=3, precompute_ref_log_probs=True),
-                  train_dataset=datasets.Dataset.from_list(_pairs()), processing_class=tok)
+    model, trainer = _dpo(folder, tok, tmp_path / "whole")
     assert trainer.ref_model is None and factor_dtypes(model) == {torch.float32}
     # The reference TRL precomputed is the 4-bit base (B = 0: the policy at build time), not a float reload.
     floated = transformers.AutoModelForCausalLM.from_pretrained(folder)
@@ -207,7 +212,15 @@ def test_dpo_trainer_with_precomputed_reference_needs_no_second_model(base, tmp_
     assert abs(first["rewards/margins"]) < 1e-4
     margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
     assert factor_dtypes(model) == {torch.float32} and trained_b(model) > 0 and margins[-1] != margins[0]
-    assert (tmp_path / "checkpoint-3" / "adapter_model.safetensors").is_file()
+
+    # Killed after checkpoint-1, then rebuilt from the fresh model (the same reference) and resumed.
+    with pytest.raises(KeyboardInterrupt):
+        _dpo(folder, tok, tmp_path / "cut", [CrashAfterSave(1)])[1].train()
+    rest = LossLog()
+    resumed, trainer = _dpo(folder, tok, tmp_path / "cut", [rest])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-1"))
+    assert list(rest.losses) == [2] and rest.losses[2] == log.losses[2], (log.losses, rest.losses)
+    assert all(torch.equal(a, b) for a, b in zip(ql.lora_parameters(model), ql.lora_parameters(resumed)))
 
 
 def test_dpo_trainer_without_precompute_loads_the_base_again(base, tmp_path):
