@@ -6,7 +6,8 @@
 Runs `qlowrank demo` (the embedded SmolLM2-135M-Instruct, NF4, LoRA r=16, 50 steps) in a fresh process
 with its output in a temporary folder, and writes the demo's own demo.json (eval losses, seconds per
 stage, peak tensor bytes, the export's eval loss under plain transformers) beside the wall time of the
-whole process, its exit status, the device, the date and the command.
+whole process, its exit status, the load average before and after (the CPU may be shared), the
+device, the date and the command.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def run_demo(device: str | None, steps: int, timeout: float) -> dict:
         command = [sys.executable, "-m", "qlowrank", "demo", "--out", folder, "--steps", str(steps)]
         if device:
             command += ["--device", device]
+        load_before = os.getloadavg()
         started = time.perf_counter()
         try:
             finished = subprocess.run(command, timeout=timeout)
@@ -40,7 +42,9 @@ def run_demo(device: str | None, steps: int, timeout: float) -> dict:
         wall = time.perf_counter() - started
         report = Path(folder) / "demo.json"
         demo = json.loads(report.read_text()) if report.is_file() else None
-    return {"exit": status, "wall_s": wall, "demo": demo}
+    # The CPU may be shared: the load average (1 min) before and after says how much, beside the cores
+    return {"exit": status, "wall_s": wall, "loadavg_before": load_before[0], "loadavg_after": os.getloadavg()[0],
+            "demo": demo}
 
 
 def commit() -> str | None:

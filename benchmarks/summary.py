@@ -106,7 +106,9 @@ def demo() -> Figure | None:
     text = (f"{d['steps']} steps: held-out eval loss {d['eval_loss_before']:.3f} -> {d['eval_loss_after']:.3f} "
             f"({pct(d['eval_loss_after'] / d['eval_loss_before'] - 1, 0)}), exported bf16 model "
             f"{d['export_eval_loss_plain_transformers']:.3f} in plain transformers; "
-            f"eval + training {d['seconds_eval_and_train']:.0f} s, whole process {data['wall_s']:.0f} s; "
+            f"eval + training {d['seconds_eval_and_train']:.0f} s, whole process {data['wall_s']:.0f} s"
+            + (f" (load average {data['loadavg_before']:.1f} -> {data['loadavg_after']:.1f})"
+               if "loadavg_before" in data else "") + "; "
             f"peak tensors {d['peak_tensor_bytes'] / MIB:.0f} MiB ({d['device']})")
     return Figure("`qlowrank demo` (SmolLM2-135M, NF4, r=16)", text, "demo.json", data["date"][:10], data["command"])
 
@@ -400,7 +402,8 @@ def render_install_demo() -> str:
         lines += [
             f"- [demo.json](../benchmarks/demo.json) ({data['date'][:10]}, {d['device']}): evaluation, the "
             f"{d['steps']} steps and evaluation again take {d['seconds_eval_and_train']:.0f} s, the whole process "
-            f"{data['wall_s']:.0f} s;",
+            f"{data['wall_s']:.0f} s" + (f" (load average {data['loadavg_before']:.1f} -> {data['loadavg_after']:.1f} "
+                                        f"on {data['machine']})" if "loadavg_before" in data else "") + ";",
             f"- held-out eval loss {d['eval_loss_before']:.3f} -> {d['eval_loss_after']:.3f} "
             f"({pct(d['eval_loss_after'] / d['eval_loss_before'] - 1, 0)}); the exported bf16 checkpoint, loaded with "
             f"plain transformers, scores {d['export_eval_loss_plain_transformers']:.4f};",
