@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import errno
 import json
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import transformers
@@ -82,12 +85,33 @@ def test_user_error_is_one_line_exit_2_without_traceback(folders):
                           "Expecting property name enclosed in double quotes: line 1 column 25 (char 24)\n"
 
 
-def test_a_library_refusing_a_users_folder_is_named_as_a_user_error(folders, capsys):
-    # transformers raises the ValueError; qlowrank's call site names the folder, so it stays a user error.
-    assert main(["data", "--data", str(folders / "rows.jsonl"), "--model", str(folders / "no-tokenizer")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith(f"qlowrank data: error: {folders / 'no-tokenizer'}: transformers cannot load a tokenizer")
+def _damaged_dataset(root: Path) -> Path:
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(root / "saved")
+    arrow = next((root / "saved").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    return root / "saved"
+
+
+def _corrupt_gguf(root: Path) -> Path:
+    # Version 3, no tensors, one key whose length field says 2**63 bytes.
+    (root / "corrupt.gguf").write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**63))
+    return root / "corrupt.gguf"
+
+
+def test_a_library_refusing_a_users_file_is_named_as_a_user_error(folders, capsys):
+    # transformers / datasets raise inside themselves; qlowrank's call site names the file, so it stays a user error.
+    rows, no_tokenizer = str(folders / "rows.jsonl"), folders / "no-tokenizer"
+    cases = [(["data", "--data", rows, "--model", str(no_tokenizer)],
+              f"qlowrank data: error: {no_tokenizer}: transformers cannot load a tokenizer"),
+             (["data", "--data", str(_damaged_dataset(folders)), "--model", str(folders / "mismatched")],
+              f"qlowrank data: error: {folders / 'saved'}: not a readable saved dataset (ArrowInvalid"),
+             (["estimate", "--model", str(_corrupt_gguf(folders))],   # a length past the file's end: not an OverflowError
+              f"qlowrank estimate: error: {folders / 'corrupt.gguf'}: truncated GGUF header")]
+    capsys.readouterr()   # save_to_disk's progress bar
+    for argv, line in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(line), err
 
 
 def test_internal_error_shows_its_last_frames_and_exits_1(folders):

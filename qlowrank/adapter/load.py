@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..model.load import load_tokenizer
 from ..model.surgery import add_lora, lora_layers, make_trainable_copy
 from ..model.tokens import DELTA, wrap_trainable_tokens
 from ..nn.experts import FrozenExperts, is_fused_experts
@@ -127,8 +128,7 @@ def _load_token_rows(model: nn.Module, tokens: dict, tensors: dict, config: dict
     if missing:
         raise ValueError(f"{adapter_dir}: no new-token rows for {missing} (an untied output head needs its own)")
     if (adapter_dir / "tokenizer_config.json").is_file():   # save_adapter stores the enlarged tokenizer too
-        from transformers import AutoTokenizer
-        state_of(model).tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+        state_of(model).tokenizer = load_tokenizer(adapter_dir)
 
 
 def _check_same_init(existing: dict, lora, seed: int, model: nn.Module, adapter_dir: Path) -> None:

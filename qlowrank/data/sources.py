@@ -55,7 +55,10 @@ def _open(path: Path):
             if not any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
                 raise SourceError(f"{path}: a data folder must be a dataset saved with `save_to_disk` "
                                   "(it has no dataset_info.json / dataset_dict.json)")
-            loaded = datasets.load_from_disk(str(path))
+            try:
+                loaded = datasets.load_from_disk(str(path))
+            except (OSError, ValueError, KeyError) as err:   # its files missing or damaged: raised inside datasets
+                raise SourceError(f"{path}: not a readable saved dataset ({type(err).__name__}: {err})") from err
             if isinstance(loaded, datasets.DatasetDict):
                 return _one_split(path, loaded)
             return loaded

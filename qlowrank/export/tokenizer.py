@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import transformers
 from torch import nn
 
 from ..model.gguf import load_gguf_tokenizer
+from ..model.load import load_tokenizer
 from ..state import state_of
 
 # Files that make up a Hugging Face tokenizer, copied as they are from the source folder.
@@ -67,7 +67,7 @@ def load_tokenizer_for(model: nn.Module, tokenizer: Any = None) -> Any:
                          "or load the model with qlowrank.load_model so its source is known")
     if found.gguf_file:
         return load_gguf_tokenizer(found.folder, found.gguf_file)
-    return transformers.AutoTokenizer.from_pretrained(str(found.folder))
+    return load_tokenizer(found.folder)   # names the folder if transformers cannot read it
 
 
 def save_tokenizer(model: nn.Module, folder: Path, tokenizer: Any = None) -> str | None:

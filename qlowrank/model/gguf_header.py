@@ -10,6 +10,7 @@ and 3: little-endian, 64-bit counts and string lengths).
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +23,28 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 
 
+def _truncated(handle: BinaryIO) -> ValueError:
+    return ValueError(f"{getattr(handle, 'name', 'GGUF file')}: truncated GGUF header")
+
+
+def _need(handle: BinaryIO, size: int) -> int:
+    """`size`, once the file is known to hold that many more bytes: a corrupt length or count is
+    refused here instead of reaching read() (OverflowError) or a loop over 2**64 items."""
+    if size > os.fstat(handle.fileno()).st_size - handle.tell():
+        raise _truncated(handle)
+    return size
+
+
 def _read(handle: BinaryIO, fmt: str):
     size = struct.calcsize(fmt)
     data = handle.read(size)
     if len(data) != size:
-        raise ValueError(f"{getattr(handle, 'name', 'GGUF file')}: truncated GGUF header")
+        raise _truncated(handle)
     return struct.unpack(fmt, data)[0]
 
 
 def _string(handle: BinaryIO) -> str:
-    return handle.read(_read(handle, "<Q")).decode("utf-8", errors="replace")
+    return handle.read(_need(handle, _read(handle, "<Q"))).decode("utf-8", errors="replace")
 
 
 def _value(handle: BinaryIO, kind: int):
@@ -42,12 +55,14 @@ def _value(handle: BinaryIO, kind: int):
     if kind == _ARRAY:
         item, count = _read(handle, "<I"), _read(handle, "<Q")
         if item == _STRING:   # a vocabulary or merges: skip, keep only the length
+            _need(handle, 8 * count)   # each string has at least its 8-byte length
             for _ in range(count):
-                handle.seek(_read(handle, "<Q"), 1)
+                handle.seek(_need(handle, _read(handle, "<Q")), 1)
             return _Skipped(count)
         if item in _SCALARS:
             fmt = _SCALARS[item]
-            return list(struct.unpack("<" + fmt[1] * count, handle.read(struct.calcsize(fmt) * count)))
+            return list(struct.unpack("<" + fmt[1] * count, handle.read(_need(handle, struct.calcsize(fmt) * count))))
+        _need(handle, count)   # each value has at least one byte
         return [_value(handle, item) for _ in range(count)]
     raise ValueError(f"{getattr(handle, 'name', 'GGUF file')}: unknown GGUF value type {kind}")
 

@@ -343,5 +343,5 @@ def load_tokenizer(path_or_id: str | os.PathLike, gguf_file: str | None = None):
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder))
     except (ValueError, OSError) as err:   # raised inside transformers: name the folder, keep the cause for --debug
-        raise ValueError(f"{folder}: transformers cannot load a tokenizer from it ({err}); a model folder needs "
-                         "tokenizer.json (or its tokenizer's vocabulary files) beside config.json") from err
+        raise ValueError(f"{folder}: transformers cannot load a tokenizer from it ({err}); the folder needs "
+                         "tokenizer.json (or its tokenizer's vocabulary files)") from err
