@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from qlowrank import LoraConfig
-from qlowrank.cli.errors import FAILED, INTERNAL, LAST_FRAMES, USER, kind_of
+from qlowrank.cli.errors import FAILED, INTERNAL, LAST_FRAMES, OUT_OF_MEMORY_HINT, USER, kind_of, report
 from qlowrank.cli.main import main
 from qlowrank.data.example import DataError
 from qlowrank.train import NonFiniteLossError
@@ -50,6 +50,14 @@ def test_kind_follows_who_raised_it():
     assert kind_of(_raised(_disk_full)) == FAILED                             # the OS refused a write
     assert kind_of(DataError("rows.jsonl:3: bad row")) == USER                # qlowrank's error types, wherever raised
     assert kind_of(NonFiniteLossError("the loss is nan at step 4")) == FAILED
+    assert kind_of(_raised(lambda: bytearray(2**62))) == FAILED               # out of memory: the run does not fit
+    assert kind_of(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) == FAILED
+
+
+def test_out_of_memory_is_one_line_saying_how_to_fit(capsys):
+    assert report("train", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) == 1
+    assert capsys.readouterr().err == ("qlowrank train: error: CUDA out of memory. Tried to allocate 2.00 GiB "
+                                       f"(out of memory: {OUT_OF_MEMORY_HINT})\n")
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +155,13 @@ def test_debug_prints_the_full_traceback(folders, capsys, monkeypatch):
     monkeypatch.setenv("QLOWRANK_DEBUG", "1")
     assert main(["estimate", "--model", broken]) == 2
     assert "Traceback (most recent call last):" in capsys.readouterr().err
+
+
+def test_a_loss_that_becomes_nan_is_one_line_exit_1(workdir, tmp_path, capsys):
+    # lr 1e30 drives the first update's weights to inf, so step 2's loss is NaN: a real run, stopped.
+    argv = ["train", "--model", str(workdir / "model"), "--data", str(workdir / "data.jsonl"), "--out",
+            str(tmp_path / "out"), "--steps", "3", "--seq", "32", "--batch", "2", "--lr", "1e30", "--no-progress"]
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("qlowrank train: error: the loss is nan at step 2; training stopped before applying it")
+    assert not any("Traceback" in line for line in lines)

@@ -5,7 +5,8 @@ Three kinds, told apart by who raised what (see `kind_of`):
 - a user error (a bad path, data row, flag value, config or adapter file; a budget too small): one line
   on stderr, exit 2. qlowrank's own checks raise these; the line names the thing and what to do.
 - a failure qlowrank understands (a write that failed on a full disk or a read-only folder, a loss that
-  became NaN): one line, exit 1. Nothing is wrong with the input or the code; the line says what to do.
+  became NaN, memory that ran out): one line, exit 1. Nothing is wrong with the input or the code; the
+  line says what to do.
 - anything else (a KeyError, a RuntimeError raised inside torch mid-step, a ValueError raised inside
   transformers): "internal error", the innermost frames of its traceback, exit 1.
 
@@ -28,6 +29,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 LAST_FRAMES = 4
 
 USER, FAILED, INTERNAL = "user", "failed", "internal"
+OUT_OF_MEMORY_HINT = ("`qlowrank train --dry-run` shows what the run needs; lower --batch or --seq, "
+                      "or let --batch auto --max-memory pick a layout that fits")
 EXIT_CODES = {USER: 2, FAILED: 1, INTERNAL: 1}
 
 
@@ -69,9 +72,15 @@ def kind_of(err: BaseException) -> str:
     own_class = type(err).__module__.split(".")[0] == "qlowrank"
     if isinstance(err, (ValueError, FileNotFoundError, FileExistsError)) and (own_class or raised_in_qlowrank(err)):
         return USER
-    if own_class or (isinstance(err, OSError) and err.errno is not None):
-        return FAILED   # NaN loss, a write refused by the OS: the message is the whole story
+    if own_class or (isinstance(err, OSError) and err.errno is not None) or out_of_memory(err):
+        return FAILED   # NaN loss, a write refused by the OS, a run too big: the message is the whole story
     return INTERNAL
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Python's MemoryError or torch's (CUDA) OutOfMemoryError: the run does not fit, nothing is broken."""
+    torch = sys.modules.get("torch")   # not imported: torch raised nothing
+    return isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
 
 
 def debugging(args: argparse.Namespace | None = None) -> bool:
@@ -87,10 +96,13 @@ def report(command: str, err: BaseException, debug: bool = False) -> int:
     elif kind == INTERNAL:
         print("Traceback (innermost frames; --debug or QLOWRANK_DEBUG=1 prints all):", file=sys.stderr)
         print(last_frames(err), end="", file=sys.stderr)
+    message = one_line(err)
     if kind == INTERNAL:
-        print(f"qlowrank {command}: internal error: {type(err).__name__}: {one_line(err)}", file=sys.stderr)
+        named = f"{type(err).__name__}: {message}" if message != type(err).__name__ else message
+        print(f"qlowrank {command}: internal error: {named}", file=sys.stderr)
     else:
-        print(f"qlowrank {command}: error: {one_line(err)}", file=sys.stderr)
+        hint = f" (out of memory: {OUT_OF_MEMORY_HINT})" if out_of_memory(err) else ""
+        print(f"qlowrank {command}: error: {message}{hint}", file=sys.stderr)
     return EXIT_CODES[kind]
 
 
