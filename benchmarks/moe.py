@@ -41,7 +41,7 @@ def config(shape: str, layers: int):
         return transformers.GptOssConfig(
             vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=layers,
             num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
-            layer_types=["sliding_attention", "full_attention"] * (layers // 2))
+            layer_types=(["sliding_attention", "full_attention"] * layers)[:layers])
     raise ValueError(shape)
 
 
@@ -281,6 +281,237 @@ def heap(seq: int) -> dict:
     return rows
 
 
+def child_probe(folder: str, seq: int) -> dict:
+    """`qlowrank train` in this process, with /proc and glibc's heap counters (mallinfo2, all arenas) sampled
+    together: at the anonymous peak, how much is in the heaps in use, in the heaps free, and mmapped."""
+    import threading
+
+    from qlowrank.cli.main import main
+    from qlowrank.heap import heap_statistics
+    from qlowrank.memory.sampler import read_status
+    from qlowrank.model import checkpointing
+
+    fields = ("RssAnon", "arena", "uordblks", "fordblks", "hblkhd")
+    best: dict[str, dict[str, int]] = {"load": {}, "train": {}}
+    phase = ["load"]
+    series: list[list[float]] = []
+    stop = threading.Event()
+    begin = time.time()
+    pin = checkpointing.pin_mmap_threshold
+
+    def pinned(*args) -> bool:   # the trainer pins the threshold once, as its training set-up ends
+        phase[0] = "train"
+        return pin(*args)
+
+    checkpointing.pin_mmap_threshold = pinned
+
+    def sample() -> None:
+        while not stop.is_set():
+            now = {**read_status(), **heap_statistics()}
+            series.append([round(time.time() - begin, 2), *(round(now.get(k, 0) / GIB, 3) for k in fields)])
+            last = best[phase[0]]
+            if now.get("RssAnon", 0) > last.get("RssAnon", 0):
+                # malloc_info walks every free chunk: only when the peak has grown by 64 MiB since the last one
+                fresh = now["RssAnon"] > last.get("arenas_at", 0) + 64 * 2**20
+                best[phase[0]] = {**now, "seconds": round(time.time() - begin, 2),
+                                  "arenas": heap_arenas() if fresh else last.get("arenas"),
+                                  "arenas_at": now["RssAnon"] if fresh else last["arenas_at"]}
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    code = main(train_flags(folder, seq))
+    stop.set()
+    thread.join()
+    peaks = {name: {**{k: (round(v / GIB, 3) if k != "seconds" else v) for k, v in row.items()
+                       if k in (*fields, "seconds")}, "arenas (heap, free) GiB": row.get("arenas")}
+             for name, row in best.items()}
+    return {"exit": code, "peaks_gib": peaks, "series": series[::max(1, len(series) // 60)]}
+
+
+def heap_arenas() -> list[tuple[float, float]]:
+    """(bytes the arena holds, bytes free in it) in GiB for each glibc arena, from malloc_info's XML."""
+    import ctypes
+    import re
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    path = f"/tmp/qlowrank-malloc-info-{__import__('os').getpid()}.xml"
+    handle = libc.fopen(path.encode(), b"w")
+    libc.malloc_info(0, handle)
+    libc.fclose(handle)
+    text = Path(path).read_text()
+    Path(path).unlink()
+    rows = []
+    for heap in re.findall(r'<heap nr="\d+">(.*?)</heap>', text, re.S):
+        held = int(re.search(r'<system type="current" size="(\d+)"', heap).group(1))
+        free = sum(int(x) for x in re.findall(r'<total type="(?:fast|rest)" count="\d+" size="(\d+)"', heap))
+        rows.append((round(held / GIB, 3), round(free / GIB, 3)))
+    return rows
+
+
+# --replay: lone MoE blocks (Qwen3-MoE's, random weights), experts of each shape's size but fewer of them,
+# n = tokens x top-k / experts = 64 (Qwen3-30B-A3B's at seq 1024) or 128 (gpt-oss-20b's): hidden, intermediate,
+# experts, top-k, tokens, blocks, LoRA on the experts, bits (0: the bf16 stack kept)
+REPLAYS = {"qwen3-30b-a3b experts": (2048, 768, 32, 8, 256, 1, 1, 4), "no expert LoRA": (2048, 768, 32, 8, 256, 1, 0, 4),
+           "bf16 stack": (2048, 768, 32, 8, 256, 1, 1, 0), "2 blocks": (2048, 768, 32, 8, 256, 2, 1, 4),
+           "gpt-oss-20b experts": (2880, 2880, 8, 4, 256, 1, 1, 4), "gpt-oss no expert LoRA": (2880, 2880, 8, 4, 256, 1, 0, 4)}
+
+
+def child_replay(*shape: int) -> dict:
+    """Forward and checkpointed backward of lone FrozenExperts blocks under the pinned mmap threshold, twice:
+    the anonymous growth over the built blocks, and how much of it glibc holds free (not tensors)."""
+    import threading
+
+    import torch
+    import transformers
+    from torch.utils.checkpoint import checkpoint
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    import qlowrank as ql
+    from qlowrank.heap import heap_statistics, pin_mmap_threshold, release_free_heap
+    from qlowrank.memory.sampler import read_status
+    from qlowrank.nn.experts import freeze_experts
+
+    hidden, inter, experts, top_k, tokens, count, with_lora, bits = shape
+    cfg = transformers.Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts,
+                                      num_experts_per_tok=top_k, num_hidden_layers=1)
+    torch.manual_seed(0)
+    blocks = []
+    for _ in range(count):
+        block = modeling_qwen3_moe.Qwen3MoeSparseMoeBlock(cfg).to(torch.bfloat16).requires_grad_(False)
+        block.experts = freeze_experts(block.experts, ql.QuantConfig(bits=bits) if bits else None, "cpu", torch.bfloat16)
+        for name in block.experts.order if with_lora else ():
+            getattr(block.experts, name).add_lora(ql.LoraConfig(r=16, alpha=32, target_parameters=["experts"]), None)
+        blocks.append(block)
+    release_free_heap()
+    pin_mmap_threshold()
+    start, best, stop = {**read_status(), **heap_statistics()}, {}, threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            now = {**read_status(), **heap_statistics()}
+            if now["RssAnon"] > best.get("RssAnon", 0):
+                best.update(now)
+            stop.wait(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    for _ in range(2):
+        x = torch.randn(1, tokens, hidden).mul_(0.5).to(torch.bfloat16).requires_grad_(True)
+        for block in blocks:
+            x = x + checkpoint(block, x, use_reentrant=False)
+        x.float().pow(2).mean().backward()
+        del x
+        for block in blocks:
+            for param in block.parameters():
+                param.grad = None
+    stop.set()
+    thread.join()
+    dequant = experts * 3 * hidden * inter * 2 if bits else 0   # bf16 weights of every expert (gate, up, down)
+    growth = best["RssAnon"] - start["RssAnon"]
+    in_use = best["uordblks"] - start["uordblks"] + best["hblkhd"] - start["hblkhd"]
+    return {"growth_mib": round(growth / 2**20), "in_use_growth_mib": round(in_use / 2**20),
+            "held_free_mib": round((growth - in_use) / 2**20), "dequant_mib": round(dequant / 2**20),
+            "held_free_per_dequant_byte": round((growth - in_use) / dequant, 2) if dequant else None}
+
+
+def replay() -> dict:
+    rows = {}
+    for name, shape in REPLAYS.items():
+        rows[name] = {"shape": shape, **run_child("replay", *shape)}
+        print(name, rows[name], flush=True)
+    return rows
+
+
+def small_checkpoint(shape: str, layers: int, folder: Path, top_k: int | None = None) -> None:
+    """`layers` layers of `shape` with SmolLM2's vocabulary (49152), written by save_pretrained (per-expert tensors)."""
+    import torch
+    import transformers
+
+    cfg = config(shape, layers)
+    cfg.vocab_size = 49152
+    if top_k is not None:
+        cfg.num_experts_per_tok = top_k
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(folder)
+    write_tokenizer_and_data(folder)
+
+
+def probe(shape: str, layers: int, seqs: list[int], top_k: int | None, env: dict) -> dict:
+    """The trainer's anonymous peak split by glibc's counters, beside the --dry-run estimate, per sequence length."""
+    import os
+
+    with tempfile.TemporaryDirectory(prefix="qlowrank-moe-probe-") as tmp:
+        folder = Path(tmp)
+        small_checkpoint(shape, layers, folder, top_k)
+        rows = {}
+        for seq in seqs:
+            est = trainer_estimate(str(folder), seq)
+            measured = run_child("probe", folder, seq, env={**os.environ, **env})
+            rows[seq] = {"estimate_tensor_gib": round(est.total_bytes / GIB, 3),
+                         "estimate_process_gib": round(est.process_bytes / GIB, 3),
+                         "estimate_parts_gib": {k: round(v / GIB, 3) for k, v in est.process_breakdown.items()},
+                         "estimate_tensor_parts_gib": {k: round(v / GIB, 3) for k, v in est.breakdown.items()},
+                         **measured}
+            print(seq, {k: v for k, v in rows[seq].items() if k != "series"}, flush=True)
+    return rows
+
+
+FIT_SHAPE = "qwen3-30b-a3b"   # --fit-experts fits on this shape's training peaks; the other is held out
+
+
+def training_points(results: dict) -> list[tuple[str, int, int | None, int, float]]:
+    """(shape, layers, vocabulary (None: the shape's), seq, measured anonymous training peak GiB) in moe.json."""
+    points = []
+    for shape in ("qwen3-30b-a3b", "gpt-oss-20b"):
+        for key, row in results.get(shape, {}).items():
+            if key.startswith("trainer_seq"):   # the whole run's peak; its load peak is below (load_estimate too)
+                points.append((shape, results[shape]["layers"], None, int(key.removeprefix("trainer_seq")),
+                               row["anon_peak_gib"]))
+        for key, rows in results.get("probe", {}).items():
+            name, layers, *rest = key.split()
+            if name == shape and not rest and not rows["env"]:
+                points += [(shape, int(layers.removesuffix("L")), 49152, int(seq), row["peaks_gib"]["train"]["RssAnon"])
+                           for seq, row in rows.items() if seq != "env" and "peaks_gib" in row]
+    return points
+
+
+def fit_experts(results: dict) -> dict:
+    """Least squares of (measured - the estimate without expert_holes) = a D + b D (layers - 1) on FIT_SHAPE's
+    points, D the bytes one MoE layer's routed experts dequantize; every point's error with the fitted a, b."""
+    import numpy
+
+    from qlowrank.memory import process
+
+    rows, fit_x, fit_y = [], [], []
+    for shape, layers, vocab, seq, measured in training_points(results):
+        cfg = config(shape, layers)
+        cfg.vocab_size = vocab or cfg.vocab_size
+        est = estimate(cfg, seq, True, "cpu")
+        parts, dequant = est.process_breakdown, est.facts.expert_dequant_bytes
+        rest = (parts["training_peak"] - parts["expert_holes"]) / GIB
+        rows.append({"shape": shape, "layers": layers, "vocab": cfg.vocab_size, "seq": seq, "measured_gib": measured,
+                     "without_expert_holes_gib": round(rest, 3), "dequant_gib": round(dequant / GIB, 3),
+                     "held_out": shape != FIT_SHAPE})
+        if shape == FIT_SHAPE:
+            fit_x.append([dequant / GIB, dequant / GIB * (layers - 1)])
+            fit_y.append(measured - rest)
+    (first, later), *_ = numpy.linalg.lstsq(numpy.array(fit_x), numpy.array(fit_y), rcond=None)
+    for row in rows:
+        predicted = row["without_expert_holes_gib"] + row["dequant_gib"] * (first + later * (row["layers"] - 1))
+        current = row["without_expert_holes_gib"] + row["dequant_gib"] * (
+            process.CPU_EXPERT_HOLES + process.CPU_EXPERT_LAYER * (row["layers"] - 1))
+        predicted = float(predicted)
+        row.update(fitted_gib=round(predicted, 3), fitted_error=round(predicted / row["measured_gib"] - 1, 3),
+                   with_process_py_gib=round(current, 3), process_py_error=round(current / row["measured_gib"] - 1, 3))
+        print(row, flush=True)
+    return {"CPU_EXPERT_HOLES": round(float(first), 2), "CPU_EXPERT_LAYER": round(float(later), 2), "points": rows}
+
+
 def paper() -> dict:
     rows = {}
     layers = {"qwen3-30b-a3b": 48, "gpt-oss-20b": 24}
@@ -299,6 +530,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", choices=["qwen3-30b-a3b", "gpt-oss-20b"])
     parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--heap", action="store_true", help="one layer of Qwen3-30B-A3B under glibc settings")
+    parser.add_argument("--probe", choices=["qwen3-30b-a3b", "gpt-oss-20b"],
+                        help="split the trainer's peak by glibc's counters, at --layers layers (vocabulary 49152)")
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--top-k", type=int, help="--probe: experts per token (default: the shape's)")
+    parser.add_argument("--env", nargs="*", default=[], help="--probe: NAME=VALUE for the trainer's environment")
+    parser.add_argument("--tag", default="", help="--probe: a name for this run in the JSON")
+    parser.add_argument("--fit-experts", action="store_true", help="fit process.py's expert terms on moe.json's points")
+    parser.add_argument("--replay", action="store_true", help="lone MoE blocks: the heap kept per dequantized byte")
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args(argv)
     if args.child:
@@ -306,7 +545,11 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "write":
             print(json.dumps({"bytes": write_checkpoint(rest[0], Path(rest[1]))}))
         else:
-            job = {"load": child_load, "transformers": child_transformers, "train": child_train, "cli": child_cli}[kind]
+            if kind == "replay":
+                print(json.dumps(child_replay(*map(int, rest))))
+                return 0
+            job = {"load": child_load, "transformers": child_transformers, "train": child_train, "cli": child_cli,
+                   "probe": child_probe}[kind]
             print(json.dumps(job(rest[0], *map(int, rest[1:]))))
         return 0
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -317,6 +560,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"process {row['process_gib']} GiB (Unsloth: {row['unsloth_gb']} GB)")
     if args.heap:
         results["heap"] = heap(args.seqs[0])
+    if args.replay:
+        results["replay"] = replay()
+    if args.fit_experts:
+        results["expert_fit"] = fit_experts(results)
+        print({k: v for k, v in results["expert_fit"].items() if k != "points"})
+    if args.probe:
+        env = dict(item.split("=", 1) for item in args.env)
+        key = f"{args.probe} {args.layers}L" + (f" top{args.top_k}" if args.top_k else "") + (f" {args.tag}" if args.tag else "")
+        results.setdefault("probe", {})[key] = {"env": env, **probe(args.probe, args.layers, args.seqs, args.top_k, env)}
     if args.measure:
         results[args.measure] = measure(args.measure, args.seqs)
         print(json.dumps(results[args.measure], indent=1))

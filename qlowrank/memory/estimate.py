@@ -34,6 +34,7 @@ from ..model.surgery import add_lora, disable_lora
 from ..nn.layers import is_linear_like, linear_shape
 from ..nn.loss import causal_lm_loss
 from . import process as process_model
+from .expert_facts import expert_facts
 from .meta_model import (
     build_meta_model,
     fused_attention,
@@ -297,7 +298,8 @@ def _model_facts(model: nn.Module, config, step: _Step, sequences: int) -> dict:
                 # The peak falls in the first backward: trimmed only if that block trims first, i.e. when no
                 # block keeps its activations (kept blocks run their backward before any trim)
                 heap_trimmed=spec.checkpointing and not spec.keep_blocks and trims_before_backward(hidden),
-                blocks_trim=trims_before_backward(hidden))
+                blocks_trim=trims_before_backward(hidden),
+                **expert_facts(model, sequences * spec.seq_len, spec.quant.bits, spec.lora, spec.dtype))
 
 
 def _prepare(config, step: _Step, sequences: int) -> tuple[nn.Module, dict, list[torch.Tensor]]:

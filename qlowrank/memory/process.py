@@ -19,6 +19,7 @@ none is a share of the total model bytes unless the memory really grows with the
                  + LAYER_RESIDUE x layers x batch x seq x hidden x 2
                  + DEQUANT_KEPT x bf16 bytes of the dequantized weights below glibc's mmap ceiling
                  + INT8_KEPT x int8 bytes of the linears (8-bit bases, in place of TEMPORARIES_KEPT)
+                 + EXPERT_HOLES x the bytes one MoE layer's routed experts dequantize x (1 + EXPERT_LAYER x (MoE layers - 1))
     with the multipliers of one of two regimes: untrimmed, and trimmed (checkpointed blocks of
     3072+ width hand the heaps' free pages back before their backward, `qlowrank/heap.py`: no
     layer residue, and one layer's int8 bytes).
@@ -50,6 +51,17 @@ Why the terms (measured on the 2-core EPYC, glibc malloc, torch 2.13 CPU, bitsan
   8-bit base then holds about one more int8-sized copy of its linear weights beside the tensor
   estimate (INT8_KEPT): with it, an 8-bit base costs nearly as much process memory as a float
   one (2.2 vs 2.0 GiB at 2 layers of 8B width, seq 512), though its tensors are 20% smaller.
+- A mixture of experts dequantizes each routed expert's weights (megabytes) one expert at a time,
+  and on a CPU qlowrank pins glibc's mmap threshold at 16 MiB for it (`qlowrank/heap.py`), so they
+  come from the heaps. Where a pass saves tensors for backward (the recompute of a checkpointed
+  block), each expert's small saved tensors (its routed tokens, its LoRA intermediates) land in
+  the space the previous expert's freed weight left, and the next expert's weight no longer fits
+  there: the heap grows by about one dequantized expert per expert routed to (EXPERT_HOLES x the
+  layer's dequantized bytes), measured on a lone block (`benchmarks/moe.py --replay`: the freed
+  heap grows with the expert count and an expert's size, not with the layers; a float stack, read
+  in place, leaves almost none). The next block reuses those holes, but not all of them
+  (EXPERT_LAYER per further layer). The tensor estimate counts each dequantized weight once, as the
+  one transient it is.
 - Loading copies each tensor out of the mapped file, and quantizing the largest linear takes
   a few transient copies of it (bf16 copy, float32 upcast for NF4, float16 for LLM.int8).
 
@@ -94,6 +106,18 @@ CPU_DEQUANT_KEPT = 0.29
 # (untrimmed). Trimmed, it does not grow with depth: 2 -> 4 layers of 8B width added 94 MiB
 # beyond the tensors where this term said +416 MiB, hence one layer's bytes there.
 CPU_INT8_KEPT = 1.56
+# Mixtures of experts (the module docstring): heap bytes kept per byte that one MoE layer's routed experts
+# dequantize (`expert_facts.expert_facts`: experts hit x one expert's weights in the compute dtype), for the
+# first layer and per further layer. Fitted together on qlowrank train's anonymous peaks at the
+# Qwen3-30B-A3B shape (4-bit, LoRA r=16 on attention and experts, checkpointing, batch 1; `benchmarks/moe.py
+# --fit-experts` over the points it lists); gpt-oss-20b's shape held out. With the heaps trimmed before each
+# block's backward (hidden >= TRIM_MIN_HIDDEN) no earlier layer's holes survive: EXPERT_LAYER is then 0.
+CPU_EXPERT_HOLES = 1.41
+CPU_EXPERT_LAYER = 0.41
+# Without LoRA on the experts they save less for backward, so fewer holes are pinned: the share of the
+# holes a lone block kept without expert LoRA against with it (`benchmarks/moe.py --replay`: 0.57 at
+# Qwen3-30B-A3B's expert size, 0.83 at gpt-oss-20b's), the mean taken. No trainer run measured it.
+CPU_EXPERT_NO_LORA_SHARE = 0.70
 # Loading: transient bytes per bf16 byte of the largest quantized linear (bf16 copy out of
 # the mapped file + the quantizer's upcast and scratch). A float base copies straight.
 CPU_LOAD_TRANSIENT = {4: 4.44, 8: 1.87, None: 0.0}
@@ -176,6 +200,9 @@ class ModelFacts:
     temporary_bytes: int = 0     # the temporaries' high-water mark in a forward/backward (not only at the peak)
     heap_trimmed: bool = False   # the heaps are trimmed before the peak: every block checkpointed and wide (qlowrank.heap)
     blocks_trim: bool = False    # every block trims the heaps before its backward (wide blocks on a CPU)
+    moe_layers: int = 0          # layers with fused MoE experts
+    expert_dequant_bytes: int = 0  # one MoE layer's routed experts' weights, dequantized (0: a float base)
+    expert_lora: bool = False    # LoRA on the experts (target_parameters)
 
 
 def prediction_margin(device: str, facts: ModelFacts | None = None) -> float:
@@ -197,6 +224,13 @@ def int8_kept_params(facts: ModelFacts) -> int:
     return facts.linear_params // max(1, facts.layers) if facts.heap_trimmed else facts.linear_params
 
 
+def expert_holes(facts: ModelFacts) -> int:
+    """Heap bytes the routed experts' dequantized weights leave behind (the module docstring)."""
+    later = 0 if facts.heap_trimmed else CPU_EXPERT_LAYER * max(0, facts.moe_layers - 1)
+    share = 1.0 if facts.expert_lora else CPU_EXPERT_NO_LORA_SHARE
+    return int(share * facts.expert_dequant_bytes * (CPU_EXPERT_HOLES + later))
+
+
 def training_terms(tensor_peak: int, facts: ModelFacts) -> dict[str, int]:
     """The anonymous training peak in parts (they sum to it); see the module docstring."""
     kept = CPU_TRIMMED_KEPT if facts.heap_trimmed else CPU_UNTRIMMED_KEPT
@@ -207,6 +241,7 @@ def training_terms(tensor_peak: int, facts: ModelFacts) -> dict[str, int]:
         "layer_residue": kept["layer_residue"] * facts.layers * facts.hidden_tokens * 2,
         "dequant_kept": kept["dequant"] * 2 * facts.heap_dequant_params if facts.bits in (4, 8) else 0,
         "int8_kept": kept["int8"] * int8_kept_params(facts) if facts.bits == 8 else 0,
+        "expert_holes": expert_holes(facts),
     }
     return {k: int(v) for k, v in terms.items()}
 
@@ -220,7 +255,7 @@ def load_terms(facts: ModelFacts) -> dict[str, int]:
 def process_breakdown(tensor_peak: int, device: str, facts: ModelFacts | None = None) -> dict[str, int]:
     """The process figure's parts. CUDA: context, tensors, allocator reserve. CPU: the training
     peak's anonymous parts (runtime, tensors, temporaries_kept, layer_residue,
-    dequant_kept, int8_kept: they sum to `training_peak`), then `training_peak` and `load_peak` (anonymous; the
+    dequant_kept, int8_kept, expert_holes: they sum to `training_peak`), then `training_peak` and `load_peak` (anonymous; the
     larger is `process_bytes`). The reclaimable pages are apart: `file_backed_bytes`."""
     if device == "cuda":
         reserve = int(tensor_peak * CUDA_RESERVE_RATIO)
