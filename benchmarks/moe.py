@@ -356,7 +356,7 @@ def heap_arenas() -> list[tuple[float, float]]:
 # --replay: lone MoE blocks (Qwen3-MoE's, random weights), experts of each shape's size but fewer of them,
 # n = tokens x top-k / experts = 64 (Qwen3-30B-A3B's at seq 1024) or 128 (gpt-oss-20b's): hidden, intermediate,
 # experts, top-k, tokens, blocks, LoRA on the experts, bits (0: the bf16 stack kept)
-REPLAYS = {"qwen3-30b-a3b experts": (2048, 768, 32, 8, 256, 1, 1, 4), "no expert LoRA": (2048, 768, 32, 8, 256, 1, 0, 4),
+REPLAYS = {"qwen3-30b-a3b experts": (2048, 768, 32, 8, 256, 1, 1, 4), "16 experts": (2048, 768, 16, 8, 128, 1, 1, 4), "no expert LoRA": (2048, 768, 32, 8, 256, 1, 0, 4),
            "bf16 stack": (2048, 768, 32, 8, 256, 1, 1, 0), "2 blocks": (2048, 768, 32, 8, 256, 2, 1, 4),
            "gpt-oss-20b experts": (2880, 2880, 8, 4, 256, 1, 1, 4), "gpt-oss no expert LoRA": (2880, 2880, 8, 4, 256, 1, 0, 4)}
 

@@ -19,7 +19,7 @@ none is a share of the total model bytes unless the memory really grows with the
                  + LAYER_RESIDUE x layers x batch x seq x hidden x 2
                  + DEQUANT_KEPT x bf16 bytes of the dequantized weights below glibc's mmap ceiling
                  + INT8_KEPT x int8 bytes of the linears (8-bit bases, in place of TEMPORARIES_KEPT)
-                 + EXPERT_HOLES x the bytes one MoE layer's routed experts dequantize x (1 + EXPERT_LAYER x (MoE layers - 1))
+                 + (EXPERT_HOLES + EXPERT_LAYER x (MoE layers - 1)) x the bytes one MoE layer's routed experts dequantize
     with the multipliers of one of two regimes: untrimmed, and trimmed (checkpointed blocks of
     3072+ width hand the heaps' free pages back before their backward, `qlowrank/heap.py`: no
     layer residue, and one layer's int8 bytes).
@@ -57,11 +57,11 @@ Why the terms (measured on the 2-core EPYC, glibc malloc, torch 2.13 CPU, bitsan
   block), each expert's small saved tensors (its routed tokens, its LoRA intermediates) land in
   the space the previous expert's freed weight left, and the next expert's weight no longer fits
   there: the heap grows by about one dequantized expert per expert routed to (EXPERT_HOLES x the
-  layer's dequantized bytes), measured on a lone block (`benchmarks/moe.py --replay`: the freed
-  heap grows with the expert count and an expert's size, not with the layers; a float stack, read
-  in place, leaves almost none). The next block reuses those holes, but not all of them
-  (EXPERT_LAYER per further layer). The tensor estimate counts each dequantized weight once, as the
-  one transient it is.
+  layer's dequantized bytes), seen on lone blocks (`benchmarks/moe.py --replay`: the heap held free
+  grows with the experts and an expert's size; a float stack, read in place, leaves almost none).
+  In the trainer each further MoE layer adds more (EXPERT_LAYER), though two lone blocks in a row
+  hold little more than one: fitted, not traced to an allocation. The tensor estimate counts each
+  dequantized weight once, as the one transient it is.
 - Loading copies each tensor out of the mapped file, and quantizing the largest linear takes
   a few transient copies of it (bf16 copy, float32 upcast for NF4, float16 for LLM.int8).
 
