@@ -129,6 +129,8 @@ def test_trainer_checkpoints_the_adapter_and_resumes_exactly(base, tmp_path):
     plain.save_model()
     assert (tmp_path / "plain" / "model.safetensors").is_file()
     assert not (tmp_path / "plain" / "adapter_config.json").exists()
+    with pytest.raises(ValueError, match="no qlowrank LoRA layers"):
+        QlowrankTrainer(model=transformers.AutoModelForCausalLM.from_pretrained(folder), args=plain.args)
 
 
 def test_sft_trainer_trains_float32_factors_and_saves_the_adapter(base, tmp_path):
