@@ -36,6 +36,9 @@ from torch.utils.checkpoint import (
 from ..heap import pin_mmap_threshold, release_before_backward
 from ..nn.experts import FrozenExperts
 from .inspect import repeated_blocks
+from .patches import hook_forward, patched_blocks, unhook_forward, unwrap_forward, wrap_forward
+
+CHECKPOINT, HEAP_TRIM = "checkpoint", "heap_trim"   # their names among a block's patches (model.patches)
 
 _aten = torch.ops.aten
 # Every fused attention kernel PyTorch dispatches F.scaled_dot_product_attention to.
@@ -84,6 +87,10 @@ def enable_gradient_checkpointing(
 ) -> int:
     """Recompute each block's activations in backward instead of storing them.
 
+    Each block also trims the heaps before its backward (`trim_heaps_before_backward`). Both are
+    per-block patches (`model.patches`) that compose with the others: a compiled block stays
+    compiled, around the checkpoint, whichever came first.
+
     Args:
         model: a transformers model (its blocks are found from `_no_split_modules`) or any
             nn.Module, in which case `block_types` names the repeated block class(es).
@@ -111,12 +118,10 @@ def enable_gradient_checkpointing(
                          f"keep between 0 (checkpoint all) and {len(blocks)} (checkpoint none)")
     blocks = blocks[:len(blocks) - keep_blocks]
     for block in blocks:
-        if not getattr(block, "_qlowrank_checkpointed", False):
-            block.forward = _checkpointed_forward(block.forward, keep_attention)
-            block._qlowrank_checkpointed = True
+        wrap_forward(model, block, CHECKPOINT, functools.partial(_checkpointed_forward, keep_attention=keep_attention))
     if hasattr(model, "config") and hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # a KV cache is useless in training and defeats recomputation
-    trim_heaps_before_backward(model, block_types)
+    _arrange_trims(model, block_types, owner=CHECKPOINT)
     return len(blocks)
 
 
@@ -124,9 +129,15 @@ def trim_heaps_before_backward(model: nn.Module, block_types: type | Sequence[ty
     """Have each block, checkpointed or not, trim glibc's heaps when the backward reaches its output
     (`heap.release_before_backward`: CPU blocks of TRIM_MIN_HIDDEN width and more; a no-op elsewhere).
 
-    `enable_gradient_checkpointing` and the Trainer call it; idempotent. Returns the number of blocks
-    it watches (0 when the model has no repeated blocks to find).
+    The Trainer calls it, and `enable_gradient_checkpointing` arranges the same trims as its own;
+    idempotent. `remove_heap_trims` withdraws this call's trims (those of checkpointing stay until
+    `disable_gradient_checkpointing`); the MoE mmap pin stays, as glibc cannot give its dynamic
+    threshold back. Returns the number of blocks it watches (0 when the model has no repeated blocks).
     """
+    return _arrange_trims(model, block_types, owner=HEAP_TRIM)
+
+
+def _arrange_trims(model: nn.Module, block_types: type | Sequence[type] | None, owner: str) -> int:
     experts = next((m for m in model.modules() if isinstance(m, FrozenExperts)), None)
     if experts is not None and next(experts.buffers()).device.type == "cpu":
         pin_mmap_threshold()   # routed experts fragment the heaps most (heap.py's docstring)
@@ -135,9 +146,13 @@ def trim_heaps_before_backward(model: nn.Module, block_types: type | Sequence[ty
     except ValueError:
         return 0
     for block in blocks:
-        if getattr(block, "_qlowrank_heap_trim", None) is None:
-            block._qlowrank_heap_trim = block.register_forward_hook(_release_before_backward)
+        hook_forward(model, block, HEAP_TRIM, _release_before_backward, owner)
     return len(blocks)
+
+
+def remove_heap_trims(model: nn.Module) -> int:
+    """Undo `trim_heaps_before_backward` on every block of `model`; returns from how many blocks."""
+    return sum(unhook_forward(model, block, HEAP_TRIM, HEAP_TRIM) for block in patched_blocks(model, HEAP_TRIM))
 
 
 def _release_before_backward(module: nn.Module, args, output) -> None:
@@ -148,8 +163,9 @@ def _release_before_backward(module: nn.Module, args, output) -> None:
 
 
 def disable_gradient_checkpointing(model: nn.Module) -> None:
-    """Undo `enable_gradient_checkpointing`."""
-    for block in model.modules():
-        if getattr(block, "_qlowrank_checkpointed", False):
-            del block.forward  # drop the instance attribute; the class's forward is back
-            block._qlowrank_checkpointed = False
+    """Undo `enable_gradient_checkpointing`: its recomputation and its heap trims. Other patches (a
+    compiled forward, the Trainer's `trim_heaps_before_backward`) stay as they are."""
+    for block in patched_blocks(model, CHECKPOINT):
+        unwrap_forward(model, block, CHECKPOINT)
+    for block in patched_blocks(model, HEAP_TRIM):
+        unhook_forward(model, block, HEAP_TRIM, CHECKPOINT)

@@ -22,6 +22,9 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .inspect import repeated_blocks
+from .patches import patched_blocks, unwrap_forward, wrap_forward
+
+COMPILE = "compile"   # its name among a block's patches (model.patches)
 
 
 def _eager_under_dispatch_modes(eager, compiled):
@@ -39,8 +42,9 @@ def _eager_under_dispatch_modes(eager, compiled):
 def compile_blocks(model: nn.Module, block_types: type | Sequence[type] | None = None, dynamic: bool | None = True) -> int:
     """Compile every repeated block of `model` in place with torch.compile (inductor).
 
-    Call it after `enable_gradient_checkpointing`: a block's checkpoint wrapper is then
-    compiled with it, so recomputation and the kept attention outputs are inside the graph.
+    A block's checkpoint wrapper (`enable_gradient_checkpointing`, before or after this) is
+    compiled with it, so recomputation and the kept attention outputs are inside the graph;
+    `uncompile_blocks` takes the compile off again and leaves the other patches (`model.patches`).
     Under a TorchDispatchMode (MemoryProfiler, estimate_memory) the blocks run eagerly, so
     memory is still measured op by op.
 
@@ -56,11 +60,17 @@ def compile_blocks(model: nn.Module, block_types: type | Sequence[type] | None =
     """
     blocks = repeated_blocks(model, block_types, what="compile_blocks")
     for block in blocks:
-        if not getattr(block, "_qlowrank_compiled", False):
-            eager = block.forward
-            block.forward = _eager_under_dispatch_modes(eager, torch.compile(eager, dynamic=dynamic))
-            block._qlowrank_compiled = True
+        wrap_forward(model, block, COMPILE, functools.partial(_compiled, dynamic=dynamic))
     return len(blocks)
+
+
+def uncompile_blocks(model: nn.Module) -> int:
+    """Undo `compile_blocks`: the blocks run eagerly again; returns how many were compiled."""
+    return sum(unwrap_forward(model, block, COMPILE) for block in patched_blocks(model, COMPILE))
+
+
+def _compiled(eager, dynamic: bool | None):
+    return _eager_under_dispatch_modes(eager, torch.compile(eager, dynamic=dynamic))
 
 
 def compiling_is_available() -> bool:

@@ -22,6 +22,7 @@ from ..config import LoraConfig, QuantConfig
 from ..heap import release_free_heap
 from ..nn.experts import freeze_experts, is_fused_experts
 from ..nn.layers import is_conv1d
+from ..state import state_of
 from .inspect import linear_layers, name_matches, output_head_names, set_submodule
 from .surgery import quantize_layer
 
@@ -123,8 +124,10 @@ class TensorSink:
         bias = parts.get("bias")
         bias = bias.to(settings.dtype) if bias is not None else None
         # LoftQ / PiSSA run here, on the one float weight in flight (quantize_layer decides).
-        new = quantize_layer(name, weight.to(settings.device), bias, settings.quant, settings.device,
-                             settings.lora, self.heads, settings.seed)
+        new, factors = quantize_layer(name, weight.to(settings.device), bias, settings.quant, settings.device,
+                                      settings.lora, self.heads, settings.seed)
+        if factors is not None:
+            state_of(self.model).init_factors[name] = factors
         new.fan_in_fan_out = is_conv1d(module)
         new.train(module.training)
         set_submodule(self.model, name, new)

@@ -79,7 +79,9 @@ def quantize_model(
             raise ValueError(f"cannot quantize {name}: its weight is on the meta device (load real weights first)")
         target = torch.device(device) if device is not None else module.weight.device
         weight = module.weight.t() if is_conv1d(module) else module.weight  # (out, in)
-        new = quantize_layer(name, weight, module.bias, quant, target, lora, keep, seed)
+        new, factors = quantize_layer(name, weight, module.bias, quant, target, lora, keep, seed)
+        if factors is not None:
+            state_of(model).init_factors[name] = factors
         new.fan_in_fan_out = is_conv1d(module)
         new.train(module.training)
         set_submodule(model, name, new)
@@ -95,11 +97,13 @@ def quantize_model(
 
 
 def quantize_layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, quant: QuantConfig,
-                   device: torch.device, lora: LoraConfig | None, heads: set[str], seed: int | None = None) -> nn.Module:
-    """One frozen quantized layer from its float (out, in) weight; LoftQ / PiSSA-initialised when it is a target."""
+                   device: torch.device, lora: LoraConfig | None, heads: set[str],
+                   seed: int | None = None) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor] | None]:
+    """One frozen quantized layer from its float (out, in) weight, and its LoftQ / PiSSA (A, B) when it is a
+    target of such an init (None otherwise): the caller records them in `state_of(model).init_factors`."""
     if lora is not None and lora.init in ("loftq", "pissa") and _is_target(name, lora, heads):
         return quantize_with_init(weight, bias, quant, lora.layer_config(name), device, layer_generator(seed or 0, name))
-    return quantlib.quantize_linear(weight, bias, quant, device)
+    return quantlib.quantize_linear(weight, bias, quant, device), None
 
 
 def _is_target(name: str, lora: LoraConfig, heads: set[str]) -> bool:
@@ -142,10 +146,12 @@ def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None = None) -> nn.
     for param in model.parameters():
         param.requires_grad_(False)
     saved = _modules_to_save(model, lora, {name for name, _ in targets})
+    factors = state_of(model).init_factors
     for name, module in targets:
-        wrapped = LoraLinear(module, lora.layer_config(name), name=name, seed=seed)
+        wrapped = LoraLinear(module, lora.layer_config(name), name=name, seed=seed, init_factors=factors.pop(name, None))
         wrapped.train(module.training)
         set_submodule(model, name, wrapped)
+    factors.clear()   # factors of layers this adapter does not target are of no use now
     for name in saved:
         make_trainable_copy(model, name)
     _add_parameter_lora(model, lora, seed)
@@ -281,11 +287,10 @@ def make_trainable_copy(model: nn.Module, name: str) -> nn.Module:
         getattr(module, leaf).requires_grad_(True)
     if any(id(p) in shared for p in module.parameters()) or _was_tied(model, name):
         model.config.tie_word_embeddings = False
-    if outer_dtype != torch.float32 and not getattr(module, "_qlowrank_dtype_hooks", False):
-        module.register_forward_pre_hook(_to_float32)
-        module.register_forward_hook(lambda mod, args, out, dtype=outer_dtype: _cast_output(out, dtype))
-        module._qlowrank_dtype_hooks = True
-    module.qlowrank_trainable_copy = True
+    hooks = state_of(model).dtype_hooks
+    if outer_dtype != torch.float32 and name not in hooks:
+        hooks[name] = (module.register_forward_pre_hook(_to_float32),
+                       module.register_forward_hook(lambda mod, args, out, dtype=outer_dtype: _cast_output(out, dtype)))
     return module
 
 

@@ -27,7 +27,6 @@ from . import quant as quantlib
 
 OVERSAMPLE = 8      # extra random directions of the randomized SVD (Halko et al.: 5-10 suffice)
 POWER_ITERS = 4     # power iterations: the quantization residual's spectrum decays slowly
-INIT_ATTRIBUTE = "qlowrank_init_factors"   # where a base layer carries its initial A, B to LoraLinear
 
 
 def layer_generator(seed: int, name: str) -> torch.Generator:
@@ -63,7 +62,8 @@ def _factors(matrix: torch.Tensor, rank: int, scaling: float, method: str,
 
 
 def quantize_with_init(weight: torch.Tensor, bias: torch.Tensor | None, quant: QuantConfig, lora: LoraConfig,
-                       device: torch.device | str, generator: torch.Generator) -> nn.Module:
+                       device: torch.device | str,
+                       generator: torch.Generator) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """The frozen base layer for one LoRA target under `lora.init` "loftq" or "pissa".
 
     Args:
@@ -75,7 +75,7 @@ def quantize_with_init(weight: torch.Tensor, bias: torch.Tensor | None, quant: Q
         generator: seeds the randomized SVD.
 
     Returns:
-        The base layer, carrying its initial (A, B) in `qlowrank_init_factors` for LoraLinear.
+        (the base layer, its initial (A (r, in), B (out, r))): `LoraLinear(init_factors=...)` takes the pair.
     """
     if lora.init not in ("loftq", "pissa"):
         raise ValueError(f"quantize_with_init is for init='loftq' or 'pissa', not {lora.init!r}")
@@ -95,8 +95,7 @@ def quantize_with_init(weight: torch.Tensor, bias: torch.Tensor | None, quant: Q
             a, b = _factors(target - quantlib.dequantize_weight(layer).to(target.device), lora.r, scaling, lora.svd,
                             generator)
             lowrank = scaling * (b @ a)
-    setattr(layer, INIT_ATTRIBUTE, (a.contiguous(), b.contiguous()))
-    return layer
+    return layer, (a.contiguous(), b.contiguous())
 
 
 def _base_layer(weight: torch.Tensor, bias: torch.Tensor | None, quant: QuantConfig, device) -> nn.Module:

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import LoraConfig
 from . import dora
 from . import quant as quantlib
-from .init import INIT_ATTRIBUTE, layer_generator, pissa_float_inplace
+from .init import layer_generator, pissa_float_inplace
 from .layers import is_conv1d, is_linear_like, linear_shape
 
 
@@ -35,9 +35,12 @@ class LoraLinear(nn.Module):
         name: the layer's path in the model (with `seed`, picks the layer's own generator).
         seed: None draws A from torch's global generator; an int from a generator seeded by
             (seed, name), reproducibly (a PiSSA SVD on a float base uses seed 0 for None).
+        init_factors: LoftQ / PiSSA's (A, B) for this layer, computed while it was quantized
+            (`nn.init.quantize_with_init`; `add_lora` passes what `quantize_model` recorded).
     """
 
-    def __init__(self, base_layer: nn.Module, config: LoraConfig, name: str = "", seed: int | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, config: LoraConfig, name: str = "", seed: int | None = None,
+                 init_factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         if not is_linear_like(base_layer):
             raise TypeError(
@@ -65,13 +68,12 @@ class LoraLinear(nn.Module):
         self.use_dora = config.use_dora
         for param in self.base_layer.parameters():
             param.requires_grad_(False)
-        self._init_factors(name, seed)
+        self._init_factors(name, seed, init_factors)
         if self.use_dora:
             # The magnitude starts at the row norms of the initial weight, so DoRA starts where LoRA does.
             self.lora_magnitude_vector = nn.Parameter(self.weight_norm().to(device))  # (out,)
 
-    def _init_factors(self, name: str, seed: int | None) -> None:
-        stashed = getattr(self.base_layer, INIT_ATTRIBUTE, None)
+    def _init_factors(self, name: str, seed: int | None, stashed: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         if self.init not in ("loftq", "pissa"):
             self.reset_lora_parameters(None if seed is None else layer_generator(seed, name))
             return
@@ -94,8 +96,6 @@ class LoraLinear(nn.Module):
         with torch.no_grad():
             self.lora_A.weight.copy_(a)
             self.lora_B.weight.copy_(b)
-        if hasattr(self.base_layer, INIT_ATTRIBUTE):
-            delattr(self.base_layer, INIT_ATTRIBUTE)
 
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
         """A random (Kaiming-uniform as in loralib, or N(0, 1/r)), B zero: the update starts at 0.
