@@ -31,7 +31,7 @@ def _pre_tokenizer_name(model: nn.Module, spec: dict) -> str:
     if "\\\\p{N}" in pre and "\\\\p{L}+" in pre:
         return "qwen2"
     if '"ByteLevel"' in pre:
-        return "gpt2"
+        return "gpt-2"   # llama.cpp's name for GPT-2's split ("gpt2" is its tokenizer model, and refused as a pre name)
     return "default"
 
 
