@@ -284,7 +284,7 @@ def preference() -> Figure | None:
             f"reward margin {dpo['before']['eval_rewards/margins']:.3f} -> {dpo['after']['eval_rewards/margins']:.3f}, "
             f"log-prob accuracy {dpo['logp_accuracy_before']:.2f} -> {dpo['logp_accuracy_after']:.2f}; SFT held-out "
             f"loss {sft['held_out_loss_before']:.3f} -> {sft['held_out_loss_after']:.3f}")
-    return Figure("Preference tuning", text, "preference.json", dated(data, "-"),
+    return Figure("Preference tuning", text, "preference.json", dated(data, "2026-12-07"),
                   data.get("command", "python examples/preference.py --out benchmarks/preference.json"))
 
 
