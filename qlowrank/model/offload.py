@@ -12,6 +12,10 @@ saves a block's inputs through these hooks), so the GPU then holds about one blo
 whatever the depth, and the host holds layers x batch x seq x hidden x 2 bytes. Without
 checkpointing every saved activation moves, which costs PCIe traffic of the whole forward's.
 
+It patches no module: entered around a forward, before or after the per-block patches
+(`model.patches`: checkpointing, compile, heap trims) and left before or after they come off, it
+composes with them (tests/test_patches.py runs every order on a CPU, where the copies are real).
+
 Left on the device: parameters (the optimizer and the next forward need them where they are),
 tensors below `min_bytes` (norm statistics and LoRA's rank-r intermediates: a copy each costs
 more than their bytes are worth), and tensors on other devices (on a CPU run nothing moves).
