@@ -212,3 +212,21 @@ def test_a_forward_replaced_behind_the_patches_back_is_refused_by_name():
     model.model.layers[0].forward = lambda *args, **kwargs: None   # as another library's wrapper would
     with pytest.raises(RuntimeError, match="LlamaDecoderLayer was replaced after qlowrank patched it"):
         ql.disable_gradient_checkpointing(model)
+
+
+def test_nothing_of_qlowrank_sits_on_the_modules(monkeypatch):
+    """PiSSA factors reach add_lora through the state, and the patches live there too: after quantizing,
+    adapting and patching, the only qlowrank attribute on any module is the model's state."""
+    model = tiny_model("llama")
+    lora = ql.LoraConfig(r=4, init="pissa")
+    ql.quantize_model(model, ql.QuantConfig(bits=4, compute_dtype=torch.float32), lora=lora, seed=0)
+    factors = dict(state_of(model).init_factors)
+    assert factors and all(".layers." in name for name in factors)   # one (A, B) per target
+    ql.add_lora(model, lora, seed=0)
+    assert state_of(model).init_factors == {}
+    for name, layer in ql.lora_layers(model):
+        assert torch.equal(layer.lora_A.weight, factors[name][0]) and torch.equal(layer.lora_B.weight, factors[name][1])
+    ql.enable_gradient_checkpointing(model)
+    trim_heaps_before_backward(model)
+    found = {(name, key) for name, module in model.named_modules() for key in module.__dict__ if "qlowrank" in key}
+    assert found == {("", "qlowrank_state")}
