@@ -5,11 +5,13 @@ lora_b) is exported four ways: the merged safetensors checkpoint, the merged f32
 (B = 0: dequant(NF4) alone) and the adapter GGUF. llama.cpp must give the merged safetensors export's
 transformers logits from the merged GGUF, and the same logits from the base GGUF with the adapter applied
 (`Llama(..., lora_path=...)`), which checks the adapter's names, shapes, alpha and folded scales as llama.cpp
-reads them. Skipped where llama-cpp-python is not installed (`pip install 'qlowrank[llama]'`).
+reads them; llama.cpp's own adapter loader reads the adapter's type, architecture and alpha back. Skipped
+where llama-cpp-python is not installed (`pip install 'qlowrank[llama]'`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 import transformers
 from conftest import random_lora_b, rel_error, tiny_tokenizer
 from test_gguf_families import CONFIGS as DENSE_CONFIGS
+from test_gguf_families import GGUF_ARCH
 from test_gguf_moe import _config as moe_config
 
 import qlowrank as ql
@@ -44,6 +47,7 @@ LORA = dict(r=4, alpha=6, alpha_pattern={"down_proj": 5})
 MOE_LORA = dict(LORA, target_parameters=["experts", "router"])
 TOKENS = 20
 GELU_FAMILIES = ("gemma2", "gemma3")
+ARCH = {**GGUF_ARCH, "qwen3_moe": "qwen3moe", "mixtral": "llama", "gpt_oss": "gpt-oss"}
 
 
 def _config(family: str, vocab: int) -> transformers.PretrainedConfig:
@@ -127,3 +131,31 @@ def test_llamacpp_applies_the_adapter_gguf_to_its_base_as_the_merged_gguf(family
     assert rel_error(base, merged) >= ADAPTER_EFFECT_FLOOR   # the adapter matters
     with_adapter = llamacpp_logits(root / "base.gguf", tokens, lora=root / "adapter.gguf")
     assert rel_error(with_adapter, merged) <= _tolerance(family)
+
+
+def llamacpp_adapter_metadata(base, adapter) -> tuple[dict[str, str], dict[str, str]]:
+    """The adapter's metadata as llama.cpp's own adapter loader reads it (llama_adapter_lora_init), and the base's."""
+    llm = llama_cpp.Llama(model_path=str(base), n_ctx=32, verbose=False)
+    handle = llama_cpp.llama_adapter_lora_init(llm._model.model, str(adapter).encode())
+    assert handle is not None, f"llama.cpp refused {adapter}"
+    buffer = ctypes.create_string_buffer(256)
+    try:
+        metadata = {}
+        for index in range(llama_cpp.llama_adapter_meta_count(handle)):
+            llama_cpp.llama_adapter_meta_key_by_index(handle, index, buffer, len(buffer))
+            key = buffer.value.decode()
+            llama_cpp.llama_adapter_meta_val_str_by_index(handle, index, buffer, len(buffer))
+            metadata[key] = buffer.value.decode()
+        return metadata, dict(llm.metadata)
+    finally:
+        llama_cpp.llama_adapter_lora_free(handle)
+        llm.close()
+
+
+@pytest.mark.parametrize("family", DENSE + MOE)
+def test_llamacpp_reads_the_adapter_gguf_type_architecture_and_alpha(family, bundles):
+    root, _ = bundles(family)
+    metadata, base = llamacpp_adapter_metadata(root / "base.gguf", root / "adapter.gguf")
+    assert metadata["general.type"] == "adapter" and metadata["adapter.type"] == "lora"
+    assert float(metadata["adapter.lora.alpha"]) == LORA["alpha"]   # without it llama.cpp would scale by 1
+    assert metadata["general.architecture"] == base["general.architecture"] == ARCH[family]
