@@ -109,8 +109,8 @@ def test_gpu_all_says_there_is_no_gpu_and_stops_at_once():
 
 
 @pytest.mark.skipif(_has_gpu(), reason="with a GPU the scripts measure")
-@pytest.mark.parametrize("script", ["gpu_memory.py", "gpu_vs_peft.py"])
-def test_gpu_scripts_refuse_to_run_without_cuda(script):
-    done = subprocess.run([sys.executable, str(BENCH / script)], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
+@pytest.mark.parametrize("command", [["gpu_memory.py"], ["gpu_vs_peft.py"], ["demo.py", "--device", "cuda"]])
+def test_gpu_scripts_refuse_to_run_without_cuda(command):
+    done = subprocess.run([sys.executable, str(BENCH / command[0]), *command[1:]], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
     assert done.returncode == 1 and "needs an NVIDIA GPU" in done.stderr, done.stderr[-2000:]
