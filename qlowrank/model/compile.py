@@ -42,8 +42,8 @@ def _eager_under_dispatch_modes(eager, compiled):
 def compile_blocks(model: nn.Module, block_types: type | Sequence[type] | None = None, dynamic: bool | None = True) -> int:
     """Compile every repeated block of `model` in place with torch.compile (inductor).
 
-    A block's checkpoint wrapper (`enable_gradient_checkpointing`, before or after this) is
-    compiled with it, so recomputation and the kept attention outputs are inside the graph;
+    The compile wraps a block's checkpoint wrapper (`enable_gradient_checkpointing`, before or
+    after this; `model.patches.WRAP_ORDER` says why and what dynamo makes of it today);
     `uncompile_blocks` takes the compile off again and leaves the other patches (`model.patches`).
     Under a TorchDispatchMode (MemoryProfiler, estimate_memory) the blocks run eagerly, so
     memory is still measured op by op.

@@ -24,8 +24,11 @@ from torch.utils.hooks import RemovableHandle
 
 from ..state import state_of
 
-# Forward wrappers from the block outwards. Compile sits outside the checkpoint, so a compiled
-# block's graph holds its recompute and kept attention outputs, whichever was installed first.
+# Forward wrappers from the block outwards, whichever was installed first. Compile sits outside the
+# checkpoint, where `compile_blocks` after `enable_gradient_checkpointing` always put it. With torch
+# 2.13 and transformers 5.25 dynamo breaks the graph at the checkpoint there (transformers' output
+# hooks mutate a variable inside it) and the block runs eagerly; inside the checkpoint it compiles
+# (benchmarks/compile_order.py, compile_order.json). The order stays until a timed run says which pays.
 WRAP_ORDER = ("checkpoint", "compile")
 
 Wrap = Callable[[Callable], Callable]   # the forward below -> the forward that wraps it
