@@ -16,6 +16,7 @@ from qlowrank.cli.main import build_parser, main
 from qlowrank.cli.train import resolve_options
 from qlowrank.config import RunSpec, TrainConfig
 from qlowrank.planner import plan
+from qlowrank.train import Trainer
 
 MIB = 2**20
 
@@ -64,3 +65,23 @@ def test_fits_means_one_thing_at_every_budget_around_the_boundary(run, capsys):
         assert ("\nfits in --max-memory" in printed) is expected and ("does NOT fit" in printed) is not expected
         assert _planner_fits(spec, budget) is expected, budget
         assert will_it_fit.fits(spec, budget) is expected, budget
+
+
+def test_the_trainer_lays_out_checkpointing_as_the_spec_says(tmp_path):
+    """Trainer(model, spec) reads the spec: its loop, and its checkpointing unless the blocks have some already."""
+    from conftest import doc_examples, tiny_tokenizer, train_config, trainable_model
+
+    from qlowrank.model.checkpointing import CHECKPOINT
+    from qlowrank.model.patches import patched_blocks
+
+    tok = tiny_tokenizer()
+    examples = doc_examples(tok, 4)
+    for checkpointing, keep, expected in ((True, 0, 2), (True, 1, 1), (False, 0, 0)):
+        model = trainable_model(tok)
+        spec = RunSpec(train=train_config(tmp_path, steps=1), checkpointing=checkpointing, keep_blocks=keep,
+                       device="cpu")
+        trainer = Trainer(model, spec, examples)
+        assert len(patched_blocks(model, CHECKPOINT)) == expected and trainer.config is spec.train
+    model = trainable_model(tok, checkpointing=True)   # the user's own layout stays: all 2 blocks
+    Trainer(model, RunSpec(train=train_config(tmp_path, steps=1), keep_blocks=1, device="cpu"), examples)
+    assert len(patched_blocks(model, CHECKPOINT)) == 2

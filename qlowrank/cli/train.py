@@ -153,7 +153,6 @@ def planned_steps(args: argparse.Namespace, sequences: int, world: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model.checkpointing import enable_gradient_checkpointing
     from ..model.load import load_model
     from ..train import Trainer
     from ..train.parallel import local_device
@@ -176,11 +175,9 @@ def run(args: argparse.Namespace) -> int:
         spec = apply_plan(args, spec, distributed=world > 1, steps=planned_steps(args, len(train), world))
     model = load_model(spec.model, quant=spec.quant, lora=spec.lora, device=local_device(args.device),
                        dtype=spec.dtype, seed=spec.train.seed)
-    if spec.checkpointing:
-        enable_gradient_checkpointing(model, **options.checkpointing(spec))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     # SIGTERM / SIGINT end training with TrainingInterrupted; cli.main turns it into 143 / 130.
-    trainer = Trainer(model, spec, train, held, pad_token_id=pad)
+    trainer = Trainer(model, spec, train, held, pad_token_id=pad)   # checkpoints the blocks as the spec says
     result = trainer.train(resume=args.resume)
     merged = Path(args.out) / "merged" if args.export else None
     if merged is not None:   # every rank takes part (FSDP gathers the base one block at a time); rank 0 writes

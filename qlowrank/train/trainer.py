@@ -28,9 +28,10 @@ from torch import nn
 from ..adapter import save_adapter
 from ..config import RunSpec, TrainConfig
 from ..data import Example
-from ..model.checkpointing import trim_heaps_before_backward
+from ..model.checkpointing import CHECKPOINT, enable_gradient_checkpointing, trim_heaps_before_backward
 from ..model.compile import compile_blocks
 from ..model.packing import check_packed_attention
+from ..model.patches import patched_blocks
 from .checkpoint import (
     Checkpointed,
     find_resumable,
@@ -69,7 +70,8 @@ class Trainer:
 
     Args:
         model: a model with LoraLinear layers (add_lora or load_model(lora=...)).
-        config: the run (`RunSpec`: the Trainer reads its `train` loop), or only its TrainConfig.
+        config: the run (`RunSpec`: the Trainer runs its `train` loop and, unless the model's blocks are
+            checkpointed already, its checkpointing layout), or only its TrainConfig.
         train: training examples (load_examples / pack_examples).
         eval: held-out examples for eval loss and perplexity (may be empty).
         pad_token_id: id used to pad batches (its labels are always -100).
@@ -96,6 +98,9 @@ class Trainer:
         self.layout = BatchLayout(config.batch_size, self.world, self.rank, config.grad_accum, fill=config.compile)
         self.sampler = Sampler(train, self.layout, config.seed, config.group_by_length)
         self.total_steps = config.steps or max(1, math.ceil(config.epochs * self.sampler.per_epoch / config.grad_accum))
+        if self.spec is not None and self.spec.checkpointing and not patched_blocks(model, CHECKPOINT):
+            enable_gradient_checkpointing(model, keep_attention=self.spec.keep_attention,
+                                          keep_blocks=self.spec.keep_blocks)   # the spec's layout, unless already set
         trim_heaps_before_backward(model)   # without checkpointing too (checkpointing arranged it already)
         if config.compile:
             compile_blocks(model)
