@@ -184,7 +184,6 @@ def test_preference_logp_accuracy_counts_each_pair(tiny_chat_model):
     assert preference.logp_accuracy(model, pairs, tok.pad_token_id, batch=4) == sum(wins) / len(wins)
 
 
-@pytest.mark.slow   # ~15 s of CPU even on the tiny model: 65 held-out pairs scored four times, two exports
 def test_preference_on_a_tiny_model(tiny_chat_model, tmp_path, capsys):
     out = tmp_path / "figures.json"
     example("preference").main(["--model", str(tiny_chat_model), "--work", str(tmp_path), "--out", str(out),
