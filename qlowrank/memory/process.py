@@ -108,12 +108,18 @@ CPU_DEQUANT_KEPT = 0.29
 CPU_INT8_KEPT = 1.56
 # Mixtures of experts (the module docstring): heap bytes kept per byte that one MoE layer's routed experts
 # dequantize (`expert_facts.expert_facts`: experts hit x one expert's weights in the compute dtype), for the
-# first layer and per further layer. Fitted together on qlowrank train's anonymous peaks at the
-# Qwen3-30B-A3B shape (4-bit, LoRA r=16 on attention and experts, checkpointing, batch 1; `benchmarks/moe.py
-# --fit-experts` over the points it lists); gpt-oss-20b's shape held out. With the heaps trimmed before each
+# first layer and per further layer. Fitted together (least squares, `benchmarks/moe.py --fit-experts`,
+# moe.json's "expert_fit") on qlowrank train's anonymous training peaks at the Qwen3-30B-A3B shape (4-bit,
+# LoRA r=16 on attention and experts, checkpointing, batch 1): 1 and 2 layers at seq 1024 (vocabulary 49152),
+# 4 layers at seq 1024 and 2048; each within 10% after the fit (-6.5%, +9.6%, -1.2%, -0.6%). Held out,
+# gpt-oss-20b's shape at seq 1024: 4 layers +8.2%, but 1 layer +43%: there its holes match only the copies
+# under the pinned threshold (down_proj, 15.8 MiB; gate_up's 31.6 MiB are mmapped), while from 1 to 4 layers
+# it grows per layer far more than Qwen3-30B-A3B's shape does. Neither is traced; counting every copy
+# over-estimates (the safe side). One layer's peak also moved between runs (whole runs of 3.6 and
+# 4.1 GiB at Qwen3-30B-A3B's shape). With the heaps trimmed before each
 # block's backward (hidden >= TRIM_MIN_HIDDEN) no earlier layer's holes survive: EXPERT_LAYER is then 0.
-CPU_EXPERT_HOLES = 1.41
-CPU_EXPERT_LAYER = 0.41
+CPU_EXPERT_HOLES = 1.98
+CPU_EXPERT_LAYER = 0.19
 # Without LoRA on the experts they save less for backward, so fewer holes are pinned: the share of the
 # holes a lone block kept without expert LoRA against with it (`benchmarks/moe.py --replay`: 0.57 at
 # Qwen3-30B-A3B's expert size, 0.83 at gpt-oss-20b's), the mean taken. No trainer run measured it.
