@@ -23,8 +23,8 @@ def qwen3_moe(experts: int = 16, top_k: int = 2, layers: int = 2, hidden: int = 
 EXPERT_LORA = ql.LoraConfig(r=4, alpha=8, target_parameters=["experts"])
 
 
-def facts_of(config, tokens: int, bits: int | None = 4, lora: ql.LoraConfig | None = EXPERT_LORA) -> dict:
-    return expert_facts(build_meta_model(config, torch.bfloat16), tokens, bits, lora, torch.bfloat16)
+def facts_of(config, tokens: int, bits: int | None = 4) -> dict:
+    return expert_facts(build_meta_model(config, torch.bfloat16), tokens, bits, torch.bfloat16)
 
 
 # The term is int() of a product: two figures that are equal in bytes may differ by the rounding
@@ -40,7 +40,7 @@ def holes(config, seq: int, quant=None, lora=EXPERT_LORA) -> int:
 def test_dequantized_bytes_are_the_routed_experts_weights_in_the_compute_dtype():
     facts = facts_of(qwen3_moe(experts=16, top_k=2, layers=3), tokens=64)
     # one expert: gate and up (2 x 32 x 64) and down (64 x 32), two bytes each; every expert is routed to
-    assert facts == {"moe_layers": 3, "expert_dequant_bytes": 16 * 3 * 32 * 64 * 2, "expert_lora": True}
+    assert facts == {"moe_layers": 3, "expert_dequant_bytes": 16 * 3 * 32 * 64 * 2}
 
 
 def test_fewer_assignments_than_experts_dequantize_only_the_experts_hit():
@@ -52,13 +52,8 @@ def test_a_float_base_and_a_dense_model_dequantize_nothing():
     assert facts_of(qwen3_moe(), tokens=64, bits=None)["expert_dequant_bytes"] == 0
     dense = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2)
-    assert facts_of(dense, tokens=64) == {"moe_layers": 0, "expert_dequant_bytes": 0, "expert_lora": False}
+    assert facts_of(dense, tokens=64) == {"moe_layers": 0, "expert_dequant_bytes": 0}
     assert holes(dense, seq=32, lora=ql.LoraConfig(r=4)) == 0
-
-
-def test_attention_only_lora_is_not_expert_lora():
-    assert not facts_of(qwen3_moe(), tokens=64, lora=ql.LoraConfig(r=4))["expert_lora"]
-    assert not facts_of(qwen3_moe(), tokens=64, lora=ql.LoraConfig(r=4, target_parameters=["router"]))["expert_lora"]
 
 
 def test_the_estimate_grows_with_the_experts_hit_until_every_expert_is():
@@ -91,15 +86,9 @@ def test_the_term_is_in_the_training_peak_and_absent_from_float_and_gpu_estimate
     assert "expert_holes" not in gpu.process_breakdown
 
 
-def test_without_expert_lora_fewer_holes_are_pinned():
-    config = qwen3_moe(layers=1)
-    assert holes(config, seq=64, lora=ql.LoraConfig(r=4)) == pytest.approx(
-        process.CPU_EXPERT_NO_LORA_SHARE * holes(config, seq=64), abs=ROUNDING_BYTES)
-
-
 def test_trimmed_heaps_keep_no_earlier_layers_holes():
-    facts = process.ModelFacts(moe_layers=4, expert_dequant_bytes=2**30, expert_lora=True)
-    trimmed = process.ModelFacts(moe_layers=4, expert_dequant_bytes=2**30, expert_lora=True, heap_trimmed=True)
+    facts = process.ModelFacts(moe_layers=4, expert_dequant_bytes=2**30)
+    trimmed = process.ModelFacts(moe_layers=4, expert_dequant_bytes=2**30, heap_trimmed=True)
     assert process.expert_holes(trimmed) == int(process.CPU_EXPERT_HOLES * 2**30)
     assert process.expert_holes(facts) == pytest.approx(
         2**30 * (process.CPU_EXPERT_HOLES + 3 * process.CPU_EXPERT_LAYER), abs=ROUNDING_BYTES)

@@ -299,7 +299,7 @@ def _model_facts(model: nn.Module, config, step: _Step, sequences: int) -> dict:
                 # block keeps its activations (kept blocks run their backward before any trim)
                 heap_trimmed=spec.checkpointing and not spec.keep_blocks and trims_before_backward(hidden),
                 blocks_trim=trims_before_backward(hidden),
-                **expert_facts(model, sequences * spec.seq_len, spec.quant.bits, spec.lora, spec.dtype))
+                **expert_facts(model, sequences * spec.seq_len, spec.quant.bits, spec.dtype))
 
 
 def _prepare(config, step: _Step, sequences: int) -> tuple[nn.Module, dict, list[torch.Tensor]]:

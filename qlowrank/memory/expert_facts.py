@@ -5,13 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import LoraConfig
-from ..model.surgery import expert_targets
 from ..nn.experts import expert_projections, is_fused_experts
 
 
-def expert_facts(model: nn.Module, tokens: int, bits: int | None, lora: LoraConfig | None,
-                 dtype: torch.dtype) -> dict:
+def expert_facts(model: nn.Module, tokens: int, bits: int | None, dtype: torch.dtype) -> dict:
     """`ModelFacts` fields of the fused experts of a (meta) model before quantization.
 
     `tokens` is batch x seq of one micro-batch. `expert_dequant_bytes` is, for one MoE layer,
@@ -21,7 +18,7 @@ def expert_facts(model: nn.Module, tokens: int, bits: int | None, lora: LoraConf
     """
     layers = [m for m in model.modules() if is_fused_experts(m)]
     if not layers:
-        return {"moe_layers": 0, "expert_dequant_bytes": 0, "expert_lora": False}
+        return {"moe_layers": 0, "expert_dequant_bytes": 0}
     first = layers[0]
     experts = first.down_proj.shape[0]
     config = getattr(model, "config", None)
@@ -29,5 +26,4 @@ def expert_facts(model: nn.Module, tokens: int, bits: int | None, lora: LoraConf
     weights = sum(getattr(first, name)[0].numel() for name in expert_projections(first))   # one expert's
     routed = min(experts, tokens * top_k)
     dequant = routed * weights * dtype.itemsize if bits in (4, 8) else 0
-    return {"moe_layers": len(layers), "expert_dequant_bytes": dequant,
-            "expert_lora": bool(lora is not None and lora.target_parameters and expert_targets(model, lora))}
+    return {"moe_layers": len(layers), "expert_dequant_bytes": dequant}

@@ -52,16 +52,19 @@ Why the terms (measured on the 2-core EPYC, glibc malloc, torch 2.13 CPU, bitsan
   estimate (INT8_KEPT): with it, an 8-bit base costs nearly as much process memory as a float
   one (2.2 vs 2.0 GiB at 2 layers of 8B width, seq 512), though its tensors are 20% smaller.
 - A mixture of experts dequantizes each routed expert's weights (megabytes) one expert at a time,
-  and on a CPU qlowrank pins glibc's mmap threshold at 16 MiB for it (`qlowrank/heap.py`), so they
-  come from the heaps. Where a pass saves tensors for backward (the recompute of a checkpointed
+  and on a CPU qlowrank pins glibc's mmap threshold at 16 MiB for it (`qlowrank/heap.py`), so the copies
+  under 16 MiB come from the heaps. Where a pass saves tensors for backward (the recompute of a checkpointed
   block), each expert's small saved tensors (its routed tokens, its LoRA intermediates) land in
   the space the previous expert's freed weight left, and the next expert's weight no longer fits
-  there: the heap grows by about one dequantized expert per expert routed to (EXPERT_HOLES x the
-  layer's dequantized bytes), seen on lone blocks (`benchmarks/moe.py --replay`: the heap held free
-  grows with the experts and an expert's size; a float stack, read in place, leaves almost none).
-  In the trainer each further MoE layer adds more (EXPERT_LAYER), though two lone blocks in a row
-  hold little more than one: fitted, not traced to an allocation. The tensor estimate counts each
-  dequantized weight once, as the one transient it is.
+  there: the heap grows with each expert routed to (EXPERT_HOLES x the layer's dequantized bytes).
+  Lone blocks show the mechanism but not its size (`benchmarks/moe.py --replay`, moe.json "replay"):
+  0.37-0.52 bytes held free per dequantized byte, growing with the experts (16 -> 32: 62 -> 149 MiB),
+  27 MiB for a float stack, which is read in place, and no more for two blocks than for one; with
+  or without LoRA on the experts the two shapes disagree (0.42x and 1.68x), so the term does not
+  tell them apart. In the trainer the same bytes come out about four times larger, and each
+  further MoE layer adds some (EXPERT_LAYER): fitted, not traced to an allocation (the trainer's
+  heap also holds what loading fragmented). The tensor estimate counts each dequantized weight
+  once, as the one transient it is.
 - Loading copies each tensor out of the mapped file, and quantizing the largest linear takes
   a few transient copies of it (bf16 copy, float32 upcast for NF4, float16 for LLM.int8).
 
@@ -120,10 +123,6 @@ CPU_INT8_KEPT = 1.56
 # block's backward (hidden >= TRIM_MIN_HIDDEN) no earlier layer's holes survive: EXPERT_LAYER is then 0.
 CPU_EXPERT_HOLES = 1.98
 CPU_EXPERT_LAYER = 0.19
-# Without LoRA on the experts they save less for backward, so fewer holes are pinned: the share of the
-# holes a lone block kept without expert LoRA against with it (`benchmarks/moe.py --replay`: 0.57 at
-# Qwen3-30B-A3B's expert size, 0.83 at gpt-oss-20b's), the mean taken. No trainer run measured it.
-CPU_EXPERT_NO_LORA_SHARE = 0.70
 # Loading: transient bytes per bf16 byte of the largest quantized linear (bf16 copy out of
 # the mapped file + the quantizer's upcast and scratch). A float base copies straight.
 CPU_LOAD_TRANSIENT = {4: 4.44, 8: 1.87, None: 0.0}
@@ -208,7 +207,6 @@ class ModelFacts:
     blocks_trim: bool = False    # every block trims the heaps before its backward (wide blocks on a CPU)
     moe_layers: int = 0          # layers with fused MoE experts
     expert_dequant_bytes: int = 0  # one MoE layer's routed experts' weights, dequantized (0: a float base)
-    expert_lora: bool = False    # LoRA on the experts (target_parameters)
 
 
 def prediction_margin(device: str, facts: ModelFacts | None = None) -> float:
@@ -233,8 +231,7 @@ def int8_kept_params(facts: ModelFacts) -> int:
 def expert_holes(facts: ModelFacts) -> int:
     """Heap bytes the routed experts' dequantized weights leave behind (the module docstring)."""
     later = 0 if facts.heap_trimmed else CPU_EXPERT_LAYER * max(0, facts.moe_layers - 1)
-    share = 1.0 if facts.expert_lora else CPU_EXPERT_NO_LORA_SHARE
-    return int(share * facts.expert_dequant_bytes * (CPU_EXPERT_HOLES + later))
+    return int(facts.expert_dequant_bytes * (CPU_EXPERT_HOLES + later))
 
 
 def training_terms(tensor_peak: int, facts: ModelFacts) -> dict[str, int]:
