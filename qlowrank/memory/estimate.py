@@ -109,7 +109,7 @@ class MemoryEstimate:
     @property
     def process_breakdown(self) -> dict[str, int]:
         """process_bytes in parts: CUDA: cuda_context, tensors, allocator_reserve; CPU: runtime,
-        tensors, temporaries_kept, layer_residue, dequant_kept, int8_kept (they
+        tensors, temporaries_kept, layer_residue, dequant_kept, int8_kept, expert_holes (they
         sum to training_peak), then training_peak and load_peak."""
         return process_model.process_breakdown(self.total_bytes, self.settings.get("device", "cpu"), self.facts)
 
