@@ -5,7 +5,8 @@ lora_b) is exported four ways: the merged safetensors checkpoint, the merged f32
 (B = 0: dequant(NF4) alone) and the adapter GGUF. llama.cpp must give the merged safetensors export's
 transformers logits from the merged GGUF, and the same logits from the base GGUF with the adapter applied
 (`Llama(..., lora_path=...)`), which checks the adapter's names, shapes, alpha and folded scales as llama.cpp
-reads them; llama.cpp's own adapter loader reads the adapter's type, architecture and alpha back. Skipped
+reads them; llama.cpp's own adapter loader reads the adapter's type, architecture and alpha back, and where
+its `llama-export-lora` tool is built, its merge of base + adapter has the merged GGUF's tensors. Skipped
 where llama-cpp-python is not installed (`pip install 'qlowrank[llama]'`).
 """
 
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -20,7 +24,7 @@ import torch
 import transformers
 from conftest import random_lora_b, rel_error, tiny_tokenizer
 from test_gguf_families import CONFIGS as DENSE_CONFIGS
-from test_gguf_families import GGUF_ARCH
+from test_gguf_families import GGUF_ARCH, RECONSTRUCTION_TOLERANCE, _tensors
 from test_gguf_moe import _config as moe_config
 
 import qlowrank as ql
@@ -159,3 +163,22 @@ def test_llamacpp_reads_the_adapter_gguf_type_architecture_and_alpha(family, bun
     assert metadata["general.type"] == "adapter" and metadata["adapter.type"] == "lora"
     assert float(metadata["adapter.lora.alpha"]) == LORA["alpha"]   # without it llama.cpp would scale by 1
     assert metadata["general.architecture"] == base["general.architecture"] == ARCH[family]
+
+
+# llama.cpp's `llama-export-lora` tool is not part of llama-cpp-python's wheel: point LLAMA_EXPORT_LORA at a build of it
+# (cmake -DLLAMA_BUILD_TOOLS=ON, target llama-export-lora) or put it on PATH.
+EXPORT_LORA = os.environ.get("LLAMA_EXPORT_LORA") or shutil.which("llama-export-lora")
+
+
+@pytest.mark.skipif(EXPORT_LORA is None, reason="llama.cpp's llama-export-lora is not built (LLAMA_EXPORT_LORA)")
+@pytest.mark.parametrize("family", DENSE + MOE)
+def test_llama_export_lora_merges_the_adapter_gguf_into_the_merged_gguf(family, bundles, tmp_path):
+    """llama.cpp's own merge of base + adapter has the merged GGUF's tensors (3-D experts included)."""
+    root, _ = bundles(family)
+    out = tmp_path / "merged_by_llama_cpp.gguf"
+    subprocess.run([EXPORT_LORA, "-m", str(root / "base.gguf"), "--lora", str(root / "adapter.gguf"), "-o", str(out)],
+                   check=True, capture_output=True)
+    theirs, ours = _tensors(out), _tensors(root / "merged.gguf")
+    assert theirs.keys() == ours.keys()
+    for name, value in ours.items():   # measured <= 1.5e-7 of the largest entry (Phi-3)
+        assert np.abs(theirs[name] - value).max() <= RECONSTRUCTION_TOLERANCE * np.abs(value).max(), name
