@@ -202,3 +202,36 @@ def test_config_inputs_and_errors(tmp_path):
         ql.estimate_memory(config, ql.QuantConfig(bits=4), None)
     with pytest.raises(ValueError, match="optimizer='lion'"):
         ql.estimate_memory(config, optimizer="lion")
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_estimate_counts_pairs_and_the_reference_forward_as_the_profiler_measures_them(objective):
+    """A preference step runs two sequences per pair through `sequence_log_probs` and, for DPO, a reference
+    forward with LoRA off first: the estimate of that spec equals the profiled peak of the trainer's own loss
+    module (the partial-checkpointing bound: byte-exact here, 1% for thread-dependent kernel workspaces)."""
+    from qlowrank.train import TrainConfig
+    from qlowrank.train.preference import Preference
+
+    config = tiny_config("llama")
+    config.max_position_embeddings = 128
+    pairs, seq = 2, 128
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    ql.quantize_model(model, ql.QuantConfig(bits=4))
+    ql.add_lora(model, ql.LoraConfig(r=8))
+    ql.enable_gradient_checkpointing(model)
+    model.train()
+    loss_module = Preference(objective).loss_module(model, chunk_tokens=64)
+    opt = torch.optim.AdamW(ql.lora_parameters(model), lr=1e-3)
+    ids = torch.randint(0, VOCAB, (2 * pairs, seq), generator=torch.Generator().manual_seed(1))
+    with ql.MemoryProfiler(model=model, optimizer=opt) as prof:
+        for _ in range(2):
+            loss_module(input_ids=ids, labels=ids).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    spec = ql.RunSpec(model=config, quant=ql.QuantConfig(bits=4), lora=ql.LoraConfig(r=8), seq_len=seq, device="cpu",
+                      train=TrainConfig(batch_size=pairs, objective=objective, chunk_tokens=64))
+    predicted = ql.estimate_memory(spec).total_bytes
+    sft = ql.estimate_memory(spec.with_train(objective="sft")).total_bytes
+    assert abs(predicted - prof.peak_bytes) / prof.peak_bytes <= PARTIAL_REL_ERROR, (predicted, prof.peak_bytes)
+    assert predicted > sft   # the pair's second sequence is counted

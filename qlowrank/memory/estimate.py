@@ -32,7 +32,7 @@ from ..model.checkpointing import enable_gradient_checkpointing
 from ..model.offload import OffloadActivations
 from ..model.surgery import add_lora, disable_lora
 from ..nn.layers import is_linear_like, linear_shape
-from ..nn.loss import causal_lm_loss
+from ..nn.loss import causal_lm_loss, sequence_log_probs
 from . import process as process_model
 from .expert_facts import expert_facts
 from .meta_model import (
@@ -223,7 +223,8 @@ def estimate_memory(
                          "config.json, .gguf file or a transformers config")
     config = load_config(spec.model)
     source_dtype = parse_dtype(quantized_from, "quantized_from") if quantized_from is not None else spec.dtype
-    step = _Step(spec, loss_fn or loss_for(spec.train.chunk_tokens), source_dtype, source_of(spec.model))
+    run_loss = pair_log_probs_loss(spec.train.chunk_tokens) if spec.pairs else loss_for(spec.train.chunk_tokens)
+    step = _Step(spec, loss_fn or run_loss, source_dtype, source_of(spec.model))
     cache: dict[int, MemoryEstimate] = {}
 
     def simulate(batch: int) -> MemoryEstimate:
@@ -243,6 +244,14 @@ def loss_for(chunk_tokens: int | None) -> LossFn:
     if chunk_tokens == DEFAULT_CHUNK_TOKENS:
         return chunked_loss_fn
     return functools.partial(_chunked_loss, chunk_tokens=chunk_tokens)
+
+
+def pair_log_probs_loss(chunk_tokens: int | None) -> LossFn:
+    """What a preference step computes for its loss: each sequence's summed log-prob of its tokens
+    (`nn.loss.sequence_log_probs`, the DPO / ORPO trainer's path, chunked at `chunk_tokens`)."""
+    def loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return sequence_log_probs(model, tokens, tokens, None, chunk_tokens)[0].sum()
+    return loss
 
 
 def _chunked_loss(model: nn.Module, tokens: torch.Tensor, chunk_tokens: int) -> torch.Tensor:

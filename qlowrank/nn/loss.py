@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import DEFAULT_CHUNK_TOKENS  # rows of logits alive at once (one definition, with the options)
 
@@ -178,3 +179,36 @@ def causal_lm_loss(
         return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
     outputs = model.base_model(**inputs)
     return chunked_cross_entropy(outputs[0], head.weight, labels, head.bias, chunk_tokens, reduction)
+
+
+def _token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()                                # (c, V)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (c,)
+
+
+def sequence_log_probs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None,
+                       chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob of each row's labelled tokens, their number), both shape (N,).
+
+    Labels are aligned with input_ids (position t predicts labels[t + 1]); -100 counts for
+    nothing. With a plain output head the logits exist `chunk_tokens` rows at a time, and
+    backward recomputes each chunk's logits instead of keeping them (torch checkpoint).
+    """
+    targets = labels[:, 1:]                                     # (N, T-1)
+    mask = targets != IGNORE_INDEX
+    safe = targets.masked_fill(~mask, 0)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    head = plain_head(model) if chunk_tokens else None
+    if head is None:
+        logits = model(**inputs).logits[:, :-1].float()        # (N, T-1, V)
+        per_token = logits.gather(-1, safe[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    else:
+        hidden = model.base_model(**inputs)[0][:, :-1]          # (N, T-1, H)
+        flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), safe.reshape(-1)
+        pieces = [checkpoint(_token_log_probs, flat_h[s:s + chunk_tokens], head.weight, head.bias,
+                             flat_y[s:s + chunk_tokens], use_reentrant=False)
+                  for s in range(0, flat_h.shape[0], chunk_tokens)]
+        per_token = torch.cat(pieces).view(safe.shape)
+    return (per_token * mask).sum(-1), mask.sum(-1)
