@@ -140,7 +140,7 @@ def measure_writer(kind: str, out: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from qlowrank.export.plan import ExportEntry
+    from qlowrank.export.entries import ExportEntry
     from qlowrank.export.safetensors import _write_safetensors
 
     shape, count = (14336, 4096), 8

@@ -152,7 +152,7 @@ def main() -> None:
     started = time.perf_counter()
     loss_fn = None
     if args.chunked_loss:
-        from qlowrank.memory.estimate import chunked_loss_fn as loss_fn
+        from qlowrank.memory.estimator import chunked_loss_fn as loss_fn
     prof = profile_steps(model, optimizer, tokens, args.steps, loss_fn=loss_fn)
     seconds = (time.perf_counter() - started) / args.steps
     print(prof.table())

@@ -63,7 +63,7 @@ REFERENCES = {"merged_f32": ("merged_f32.gguf", False), "f16 + adapter": ("base_
 def train_and_export(work: Path, steps: int, seed: int) -> dict:
     """Train the adapter and write every GGUF the table compares (the B = 0 base first)."""
     import qlowrank as ql
-    from qlowrank.data.demo import build_conversations
+    from qlowrank.data.demo_rows import build_conversations
     from qlowrank.model.embedded import smollm2_gguf
     from qlowrank.train import TrainConfig, Trainer, load_examples
 

@@ -199,7 +199,7 @@ def child_cli(folder: str, seq: int) -> dict:
 def trainer_estimate(folder: str, seq: int):
     """What `qlowrank train --dry-run` predicts for exactly train_flags(folder, seq)."""
     from qlowrank.cli.main import build_parser
-    from qlowrank.cli.plan import estimate_for_args
+    from qlowrank.cli.sizing import estimate_for_args
     from qlowrank.cli.train import resolve_options
 
     parsed = resolve_options(build_parser().parse_args(train_flags(folder, seq)))

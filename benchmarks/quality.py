@@ -57,7 +57,7 @@ def worker(variant: str, seed: int, steps: int, eval_every: int) -> dict:
 
     import qlowrank as ql
     from qlowrank.cli.train import load_tokenizer
-    from qlowrank.data.demo import build_conversations
+    from qlowrank.data.demo_rows import build_conversations
     from qlowrank.model.embedded import smollm2_gguf
     from qlowrank.train import TrainConfig, Trainer, load_examples
 

@@ -58,7 +58,7 @@ def worker(policy: str, steps: int, out: Path) -> None:
 
     from qlowrank import LoraConfig, QuantConfig, enable_gradient_checkpointing, load_model
     from qlowrank.cli.train import load_tokenizer
-    from qlowrank.data.demo import build_conversations
+    from qlowrank.data.demo_rows import build_conversations
     from qlowrank.heap import heap_statistics as heap_stats
     from qlowrank.model.embedded import smollm2_gguf
     from qlowrank.train import Example, TrainConfig, Trainer, tokenize_row

@@ -36,7 +36,7 @@ def quick_adapter(model_path: str, out: Path) -> Path:
     """Train a LoRA adapter for a few steps on Python-docs chat pairs (a stand-in for a real fine-tune)."""
     import json
 
-    from qlowrank.data.demo import build_conversations
+    from qlowrank.data.demo_rows import build_conversations
     from qlowrank.train import TrainConfig, Trainer, load_examples
 
     tokenizer = ql.load_tokenizer(model_path)

@@ -28,7 +28,7 @@ from qlowrank.train import TrainConfig, Trainer, load_examples
 
 def write_pydoc_chat(folder: Path) -> tuple[Path, Path]:
     """A chat JSONL pair built from Python's own reference docs (held-out topics in the eval file)."""
-    from qlowrank.data.demo import build_conversations
+    from qlowrank.data.demo_rows import build_conversations
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = folder / "train.jsonl", folder / "eval.jsonl"

@@ -62,7 +62,7 @@ def pydoc_pairs(rows: list[dict]) -> list[dict]:
 
 def write_data(folder: Path) -> dict[str, Path]:
     """The SFT conversations and the DPO pairs (train and held-out topics) as JSONL files."""
-    from qlowrank.data.demo import build_conversations
+    from qlowrank.data.demo_rows import build_conversations
 
     train, held = build_conversations(eval_every=HOLD_OUT_EVERY)
     # Some topics repeat sections of others ("compound" holds the "if" statement): a held-out row

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import qlowrank as ql
-from qlowrank.memory.profile import profile_steps
+from qlowrank.memory.profiler import profile_steps
 from qlowrank.memory.report import format_bytes
 from qlowrank.memory.tracker import CATEGORIES
 

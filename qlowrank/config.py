@@ -23,7 +23,7 @@ _PRECISIONS = ("bf16", "fp32", "auto")
 OBJECTIVES = ("sft", "dpo", "orpo")
 
 # Optimizers the Trainer builds over the LoRA factors (train/optim.py) and the estimator models
-# (memory/estimate.py): torch's AdamW (two fp32 states), bitsandbytes' block-wise 8-bit AdamW,
+# (memory/estimator.py): torch's AdamW (two fp32 states), bitsandbytes' block-wise 8-bit AdamW,
 # plain or paged (its states may move to CPU memory under pressure; the same bytes), and SGD
 # without momentum (no state: the floor for full fine-tuning comparisons).
 TRAIN_OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")

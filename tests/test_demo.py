@@ -10,7 +10,7 @@ import pytest
 import transformers
 
 from qlowrank.data import tokenize_row
-from qlowrank.data.demo import build_conversations
+from qlowrank.data.demo_rows import build_conversations
 from qlowrank.nn.loss import IGNORE_INDEX
 
 pytestmark = pytest.mark.slow

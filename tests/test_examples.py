@@ -144,7 +144,7 @@ def test_multi_process_script_trains_on_two_processes(tiny_chat_model, tmp_path)
 
 
 def test_preference_pairs_hold_out_whole_topics(tmp_path):
-    from qlowrank.data.demo import build_conversations
+    from qlowrank.data.demo_rows import build_conversations
 
     preference = example("preference")
     train, held = build_conversations(eval_every=preference.HOLD_OUT_EVERY)

@@ -1,4 +1,5 @@
-"""Every function in qlowrank/ is at most 80 lines long and takes at most 10 parameters (`self` / `cls` aside).
+"""The size and naming rules: every function in qlowrank/ is at most 80 lines long and takes at most 10
+parameters (`self` / `cls` aside), and module names are unique and shadow no standard-library module.
 
 Beside tests/test_layering.py: the size rules the package keeps. A run's many choices travel as one
 `RunSpec` (config.py), which is what keeps the estimator, planner and trainer under these limits.
@@ -42,3 +43,15 @@ def test_the_rule_sees_a_long_wide_function(tmp_path):
     source = "def f(" + ", ".join(f"a{i}" for i in range(11)) + "):\n" + "    x = 1\n" * 89
     node = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef))
     assert node.end_lineno - node.lineno + 1 == 90 and _parameters(node) == 11
+
+
+def test_module_names_say_one_thing():
+    """No two modules in different rooms share a name, and none shadows a standard-library module
+    (`import inspect` inside the room must mean the standard one)."""
+    import sys
+    from collections import Counter
+
+    names = [path.stem for path in PACKAGE.rglob("*.py") if path.stem != "__init__"]
+    twice = sorted(name for name, count in Counter(names).items() if count > 1)
+    shadowing = sorted(set(names) & set(sys.stdlib_module_names))
+    assert not twice and not shadowing, f"rename: shared {twice}, shadowing the standard library {shadowing}"

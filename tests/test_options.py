@@ -18,7 +18,7 @@ from qlowrank.model.embedded import smollm2_gguf
 
 VARIANT = ["--dora", "--init", "pissa", "--train-modules", "lm_head"]
 # Flags of `train` that change memory beyond the adapter: accumulation keeps every LoRA gradient
-# alive across micro-batches, packing adds a block-diagonal mask (memory/estimate.py).
+# alive across micro-batches, packing adds a block-diagonal mask (memory/estimator.py).
 STEP = ["--grad-accum", "4", "--packing"]
 
 

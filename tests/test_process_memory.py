@@ -14,7 +14,7 @@ from conftest import tiny_config
 
 import qlowrank as ql
 from qlowrank.cli.main import main
-from qlowrank.memory.estimate import chunked_loss_fn
+from qlowrank.memory.estimator import chunked_loss_fn
 
 # The load phase's error: held-out median 2.4% (benchmarks/RESULTS.md, "Process memory, anonymous");
 # 15%, what this test held before the training-phase headroom grew, leaves room for the spread.

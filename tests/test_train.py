@@ -138,7 +138,7 @@ def test_epochs_set_the_step_count_and_every_example_is_seen_once_per_epoch(tmp_
 
 
 def test_a_rank_left_without_examples_gets_one_fully_masked_example():
-    from qlowrank.train.sampler import BatchLayout
+    from qlowrank.train.batching import BatchLayout
 
     examples = [Example([1, 2, 3], [1, 2, 3], "a"), Example([4, 5], [4, 5], "b"), Example([6], [6], "c")]
     first, second = (BatchLayout(batch_size=2, processes=2, rank=r, grad_accum=1) for r in (0, 1))

@@ -9,7 +9,7 @@ from .files import (
                     read_adapter_lora,
                     read_adapter_weights,
 )
-from .load import load_adapter
+from .attach import load_adapter
 from .save import save_adapter
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "QLOWRANK_SIDECAR", "base_bits", "load_adapter", "read_adapter_config",

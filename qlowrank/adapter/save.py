@@ -15,7 +15,7 @@ from ..config import QuantConfig
 from ..model.surgery import lora_layers
 from ..model.tokens import DELTA
 from ..state import state_of
-from .experts import parameter_factors, parameter_ranks, parameter_tensors, target_parameter_names
+from .expert_tensors import parameter_factors, parameter_ranks, parameter_tensors, target_parameter_names
 from .files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

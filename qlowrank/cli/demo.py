@@ -70,7 +70,7 @@ def _check_export(merged_dir: Path, held: list, question: str, max_new_tokens: i
 
 def _demo_data(out: Path, tokenizer, seq: int) -> tuple[list, list, str]:
     """Write the Q/A rows (train.jsonl, eval.jsonl) and read them back: (train, held-out, a held-out question)."""
-    from ..data.demo import build_conversations
+    from ..data.demo_rows import build_conversations
     from ..train import load_examples
 
     train_rows, eval_rows = build_conversations()

@@ -59,8 +59,8 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..memory.estimate import estimate_memory
-    from .plan import process_lines, verdict
+    from ..memory.estimator import estimate_memory
+    from .sizing import process_lines, verdict
 
     if args.full_logits_loss:
         args.chunk_tokens = 0
@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
 def _calibrated(args: argparse.Namespace, spec, estimate) -> int:
     """`estimate --calibrate`: the stand-ins' measured training peak, extrapolated, beside the analytic figure."""
     from ..memory.calibrate import calibrate_training_peak, stand_in_run
-    from ..memory.estimate import estimate_memory
+    from ..memory.estimator import estimate_memory
     from ..memory.meta_model import load_config
 
     import dataclasses
@@ -125,7 +125,7 @@ def _plan(args: argparse.Namespace, spec) -> int:
     """`estimate --plan`: the planner's table for these settings (timed here when --device is this machine's)."""
     import torch
 
-    from .plan import plan_layout
+    from .sizing import plan_layout
 
     here = spec.device_type == "cpu" or torch.cuda.is_available()
     if not here and not args.max_memory:

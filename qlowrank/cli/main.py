@@ -9,9 +9,10 @@ import sys
 from ..version import __version__
 from .errors import reporting_errors
 
-# Each module in qlowrank/commands/ defines register(subparsers), which adds its parser
-# and sets `func` (args -> exit code). Add a module here when its command is ready.
-COMMAND_MODULES: list[str] = ["estimate", "profile", "train", "demo", "export", "generate", "data"]
+# Each of these modules of qlowrank/cli/ defines register(subparsers), which adds its command's
+# parser and sets `func` (args -> exit code); `profile_memory` is `qlowrank profile` (a module named
+# `profile` would shadow the standard library's). Add a module here when its command is ready.
+COMMAND_MODULES: list[str] = ["estimate", "profile_memory", "train", "demo", "export", "generate", "data"]
 DEBUG_HELP = "print the full traceback of any error (also QLOWRANK_DEBUG=1)"
 
 

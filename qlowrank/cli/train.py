@@ -164,14 +164,14 @@ def run(args: argparse.Namespace) -> int:
     spec = run_spec(args)   # refuses what cannot run (offloading off CUDA, ...) before anything loads
     world = spec.processes
     if args.dry_run:
-        from .plan import apply_plan, dry_run
+        from .sizing import apply_plan, dry_run
         if args.batch == "auto":
             spec = apply_plan(args, spec, distributed=world > 1, steps=args.steps)
         return dry_run(args, spec)
     tokenizer = load_tokenizer(args.model)
     train, held = examples(args, tokenizer)
     if args.batch == "auto":   # after the data: whether compiling pays depends on how many steps it makes
-        from .plan import apply_plan
+        from .sizing import apply_plan
         spec = apply_plan(args, spec, distributed=world > 1, steps=planned_steps(args, len(train), world))
     model = load_model(spec.model, quant=spec.quant, lora=spec.lora, device=local_device(args.device),
                        dtype=spec.dtype, seed=spec.train.seed)

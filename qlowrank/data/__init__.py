@@ -5,7 +5,7 @@ from .example import DataError, Example, Fields
 from .layouts import FORMATS, LAYOUTS, Layout, detect
 from .readers import TEXT_SUFFIXES, read_rows
 from .stats import DataStats, end_of_turn_ids
-from .tokenize import load_examples, tokenize_row, tokenize_sample
+from .encode import load_examples, tokenize_row, tokenize_sample
 
 __all__ = ["DataError", "DataStats", "Example", "FORMATS", "Fields", "LAYOUTS", "LENGTH_GROUP_WINDOW", "Layout",
            "TEXT_SUFFIXES", "batch_width", "collate", "detect", "end_of_turn_ids", "epoch_order", "load_examples",

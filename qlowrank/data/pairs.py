@@ -21,7 +21,7 @@ from .example import DataError, Example, Fields
 from .layouts import Chat, Completion, Layout, Sample, chat_messages, detect, string_field
 from .readers import read_rows
 from .sources import is_table_source
-from .tokenize import tokenize_sample
+from .encode import tokenize_sample
 
 CHOSEN, REJECTED = "chosen", "rejected"   # TRL's field names for the two completions
 

@@ -1,6 +1,6 @@
 """Merged exports: dequantized safetensors checkpoints and GGUF files, planned once, probed for fidelity."""
 
-from .plan import ExportOptions, export_keys
+from .entries import ExportOptions, export_keys
 from .safetensors import export_merged
 
 __all__ = ["ExportOptions", "export_keys", "export_merged"]

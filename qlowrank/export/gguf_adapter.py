@@ -13,7 +13,7 @@ scale is not alpha / r (rsLoRA, a pattern) has the ratio folded into its lora_b,
 alpha / r * B' equals our scale * B for every layer, whatever reads the file.
 
 Layout. For the "llama" architecture llama.cpp stores q_proj / k_proj rows interleaved per
-rotary pair (export/gguf.py); B's rows are permuted the same way, since (P B) A = P (B A).
+rotary pair (export/gguf_writer.py); B's rows are permuted the same way, since (P B) A = P (B A).
 Gemma's `1 + w` norm offset concerns norms, which carry no LoRA. Mixtures of experts (Qwen3-MoE,
 Mixtral, gpt-oss): router LoRA is a 2-D pair on `ffn_gate_inp`; expert LoRA is written as 3-D pairs on `ffn_{gate,up,down}_exps`, lora_a
 (E, r, in) and lora_b (E, out, r), split as the merged export splits the stacks
@@ -42,7 +42,7 @@ from ..nn.experts import ExpertWeights
 from ..nn.lora import LoraLinear
 from ..nn.router import LoraRouter
 from ..state import state_of
-from .gguf import expert_namer, gguf_names, permute_rotary, rotary_heads
+from .gguf_writer import expert_namer, gguf_names, permute_rotary, rotary_heads
 from .gguf_adapter_experts import expert_lora_layers, expert_lora_tensors
 from .gguf_arch import gguf_family
 from .gguf_experts import experts_transposed

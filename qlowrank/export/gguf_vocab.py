@@ -1,6 +1,6 @@
 """A GGUF file's tokenizer: a byte-level BPE tokenizer (GPT-2 style) as llama.cpp's "gpt2" vocabulary, merges, special tokens and chat template.
 
-Shared by the merged GGUF export (export/gguf.py). SentencePiece-style tokenizers (BPE with
+Shared by the merged GGUF export (export/gguf_writer.py). SentencePiece-style tokenizers (BPE with
 byte fallback: Llama 2, Mistral 7B v0.1, Gemma) are refused with a clear error.
 """
 

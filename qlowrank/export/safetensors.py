@@ -28,8 +28,8 @@ from ..adapter import base_bits
 from ..atomic import staged_dir
 from ..heap import release_free_heap
 from ..model.load import open_safetensors
-from .gguf import write_gguf  # imports the optional `gguf` package only when called
-from .plan import DEFAULT_SHARD_BYTES, ExportEntry, ExportOptions, export_config, planned_entries
+from .gguf_writer import write_gguf  # imports the optional `gguf` package only when called
+from .entries import DEFAULT_SHARD_BYTES, ExportEntry, ExportOptions, export_config, planned_entries
 from .probe import probe_fidelity
 from .tokenizer import save_tokenizer
 
@@ -49,7 +49,7 @@ def export_merged(
         model: a transformers model with LoraLinear / bitsandbytes layers (or plain float).
         out_dir: the checkpoint directory; it appears only once complete.
         dtype: dtype of the exported weights (bf16, fp16 or fp32).
-        **options: the rest of `ExportOptions` (export/plan.py), by name:
+        **options: the rest of `ExportOptions` (export/entries.py), by name:
         base: a local float safetensors checkpoint (usually the one the model was loaded
             from): merge B A into its original weights instead of into dequant(W_q). The
             result keeps the original weights' precision but no longer reproduces the
@@ -64,7 +64,7 @@ def export_merged(
             `qlowrank_export_report.json` (export/probe.py).
         progress: show a tqdm bar per tensor.
         format: "safetensors" (a Hugging Face checkpoint directory) or "gguf" (`out_dir` is then
-            the .gguf file, see export/gguf.py; `dtype` is replaced by `gguf_type`).
+            the .gguf file, see export/gguf_writer.py; `dtype` is replaced by `gguf_type`).
         gguf_type: with format="gguf": f16, bf16, q8_0 or f32.
         before_tensor: called with each tensor's key just before it is computed, in the
             order of `export_keys(model)` (the trainer gathers that tensor's FSDP shard there).

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from ..model.gguf import load_gguf_tokenizer
+from ..model.gguf_reader import load_gguf_tokenizer
 from ..model.load import load_tokenizer
 from ..state import state_of
 

@@ -1,7 +1,7 @@
 """Memory: measure it (MemoryProfiler), predict it (estimate_memory), in shared categories."""
 
-from .estimate import MemoryEstimate, estimate_memory
-from .profile import MemoryProfiler, profile_steps
+from .estimator import MemoryEstimate, estimate_memory
+from .profiler import MemoryProfiler, profile_steps
 from .report import format_bytes, parse_bytes
 from .tracker import CATEGORIES
 

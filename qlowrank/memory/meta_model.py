@@ -254,7 +254,7 @@ def fused_attention(device_type: str) -> Iterator[None]:
 def replace_quantized_layers(model: nn.Module, quant: QuantConfig, device_type: str,
                              source_dtype: torch.dtype | None = None, skip: tuple[str, ...] = ()) -> int:
     """Swap every linear layer quantize_model would quantize for a MetaQuantLinear; returns the count."""
-    from ..model.inspect import linear_layers, name_matches, output_head_names, set_submodule
+    from ..model.structure import linear_layers, name_matches, output_head_names, set_submodule
     from ..nn.layers import linear_shape
 
     keep = output_head_names(model)

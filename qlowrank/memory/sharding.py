@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import SHARDINGS
-from ..model.inspect import find_block_types
+from ..model.structure import find_block_types
 
 
 def _bytes(tensors) -> int:

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import (
 
 from ..heap import pin_mmap_threshold, release_before_backward
 from ..nn.experts import FrozenExperts
-from .inspect import repeated_blocks
+from .structure import repeated_blocks
 from .patches import hook_forward, patched_blocks, unhook_forward, unwrap_forward, wrap_forward
 
 CHECKPOINT, HEAP_TRIM = "checkpoint", "heap_trim"   # their names among a block's patches (model.patches)

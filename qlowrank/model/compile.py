@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .inspect import repeated_blocks
+from .structure import repeated_blocks
 from .patches import patched_blocks, unwrap_forward, wrap_forward
 
 COMPILE = "compile"   # its name among a block's patches (model.patches)

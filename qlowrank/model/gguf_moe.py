@@ -15,7 +15,7 @@ processors are used wherever they read that layout:
   biases likewise.
 
 Expert tensors a processor assembles from several GGUF tensors wait in its `parsed_parameters`
-until the last arrives (model/gguf.py counts them): one layer's float stack at a time.
+until the last arrives (model/gguf_reader.py counts them): one layer's float stack at a time.
 """
 
 from __future__ import annotations

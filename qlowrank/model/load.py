@@ -4,7 +4,7 @@ For a safetensors checkpoint the model is built on the meta device (no float wei
 allocated), then the files are streamed one shard and one tensor at a time: each linear
 weight is quantized the moment it arrives and its float copy is dropped, so peak host RAM
 stays near the quantized model plus one (memory-mapped) shard instead of the whole float
-model. GGUF files are streamed the same way by `model/gguf.py` (one tensor dequantized at a
+model. GGUF files are streamed the same way by `model/gguf_reader.py` (one tensor dequantized at a
 time); `gguf_reader="transformers"` uses transformers' own GGUF reader instead, which
 dequantizes the whole file to float32 first.
 
@@ -290,7 +290,7 @@ def _load_safetensors(folder: Path, settings: LoadSettings, trust_remote_code: b
 
 
 def _load_gguf(folder: Path, name: str, settings: LoadSettings, reader: str) -> nn.Module:
-    from .gguf import NotStreamable, check_gguf_file, check_transformers_reads, load_gguf_streamed
+    from .gguf_reader import NotStreamable, check_gguf_file, check_transformers_reads, load_gguf_streamed
 
     if reader == "streamed":
         try:
@@ -337,7 +337,7 @@ def load_tokenizer(path_or_id: str | os.PathLike, gguf_file: str | None = None):
     """The tokenizer of a model directory, a `.gguf` file (transformers' reader), or a hub id."""
     folder, gguf_name = _resolve(path_or_id, gguf_file)
     if gguf_name is not None:
-        from .gguf import load_gguf_tokenizer
+        from .gguf_reader import load_gguf_tokenizer
 
         return load_gguf_tokenizer(folder, gguf_name)
     try:

@@ -23,7 +23,7 @@ from ..heap import release_free_heap
 from ..nn.experts import freeze_experts, is_fused_experts
 from ..nn.layers import is_conv1d
 from ..state import state_of
-from .inspect import linear_layers, name_matches, output_head_names, set_submodule
+from .structure import linear_layers, name_matches, output_head_names, set_submodule
 from .surgery import quantize_layer
 
 

@@ -23,7 +23,7 @@ from ..nn.layers import is_conv1d
 from ..nn.lora import LoraLinear
 from ..nn.router import LoraRouter, moe_routers
 from ..state import state_of
-from .inspect import inside_lora, linear_layers, name_matches, output_head_names, set_submodule
+from .structure import inside_lora, linear_layers, name_matches, output_head_names, set_submodule
 
 
 @dataclass(frozen=True)

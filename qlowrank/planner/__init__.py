@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable
 
 from ..config import RunSpec, spec_from_keywords
-from ..memory.estimate import MemoryEstimate, estimate_memory
+from ..memory.estimator import MemoryEstimate, estimate_memory
 from ..memory.meta_model import layer_count, load_config
 from ..memory.report import format_bytes
 from ..memory.sampler import available_host_bytes

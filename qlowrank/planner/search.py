@@ -16,7 +16,7 @@ model can keep its activations:
 Every candidate's memory is the process model's prediction (`process_bytes`), required to fit
 within the budget with the model's measured error on top (`prediction_margin`, which differs
 between the regimes of the process model: heaps trimmed before the peak or not), by
-`memory.estimate.fits_budget`, the test `MemoryEstimate.fits` makes too. Its time is the
+`memory.estimator.fits_budget`, the test `MemoryEstimate.fits` makes too. Its time is the
 calibrated step-time model (`timing.py`). The fastest candidate is chosen; the runner-up is
 reported beside it.
 """
@@ -27,7 +27,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..memory.estimate import fits_budget, required_bytes
+from ..memory.estimator import fits_budget, required_bytes
 from ..memory.report import format_bytes
 from ..model.offload import PINNED_ROUNDING
 from .compiling import CompileChoice

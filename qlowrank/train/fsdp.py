@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.inspect import find_block_types
+from ..model.structure import find_block_types
 from ..model.surgery import lora_layers
 from ..nn import quant as quantlib
 

@@ -4,7 +4,7 @@
     result = trainer.train()            # trainer.train(resume=True) continues from out/checkpoints
 
 The rooms around the loop: `parallel.py` (the strategy chosen once for the launch: Single,
-DDP or FSDP), `sampler.py` (which examples each rank trains on), `step.py` (one optimizer
+DDP or FSDP), `batching.py` (which examples each rank trains on), `step.py` (one optimizer
 step), `metrics.py` (what is logged and shown), `checkpoint.py`, `optim.py`, `signals.py`.
 bf16 autocast is applied by the loop itself (accelerate's mixed-precision state is
 process-global and cannot change between two trainers in one process).
@@ -47,7 +47,7 @@ from .optim import build_optimizer, build_scheduler
 from ..data.pairs import longest_side
 from .objective import objective_for
 from .parallel import choose_strategy
-from .sampler import BatchLayout, Sampler
+from .batching import BatchLayout, Sampler
 from .signals import StopRequested, StopSignals, TrainingInterrupted
 from .step import Padding, Stepper
 

@@ -79,8 +79,8 @@ def offloaded(loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..memory.estimate import estimate_memory, loss_for
-    from ..memory.profile import profile_steps
+    from ..memory.estimator import estimate_memory, loss_for
+    from ..memory.profiler import profile_steps
     from ..model.checkpointing import enable_gradient_checkpointing
     from ..model.load import load_model
     from ..train.optim import make_optimizer

@@ -5,7 +5,7 @@ ones the safetensors writer writes (`dequant(W_q) + scale * B @ A` in float32, f
 plan), cast once to the GGUF type. The file is written with the `gguf` package's writer,
 tensor by tensor (header and tensor table first, so no tensor waits in memory for the
 others), into a staging file renamed into place when complete. The fidelity probe reads the
-written file back one module at a time through model/gguf.py's streamed reader, which
+written file back one module at a time through model/gguf_reader.py's streamed reader, which
 undoes the file's conventions with transformers' own tensor processors: the probe checks
 our conventions against an independent implementation of them.
 
@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 from ..atomic import staged_file
-from ..model.gguf import model_tensors
+from ..model.gguf_reader import model_tensors
 from ..model.gguf_header import read_gguf_layout
 from ..model.stream import empty_model
 from .gguf_arch import GgufFamily, add_hparams, gguf_family, is_norm, reader_caveats
 from .gguf_experts import GgufPiece, expert_pieces, experts_transposed, is_expert_stack
 from .gguf_vocab import add_tokenizer
-from .plan import ExportEntry, ExportOptions, export_config, planned_entries
+from .entries import ExportEntry, ExportOptions, export_config, planned_entries
 from .probe import probe_fidelity
 from .tokenizer import load_tokenizer_for
 
@@ -220,7 +220,7 @@ def _write_tensors(gguf, writer, entries: list[ExportEntry], pieces: list[list[G
 class GgufWeights:
     """Reads one tensor of a written GGUF file by state-dict key, as float32 in HF's layout (the probe's WeightReader).
 
-    The file is read as the streamed reader reads it (model/gguf.py): memory-mapped (its pages
+    The file is read as the streamed reader reads it (model/gguf_reader.py): memory-mapped (its pages
     are file-backed, reclaimable), each call dequantizing the GGUF tensors of one key and
     handing them to transformers' tensor processor for the file's architecture, which undoes
     the rotary permutation, the norm offset and the expert split.

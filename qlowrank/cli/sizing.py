@@ -13,7 +13,7 @@ import os
 import torch
 
 from ..config import RunSpec
-from ..memory.estimate import MemoryEstimate, estimate_memory
+from ..memory.estimator import MemoryEstimate, estimate_memory
 from ..memory.report import format_bytes, parse_bytes
 from ..memory.sampler import available_host_bytes, read_status
 from . import options

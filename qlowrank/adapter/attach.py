@@ -15,7 +15,7 @@ from ..model.tokens import DELTA, wrap_trainable_tokens
 from ..nn.experts import FrozenExperts, is_fused_experts
 from ..nn.router import moe_routers
 from ..state import state_of
-from .experts import copy_parameter_factors, is_parameter_key
+from .expert_tensors import copy_parameter_factors, is_parameter_key
 from .files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
