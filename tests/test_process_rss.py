@@ -15,7 +15,7 @@ import transformers
 from conftest import planned_flags, tiny_tokenizer
 
 from qlowrank.cli.main import build_parser
-from qlowrank.cli.plan import estimate_for_args
+from qlowrank.cli.sizing import estimate_for_args
 from qlowrank.cli.train import resolve_options
 from qlowrank.memory.process import CPU_PREDICTION_MARGIN
 
