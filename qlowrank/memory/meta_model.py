@@ -207,11 +207,13 @@ class MetaChecks(TorchFunctionMode):
 
 @contextlib.contextmanager
 def fused_attention(device_type: str) -> Iterator[None]:
-    """Route F.scaled_dot_product_attention to the fused kernel `device_type` would run (and
-    let autocast calls on meta tensors pass) while the estimator simulates a step.
+    """Route F.scaled_dot_product_attention to the fused kernel `device_type` would run while the
+    estimator simulates a step.
 
     A function patch rather than a mode, because checkpoint recomputation in backward runs
-    outside any torch-function mode; the original function is restored on exit.
+    outside any torch-function mode; the original function is restored on exit, and any call
+    on tensors that are not meta passes to it unchanged. (Autocast needs no patch: qlowrank's
+    own code and transformers' `maybe_autocast` skip it on the meta device.)
     """
     original = F.scaled_dot_product_attention
 
@@ -232,23 +234,13 @@ def fused_attention(device_type: str) -> Iterator[None]:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, dropout_p, bool(is_causal), attn_mask=attn_mask, scale=scale)[0]
 
-    autocast, is_enabled = torch.autocast, torch.is_autocast_enabled
-
-    def meta_autocast(device_type, *args, **kwargs):
-        # autocast knows no "meta" device; code that switches it off explicitly still runs
-        return contextlib.nullcontext() if device_type == "meta" else autocast(device_type, *args, **kwargs)
-
-    def meta_is_autocast_enabled(*args):
-        return False if args and args[0] == "meta" else is_enabled(*args)
-
     F.scaled_dot_product_attention = sdpa
-    torch.autocast, torch.is_autocast_enabled = meta_autocast, meta_is_autocast_enabled
     try:
         with MetaChecks():
             yield
     finally:
         F.scaled_dot_product_attention = original
-        torch.autocast, torch.is_autocast_enabled = autocast, is_enabled
+
 
 
 def replace_quantized_layers(model: nn.Module, quant: QuantConfig, device_type: str,

@@ -11,7 +11,6 @@ names give PEFT's key layout (`<path>.lora_A.weight`) for free.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -22,6 +21,7 @@ from ..config import LoraConfig
 from . import dora
 from . import quant as quantlib
 from .init import layer_generator, pissa_float_inplace
+from .loss import autocast_off
 from .layers import is_conv1d, is_linear_like, linear_shape
 
 
@@ -124,8 +124,7 @@ class LoraLinear(nn.Module):
         """||W + scale B A|| per output row, float32, shape (out,), without gradient (DoRA section 4.3)."""
         device_type = self.lora_A.weight.device.type
         # float32 on purpose: under bf16 autocast B @ A would be rounded before the sum.
-        no_autocast = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
-        with torch.no_grad(), no_autocast:
+        with torch.no_grad(), autocast_off(device_type):
             return torch.linalg.vector_norm(self.base_weight() + self.delta_weight(), dim=1)
 
     @property

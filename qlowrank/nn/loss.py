@@ -11,6 +11,8 @@ logits never exist, and nothing has to be recomputed.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,12 @@ from torch.utils.checkpoint import checkpoint
 from ..config import DEFAULT_CHUNK_TOKENS  # rows of logits alive at once (one definition, with the options)
 
 IGNORE_INDEX = -100          # label value that contributes no loss (transformers' convention)
+AUTOCAST_DEVICES = ("cpu", "cuda")   # where torch.autocast exists (the estimator runs the same code on "meta")
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off on `device_type`; nothing to switch off where autocast does not exist (meta)."""
+    return torch.autocast(device_type, enabled=False) if device_type in AUTOCAST_DEVICES else contextlib.nullcontext()
 # Below this a float32 softmax entry has lost its relative precision (subnormal), so -log of it
 # is not the loss: those rows take logsumexp - logit instead (a logit gap of ~87 nats or more).
 SMALLEST_PROBABILITY = torch.finfo(torch.float32).tiny
@@ -33,7 +41,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_b = bias is not None and ctx.needs_input_grad[2]
         # Autocast is switched off inside: the dtypes below are chosen explicitly (compute_dtype
         # for the matmuls, float32 for softmax and the loss) so they do not depend on context.
-        with torch.autocast(hidden.device.type, enabled=False):
+        with autocast_off(hidden.device.type):
             w = weight.to(compute_dtype)                               # (V, H)
             b = bias.to(compute_dtype) if bias is not None else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -125,7 +133,7 @@ def chunked_cross_entropy(
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"expected hidden (B, T, H) and labels (B, T); got {tuple(hidden.shape)} and {tuple(labels.shape)}")
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = head_weight.dtype
