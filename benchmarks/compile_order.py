@@ -59,17 +59,22 @@ def measure(order: tuple[str, ...]) -> dict:
         step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         loss, grads = step()
-    names = [event.name for event in profile.events()]
     from torch._dynamo.utils import counters
     return {"wrap_order": list(order),
-            "graph_breaks": sorted({_reason(text) for text in counters["graph_break"]}),
-            "compiled_graph_calls": sum("CompiledFxGraph" in name for name in names),
-            "eager_linear_calls": sum(name == "aten::linear" for name in names),
+            "graph_breaks": sorted({break_reason(text) for text in counters["graph_break"]}),
+            **count_calls(profile),
             "loss_difference": abs(loss - eager_loss),
             "largest_gradient_difference": max(float((g - e).abs().max()) for g, e in zip(grads, eager_grads))}
 
 
-def _reason(text: str) -> str:
+def count_calls(profile) -> dict[str, int]:
+    """What a profiled step ran: calls of inductor's compiled graphs, and eager `aten::linear` calls."""
+    names = [event.name for event in profile.events()]
+    return {"compiled_graph_calls": sum("CompiledFxGraph" in name for name in names),
+            "eager_linear_calls": sum(name == "aten::linear" for name in names)}
+
+
+def break_reason(text: str) -> str:
     """A graph break's first line and dynamo's developer context (which names what broke it)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     context = [line for line in lines if line.startswith("Developer debug context")]

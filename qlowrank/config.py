@@ -231,8 +231,8 @@ class TrainConfig:
     profile_memory: bool = True         # measure the first step with MemoryProfiler
     progress: bool = True               # tqdm bar
     sharding: str | None = None         # one of SHARDINGS: None (one process, or DDP) | "fsdp"
-    compile: bool = False               # torch.compile each decoder block (compile.py): 7-15% faster steps on a
-                                        # CPU after a one-off compile of ~20 s; pays on runs of many minutes
+    compile: bool = False               # torch.compile each decoder block (compile.py): a one-off compile of ~40 s
+                                        # on a CPU; checkpointed blocks run eagerly (benchmarks/RESULTS.md)
     offload_activations: bool = False   # CUDA: tensors saved for backward wait in host memory (model/offload.py);
                                         # with checkpointing the GPU then holds about one block's activations
     group_by_length: bool = True        # batch examples of similar length (data.epoch_order): less padding

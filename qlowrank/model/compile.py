@@ -5,11 +5,12 @@ depth; the embedding, the loss and bitsandbytes' kernels stay eager. What pays o
 inductor fusing a block's elementwise work (norms, rotary, activation, residuals), which
 eager bf16 runs as dozens of separate passes over memory.
 
-Measured on 2 CPU cores (benchmarks/RESULTS.md, issue 14): SmolLM2-135M at batch 4 x 512
-went from 4.71 to 4.00 s a step, a random 554M Llama from 9.85 to 9.13 s, after a one-off
-compile of ~20 s (cold; 4-5 s once inductor's on-disk cache holds it). That fixed cost
-outweighs the gain in a one-minute run, so it is opt-in: `TrainConfig(compile=True)`,
-`qlowrank train --compile`, `qlowrank demo --compile`.
+With gradient checkpointing the compile wraps the checkpoint (`model.patches.WRAP_ORDER`), where
+dynamo breaks the graph and the blocks run eagerly; compiled inside the checkpoint they run compiled
+but were slower on 2 shared CPU cores (benchmarks/RESULTS.md, "Regional compile under
+checkpointing"). Without checkpointing the blocks compile (SmolLM2-135M at 4 x 512: 6.23 -> 6.15 s
+a step after a cold compile of 39 s). The compile outweighs any gain in a short run, so it is
+opt-in: `TrainConfig(compile=True)`, `qlowrank train --compile`, `qlowrank demo --compile`.
 """
 
 from __future__ import annotations

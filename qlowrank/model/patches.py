@@ -28,7 +28,8 @@ from ..state import state_of
 # checkpoint, where `compile_blocks` after `enable_gradient_checkpointing` always put it. With torch
 # 2.13 and transformers 5.25 dynamo breaks the graph at the checkpoint there (transformers' output
 # hooks mutate a variable inside it) and the block runs eagerly; inside the checkpoint it compiles
-# (benchmarks/compile_order.py, compile_order.json). The order stays until a timed run says which pays.
+# (benchmarks/compile_order.py). Timed at SmolLM2-135M's width (compile_speed.py), compiled inside the
+# checkpoint was slower than eager on 2 shared cores, so the order stays.
 WRAP_ORDER = ("checkpoint", "compile")
 
 Wrap = Callable[[Callable], Callable]   # the forward below -> the forward that wraps it

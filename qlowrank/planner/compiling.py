@@ -1,9 +1,11 @@
 """Whether a run should compile its blocks: only when the steps it saves pay back the compile.
 
 Regional torch.compile made steps 7-15% faster on a CPU (SmolLM2-135M 4.71 -> 4.00 s, a 554M
-Llama 9.85 -> 9.13 s) after a one-off compile of ~16-38 s cold (benchmarks/RESULTS.md, issue
-14), so a 50-step demo loses time by compiling and a run of hours gains. The gain depends on
-the width and the machine, so it is timed (`timing.time_compiled`), but only for runs long
+Llama 9.85 -> 9.13 s, 2026-11-29) after a one-off compile of ~16-38 s cold (benchmarks/RESULTS.md);
+on 2026-12-07 a cold compile of SmolLM2-135M's block took 39 s without checkpointing and gained
+~1%, and checkpointed blocks ran eagerly (benchmarks/compile_speed.json). So a 50-step demo loses time by compiling and a run of hours can
+gain. The gain depends on the width, the layout and the machine, so it is timed
+(`timing.time_compiled`, which runs `compile_blocks` as the run does), but only for runs long
 enough that the largest gain ever measured could pay back the cheapest compile ever measured:
 timing a compile costs about one compile.
 """
