@@ -11,11 +11,11 @@ from . import options
 from .errors import exit_2_on_bad_input
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
+                        model_help: str = " (default: the embedded SmolLM2-135M GGUF)") -> None:
     """What `estimate` and `profile` accept: the model, every flag of `train` that changes memory
     (cli/options.py), the batch, the optimizer and the dtype."""
-    parser.add_argument("--model", default=None, help="model directory, config.json or .gguf" + (
-        "" if (defaults or {}).get("model_required") else " (default: the embedded SmolLM2-135M GGUF)"))
+    parser.add_argument("--model", default=None, help="model directory, config.json or .gguf" + model_help)
     options.add_shared_options(parser.add_argument, {"seq": 2048, **(defaults or {})})
     parser.add_argument("--batch", type=int, default=(defaults or {}).get("batch", 1), help="sequences per micro-batch")
     parser.add_argument("--dtype", default="bf16", help="dtype of float weights and activations (bf16, fp32; "
@@ -33,7 +33,7 @@ def default_model(path: str | None) -> str:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("estimate", help="predict peak training memory from a config (no weights loaded)",
                                    description=__doc__)
-    add_model_arguments(parser, {"model_required": True})
+    add_model_arguments(parser, model_help=" (required)")
     parser.add_argument("--gpu", default=None, help="device memory to check against, e.g. 24GiB or 80GB")
     parser.add_argument("--device", default=None, choices=["cuda", "cpu"],
                         help="whose kernels to imitate (default: cuda if present, as for train)")

@@ -27,6 +27,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..config import RunSpec
 from ..memory.estimator import fits_budget, required_bytes
 from ..memory.report import format_bytes
 from ..model.offload import PINNED_ROUNDING
@@ -75,7 +76,7 @@ class RunPlan:
     layers: int
     tokens_per_step: int
     compile: CompileChoice | None = None   # set by plan
-    spec: object = None                    # the chosen run (a RunSpec), set by plan
+    spec: RunSpec | None = None            # the chosen run, set by plan
 
     def table(self) -> str:
         """Every candidate: layout, predicted process peak (with headroom) and time; the choice marked."""
