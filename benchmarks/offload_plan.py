@@ -35,8 +35,8 @@ def plan(config, budget: int, seq: int, offload: bool | None, host: int) -> str:
     from qlowrank.planner import plan_run
 
     try:
-        result = plan_run(config, budget, 8, ql.QuantConfig(bits=4, compute_dtype=torch.bfloat16),
-                          ql.LoraConfig(r=16, alpha=32), seq, device="cuda", timed=False, progress=False,
+        result = plan_run(config, budget, 8, quant=ql.QuantConfig(bits=4, compute_dtype=torch.bfloat16),
+                          lora=ql.LoraConfig(r=16, alpha=32), seq_len=seq, device="cuda", timed=False, progress=False,
                           offload=offload, host_budget=host)
     except ValueError as error:
         needed = re.search(r"give --max-memory (\d+)MiB", str(error))

@@ -184,13 +184,15 @@ def main() -> None:
                 print(f"[{i + 1}/{len(points)}] {describe(layout, layers)}: {result['tokens_per_s']:.0f} tokens/s, "
                       f"anonymous peak {result['anon_peak'] / 2**20:.0f} MiB (predicted "
                       f"{result['predicted_process'] / 2**20:.0f})", flush=True)
+            if args.json:   # the grid is the expensive part: kept before planning, so a failure there loses nothing
+                save(args.json, [], measured)
             peaks = sorted(r["anon_peak"] for _, r in measured.values())
             budgets = [int(peaks[0] + (peaks[-1] - peaks[0]) * (i + 0.5) / args.budgets) for i in range(args.budgets)]
         rows = []
         for budget in budgets:
             started = time.perf_counter()
-            plan = plan_run(path, budget, args.global_batch, ql.QuantConfig(bits=4, compute_dtype=torch.bfloat16),
-                            ql.LoraConfig(r=16, alpha=32), args.seq, device="cpu", progress=False)
+            plan = plan_run(path, budget, args.global_batch, quant=ql.QuantConfig(bits=4, compute_dtype=torch.bfloat16),
+                            lora=ql.LoraConfig(r=16, alpha=32), seq_len=args.seq, device="cpu", progress=False)
             planning_s = time.perf_counter() - started
             chosen = plan.chosen.layout
             layout = dict(micro_batch=chosen.micro_batch, grad_accum=chosen.grad_accum, checkpointing=chosen.checkpointing,
@@ -224,8 +226,16 @@ def main() -> None:
         print(f"  {describe(layout, layers):70s} {r['tokens_per_s']:7.0f} tokens/s  {r['anon_peak'] / 2**20:7.0f} MiB"
               + predicted)
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows,
-                                               "grid": [{"layout": lay, **r} for lay, r in measured.values()]}, indent=1))
+        save(args.json, rows, measured)
+
+
+def save(path: str, rows: list[dict], measured: dict) -> None:
+    """The budgets' rows and the measured grid as JSON, written to a temporary name and renamed into place."""
+    text = json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows,
+                       "grid": [{"layout": lay, **r} for lay, r in measured.values()]}, indent=1)
+    staging = Path(f"{path}.tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from conftest import VOCAB, tiny_config
 
@@ -162,6 +163,26 @@ def test_checkpointing_and_quantization_lower_the_estimate():
     plain = estimate(config, None, 8, False, 2, 128)
     assert estimate(config, None, 8, True, 2, 128).breakdown["activations"] < plain.breakdown["activations"]
     assert estimate(config, 4, 8, False, 2, 128).breakdown["base_weights"] < plain.breakdown["base_weights"]
+
+
+def test_estimate_patches_nothing_process_wide_and_simulates_the_fused_attention_kernel():
+    """The estimate's attention is the meta model's own implementation: no function of the process is swapped."""
+    config = tiny_config("llama")
+    sdpa, autocast, seen = F.scaled_dot_product_attention, torch.autocast, []
+
+    def loss_fn(model, tokens):
+        seen.append((F.scaled_dot_product_attention is sdpa, torch.autocast is autocast))
+        return model(input_ids=tokens, labels=tokens).loss
+
+    batch, seq = 1, 512
+    fused = ql.estimate_memory(config, ql.QuantConfig(bits=4), ql.LoraConfig(r=8), batch, seq, device="cpu",
+                               gradient_checkpointing=False, loss_fn=loss_fn)
+    assert seen == [(True, True)]
+    config._attn_implementation = "eager"   # the math path: a (batch, heads, seq, seq) score matrix per layer
+    eager = ql.estimate_memory(config, ql.QuantConfig(bits=4), ql.LoraConfig(r=8), batch, seq, device="cpu",
+                               gradient_checkpointing=False, loss_fn=loss_fn)
+    scores = batch * config.num_attention_heads * seq * seq * 2   # one layer's bf16 scores, the least eager keeps
+    assert eager.breakdown["activations"] - fused.breakdown["activations"] >= scores
 
 
 def test_chunked_loss_lowers_the_logits_term():

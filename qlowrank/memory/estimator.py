@@ -36,12 +36,13 @@ from ..nn.loss import causal_lm_loss, sequence_log_probs
 from . import process as process_model
 from .expert_facts import expert_facts
 from .meta_model import (
+    MetaChecks,
     build_meta_model,
-    fused_attention,
     hidden_size_of,
     layer_count,
     load_config,
     replace_quantized_layers,
+    use_fused_attention,
 )
 from .report import breakdown_table, format_bytes
 from .sharding import per_rank_breakdown
@@ -315,6 +316,7 @@ def _prepare(config, step: _Step, sequences: int) -> tuple[nn.Module, dict, list
     """The meta model as it trains (quantized stand-ins, LoRA, checkpointing), its facts, its trainables."""
     spec = step.spec
     model = build_meta_model(config, spec.dtype)
+    use_fused_attention(model, spec.device_type)
     facts = _model_facts(model, config, step, sequences)
     if spec.quant.bits is not None:
         replace_quantized_layers(model, spec.quant, spec.device_type, step.source_dtype)
@@ -340,7 +342,7 @@ def _run_pass(model: nn.Module, step: _Step, sequences: int,
     tracker = TensorTracker(model, None, devices=["meta"])
     # the run's own offloading hooks, on meta: packed tensors leave the device, unpacking allocates anew
     offload = OffloadActivations("meta") if offloading else nullcontext()
-    with tracker, fused_attention(spec.device_type):
+    with tracker, MetaChecks():
         for tensor in states:
             tracker.add(tensor, "optimizer_states")
         tracker.set_phase("forward")

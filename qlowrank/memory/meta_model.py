@@ -17,10 +17,8 @@ a log-sum-exp, so the simulation calls the fused kernel the target device would 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -205,42 +203,56 @@ class MetaChecks(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def fused_attention(device_type: str) -> Iterator[None]:
-    """Route F.scaled_dot_product_attention to the fused kernel `device_type` would run while the
-    estimator simulates a step.
+def _fused_attention(device_type: str):
+    """transformers' SDPA attention (5.25's `sdpa_attention_forward`), with the fused kernel `device_type` runs.
 
-    A function patch rather than a mode, because checkpoint recomputation in backward runs
-    outside any torch-function mode; the original function is restored on exit, and any call
-    on tensors that are not meta passes to it unchanged. (Autocast needs no patch: qlowrank's
-    own code and transformers' `maybe_autocast` skip it on the meta device.)
+    On meta tensors `F.scaled_dot_product_attention` would pick PyTorch's math path (a full
+    T x T score matrix); the CPU and CUDA kernels keep only the output and a log-sum-exp.
+    The GQA and causal decisions are transformers' own (`use_gqa_in_sdpa`, `repeat_kv`).
     """
-    original = F.scaled_dot_product_attention
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward, use_gqa_in_sdpa
 
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if not q.is_meta or (device_type == "cpu" and dropout_p > 0):
-            # PyTorch's CPU flash kernel has no dropout: with dropout the CPU takes the math path too
-            return original(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-        if k.shape[-3] != q.shape[-3] and not enable_gqa:
-            raise ValueError(f"attention with {q.shape[-3]} query and {k.shape[-3]} key heads needs enable_gqa=True")
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        # PyTorch's CPU flash kernel has no dropout, so with dropout the CPU takes the math path too;
+        # position biases and single-token queries go down transformers' path as they would for real.
+        if (kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None or query.shape[2] == 1
+                or (device_type == "cpu" and dropout > 0)):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                          **kwargs)
+        groups = getattr(module, "num_key_value_groups", 1)
         # With enable_gqa the CPU flash kernel reads the shared K/V heads in place; for CUDA we
         # assume the expanded copy (the conservative case: not every CUDA kernel supports GQA).
+        if groups > 1 and (device_type == "cuda" or not use_gqa_in_sdpa(attention_mask, key, value)):
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+        causal = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
         if device_type == "cuda":
-            if k.shape[-3] != q.shape[-3]:
-                repeat = q.shape[-3] // k.shape[-3]
-                k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
-            return torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, attn_mask, True, dropout_p, bool(is_causal), scale=scale)[0]
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, dropout_p, bool(is_causal), attn_mask=attn_mask, scale=scale)[0]
+            out = torch.ops.aten._scaled_dot_product_efficient_attention(
+                query, key, value, attention_mask, True, dropout, bool(causal), scale=scaling)[0]
+        else:
+            out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, dropout, bool(causal), attn_mask=attention_mask, scale=scaling)[0]
+        return out.transpose(1, 2).contiguous(), None
 
-    F.scaled_dot_product_attention = sdpa
-    try:
-        with MetaChecks():
-            yield
-    finally:
-        F.scaled_dot_product_attention = original
+    return forward
 
+
+def use_fused_attention(model: nn.Module, device_type: str) -> None:
+    """Give the meta model an attention implementation that allocates what `device_type`'s SDPA kernel does.
+
+    A registered transformers attention implementation of this model alone, rather than a patch
+    of `F.scaled_dot_product_attention`: nothing outside the simulation changes, and checkpoint
+    recomputation in backward (which runs outside torch-function modes) uses it too. Models that
+    train with another implementation (eager) keep theirs.
+    """
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    name = f"qlowrank_meta_sdpa_{device_type}"
+    AttentionInterface.register(name, _fused_attention(device_type))
+    AttentionMaskInterface.register(name, sdpa_mask)   # the masks SDPA gets (None where causal alone)
+    model.set_attn_implementation(name)
 
 
 def replace_quantized_layers(model: nn.Module, quant: QuantConfig, device_type: str,
