@@ -72,7 +72,6 @@ PAIR_LAYOUTS: tuple[Layout, ...] = (
     Layout("preference", lambda f: (CHOSEN, REJECTED), _plain_pair,
            {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " Lyon."}),
 )
-PAIR_FORMATS: tuple[str, ...] = tuple(layout.name for layout in PAIR_LAYOUTS)
 
 
 def tokenize_pair(row: Any, tokenizer, where: str = "row", fields: Fields | None = None,

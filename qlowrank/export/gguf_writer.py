@@ -50,11 +50,6 @@ def _gguf():
     return gguf
 
 
-def check_gguf_support(model: nn.Module) -> str:
-    """The GGUF architecture name for `model`, or ValueError saying why it cannot be written."""
-    return gguf_family(model).arch
-
-
 def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows of q/k from HF's half-split rotary layout to llama.cpp's interleaved pairs, per head."""
     out, cols = weight.shape

@@ -114,12 +114,6 @@ class MemoryEstimate:
         sum to training_peak), then training_peak and load_peak."""
         return process_model.process_breakdown(self.total_bytes, self.settings.get("device", "cpu"), self.facts)
 
-    def at_batch(self, batch_size: int) -> "MemoryEstimate":
-        """The same estimate at another batch size (simulated once, then cached)."""
-        if self._simulate is None:
-            raise RuntimeError("this estimate cannot re-simulate other batch sizes")
-        return self._simulate(batch_size)
-
     def fits(self, device_bytes: int) -> bool:
         """Whether the run fits in `device_bytes`: its predicted process peak plus the headroom for the
         prediction's error in its regime (`required_bytes`). The one meaning of "fits": the CLI's

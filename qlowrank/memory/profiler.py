@@ -102,7 +102,6 @@ class MemoryProfiler:
         self.cuda_max_allocated: int | None = None
         self.cuda_max_reserved: int | None = None
         self.cuda_context_bytes: int | None = None
-        self._active = False
 
     def __enter__(self) -> "MemoryProfiler":
         if self.device_type == "cuda" and torch.cuda.is_available():
@@ -113,12 +112,10 @@ class MemoryProfiler:
         self.rss_start_bytes = _rss_bytes()[0]
         self._sampler = StatusSampler().start()   # no kernel high-water mark for RssAnon: sample it
         self._tracker.__enter__()
-        self._active = True
         return self
 
     def __exit__(self, *exc) -> None:
         self._tracker.__exit__(*exc)
-        self._active = False
         self.rss_peak_bytes = _rss_bytes()[1]
         if self._sampler is not None:
             peaks = self._sampler.stop()
@@ -176,13 +173,6 @@ class MemoryProfiler:
             {"event": event, "phase": PHASES[phase], "step": step, **dict(zip(CATEGORIES, values))}
             for event, phase, step, values in self._tracker.state.timeline
         ]
-
-    def reset_peak(self) -> None:
-        """Start a new peak from the current live bytes (e.g. for a per-step peak)."""
-        state = self._tracker.state
-        state.peak_bytes = state.total
-        state.peak_breakdown = dict(state.live)
-        state.peak_phase = self._tracker.phase
 
     def summary(self) -> dict:
         """Everything measured, as plain JSON-ready values."""

@@ -51,7 +51,6 @@ from .stream import LoadSettings, TensorSink, empty_model
 # few float32 temporaries of their input's size, so a whole 128k x 4096 embedding at once
 # would cost several GB; 2^22 values keep them at tens of MB and the per-call overhead small.
 SLAB_VALUES = 1 << 22
-FALLBACK = "load_model(..., gguf_reader='transformers') (transformers' reader, which dequantizes the whole file first)"
 
 
 class NotStreamable(ValueError):

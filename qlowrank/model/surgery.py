@@ -161,16 +161,6 @@ def add_lora(model: nn.Module, lora: LoraConfig, seed: int | None = None) -> nn.
     return model
 
 
-def expert_targets(model: nn.Module, lora: LoraConfig) -> list[str]:
-    """Paths `<experts module>.<projection>` of the fused expert parameters that `lora.target_parameters` names."""
-    return [path for path, _ in _expert_matches(model, lora.target_parameters)]
-
-
-def router_targets(model: nn.Module, lora: LoraConfig) -> list[str]:
-    """Paths of the MoE routers whose weight `lora.target_parameters` names ("router", or PEFT's "gate.weight")."""
-    return [path for path, _ in _router_matches(model, lora.target_parameters)]
-
-
 def _expert_matches(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, set[str]]]:
     """(`<experts>.<projection>`, the patterns naming it) for each fused expert parameter some pattern names."""
     found = []
