@@ -21,6 +21,9 @@ F32_TOLERANCE = 1e-6
 # the weight's largest entry: float32 rounding of a product of r = 4 terms added to a weight
 # (a few units of 2^-24; measured <= 1.2e-7). The LoRA delta itself is ~1e-2 of that entry.
 RECONSTRUCTION_TOLERANCE = 1e-6
+# The same float32 weights quantized to NF4 by the same bitsandbytes call on both paths (GGUF, safetensors):
+# the same codes, so the logits agree to float32 rounding (measured 0.0 for OLMo 2).
+SAME_NF4_TOLERANCE = 1e-6
 # Every dense family the GGUF paths cover. head_dim: Qwen3's reader default is 128 (transformers
 # does not read its key_length), so the tiny Qwen3 keeps it; Gemma's is set small.
 COMMON = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -40,7 +43,7 @@ CONFIGS = {
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
              "gemma3": "gemma3", "phi3": "phi3", "olmo2": "olmo2"}
 NEW = ("qwen3", "gemma2", "gemma3", "phi3", "olmo2")
-# transformers 5.25's GGUF reader has no OLMo 2 mapping: that family is checked by tensor names instead.
+# transformers 5.25's GGUF reader has no OLMo 2 mapping: that family is checked by tensor names and by qlowrank's reader.
 READ_BY_TRANSFORMERS = ("llama", "qwen3", "gemma2", "gemma3", "phi3")
 # An alpha_pattern makes down_proj's scale 5 / 4 while the file's alpha is 6: folded into its lora_b.
 LORA = dict(r=4, alpha=6, alpha_pattern={"down_proj": 5})
@@ -130,8 +133,80 @@ def test_olmo2_gguf_holds_the_merged_weights_under_llama_cpp_names(bundles):
     fields = gguf.GGUFReader(str(bundle["root"] / "merged.gguf")).fields
     assert fields["general.architecture"].contents() == "olmo2"
     assert fields["olmo2.attention.layer_norm_rms_epsilon"].contents() == pytest.approx(merged.config.rms_norm_eps)
-    with pytest.raises(ValueError, match="'olmo2' has no transformers config mapping"):
-        ql.load_model(bundle["root"] / "merged.gguf", quant=ql.QuantConfig(bits=None), device="cpu", progress=False)
+
+
+def _rewrite_header(source, path, drop=(), add=None) -> None:
+    """`source`'s tensors under its header less the keys `drop`, plus `add` (key -> (value, gguf value type))."""
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(path), reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if not field.name.startswith("GGUF.") and field.name != "general.architecture" and field.name not in drop:
+            writer.add_key_value(field.name, field.contents(), field.types[0],
+                                 field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for key, (value, kind) in (add or {}).items():
+        writer.add_key_value(key, value, kind)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data.reshape(tuple(reversed(tensor.shape.tolist())))))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# llama.cpp's converter (convert_hf_to_gguf.py, TextModel) writes no head width, rotary width or vocabulary size
+# for an OLMo 2, whose config has no head_dim: llama.cpp derives them, and so must the reader.
+OLMO2_KEYS_LLAMA_CPP_OMITS = ("olmo2.attention.key_length", "olmo2.attention.value_length",
+                              "olmo2.rope.dimension_count", "olmo2.vocab_size")
+
+
+def test_olmo2_gguf_loads_streamed_as_the_merged_export_in_float_and_4bit(bundles, tok, tmp_path):
+    """transformers has no OLMo 2 GGUF mapping: qlowrank's header builds the config, its name map and processor the rest."""
+    bundle = bundles("olmo2")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(bundle["root"] / "merged").eval()
+    ids = _ids(merged.config.vocab_size)
+    llama_cpp_layout = tmp_path / "converter.gguf"
+    _rewrite_header(bundle["root"] / "merged.gguf", llama_cpp_layout, drop=OLMO2_KEYS_LLAMA_CPP_OMITS)
+    for path in (bundle["root"] / "merged.gguf", llama_cpp_layout):
+        ours = ql.load_model(path, quant=ql.QuantConfig(bits=None), dtype=torch.float32, device="cpu", progress=False)
+        assert type(ours) is type(merged)
+        for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings", "rope_parameters", "tie_word_embeddings",
+                    "vocab_size", "eos_token_id", "pad_token_id"):
+            assert getattr(ours.config, key) == getattr(merged.config, key), key
+        assert rel_error(_logits(ours, ids), _logits(merged, ids)) <= F32_TOLERANCE
+    # 4-bit: the same float32 weights reach the same bitsandbytes call as from the safetensors export.
+    quant = dict(quant=ql.QuantConfig(bits=4, compute_dtype=torch.float32), device="cpu", progress=False, seed=0)
+    from_gguf = ql.load_model(bundle["root"] / "merged.gguf", lora=ql.LoraConfig(r=4), **quant).eval()
+    from_hf = ql.load_model(bundle["root"] / "merged", lora=ql.LoraConfig(r=4), **quant).eval()
+    assert ql.count_parameters(from_gguf) == ql.count_parameters(from_hf)
+    assert rel_error(_logits(from_gguf, ids), _logits(from_hf, ids)) <= SAME_NF4_TOLERANCE
+    # The tokenizer, through transformers' GGUF converter for the file's tokenizer.ggml.model.
+    text = "Hello world, <|im_start|>user\nthe quick brown fox 123"
+    assert ql.load_tokenizer(bundle["root"] / "merged.gguf")(text).input_ids == tok(text).input_ids
+
+
+def test_olmo2_gguf_settings_transformers_olmo2_cannot_hold_are_refused(bundles, tmp_path):
+    """An OLMo 3 (llama.cpp writes it as "olmo2" with sliding windows) or another head width must not load as OLMo 2."""
+    source = bundles("olmo2")["root"] / "merged.gguf"
+    uint32 = gguf.GGUFValueType.UINT32
+    cases = {"olmo2.attention.sliding_window": ((4096, uint32), "it has no such setting"),
+             "olmo2.attention.key_length": ((32, uint32), "it builds 16")}
+    for key, (value, builds) in cases.items():
+        path = tmp_path / f"{key}.gguf"
+        _rewrite_header(source, path, drop=(key,), add={key: value})
+        with pytest.raises(ValueError, match=rf"{path.name}: GGUF key '{key}' = {value[0]} .*\({builds}\)"):
+            ql.load_model(path, quant=ql.QuantConfig(bits=None), device="cpu", progress=False)
+
+
+def test_cli_trains_on_an_olmo2_gguf(bundles, tmp_path):
+    rows = tmp_path / "data.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"def f{i}(x):", "completion": " return x"}) + "\n" for i in range(4)))
+    args = ["train", "--model", str(bundles("olmo2")["root"] / "merged.gguf"), "--data", str(rows), "--out",
+            str(tmp_path / "run"), "--steps", "1", "--batch", "2", "--seq", "32", "--r", "4", "--device", "cpu",
+            "--precision", "fp32", "--no-progress"]
+    assert main(args) == 0
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and "q_proj" in adapter["target_modules"]
 
 
 @pytest.mark.parametrize("family", READ_BY_TRANSFORMERS)
@@ -223,8 +298,9 @@ def test_cli_exports_the_adapter_as_gguf(tok, tmp_path, capsys):
     assert err == ["qlowrank export: error: --gguf-type q8_0: a GGUF adapter is written as one of ('f32', 'f16')"]
 
 
-def test_truncated_gguf_names_file_and_tensor(bundles, tmp_path, capsys):
-    data = (bundles("qwen3")["root"] / "merged.gguf").read_bytes()
+@pytest.mark.parametrize("family", ("qwen3", "olmo2"))
+def test_truncated_gguf_names_file_and_tensor(family, bundles, tmp_path, capsys):
+    data = (bundles(family)["root"] / "merged.gguf").read_bytes()
     path = tmp_path / "cut.gguf"
     path.write_bytes(data[:len(data) * 2 // 3])
     message = r"cut.gguf: tensor 'blk\.\d+\.\w+\.weight' runs past the end of the file .* truncated"

@@ -158,10 +158,14 @@ def test_lora_on_a_streamed_gguf_trains(tok, tmp_path):
 
 
 def test_architecture_no_reader_knows_is_refused_clearly(tok, tmp_path):
-    # OLMo 2 GGUF files are llama.cpp's, but transformers 5.25 has no config mapping for them.
+    # EXAONE GGUF files are llama.cpp's, but transformers 5.25 has no config mapping for them (nor qlowrank).
     source = _export(_model("llama", tok), tok, tmp_path / "m.gguf", "f32")
+    path = _retyped(source, tmp_path / "exaone.gguf", lambda a: (a, GQ.F32), architecture="exaone")
+    with pytest.raises(ValueError, match=r"exaone.gguf: GGUF architecture 'exaone' has no transformers config mapping"):
+        _load(path)
+    # An OLMo 2 file (read from its header's olmo2.* keys) that has none of them: refused, not built from defaults.
     path = _retyped(source, tmp_path / "olmo2.gguf", lambda a: (a, GQ.F32), architecture="olmo2")
-    with pytest.raises(ValueError, match=r"olmo2.gguf: GGUF architecture 'olmo2' has no transformers config mapping"):
+    with pytest.raises(ValueError, match=r"olmo2.gguf: GGUF key 'olmo2.embedding_length' is missing"):
         _load(path)
 
 

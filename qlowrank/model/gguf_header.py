@@ -123,18 +123,25 @@ def read_gguf_header(path: str | Path) -> tuple[dict, list[str]]:
 
 
 # Architectures whose config this header walk is tested equal to transformers' own
-# (tests/test_gguf_families.py, tests/test_gguf_moe.py; gpt-oss, which transformers' reader cannot
+# (tests/test_gguf_families.py, tests/test_gguf_moe.py; gpt-oss and OLMo 2, which transformers' reader cannot
 # read, against the exported model's config). transformers' reader derives the config of some others with
 # extra rules (StableLM's from its tensors, LFM2's per-layer head counts, T5's, ...): those
 # are read with transformers' `load_gguf_checkpoint` itself, which decodes the vocabulary too.
-HEADER_CONFIG_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen3moe", "gpt-oss")
+HEADER_CONFIG_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "qwen3moe", "gpt-oss")
+# GGUF architectures transformers (5.25) has no config mapping for, whose llama.cpp header holds llama.cpp's
+# generic decoder keys only (convert_hf_to_gguf's TextModel writes them; `gguf.Keys.LLM` / `Keys.Attention` /
+# `Keys.Rope`): each is read with transformers' mapping of an architecture whose header is those same keys.
+# A key of the file that mapping does not read is refused unless it says what the config implies
+# (`_check_unread`): an OLMo 3 written as "olmo2" (sliding windows) or YaRN RoPE stops there.
+SAME_HEADER_AS = {"olmo2": "qwen3"}
 
 
 def gguf_config_values(path: str | Path) -> tuple[str, dict]:
     """(transformers model_type, config values) of a GGUF model, as transformers' GGUF reader parses them.
 
     These are the values transformers' tensor processors are built with. For the
-    architectures of HEADER_CONFIG_ARCHITECTURES they come from the header alone, for those of
+    architectures of HEADER_CONFIG_ARCHITECTURES they come from the header alone (OLMo 2's, which
+    transformers has no mapping for, through SAME_HEADER_AS), for those of
     transformers' newer GGUF path (`GGUF_CONFIG_ARCHS`) from its header-only builder, and for
     the others from `transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint`.
 
@@ -160,6 +167,9 @@ def gguf_config_values(path: str | Path) -> tuple[str, dict]:
     model_type = next((name for name in (model_type, arch.replace("-", "_"), arch.replace("moe", "_moe"))
                        if name in GGUF_CONFIG_MAPPING), model_type)
     mapping = GGUF_CONFIG_MAPPING.get(model_type) or GGUF_CONFIG_MAPPING.get(arch)
+    borrowed = not mapping and arch in SAME_HEADER_AS
+    if borrowed:
+        mapping = GGUF_CONFIG_MAPPING[SAME_HEADER_AS[arch]]
     if not mapping:
         raise ValueError(f"{path}: GGUF architecture {arch!r} has no transformers config mapping; "
                          "neither qlowrank nor transformers can read it (pass the model's safetensors checkpoint)")
@@ -179,10 +189,39 @@ def gguf_config_values(path: str | Path) -> tuple[str, dict]:
     if "vocab_size" not in config and isinstance(fields.get("tokenizer.ggml.tokens"), _Skipped):
         config["vocab_size"] = int(fields["tokenizer.ggml.tokens"])
     config["tie_word_embeddings"] = "output.weight" not in names
+    if borrowed:
+        _check_unread(path, arch, fields, mapping, config)
     if arch == "llama" and fields.get("llama.expert_count"):
         model_type = "mixtral"   # llama.cpp's converter writes Mixtral as "llama" with experts
     # transformers' reader: Gemma 3 GGUF files hold the text model only.
     return ("gemma3_text" if model_type == "gemma3" else model_type), _moe_values(arch, fields, config)
+
+
+def _check_unread(path, arch: str, fields: dict, mapping: dict, config: dict) -> None:
+    """ValueError for a missing key, or a key of `arch` that a borrowed mapping does not read unless its value is what the config implies.
+
+    llama.cpp reads attention.key_length / value_length and rope.dimension_count (the head width and the rotated
+    part of it); the transformers config of these architectures derives them from hidden_size / heads and rotates
+    whole heads, so a file that says otherwise describes another model than the one transformers would build.
+    """
+    import gguf
+
+    required = (gguf.Keys.LLM.EMBEDDING_LENGTH, gguf.Keys.LLM.BLOCK_COUNT, gguf.Keys.LLM.FEED_FORWARD_LENGTH,
+                gguf.Keys.Attention.HEAD_COUNT)
+    for key in (template.format(arch=arch) for template in required):
+        if key not in fields:   # the config class's defaults would describe another model
+            raise ValueError(f"{path}: GGUF key {key!r} is missing: the file is not a complete {arch!r} model")
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    implied = {template.format(arch=arch): head_dim for template in
+               (gguf.Keys.Attention.KEY_LENGTH, gguf.Keys.Attention.VALUE_LENGTH, gguf.Keys.Rope.DIMENSION_COUNT)}
+    for key, value in fields.items():
+        prefix, _, rest = key.partition(".")
+        if prefix != arch or mapping.get(rest) not in (None, -1) or implied.get(key, object()) == value:
+            continue
+        builds = f"it builds {implied[key]}" if key in implied else "it has no such setting"
+        raise ValueError(f"{path}: GGUF key {key!r} = {value!r} has no place in transformers' {arch!r} config "
+                         f"({builds}), so the model built from this file would not be the one it describes; "
+                         "pass the model's safetensors checkpoint instead")
 
 
 def _moe_values(arch: str, fields: dict, config: dict) -> dict:

@@ -3,7 +3,8 @@
 transformers' GGUF reader dequantizes every tensor of the file to float32 before the model
 exists (an 8B GGUF needs ~40 GB of RAM that way). Here the file is memory-mapped (its
 tensor table read by `gguf_header`, which skips the vocabulary), the model is built on the meta device from the header's
-config (`gguf_header.gguf_config`, equal to transformers'), and each tensor is then:
+config (`gguf_header.gguf_config`, equal to transformers'; OLMo 2's, which transformers cannot read, from
+the same keys), and each tensor is then:
 
 1. dequantized alone with `gguf.quants.dequantize` (the function transformers' reader calls,
    so the float values are the same bits), a slab of rows at a time;
@@ -43,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..heap import release_free_heap
-from .gguf_header import config_from_values, gguf_config_values, read_gguf_layout
+from .gguf_header import SAME_HEADER_AS, config_from_values, gguf_config_values, read_gguf_layout
 from .gguf_moe import experts_of, processor_class
 from .stream import LoadSettings, TensorSink, empty_model
 
@@ -140,14 +141,21 @@ def check_transformers_reads(path: str | Path) -> None:
 def load_gguf_tokenizer(folder: Path, name: str):
     """The tokenizer of a GGUF file, by transformers' reader (which names neither file nor tensor of a truncated file)."""
     import transformers
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
 
     check_gguf_file(folder / name)
     fields, _ = read_gguf_layout(folder / name)
-    # AutoTokenizer parses the file's config first, and transformers 5.25 fails on gpt-oss's YaRN keys
-    # there; the class it would pick for gpt-oss is the default fast tokenizer, used directly here.
-    auto = fields.get("general.architecture") != "gpt-oss"
-    cls = transformers.AutoTokenizer if auto else transformers.PreTrainedTokenizerFast
-    return cls.from_pretrained(str(folder), gguf_file=name)
+    # AutoTokenizer parses the file's config first to pick a class: it refuses an architecture it has no config
+    # mapping for (OLMo 2), and 5.25 fails on gpt-oss's YaRN keys there. For those the class is taken from the
+    # model type qlowrank's header gives (AutoTokenizer's tokenizer_type), or the default fast tokenizer (gpt-oss
+    # has no entry); either way transformers' GGUF converter for the file's tokenizer.ggml.model builds it.
+    architecture = str(fields.get("general.architecture"))
+    if architecture != "gpt-oss" and architecture not in SAME_HEADER_AS:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    model_type, _ = gguf_config_values(folder / name)
+    if model_type in TOKENIZER_MAPPING_NAMES:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name, tokenizer_type=model_type)
+    return transformers.PreTrainedTokenizerFast.from_pretrained(str(folder), gguf_file=name)
 
 
 def dequantize(tensor: GgufTensor, dtype: torch.dtype, origin: str = "") -> torch.Tensor:
