@@ -1,4 +1,4 @@
-"""GGUF for mixtures of experts (Qwen3-MoE, Mixtral, gpt-oss): merged export in llama.cpp's ffn_*_exps layout, read back
+"""GGUF for mixtures of experts (Qwen3-MoE, Mixtral, gpt-oss, Qwen2-MoE, OLMoE): merged export in llama.cpp's ffn_*_exps layout, read back
 by transformers' reader where it can, streamed in float and 4-bit into FrozenExperts, MXFP4 experts, training from a GGUF."""
 
 from __future__ import annotations
@@ -27,12 +27,16 @@ SAME_NF4_TOLERANCE = 1e-6
 # dequant(W) + scale * B A recomputed here against the file, relative to the weight's largest entry: float32
 # rounding of a sum of r = 4 products added to a weight (a few units of 2^-24).
 RECONSTRUCTION_TOLERANCE = 1e-6
-FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
-ARCH = {"qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "mixtral": gguf.MODEL_ARCH.LLAMA, "gpt_oss": gguf.MODEL_ARCH.GPT_OSS}
-# transformers 5.25's reader reads only Qwen3-MoE in llama.cpp's layout: Mixtral ("llama" with experts) becomes a
-# dense Llama, gpt-oss keeps random experts and sinks (and fails outright on YaRN's keys).
-READ_BY_TRANSFORMERS = ["qwen3_moe"]
+FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "qwen2_moe", "olmoe"]
+ARCH = {"qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "mixtral": gguf.MODEL_ARCH.LLAMA, "gpt_oss": gguf.MODEL_ARCH.GPT_OSS,
+        "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE, "olmoe": gguf.MODEL_ARCH.OLMOE}
+# transformers 5.25's reader reads Qwen3-MoE and Qwen2-MoE in llama.cpp's layout: Mixtral ("llama" with experts)
+# becomes a dense Llama, gpt-oss keeps random experts and sinks (and fails outright on YaRN's keys); OLMoE it
+# refuses (no olmoe GGUF mapping).
+READ_BY_TRANSFORMERS = ["qwen3_moe", "qwen2_moe"]
+MISREAD_BY_TRANSFORMERS = ["mixtral", "gpt_oss"]
 LORA = dict(r=4, alpha=8, target_parameters=["experts"])
+ARCH_NAME = {family: gguf.MODEL_ARCH_NAMES[arch] for family, arch in ARCH.items()}
 
 
 def _config(family: str, vocab: int) -> transformers.PretrainedConfig:
@@ -41,6 +45,8 @@ def _config(family: str, vocab: int) -> transformers.PretrainedConfig:
         # transformers' GGUF reader assumes Qwen3-MoE's defaults for what it does not read
         # (expert_feed_forward_length; llama.cpp always renormalizes the top-k weights).
         config.moe_intermediate_size, config.norm_topk_prob = 768, True
+    if family == "qwen2_moe":   # transformers' reader reads neither expert width: Qwen2-MoE's defaults
+        config.moe_intermediate_size, config.shared_expert_intermediate_size = 1408, 5632
     if family == "gpt_oss":
         config.head_dim = 64   # transformers' gpt-oss GGUF mapping does not read key_length either
     return config
@@ -109,8 +115,8 @@ def test_merged_gguf_has_llama_cpp_expert_layout(family, bundles):
     config = merged.config
     tensors = _tensors(bundle["root"] / "model.gguf")
     name_map = gguf.get_tensor_name_map(ARCH[family], config.num_hidden_layers)
-    experts = config.num_experts if family == "qwen3_moe" else config.num_local_experts
-    width = config.moe_intermediate_size if family == "qwen3_moe" else config.intermediate_size
+    experts = getattr(config, "num_experts", None) or config.num_local_experts
+    width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
     state = merged.state_dict()
     for layer in range(config.num_hidden_layers):
         prefix = f"model.layers.{layer}.mlp.experts"
@@ -129,6 +135,8 @@ def test_merged_gguf_has_llama_cpp_expert_layout(family, bundles):
         else:                     # (E, 2I, H): gate rows, then up rows
             assert np.array_equal(gate, fused[:, :width]) and np.array_equal(up, fused[:, width:])
             assert np.array_equal(down, state[f"{prefix}.down_proj"].numpy())
+    if family == "qwen2_moe":
+        _check_shared_expert(tensors, state, name_map, config)
     # The expert LoRA is in the merged values: they differ from the 4-bit base by far more than rounding.
     frozen = next(m for m in bundle["model"].modules() if isinstance(m, FrozenExperts))
     base = frozen.down_proj.weight(0, torch.float32).numpy()   # (out, in) = (H, I)
@@ -139,6 +147,22 @@ def test_merged_gguf_has_llama_cpp_expert_layout(family, bundles):
     assert fields[f"{arch}.expert_count"].contents() == experts
     assert fields[f"{arch}.expert_used_count"].contents() == config.num_experts_per_tok
     assert bundle["report"]["relative_logits_error"] <= F32_TOLERANCE   # the export's own streamed probe
+    if family == "qwen2_moe":   # the widths llama.cpp reads (transformers' reader assumes the defaults used here)
+        assert fields[f"{arch}.expert_feed_forward_length"].contents() == config.moe_intermediate_size
+        assert fields[f"{arch}.expert_shared_feed_forward_length"].contents() == config.shared_expert_intermediate_size
+
+
+def _check_shared_expert(tensors: dict, state: dict, name_map, config) -> None:
+    """Qwen2-MoE's shared expert: a dense SwiGLU MLP as ffn_*_shexp, its sigmoid gate (1, H) squeezed to (H,)."""
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.mlp"
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            key = f"{prefix}.shared_expert.{projection}"
+            name = name_map.get_name(key) + ".weight"
+            assert name.endswith("_shexp.weight") and np.array_equal(tensors[name], state[key + ".weight"].numpy())
+        gate = tensors[name_map.get_name(f"{prefix}.shared_expert_gate") + ".weight"]
+        assert gate.shape == (config.hidden_size,)
+        assert np.array_equal(gate, state[f"{prefix}.shared_expert_gate.weight"].numpy()[0])
 
 
 @pytest.mark.parametrize("family", READ_BY_TRANSFORMERS)
@@ -160,14 +184,17 @@ def test_streamed_reader_gives_the_merged_exports_logits(family, bundles):
     streamed = _load(path)
     assert type(streamed) is type(merged)
     for key in ("num_hidden_layers", "hidden_size", "num_experts_per_tok", "head_dim", "rope_parameters"):
-        assert getattr(streamed.config, key) == getattr(merged.config, key), key
+        assert getattr(streamed.config, key, None) == getattr(merged.config, key, None), key   # Qwen2-MoE: no head_dim
     ids = _ids(merged.config.vocab_size)
     assert rel_error(_logits(streamed, ids), _logits(merged, ids)) <= F32_TOLERANCE
     if family in READ_BY_TRANSFORMERS:   # and the very tensors transformers' reader gives
         ours, theirs = streamed.state_dict(), _load(path, gguf_reader="transformers").state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    else:   # transformers' reader would leave the experts random: refused, not misread
+    elif family in MISREAD_BY_TRANSFORMERS:   # transformers' reader would leave the experts random: refused, not misread
         with pytest.raises(ValueError, match="leaves the experts .* randomly initialised"):
+            _load(path, gguf_reader="transformers")
+    else:   # transformers' reader knows no such architecture
+        with pytest.raises(ValueError, match=f"architecture {ARCH_NAME[family]} is not supported"):
             _load(path, gguf_reader="transformers")
 
 
@@ -249,16 +276,41 @@ def test_cli_trains_on_a_moe_gguf_and_exports_it_as_gguf(family, bundles, tmp_pa
     assert moved > 1e2 * RECONSTRUCTION_TOLERANCE   # the delta is really there (experts that got no token have none)
 
 
-def test_moe_layouts_not_written_here_are_refused(tok, tmp_path):
-    config = transformers.Qwen2MoeConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=32,
-                                         shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+# Layouts llama.cpp's qwen2moe / olmoe cannot hold: dense MLP layers between the MoE ones, OLMoE's q/k norms
+# with fewer key/value heads than heads (its k norm has hidden_size entries).
+UNWRITABLE = {
+    "qwen2_moe": (dict(mlp_only_layers=[1]), "dense MLP layers between its MoE layers"),
+    "olmoe": (dict(num_key_value_heads=2), "2 key/value heads for 4 heads"),
+}
+
+
+@pytest.mark.parametrize("family", list(UNWRITABLE))
+def test_moe_layouts_llama_cpp_cannot_hold_are_refused(family, tok, tmp_path):
+    changes, message = UNWRITABLE[family]
+    config = moe_config(family, vocab=len(tok))
+    for key, value in changes.items():
+        setattr(config, key, value)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ValueError, match="qwen2_moe mixtures of experts .* not supported yet"):
+    with pytest.raises(ValueError, match=f"{message}.*{ARCH_NAME[family]}.*export safetensors"):
         ql.export_merged(model, tmp_path / "m.gguf", format="gguf", tokenizer=tok, progress=False)
     assert not (tmp_path / "m.gguf").exists()
-    # The adapter GGUF refuses the same layouts (tests/test_gguf_moe_adapter.py writes the others).
+    # The adapter GGUF refuses the same layouts.
     ql.add_lora(model, ql.LoraConfig(r=4, alpha=8))
-    with pytest.raises(ValueError, match="qwen2_moe mixtures of experts .* not supported yet"):
+    with pytest.raises(ValueError, match=message):
         ql.save_gguf_adapter(model, tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_qwen2_moe_widths_and_routing_the_readers_assume_are_reported_and_read_back(tok, tmp_path):
+    """Expert widths other than Qwen2-MoE's defaults: written, named in the report (transformers' reader assumes the
+    defaults), and read back by the streamed reader; renormalized routing, which llama.cpp's qwen2moe omits, too."""
+    config = moe_config("qwen2_moe", vocab=len(tok))   # experts 32 wide, shared expert 64
+    config.norm_topk_prob = True
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    report = ql.export_merged(model, tmp_path / "m.gguf", format="gguf", gguf_type="f32", tokenizer=tok, probe=False,
+                              progress=False)
+    assert report["moe_intermediate_size_not_read_by_transformers"] == 32
+    assert report["shared_expert_intermediate_size_not_read_by_transformers"] == 64
+    assert report["norm_topk_prob_true_not_in_gguf"] is True
+    read = _load(tmp_path / "m.gguf").config
+    assert (read.moe_intermediate_size, read.shared_expert_intermediate_size) == (32, 64)

@@ -1,8 +1,10 @@
-"""The adapter GGUF of a mixture of experts (Qwen3-MoE, Mixtral, gpt-oss): expert LoRA as llama.cpp's 3-D lora_a / lora_b.
+"""The adapter GGUF of a mixture of experts (Qwen3-MoE, Mixtral, gpt-oss, Qwen2-MoE, OLMoE): expert LoRA as llama.cpp's 3-D lora_a / lora_b.
 
 llama.cpp's `build_lora_mm_id` adds alpha / r * B_e (A_e x) to expert e's output, r = lora_b's ne[0];
 so W_e + alpha / r * B_e A_e, rebuilt here from the B = 0 base GGUF and the adapter GGUF, must be the
 merged GGUF's expert tensor (gate / up split and gpt-oss's transposed interleaving included).
+Qwen2-MoE's shared-expert gate, (1, H) in the model, is (H,) in the base GGUF (ne = [H], which llama.cpp reads
+as [H, 1]): its pair is lora_a (r, H), lora_b (1, r), as for any (out, in) weight with out = 1.
 """
 
 from __future__ import annotations
@@ -72,15 +74,19 @@ def test_moe_adapter_gguf_rebuilds_the_merged_expert_tensors(family, bundles):
     adapter, base, merged = _tensors(root / "adapter.gguf"), _tensors(root / "base.gguf"), _tensors(root / "merged.gguf")
     targets = {name.removesuffix(".lora_a") for name in adapter if name.endswith(".lora_a")}
     assert set(adapter) == {t + suffix for t in targets for suffix in (".lora_a", ".lora_b")}
-    layers, experts = config.num_hidden_layers, config.num_experts if family == "qwen3_moe" else config.num_local_experts
+    layers, experts = config.num_hidden_layers, getattr(config, "num_experts", None) or config.num_local_experts
     expected_exps = {f"blk.{i}.{kind}.weight" for i in range(layers) for kind in EXPS}
     assert {t for t in targets if "_exps" in t} == expected_exps
-    assert {t for t in targets if "ffn_gate_inp" in t} == {f"blk.{i}.ffn_gate_inp.weight" for i in range(layers)}
+    assert {t for t in targets if ".ffn_gate_inp." in t} == {f"blk.{i}.ffn_gate_inp.weight" for i in range(layers)}
+    if family == "qwen2_moe":   # all-linear adapts the shared expert and its gate too
+        assert {f"blk.{i}.ffn_{kind}.weight" for i in range(layers) for kind in ("gate_shexp", "up_shexp", "down_shexp",
+                                                                                  "gate_inp_shexp")} <= targets
     assert len(targets) == len(expected_exps) + len(list(ql.lora_layers(bundle["model"]))) + layers
     assert bundle["report"]["layers"] == len(targets) - len(expected_exps)   # linears and routers
     assert bundle["report"]["expert_stacks"] == 2 * layers      # gate_up_proj and down_proj per layer
-    assert bundle["report"]["folded"] == layers                 # each layer's expert down stack (alpha 5, not 6)
-    ne = _ne(root / "base.gguf")
+    # each layer's expert down stack (alpha 5, not 6), and Qwen2-MoE's shared expert down_proj
+    assert bundle["report"]["folded"] == layers * (2 if family == "qwen2_moe" else 1)
+    ne = {name: shape + [1] * (2 - len(shape)) for name, shape in _ne(root / "base.gguf").items()}   # (H,): [H, 1]
     for target in sorted(targets):
         lora_a, lora_b = adapter[target + ".lora_a"], adapter[target + ".lora_b"]
         ne_a, ne_b = list(reversed(lora_a.shape)), list(reversed(lora_b.shape))
@@ -100,11 +106,12 @@ def test_moe_adapter_gguf_rebuilds_the_merged_expert_tensors(family, bundles):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_moe_adapter_gguf_with_lora_on_attention_only(family, bundles, tmp_path):
-    """No expert LoRA: the adapter holds the attention pairs alone, each naming a 2-D tensor of the base GGUF."""
+    """No expert LoRA: the adapter holds the attention pairs (and Qwen2-MoE's shared expert and its gate) alone,
+    each naming a 2-D tensor of the base GGUF (the gate's (H,) read as [H, 1])."""
     model = transformers.AutoModelForCausalLM.from_config(_config(family, len(tiny_tokenizer())))
     ql.add_lora(model, ql.LoraConfig(r=4, alpha=8))
     report = ql.save_gguf_adapter(model, tmp_path / "attention.gguf")
-    ne = _ne(bundles(family)["root"] / "base.gguf")
+    ne = {name: shape + [1] * (2 - len(shape)) for name, shape in _ne(bundles(family)["root"] / "base.gguf").items()}
     written = _ne(tmp_path / "attention.gguf")
     assert report["expert_stacks"] == 0 and len(written) == 2 * report["layers"] > 0
     for name, shape in written.items():

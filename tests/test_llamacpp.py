@@ -45,13 +45,14 @@ GELU_F16_TOLERANCE = 2 * 2.0**-11
 # The adapter's own effect on the logits must dwarf the tolerance, or agreement would prove nothing.
 ADAPTER_EFFECT_FLOOR = 1e-2
 DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2")
-MOE = ("qwen3_moe", "mixtral", "gpt_oss")
+MOE = ("qwen3_moe", "mixtral", "gpt_oss", "qwen2_moe", "olmoe")
 # down_proj's scale is 5 / 4 while the file's alpha is 6: llama.cpp's alpha / r is right only if it is folded in.
 LORA = dict(r=4, alpha=6, alpha_pattern={"down_proj": 5})
 MOE_LORA = dict(LORA, target_parameters=["experts", "router"])
 TOKENS = 20
 GELU_FAMILIES = ("gemma2", "gemma3")
-ARCH = {**GGUF_ARCH, "qwen3_moe": "qwen3moe", "mixtral": "llama", "gpt_oss": "gpt-oss"}
+ARCH = {**GGUF_ARCH, "qwen3_moe": "qwen3moe", "mixtral": "llama", "gpt_oss": "gpt-oss", "qwen2_moe": "qwen2moe",
+        "olmoe": "olmoe"}
 
 
 def _config(family: str, vocab: int) -> transformers.PretrainedConfig:

@@ -1,4 +1,4 @@
-"""Mixtures of experts (Qwen3-MoE, Mixtral, gpt-oss): streamed loading through transformers' conversions, experts
+"""Mixtures of experts (Qwen3-MoE, Mixtral, gpt-oss, Qwen2-MoE, OLMoE): streamed loading through transformers' conversions, experts
 stored 4/8-bit, LoRA on experts and routers in PEFT's target_parameters layout both ways (PEFT's all-linear MoE
 adapters included), merged export, estimate vs measured."""
 
@@ -40,14 +40,24 @@ def moe_config(family: str, hidden: int = 64, vocab: int = 256) -> transformers.
     if family == "gpt_oss":
         return transformers.GptOssConfig(intermediate_size=hidden // 2, num_local_experts=4, num_experts_per_tok=2,
                                          layer_types=["sliding_attention", "full_attention"], **common)
+    if family == "qwen2_moe":   # a shared expert (and its sigmoid gate) beside the routed ones, q/k/v biases
+        common.pop("head_dim")    # not a Qwen2-MoE setting: hidden_size / heads
+        return transformers.Qwen2MoeConfig(intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
+                                           shared_expert_intermediate_size=hidden, num_experts=4,
+                                           num_experts_per_tok=2, **common)
+    if family == "olmoe":   # q/k norms over the whole projection: as many key/value heads as heads (OLMoE-1B-7B)
+        common.update(num_key_value_heads=4)
+        common.pop("head_dim")
+        return transformers.OlmoeConfig(intermediate_size=hidden // 2, num_experts=4, num_experts_per_tok=2, **common)
     raise ValueError(family)
 
 
-FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
-# Where PEFT 0.21's all-linear adapts the router (`mlp.gate.weight`) and the experts (gpt-oss: attention only).
-ROUTED_BY_PEFT = ["qwen3_moe", "mixtral"]
+FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "qwen2_moe", "olmoe"]
+# Where PEFT 0.21's all-linear adapts the router (`mlp.gate.weight`) and the experts (gpt-oss: attention only;
+# Qwen2-MoE: attention, the shared expert and its gate, since its block holds nn.Linear layers besides the experts).
+ROUTED_BY_PEFT = ["qwen3_moe", "mixtral", "olmoe"]
 # Each family's router path inside a block.
-ROUTER = {"qwen3_moe": "mlp.gate", "mixtral": "mlp.gate", "gpt_oss": "mlp.router"}
+ROUTER = {"qwen3_moe": "mlp.gate", "mixtral": "mlp.gate", "gpt_oss": "mlp.router", "qwen2_moe": "mlp.gate", "olmoe": "mlp.gate"}
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +130,11 @@ def test_experts_stored_quantized_per_expert(checkpoints, family, bits):
     assert ql.count_parameters(model).total == sum(p.numel() for p in ref.parameters())
 
 
-def test_moe_blocks_stored_near_dense_share(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_blocks_stored_near_dense_share(tmp_path, family):
     """A 4-bit MoE block holds <= 0.30x its bf16 bytes (the router stays float; it is tiny at real widths)."""
     torch.manual_seed(0)
-    config = moe_config("qwen3_moe", hidden=256)
+    config = moe_config(family, hidden=256)
     float_model = transformers.AutoModelForCausalLM.from_config(config)
     float_model.save_pretrained(tmp_path)
     bf16_bytes = sum(p.numel() * 2 for p in float_model.model.layers[0].parameters())
@@ -244,6 +255,41 @@ def test_peft_all_linear_moe_adapter_both_ways(checkpoints, family, tmp_path):
     with torch.no_grad():
         assert rel_error(back(ids()).logits, ours(ids()).logits) < FLOAT_TOLERANCE
         assert rel_error(again(ids()).logits, ours(ids()).logits) < FLOAT_TOLERANCE
+
+
+def test_peft_all_linear_qwen2_moe_adapter_both_ways(checkpoints, tmp_path):
+    """PEFT's all-linear on Qwen2-MoE: attention, the shared expert and its (1, H) gate; no expert nor router LoRA."""
+    path = checkpoints["qwen2_moe"]
+    theirs = peft_all_linear(path, tmp_path)
+    config = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert not config["target_parameters"] and any(t.endswith("mlp.shared_expert_gate") for t in config["target_modules"])
+    ours = ql.load_adapter(load(path, None), tmp_path / "theirs").eval()
+    block = ours.model.layers[0]
+    assert block.mlp.shared_expert_gate.r == 4 and block.mlp.shared_expert.down_proj.r == 4
+    assert not [n for n, _ in ours.named_parameters() if "lora_" in n and (".experts." in n or ".mlp.gate." in n)]
+    assert ql.count_parameters(ours).trainable == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    with torch.no_grad():
+        expected = theirs(ids()).logits
+        assert rel_error(ours(ids()).logits, expected) < FLOAT_TOLERANCE
+        assert rel_error(reference(path)(ids()).logits, expected) > 1e-3   # the adapter does something
+    # qlowrank's own all-linear adapts the same layers, so its adapter has PEFT's keys.
+    ql.save_adapter(random_lora_b(load(path, None, ql.LoraConfig(r=4, alpha=8))), tmp_path / "ours")
+    with safe_open(str(tmp_path / "ours" / "adapter_model.safetensors"), "pt") as handle, \
+            safe_open(str(tmp_path / "theirs" / "adapter_model.safetensors"), "pt") as peft_file:
+        assert set(handle.keys()) == set(peft_file.keys())
+
+
+def test_qwen2_moe_dense_layers_between_moe_layers_load(tmp_path):
+    """mlp_only_layers: a plain MLP in layer 0, experts in layer 1; streamed, equal to transformers, experts 4-bit."""
+    config = moe_config("qwen2_moe")
+    config.mlp_only_layers = [0]
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert rel_error(load(tmp_path, None)(ids()).logits, reference(tmp_path)(ids()).logits) < FLOAT_TOLERANCE
+    model = load(tmp_path, 4, expert_lora())
+    assert [type(m).__name__ for m in model.modules() if isinstance(m, FrozenExperts)] == ["FrozenExperts"]
+    assert quantlib.is_quantized_linear(model.model.layers[0].mlp.down_proj.base_layer)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -33,7 +33,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 # Float32 on both sides, the same weights: only the order of summation may differ (measured <= 4e-7).
 FLOAT_TOLERANCE = 1e-5
-MOE = ("qwen3_moe", "mixtral", "gpt_oss")
+MOE = ("qwen3_moe", "mixtral", "gpt_oss", "qwen2_moe", "olmoe")
 FAMILIES = (*DENSE_CONFIGS, *MOE)
 # transformers 5's fused expert parameters, the same names in all three MoE families.
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -226,7 +226,9 @@ def check_adapter_gguf(family: Family) -> None:
     assert any("_exps." in name for name in tensors) == (family.name in MOE)
     for name, shape in tensors.items():
         stem = name.rsplit(".", 1)[0]
-        *experts, out, inp = base[stem]   # (E, out, in) for ffn_*_exps, (out, in) otherwise
+        # (E, out, in) for ffn_*_exps, (out, in) otherwise; a (1, in) weight is stored squeezed to (in,)
+        # (Qwen2-MoE's ffn_gate_inp_shexp), which llama.cpp reads as ne = [in, 1].
+        *experts, out, inp = base[stem] if len(base[stem]) > 1 else (1, *base[stem])
         expected = (*experts, 4, inp) if name.endswith("lora_a") else (*experts, out, 4)
         assert shape == expected and len(shape) == (3 if "_exps." in name else 2), (name, shape, base[stem])
     alpha = reader.get_field("adapter.lora.alpha")

@@ -15,7 +15,7 @@ alpha / r * B' equals our scale * B for every layer, whatever reads the file.
 Layout. For the "llama" architecture llama.cpp stores q_proj / k_proj rows interleaved per
 rotary pair (export/gguf_writer.py); B's rows are permuted the same way, since (P B) A = P (B A).
 Gemma's `1 + w` norm offset concerns norms, which carry no LoRA. Mixtures of experts (Qwen3-MoE,
-Mixtral, gpt-oss): router LoRA is a 2-D pair on `ffn_gate_inp`; expert LoRA is written as 3-D pairs on `ffn_{gate,up,down}_exps`, lora_a
+Mixtral, gpt-oss, Qwen2-MoE, OLMoE): router LoRA is a 2-D pair on `ffn_gate_inp`; expert LoRA is written as 3-D pairs on `ffn_{gate,up,down}_exps`, lora_a
 (E, r, in) and lora_b (E, out, r), split as the merged export splits the stacks
 (export/gguf_adapter_experts.py); the same alpha / r and ratio folding apply to them.
 

@@ -14,9 +14,11 @@ llama.cpp's converter (`convert_hf_to_gguf.py`) and transformers' GGUF reader
   and `ffn_up` (gate rows first) as they are.
 - Qwen2 keeps its q/k/v biases; gpt-oss its attention, router and per-expert biases; the
   other families here have none.
-- Mixtures of experts (Qwen3-MoE, Mixtral as "llama" with experts, gpt-oss) write their fused
-  3-D experts as `ffn_{gate,up,down}_exps` (export/gguf_experts.py) and `expert_count` /
-  `expert_used_count`; gpt-oss also its attention sinks, sliding window and YaRN RoPE.
+- Mixtures of experts (Qwen3-MoE, Mixtral as "llama" with experts, gpt-oss, Qwen2-MoE, OLMoE) write
+  their fused 3-D experts as `ffn_{gate,up,down}_exps` (export/gguf_experts.py) and `expert_count` /
+  `expert_used_count`; gpt-oss also its attention sinks, sliding window and YaRN RoPE; Qwen2-MoE its
+  shared expert as a dense `ffn_*_shexp` MLP and its sigmoid gate as `ffn_gate_inp_shexp` (H,) (llama.cpp's
+  converter squeezes the (1, H) weight), with `expert_shared_feed_forward_length`.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ FAMILIES = {
     "qwen3_moe": GgufFamily("qwen3moe"),
     "mixtral": GgufFamily("llama", permute_rotary=True),
     "gpt_oss": GgufFamily("gpt-oss", biases=True, rope_types=("yarn",)),
+    "qwen2_moe": GgufFamily("qwen2moe", biases=True),
+    "olmoe": GgufFamily("olmoe"),
 }
-# Mixtures of experts whose llama.cpp layout (shared experts, ...) this writer does not write yet.
-MOE_TYPES = ("qwen2_moe", "olmoe")
 # gpt-oss's YaRN settings that llama.cpp's "gpt-oss" assumes (its converter writes only type, factor, context).
 GPT_OSS_YARN = {"beta_fast": 32.0, "beta_slow": 1.0}
 
@@ -84,10 +86,6 @@ def gguf_family(model: nn.Module) -> GgufFamily:
     """
     name, config = type(model).__name__, model.config
     model_type = getattr(config, "model_type", None)
-    if model_type in MOE_TYPES:
-        raise ValueError(f"GGUF export of {model_type} mixtures of experts ({name}) is not supported yet (Qwen3-MoE, "
-                         "Mixtral and gpt-oss are); export safetensors (format='safetensors') and convert with "
-                         "llama.cpp's converter")
     family = FAMILIES.get(model_type)
     if family is None or not name.endswith("ForCausalLM"):
         raise ValueError(f"GGUF export supports {sorted(FAMILIES)} causal LMs; {name} is not supported: export "
@@ -107,9 +105,10 @@ def gguf_family(model: nn.Module) -> GgufFamily:
                          "layout has no tensor for; export safetensors instead")
     if model_type == "gemma3_text":
         _check_gemma3(config)
-    if model_type == "qwen3_moe" and (getattr(config, "decoder_sparse_step", 1) != 1 or getattr(config, "mlp_only_layers", [])):
-        raise ValueError(f"GGUF export: this {name} has dense MLP layers between its MoE layers (decoder_sparse_step / "
-                         "mlp_only_layers), which llama.cpp's 'qwen3moe' layout has no place for")
+    if model_type in ("qwen3_moe", "qwen2_moe"):
+        _check_every_layer_moe(config, name, family.arch)
+    if model_type == "olmoe":
+        _check_olmoe(config, name)
     if model_type == "gpt_oss":
         changed = {k: v for k, v in _yarn(config).items() if k in GPT_OSS_YARN and v != GPT_OSS_YARN[k]}
         if changed:
@@ -120,6 +119,27 @@ def gguf_family(model: nn.Module) -> GgufFamily:
 
 def _yarn(config) -> dict:
     return next((rope for rope in rope_dicts(config) if rope.get("rope_type", rope.get("type")) == "yarn"), {})
+
+
+def _check_every_layer_moe(config, name: str, arch: str) -> None:
+    # llama.cpp's qwen3moe / qwen2moe build every layer as a mixture of experts, with global attention.
+    if getattr(config, "decoder_sparse_step", 1) != 1 or getattr(config, "mlp_only_layers", []):
+        raise ValueError(f"GGUF export: this {name} has dense MLP layers between its MoE layers (decoder_sparse_step / "
+                         f"mlp_only_layers), which llama.cpp's {arch!r} layout has no place for; export safetensors "
+                         "(format='safetensors') instead")
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        raise ValueError(f"GGUF export: this {name} has sliding-window attention layers, which llama.cpp's {arch!r} "
+                         "layout does not compute; export safetensors (format='safetensors') instead")
+
+
+def _check_olmoe(config, name: str) -> None:
+    # llama.cpp's olmoe normalizes q and k over the whole projection with norms of n_embd entries, so
+    # its k norm only fits a model with as many key/value heads as heads (as OLMoE-1B-7B has).
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if kv_heads != config.num_attention_heads or head_dim(config) * config.num_attention_heads != config.hidden_size:
+        raise ValueError(f"GGUF export: this {name} has {kv_heads} key/value heads for {config.num_attention_heads} "
+                         "heads (or heads narrower than hidden_size / heads); llama.cpp's 'olmoe' layout holds q/k "
+                         "norms of hidden_size entries only, so export safetensors (format='safetensors') instead")
 
 
 def _check_gemma3(config) -> None:
@@ -182,6 +202,10 @@ def _add_experts(gguf, writer, config, arch: str, experts: int) -> None:
     width = getattr(config, "moe_intermediate_size", None) or (config.intermediate_size if arch == "gpt-oss" else None)
     if width:
         writer.add_expert_feed_forward_length(width)
+    # Qwen2-MoE's shared expert (llama.cpp would take feed_forward_length, the dense MLPs' width, without it).
+    shared = getattr(config, "shared_expert_intermediate_size", None)
+    if shared:
+        writer.add_expert_shared_feed_forward_length(shared)
     if arch == "gpt-oss":
         writer.add_sliding_window(config.sliding_window)
         yarn = _yarn(config)
@@ -223,15 +247,24 @@ def reader_caveats(config, family: GgufFamily) -> dict:
 
 
 def _moe_caveats(config, caveats: dict) -> None:
-    if config.model_type != "qwen3_moe":
+    if config.model_type not in ("qwen3_moe", "qwen2_moe", "olmoe"):
         return
-    if not config.norm_topk_prob:
-        # llama.cpp's qwen3moe (and transformers' GGUF reader) renormalize the top-k routing weights.
-        caveats["norm_topk_prob_false_not_in_gguf"] = True
-    default = type(config)().moe_intermediate_size
-    if config.moe_intermediate_size != default:
-        # transformers' GGUF reader does not read expert_feed_forward_length (llama.cpp and qlowrank do).
-        caveats["moe_intermediate_size_not_read_by_transformers"] = config.moe_intermediate_size
+    # llama.cpp's qwen3moe (and transformers' GGUF reader) renormalize the top-k routing weights;
+    # its qwen2moe and olmoe never do.
+    renormalized = config.model_type == "qwen3_moe"
+    if bool(config.norm_topk_prob) != renormalized:
+        caveats[f"norm_topk_prob_{str(bool(config.norm_topk_prob)).lower()}_not_in_gguf"] = True
+    if getattr(config, "clip_qkv", None) is not None:
+        # OLMoE may clamp q / k / v; llama.cpp's olmoe reads no clamp and computes without one.
+        caveats["clip_qkv_not_in_gguf"] = config.clip_qkv
+    if config.model_type == "olmoe":
+        return   # its experts are feed_forward_length wide, which every reader reads
+    default = type(config)()
+    for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+        # transformers' GGUF reader reads neither expert_feed_forward_length nor its shared expert's (llama.cpp and
+        # qlowrank do).
+        if hasattr(config, key) and getattr(config, key) != getattr(default, key):
+            caveats[f"{key}_not_read_by_transformers"] = getattr(config, key)
 
 
 def _reader_head_dim(config) -> int:

@@ -4,7 +4,7 @@ transformers 5 holds a mixture of experts as fused 3-D stacks; llama.cpp's conve
 (`convert_hf_to_gguf.py`) writes three 3-D tensors per layer, each (E, out, in) in torch
 order (ne = [in, out, E]), named by the `gguf` package's map of the unfused projections:
 
-- Qwen3-MoE, Mixtral: `gate_up_proj` (E, 2I, H) holds gate rows then up rows; they become
+- Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE: `gate_up_proj` (E, 2I, H) holds gate rows then up rows; they become
   `ffn_gate_exps` and `ffn_up_exps` (E, I, H); `down_proj` (E, H, I) is `ffn_down_exps` as it is.
 - gpt-oss stores its stacks transposed, (E, H, 2I) and (E, I, H), with gate and up
   interleaved (gate at even columns) and a bias per expert: the converter transposes them and

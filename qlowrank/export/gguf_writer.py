@@ -11,11 +11,11 @@ our conventions against an independent implementation of them.
 
 Families (export/gguf_arch.py): Llama, Mistral, SmolLM2 ("llama"), Qwen2, Qwen3, Gemma 2,
 Gemma 3 (text), Phi-3, OLMo 2, and the mixtures of experts Qwen3-MoE, Mixtral ("llama" with
-experts) and gpt-oss, whose fused experts (expert LoRA merged in) are split into llama.cpp's
-`ffn_*_exps` (export/gguf_experts.py); with a byte-level BPE tokenizer (export/gguf_vocab.py).
-Refused with a clear error: other architectures and MoE layouts (shared experts: Qwen2-MoE),
-RoPE scaling (but gpt-oss's YaRN), attention biases outside Qwen2 / gpt-oss, and SentencePiece
-tokenizers (Llama 2, Mistral 7B v0.1, Gemma).
+experts), gpt-oss, Qwen2-MoE (its shared expert as `ffn_*_shexp`) and OLMoE, whose fused experts
+(expert LoRA merged in) are split into llama.cpp's `ffn_*_exps` (export/gguf_experts.py); with a
+byte-level BPE tokenizer (export/gguf_vocab.py). Refused with a clear error: other architectures
+and MoE layouts (dense layers between MoE layers), RoPE scaling (but gpt-oss's YaRN), attention
+biases outside Qwen2 / Qwen2-MoE / gpt-oss, and SentencePiece tokenizers (Llama 2, Mistral 7B v0.1, Gemma).
 """
 
 from __future__ import annotations
@@ -189,8 +189,11 @@ def gguf_pieces(model: nn.Module, family: GgufFamily, entries: list[ExportEntry]
             pieces.append(expert_pieces(entry.key, entry.shape, experts_transposed(model, entry.key), name_of))
             continue
         name = plain[entry.key]
-        pieces.append([GgufPiece(name, entry.shape, lambda t, k=entry.key, n=name:
-                                 to_gguf_layout(t, k, n, family, model.config))])
+        # llama.cpp's converter squeezes out dimensions of 1: Qwen2-MoE's shared-expert gate (1, H) is
+        # ffn_gate_inp_shexp (H,), which llama.cpp and transformers' reader both expect.
+        shape = tuple(size for size in entry.shape if size != 1) or entry.shape
+        pieces.append([GgufPiece(name, shape, lambda t, k=entry.key, n=name, s=shape:
+                                 to_gguf_layout(t, k, n, family, model.config).reshape(s))])
     return pieces
 
 

@@ -123,17 +123,20 @@ def read_gguf_header(path: str | Path) -> tuple[dict, list[str]]:
 
 
 # Architectures whose config this header walk is tested equal to transformers' own
-# (tests/test_gguf_families.py, tests/test_gguf_moe.py; gpt-oss and OLMo 2, which transformers' reader cannot
+# (tests/test_gguf_families.py, tests/test_gguf_moe.py; gpt-oss, OLMo 2 and OLMoE, which transformers' reader cannot
 # read, against the exported model's config). transformers' reader derives the config of some others with
 # extra rules (StableLM's from its tensors, LFM2's per-layer head counts, T5's, ...): those
 # are read with transformers' `load_gguf_checkpoint` itself, which decodes the vocabulary too.
-HEADER_CONFIG_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "qwen3moe", "gpt-oss")
+HEADER_CONFIG_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "qwen3moe", "gpt-oss",
+                               "qwen2moe", "olmoe")
 # GGUF architectures transformers (5.25) has no config mapping for, whose llama.cpp header holds llama.cpp's
 # generic decoder keys only (convert_hf_to_gguf's TextModel writes them; `gguf.Keys.LLM` / `Keys.Attention` /
 # `Keys.Rope`): each is read with transformers' mapping of an architecture whose header is those same keys.
 # A key of the file that mapping does not read is refused unless it says what the config implies
-# (`_check_unread`): an OLMo 3 written as "olmo2" (sliding windows) or YaRN RoPE stops there.
-SAME_HEADER_AS = {"olmo2": "qwen3"}
+# (`_check_unread`): an OLMo 3 written as "olmo2" (sliding windows) or YaRN RoPE stops there. llama.cpp's
+# olmoe header is those keys plus expert_count / expert_used_count, as qwen2moe's (feed_forward_length is
+# OLMoE's expert width; OlmoeConfig names these fields as Qwen2MoeConfig does).
+SAME_HEADER_AS = {"olmo2": "qwen3", "olmoe": "qwen2_moe"}
 
 
 def gguf_config_values(path: str | Path) -> tuple[str, dict]:
@@ -228,7 +231,7 @@ def _moe_values(arch: str, fields: dict, config: dict) -> dict:
     """The MoE settings that llama.cpp reads and transformers' GGUF mapping does not; a dense model's values stay as they are.
 
     transformers' reader builds 768-wide Qwen3-MoE experts whatever expert_feed_forward_length
-    says, a dense Llama for Mixtral, and fails on gpt-oss's YaRN keys (5.25 takes a key's length
+    says (Qwen2-MoE's: 1408 and a 5632-wide shared expert), a dense Llama for Mixtral, and fails on gpt-oss's YaRN keys (5.25 takes a key's length
     for its value); here they are read as llama.cpp reads them.
     """
     if arch == "gpt-oss":
@@ -247,8 +250,10 @@ def _moe_values(arch: str, fields: dict, config: dict) -> dict:
     if arch == "llama" and fields.get("llama.expert_count"):
         config["num_local_experts"] = int(fields["llama.expert_count"])
         config["num_experts_per_tok"] = int(fields["llama.expert_used_count"])
-    if arch == "qwen3moe" and fields.get("qwen3moe.expert_feed_forward_length"):
-        config["moe_intermediate_size"] = int(fields["qwen3moe.expert_feed_forward_length"])
+    if arch in ("qwen3moe", "qwen2moe") and fields.get(f"{arch}.expert_feed_forward_length"):
+        config["moe_intermediate_size"] = int(fields[f"{arch}.expert_feed_forward_length"])
+    if arch == "qwen2moe" and fields.get("qwen2moe.expert_shared_feed_forward_length"):
+        config["shared_expert_intermediate_size"] = int(fields["qwen2moe.expert_shared_feed_forward_length"])
     return config
 
 

@@ -4,7 +4,12 @@ llama.cpp writes each layer's experts as three 3-D tensors, `ffn_gate_exps`, `ff
 `ffn_down_exps` (E, out, in in torch order; see export/gguf_experts.py). transformers' own
 processors are used wherever they read that layout:
 
-- "qwen3moe": transformers' `Qwen2MoeTensorProcessor` stacks gate and up into `gate_up_proj`.
+- "qwen3moe", "qwen2moe": transformers' `Qwen2MoeTensorProcessor` stacks gate and up into `gate_up_proj`
+  (and gives Qwen2-MoE's shared-expert gate, (H,) in the file, back its (1, H)); the shared expert's
+  `ffn_*_shexp` are dense tensors, named by transformers' map.
+- "olmoe": the same processor (transformers' table has no entry for it; its layout is qwen2moe's experts
+  without a shared expert). transformers has no config mapping for olmoe either: its header is read
+  with qwen2_moe's (`gguf_header.SAME_HEADER_AS`).
 - "llama" with experts (Mixtral, as llama.cpp's converter writes it): transformers' reader has
   no such case (it would build a dense Llama); `LlamaExpertsProcessor` is its Llama processor
   (q/k rotary rows) plus the Qwen-MoE processor's expert stacking, both transformers' own.
@@ -59,6 +64,8 @@ def processor_class(architecture: str, values: dict):
         return LlamaExpertsProcessor
     if architecture == "gpt-oss":
         return GptOssExpertsProcessor
+    if architecture == "olmoe":
+        return _Qwen2Moe
     return None
 
 

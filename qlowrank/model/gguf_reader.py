@@ -19,7 +19,7 @@ A processor that leaves a tensor as it is (asked first with an empty stand-in) l
 dequantized straight into the dtype it is kept in; the others get transformers' float32
 numpy path, as in transformers' reader.
 
-Mixtures of experts (Qwen3-MoE, Mixtral as "llama" with experts, gpt-oss): each 3-D
+Mixtures of experts (Qwen3-MoE, Mixtral as "llama" with experts, gpt-oss, Qwen2-MoE, OLMoE): each 3-D
 `ffn_*_exps` tensor goes through its processor (model/gguf_moe.py) into transformers 5's
 fused stacks, and the sink freezes a layer's experts 4-bit / 8-bit once its stacks are complete.
 
@@ -270,7 +270,7 @@ class GgufTensors:
 
 
 # MoE GGUF architectures whose expert tensors the streamed reader takes (model/gguf_moe.py); "llama" with experts is Mixtral.
-STREAMED_MOE = ("qwen3moe", "gpt-oss", "llama")
+STREAMED_MOE = ("qwen3moe", "gpt-oss", "llama", "qwen2moe", "olmoe")
 
 
 def check_streamable(fields: dict, config, path: Path) -> str:
