@@ -183,7 +183,8 @@ def test_streamed_reader_gives_the_merged_exports_logits(family, bundles):
     path = bundle["root"] / "model.gguf"
     streamed = _load(path)
     assert type(streamed) is type(merged)
-    for key in ("num_hidden_layers", "hidden_size", "num_experts_per_tok", "head_dim", "rope_parameters"):
+    for key in ("num_hidden_layers", "hidden_size", "num_experts_per_tok", "head_dim", "rope_parameters", "intermediate_size",
+                "moe_intermediate_size", "shared_expert_intermediate_size", "num_key_value_heads"):
         assert getattr(streamed.config, key, None) == getattr(merged.config, key, None), key   # Qwen2-MoE: no head_dim
     ids = _ids(merged.config.vocab_size)
     assert rel_error(_logits(streamed, ids), _logits(merged, ids)) <= F32_TOLERANCE

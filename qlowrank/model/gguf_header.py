@@ -231,8 +231,9 @@ def _moe_values(arch: str, fields: dict, config: dict) -> dict:
     """The MoE settings that llama.cpp reads and transformers' GGUF mapping does not; a dense model's values stay as they are.
 
     transformers' reader builds 768-wide Qwen3-MoE experts whatever expert_feed_forward_length
-    says (Qwen2-MoE's: 1408 and a 5632-wide shared expert), a dense Llama for Mixtral, and fails on gpt-oss's YaRN keys (5.25 takes a key's length
-    for its value); here they are read as llama.cpp reads them.
+    says (Qwen2-MoE's: 1408 wide, and a 5632-wide shared expert whatever
+    expert_shared_feed_forward_length says), a dense Llama for Mixtral, and fails on gpt-oss's
+    YaRN keys (5.25 takes a key's length for its value); here they are read as llama.cpp reads them.
     """
     if arch == "gpt-oss":
         import transformers
