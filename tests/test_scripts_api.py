@@ -451,8 +451,21 @@ def _command_in(items: list[ast.expr], commands: set[str]) -> int | None:
     return None
 
 
+def _script_in(items: list[ast.expr], path: Path) -> tuple[int, Path] | None:
+    """Where a script of this folder stands in an argument list (`__file__`, `here / "large_model.py"`), and which."""
+    for i, item in enumerate(items):
+        if any(isinstance(n, ast.Name) and n.id == "__file__" for n in ast.walk(item)):
+            return i, path
+        named = [n.value for n in ast.walk(item) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                 and re.fullmatch(r"\w+\.py", n.value)]
+        if named:
+            return i, path.parent / named[0]
+    return None
+
+
 def cli_problems(path: Path, root: Path = ROOT) -> list[str]:
-    """Flags given to a qlowrank command in the script's argument lists that the command does not have."""
+    """Flags in the script's argument lists that their receiver lacks: a qlowrank command, or a script of the same
+    folder (the script itself re-run as a worker, or a sibling) whose parser's option strings are all constants."""
     options = _command_options()
     tree = ast.parse(path.read_text())
     problems = []
@@ -465,27 +478,34 @@ def cli_problems(path: Path, root: Path = ROOT) -> list[str]:
         owners = {id(n.value): n.targets[0].id for n in nodes if isinstance(n, ast.Assign) and len(n.targets) == 1
                   and isinstance(n.targets[0], ast.Name)}
         for node in nodes:
-            if not isinstance(node, (ast.List, ast.Tuple)) or (at := _command_in(node.elts, set(options))) is None:
+            if not isinstance(node, (ast.List, ast.Tuple)):
                 continue
-            command = node.elts[at].value
+            if (at := _command_in(node.elts, set(options))) is not None:
+                receiver, known = f"qlowrank {node.elts[at].value}", options[node.elts[at].value]
+            elif (script := _script_in(node.elts, path)) is not None:
+                at, target = script
+                receiver, known = target.name, _script_options(target) if target.is_file() else set()
+            else:
+                continue
             flags = [f for item in node.elts[at + 1:] for f in (
                 spliced.get(item.value.id, []) if isinstance(item, ast.Starred) and isinstance(item.value, ast.Name)
                 else _flags(item))]
             flags += added.get(owners.get(id(node)), [])
-            problems += [f"{path.relative_to(root)}:{node.lineno}: qlowrank {command} has no option {flag}"
-                         for flag in dict.fromkeys(flags) if flag not in options[command]]
+            problems += [f"{path.relative_to(root)}:{node.lineno}: {receiver} has no option {flag}"
+                         for flag in dict.fromkeys(flags) if known is not None and flag not in known]
     return problems
 
 
 def _script_options(path: Path) -> set[str] | None:
-    """The option strings a script's argparse parser declares; None if one is computed (not a constant)."""
-    found = {"-h", "--help"}
+    """The option strings a script's argparse parser declares; None if one is computed (not a constant) or the
+    parser is built elsewhere (no add_argument here)."""
+    found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument":
             if not all(isinstance(a, ast.Constant) for a in node.args):
                 return None
             found |= {a.value for a in node.args}
-    return found
+    return found | {"-h", "--help"} if found else None
 
 
 def _shell_flags(text: str) -> list[str]:
@@ -528,15 +548,15 @@ def _invocations(text: str) -> list[tuple[str, str, list[str]]]:
     return found
 
 
-def shell_problems(path: Path) -> list[str]:
+def shell_problems(path: Path, root: Path = ROOT) -> list[str]:
     """Flags a shell script gives a qlowrank command or one of the Python scripts that the receiver lacks, and
     problems of the qlowrank-importing programs it runs with `python -c`."""
     options, problems = _command_options(), []
     for target, flags in _invocations(path.read_text()):
-        known = options.get(target) if "/" not in target else _script_options(ROOT / target)
-        if known is None and "/" in target and not (ROOT / target).is_file():
-            problems.append(f"{path.relative_to(ROOT)}: runs {target}, which does not exist")
-        problems += [f"{path.relative_to(ROOT)}: {target} has no option {flag}"
+        known = options.get(target) if "/" not in target else _script_options(root / target)
+        if known is None and "/" in target and not (root / target).is_file():
+            problems.append(f"{path.relative_to(root)}: runs {target}, which does not exist")
+        problems += [f"{path.relative_to(root)}: {target} has no option {flag}"
                      for flag in dict.fromkeys(flags) if known is not None and flag not in known]
     forwarded = _forwarded()
     for program in re.findall(r"""-c\s+(?:"([^"]*qlowrank[^"]*)"|'([^']*qlowrank[^']*)')""", path.read_text()):
@@ -544,7 +564,7 @@ def shell_problems(path: Path) -> list[str]:
             tree = ast.parse("".join(program))
         except SyntaxError:   # `bash -c '...'`: its qlowrank commands are among the invocations above
             continue
-        problems += Checker(str(path.relative_to(ROOT)), path.parent, forwarded).run(tree)
+        problems += Checker(str(path.relative_to(root)), path.parent, forwarded).run(tree)
     return problems
 
 
@@ -578,3 +598,26 @@ def test_script_passes_qlowrank_commands_flags_they_have(path):
 def test_shell_script_passes_flags_its_commands_have(path):
     problems = shell_problems(path)
     assert not problems, "\n".join(problems)
+
+
+def test_a_flag_a_command_lacks_is_reported(tmp_path):
+    """A removed flag in a shell function's "$@" calls, in a bash -c string fed an array, and in a Python
+    argument list extended after it is built: each is named, and the flags the commands have are not."""
+    (tmp_path / "benchmarks").mkdir()
+    shell = tmp_path / "benchmarks" / "check.sh"
+    shell.write_text("""run() { name="$1"; shift
+  .venv/bin/qlowrank estimate --bits 4 --json "$@" > out.json
+}
+run "a row" --batch 4 --keep-attn off
+ARGS=(--model m --seq 64 --no-such-flag)
+bash -c '"$1" -m qlowrank profile "${@:2}" --steps 2' _ python "${ARGS[@]}"
+""")
+    script = tmp_path / "benchmarks" / "check.py"
+    script.write_text("""import sys
+command = [sys.executable, "-m", "qlowrank", "train", "--model", "m", "--steps", "2"]
+command.append("--no-group-by-lengths")
+""")
+    assert sorted(p.split(": ", 1)[1] for p in shell_problems(shell, tmp_path)) == [
+        "estimate has no option --keep-attn", "profile has no option --no-such-flag"]
+    assert [p.split(": ", 1)[1] for p in cli_problems(script, tmp_path)] == [
+        "qlowrank train has no option --no-group-by-lengths"]
