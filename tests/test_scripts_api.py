@@ -34,7 +34,8 @@ SHELL_SCRIPTS = sorted([*ROOT.glob("benchmarks/*.sh"), *ROOT.glob("examples/*.sh
 
 @dataclasses.dataclass(frozen=True)
 class Instance:
-    """A value known to be an instance of one of qlowrank's classes."""
+    """A value known to be an instance of one of qlowrank's classes (or a builtin one a function of qlowrank's
+    is annotated to return)."""
 
     cls: type
 
@@ -126,10 +127,17 @@ def _forwarded():
     }
 
 
+# Values whose attributes are all on their class: an annotation naming one is followed too (`tuple[...]` has no
+# `.factors`), where a torch or transformers class may hold attributes that no class lookup finds.
+BUILTINS = (tuple, list, dict, set, frozenset, str, bytes, int, float, bool)
+
+
 def _annotated_class(hint: object) -> type | None:
-    """The qlowrank class an annotation names (X, X | None, Optional[X]), if one."""
+    """The qlowrank or builtin class an annotation names (X, X[...], X | None, Optional[X]), if one."""
     if isinstance(hint, type) and _ours(hint):
         return hint
+    if (typing.get_origin(hint) or hint) in BUILTINS:
+        return typing.get_origin(hint) or hint
     arguments = [a for a in typing.get_args(hint) if a is not type(None)]
     return _annotated_class(arguments[0]) if len(arguments) == 1 else None
 
