@@ -68,8 +68,7 @@ def effective_weight(weight: torch.Tensor, quant: ql.QuantConfig, method: str, r
     if spec is None:
         return ql.dequantize_weight(quantize_linear(weight, None, quant, "cpu"))
     lora = ql.LoraConfig(r=r, alpha=2 * r, **spec)
-    layer = quantize_with_init(weight, None, quant, lora, "cpu", layer_generator(0, name))
-    a, b = layer.qlowrank_init_factors
+    layer, (a, b) = quantize_with_init(weight, None, quant, lora, "cpu", layer_generator(0, name))
     return ql.dequantize_weight(layer) + lora.scaling * (b @ a)
 
 
