@@ -8,6 +8,7 @@
 cd "$(dirname "$0")/.."
 L4=${1:-/tmp/qlowrank-process-memory/llama-4096-14336-32-4-8-500000.0-False-32000}
 FULL=${2:-}
+GGUF=$(.venv/bin/python -c "from qlowrank.model.embedded import smollm2_gguf; print(smollm2_gguf())")
 OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT
 run() { name="$1"; shift; started=$(date +%s)
   .venv/bin/qlowrank estimate --device cpu --bits 4 --r 16 --calibrate --json "$@" > "$OUT/r.json" 2> "$OUT/err" \
@@ -22,9 +23,9 @@ PY
 }
 echo "| configuration | calibrated MiB | analytic MiB | tensors MiB | per block MiB | wall |"
 echo "|---|---|---|---|---|---|"
-run "SmolLM2 demo 4 x 160" --batch 4 --seq 160
-run "SmolLM2 4 x 512, attention recomputed" --batch 4 --seq 512 --keep-attention off
-run "SmolLM2 2 x 512, no checkpointing" --batch 2 --seq 512 --no-checkpointing
+run "SmolLM2 demo 4 x 160" --model "$GGUF" --batch 4 --seq 160
+run "SmolLM2 4 x 512, attention recomputed" --model "$GGUF" --batch 4 --seq 512 --keep-attention off
+run "SmolLM2 2 x 512, no checkpointing" --model "$GGUF" --batch 2 --seq 512 --no-checkpointing
 if [ -f "$L4/config.json" ]; then
   run "8B width 4L 1 x 2048" --model "$L4" --batch 1 --seq 2048
   run "8B width 4L 8 x 128" --model "$L4" --batch 8 --seq 128

@@ -501,6 +501,11 @@ def cli_problems(path: Path, root: Path = ROOT) -> list[str]:
             flags += added.get(owners.get(id(node)), [])
             problems += [f"{path.relative_to(root)}:{node.lineno}: {receiver} has no option {flag}"
                          for flag in dict.fromkeys(flags) if known is not None and flag not in known]
+            complete = all(not isinstance(x.value, ast.Name) or x.value.id in spliced
+                           for x in node.elts[at + 1:] if isinstance(x, ast.Starred))
+            if receiver.startswith("qlowrank ") and complete:
+                problems += [f"{path.relative_to(root)}:{node.lineno}: {receiver} needs {names[0]}"
+                             for names in _required(receiver.split()[1]) if not set(names) & set(flags)]
     return problems
 
 
@@ -535,9 +540,10 @@ def _shell_units(text: str) -> list[tuple[str | None, str]]:
     return [*functions, (None, rest)]
 
 
-def _invocations(text: str) -> list[tuple[str, str, list[str]]]:
-    """(what is run, a `qlowrank` command or a script path; the flags given to it) in a shell script: up to the
-    end of its command, with arrays it expands, and for a function passing on "$@", the flags of its calls."""
+def _invocations(text: str) -> list[tuple[str, list[str], bool]]:
+    """(what is run, a `qlowrank` command or a script path; the flags given to it; whether they are all known) in a
+    shell script: up to the end of its command, with arrays it expands, and for a function passing on "$@", once
+    per call of the function with that call's flags."""
     units = _shell_units(text)
     top = units[-1][1]
     arrays = {m[1]: _shell_flags(m[2]) for m in re.finditer(r"(\w+)=\((.*?)\)", text, re.S)}
@@ -548,20 +554,35 @@ def _invocations(text: str) -> list[tuple[str, str, list[str]]]:
                 command = re.split(r"\||;|&&|>|'|`|\)", line[m.end():])[0]
                 flags = _shell_flags(command)
                 passed = '"$@"' in command or "${@" in command
-                expanded = line[m.end():] if passed else command
-                flags += [f for name in re.findall(r"\$\{(\w+)\[@\]\}", expanded) for f in arrays.get(name, [])]
-                if passed and function:
-                    flags += [f for call in re.findall(rf"^\s*{function}\s+(.*)$", top, re.M) for f in _shell_flags(call)]
-                found.append((m[1] or m[2], flags))
+                expanded = [n for n in re.findall(r"\$\{(\w+)\[@\]\}", line[m.end():] if passed else command)]
+                flags += [f for name in expanded for f in arrays.get(name, [])]
+                calls = re.findall(rf"^\s*{function}\s+(.*)$", top, re.M) if passed and function else []
+                target = m[1] or m[2]
+                found += [(target, flags + _shell_flags(call), True) for call in calls] or [
+                    (target, flags, not passed or bool(expanded))]
     return found
+
+
+@functools.cache
+def _required(command: str) -> list[list[str]]:
+    """The option strings of each option a qlowrank command cannot run without: argparse's required ones, and
+    those it checks itself and says so in their help ('... (required)')."""
+    from qlowrank.cli.main import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return [a.option_strings for a in commands[command]._actions
+            if a.option_strings and (a.required or (a.help or "").endswith("(required)"))]
 
 
 def shell_problems(path: Path, root: Path = ROOT) -> list[str]:
     """Flags a shell script gives a qlowrank command or one of the Python scripts that the receiver lacks, and
     problems of the qlowrank-importing programs it runs with `python -c`."""
     options, problems = _command_options(), []
-    for target, flags in _invocations(path.read_text()):
+    for target, flags, complete in _invocations(path.read_text()):
         known = options.get(target) if "/" not in target else _script_options(root / target)
+        if complete and target in options:
+            problems += [f"{path.relative_to(root)}: qlowrank {target} needs {names[0]}, not given in {flags}"
+                         for names in _required(target) if not set(names) & set(flags)]
         if known is None and "/" in target and not (root / target).is_file():
             problems.append(f"{path.relative_to(root)}: runs {target}, which does not exist")
         problems += [f"{path.relative_to(root)}: {target} has no option {flag}"
@@ -610,7 +631,9 @@ def test_shell_script_passes_flags_its_commands_have(path):
 
 def test_a_flag_a_command_lacks_is_reported(tmp_path):
     """A removed flag in a shell function's "$@" calls, in a bash -c string fed an array, and in a Python
-    argument list extended after it is built: each is named, and the flags the commands have are not."""
+    argument list extended after it is built: each is named, and the flags the commands have are not. So is a
+    call that leaves out an option the command needs (estimate's --model since the RunSpec refactor, c8be3f6:
+    calibrate_vs_analytic.sh's SmolLM2 rows relied on a default model)."""
     (tmp_path / "benchmarks").mkdir()
     shell = tmp_path / "benchmarks" / "check.sh"
     shell.write_text("""run() { name="$1"; shift
@@ -626,6 +649,7 @@ command = [sys.executable, "-m", "qlowrank", "train", "--model", "m", "--steps",
 command.append("--no-group-by-lengths")
 """)
     assert sorted(p.split(": ", 1)[1] for p in shell_problems(shell, tmp_path)) == [
-        "estimate has no option --keep-attn", "profile has no option --no-such-flag"]
+        "estimate has no option --keep-attn", "profile has no option --no-such-flag",
+        "qlowrank estimate needs --model, not given in ['--bits', '--json', '--batch', '--keep-attn']"]
     assert [p.split(": ", 1)[1] for p in cli_problems(script, tmp_path)] == [
         "qlowrank train has no option --no-group-by-lengths"]
