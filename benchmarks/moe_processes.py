@@ -166,7 +166,8 @@ def main() -> None:
               f"{r['fsdp_estimate']['base_weights'] / 1024:.1f} | {peaks} / "
               f"{r['fsdp_estimate']['process_bytes'] / 2**20:.0f} |")
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    result = {"date": date, "command": COMMAND, "steps": args.steps, "rows": rows, "headline": [headline(rows, date[:10])]}
+    result = {"date": date, "command": COMMAND, "steps": args.steps, "rows": rows,
+              "headline": [headline(rows, date[:10])]}
     (HERE / "moe_processes.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
