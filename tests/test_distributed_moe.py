@@ -5,8 +5,8 @@ processes; `train --dry-run` predicts each FSDP rank's peak.
 
 The default suite runs one round: a 2-rank FSDP run of the Trainer (expert + router LoRA, Qwen3-MoE, gradient
 checkpointing) beside the same run on one process, each process writing what it holds after training. The CLI
-rounds (Qwen3-MoE and gpt-oss x the default target and expert + router LoRA, Mixtral with expert + router LoRA;
-DDP and FSDP, export, resume, the dry-run estimate) are slow: each spends ~40 s of two cores in ten processes.
+rounds (Qwen3-MoE and gpt-oss x the default target and expert + router LoRA; Mixtral, Qwen2-MoE and OLMoE with
+expert + router LoRA; DDP and FSDP, export, resume, the dry-run estimate) are slow: each spends ~40 s of two cores in ten processes.
 """
 
 from __future__ import annotations
@@ -109,10 +109,10 @@ facts = {"losses": losses, "stacks": sorted(stacks),
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory) -> Path:
-    """Tiny Qwen3-MoE, Mixtral and gpt-oss checkpoints (real BPE tokenizer), prompt/completion rows, the worker."""
+    """Tiny checkpoints of every MoE family (real BPE tokenizer), prompt/completion rows, the worker script."""
     root = tmp_path_factory.mktemp("moe-dist")
     tok = tiny_tokenizer()
-    for family in ("qwen3_moe", "mixtral", "gpt_oss"):
+    for family in ("qwen3_moe", "mixtral", "gpt_oss", "qwen2_moe", "olmoe"):
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(moe_config(family, vocab=len(tok)))
         model.save_pretrained(root / family)
@@ -199,8 +199,10 @@ def test_fsdp_shards_the_quantized_expert_stacks_and_keeps_the_base_frozen_and_u
 # ---- the command line: every family, target, strategy; export, resume, dry-run (slow) ----
 
 TARGETS = {"attention": [], "experts+router": ["--target-parameters", EXPERT_AND_ROUTER]}
-# Mixtral runs the same FrozenExperts as Qwen3-MoE (its checkpoint names differ): its expert + router case only.
-CLI_CASES = [(f, t) for f in ("qwen3_moe", "gpt_oss") for t in TARGETS] + [("mixtral", "experts+router")]
+# Mixtral, Qwen2-MoE (a shared expert beside the routed ones) and OLMoE run the same FrozenExperts as Qwen3-MoE:
+# their expert + router case only.
+CLI_CASES = [(f, t) for f in ("qwen3_moe", "gpt_oss") for t in TARGETS] + [
+    (f, "experts+router") for f in ("mixtral", "qwen2_moe", "olmoe")]
 
 
 def _flags(moe: Path, family: str, out: Path, batch: int, target: str) -> list[str]:
