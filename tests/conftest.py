@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from pydoc_data.topics import topics
 
@@ -241,3 +246,61 @@ def adamw_losses(model: torch.nn.Module, batch: torch.Tensor, steps: int, lr: fl
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+# ---- several processes (tests/test_distributed*.py): launch, wait, read a run's metrics, sample ranks ----
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def start_process(cmd: list, cwd) -> subprocess.Popen:
+    """Start `cmd` in its own session with one thread per process (two ranks share this machine's cores)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*cmd], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def finish_process(process: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for `process` (killing its whole session on a timeout); its stdout, after asserting it succeeded."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 0, err[-4000:]
+    return out
+
+
+def run_metrics(out: Path, key: str = "loss") -> dict[int, float]:
+    """{step: value} of `key` ("loss", "eval_loss") in a run's metrics.jsonl."""
+    return {m["step"]: m[key] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in m}
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, read through /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def children_anon_peaks(process: subprocess.Popen, interval: float = 0.01) -> list[int]:
+    """Until `process` exits: the anonymous (RssAnon) peak of each of its children (a launcher's ranks)."""
+    from qlowrank.memory.sampler import StatusSampler
+
+    samplers: dict[int, StatusSampler] = {}
+    while process.poll() is None:
+        for pid in child_pids(process.pid):
+            samplers.setdefault(pid, StatusSampler(pid))
+        for sampler in samplers.values():
+            try:
+                sampler.sample()
+            except OSError:   # that rank has exited
+                pass
+        time.sleep(interval)
+    return [sampler.anon_peak for sampler in samplers.values()]

@@ -25,15 +25,16 @@ from pydoc_data.topics import topics
 import pytest
 import torch
 import transformers
+from conftest import TORCHRUN as LAUNCH_TWO
+from conftest import child_pids, children_anon_peaks, finish_process, run_metrics, start_process
 from safetensors.torch import load_file
 
 import qlowrank as ql
 from qlowrank.cli.train import add_train_arguments
 from qlowrank.memory.process import CPU_PREDICTION_MARGIN
-from qlowrank.memory.sampler import StatusSampler
 from qlowrank.train import list_checkpoints, verify_checkpoint
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "qlowrank"]
+TORCHRUN = [*LAUNCH_TWO, "-m", "qlowrank"]
 ONE = [sys.executable, "-m", "qlowrank"]
 
 # Per-step losses (fp32 compute, AdamW lr 1e-3) of 2 ranks against 1 process. The ranks pad
@@ -142,70 +143,31 @@ def _with(flags: list[str], **changes) -> list[str]:
     return flags
 
 
-def _start(cmd, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*cmd], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-
-
-def _finish(process, timeout=300):
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    assert process.returncode == 0, err[-4000:]
-    return out
-
-
-def _metrics(out: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m}
-
-
-def _evals(out: Path) -> dict[int, float]:
-    return {m["step"]: m["eval_loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if "eval_loss" in m}
-
-
 @pytest.fixture(scope="module")
 def round1(work):
     base = _full_flags(work, work / "ddp")
     runs = {
-        "ddp": _start([*TORCHRUN, "train", *base], work),
-        "fsdp": _start([*TORCHRUN, "train", *_with(base, out=work / "fsdp", sharding="fsdp", batch=1, grad_accum=2)],
+        "ddp": start_process([*TORCHRUN, "train", *base], work),
+        "fsdp": start_process([*TORCHRUN, "train", *_with(base, out=work / "fsdp", sharding="fsdp", batch=1, grad_accum=2)],
                        work),
-        "one": _start([*ONE, "train", *_with(base, out=work / "one", batch=4)], work),
+        "one": start_process([*ONE, "train", *_with(base, out=work / "one", batch=4)], work),
     }
-    rank_peaks = _sample_children(runs["fsdp"])   # while the three run: each FSDP rank's anonymous peak
-    finished = {name: _finish(process) for name, process in runs.items()}
+    rank_peaks = children_anon_peaks(runs["fsdp"])   # while the three run: each FSDP rank's anonymous peak
+    finished = {name: finish_process(process) for name, process in runs.items()}
     return {**finished, "fsdp_rank_anon_peaks": rank_peaks}
-
-
-def _sample_children(process: subprocess.Popen, interval: float = 0.01) -> list[int]:
-    """Until `process` exits: the anonymous (RssAnon) peak of each of its children, read through /proc."""
-    samplers: dict[int, StatusSampler] = {}
-    while process.poll() is None:
-        for pid in _children(process.pid):
-            samplers.setdefault(pid, StatusSampler(pid))
-        for sampler in samplers.values():
-            try:
-                sampler.sample()
-            except OSError:   # that rank has exited
-                pass
-        time.sleep(interval)
-    return [sampler.anon_peak for sampler in samplers.values()]
 
 
 def test_two_processes_ddp_and_fsdp_equal_one_process(work, round1):
     assert "global batch: 2 per process x 2 processes x 1 accumulation = 4 sequences per step" in round1["ddp"]
-    one = _metrics(work / "one")
+    one = run_metrics(work / "one")
     assert sorted(one) == list(range(1, 11))
     for name in ("ddp", "fsdp"):
-        losses = _metrics(work / name)
+        losses = run_metrics(work / name)
         assert sorted(losses) == sorted(one)
         diff = max(abs(losses[s] - one[s]) for s in one)
         assert diff <= LOSS_ATOL, (name, diff)
-        evals, one_evals = _evals(work / name), _evals(work / "one")   # sharded over ranks, then summed
+        # sharded over ranks, then summed
+        evals, one_evals = run_metrics(work / name, "eval_loss"), run_metrics(work / "one", "eval_loss")
         assert sorted(evals) == [0, 5, 10] and max(abs(evals[s] - one_evals[s]) for s in evals) <= LOSS_ATOL
         adapter, reference = (load_file(work / d / "adapter" / "adapter_model.safetensors") for d in (name, "one"))
         assert max(float((adapter[k] - reference[k]).abs().max()) for k in reference) <= ADAPTER_ATOL
@@ -276,9 +238,9 @@ def round2(work, round1):
     two = _with(base, out=work / "resume2", export=None)
     term = _with(base, out=work / "term", steps=100000, save_every=0, eval_every=0, export=None)
     runs = {
-        "resume1": _start([*ONE, "train", *one, "--resume"], work),
-        "resume2": _start([*TORCHRUN, "train", *two, "--resume", "--no-checkpointing"], work),
-        "term": _start([*TORCHRUN, "train", *term], work),
+        "resume1": start_process([*ONE, "train", *one, "--resume"], work),
+        "resume2": start_process([*TORCHRUN, "train", *two, "--resume", "--no-checkpointing"], work),
+        "term": start_process([*TORCHRUN, "train", *term], work),
     }
     yield runs
     for process in runs.values():
@@ -287,42 +249,29 @@ def round2(work, round1):
 
 
 def test_a_two_process_checkpoint_resumes_on_one_and_on_two_processes(work, round2):
-    ddp = _metrics(work / "ddp")
+    ddp = run_metrics(work / "ddp")
     for name in ("resume1", "resume2"):
-        _finish(round2[name])
-        resumed = _metrics(work / name)
+        finish_process(round2[name])
+        resumed = run_metrics(work / name)
         assert sorted(resumed) == list(range(6, 11))   # the data order continues at example 20 of the epoch
         assert max(abs(resumed[s] - ddp[s]) for s in resumed) <= LOSS_ATOL, name
     # The same process count continues bit for bit.
-    assert _metrics(work / "resume2") == {s: ddp[s] for s in range(6, 11)}
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
+    assert run_metrics(work / "resume2") == {s: ddp[s] for s in range(6, 11)}
 
 
 def test_sigterm_to_the_launcher_checkpoints_once_and_every_rank_exits(work, round2):
     process, out = round2["term"], work / "term"
     deadline = time.time() + 240
-    while not ((out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 2):
+    while not ((out / "metrics.jsonl").is_file() and len(run_metrics(out)) >= 2):
         assert process.poll() is None and time.time() < deadline, process.communicate()[1][-4000:]
         time.sleep(0.1)
-    ranks = _children(process.pid)
+    ranks = child_pids(process.pid)
     assert len(ranks) == 2
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)   # no rank hangs
     assert process.returncode != 0   # torchrun reports the signal itself (exit 1 with its SignalException)
     assert err.count("qlowrank: SIGTERM received") == 2   # torchrun passed it on to both ranks
-    last = max(_metrics(out))
+    last = max(run_metrics(out))
     saved = list_checkpoints(out / "checkpoints")
     assert [p.name for p in saved] == [f"step-{last:06d}"]   # one checkpoint, of the last completed step
     assert verify_checkpoint(saved[0]) is None

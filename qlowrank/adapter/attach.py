@@ -22,6 +22,7 @@ from .files import (
     FACTORS,
     MAGNITUDE,
     base_bits,
+    copy_into_,
     read_adapter_config,
     read_adapter_weights,
     split_keys,
@@ -174,13 +175,8 @@ def _copy_all(pairs: list, path: Path) -> None:
              for name, target, value in pairs if tuple(value.shape) != tuple(target.shape)]
     if wrong:
         raise ValueError(f"{path}: shape mismatches (wrong base model or rank?): {wrong[:20]}")
-    with torch.no_grad():
-        for _, target, value in pairs:
-            value = value.to(device=target.device, dtype=target.dtype)
-            if hasattr(target, "device_mesh"):   # sharded over processes (FSDP): keep this rank's shard
-                from torch.distributed.tensor import distribute_tensor
-                value = distribute_tensor(value, target.device_mesh, target.placements)
-            target.copy_(value)
+    for _, target, value in pairs:
+        copy_into_(target, value)
 
 
 def _set_scaling(layers: dict, lora) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..model.surgery import router_layers
 from ..nn.experts import FrozenExperts
-from .files import FACTORS, KEY_PREFIX
+from .files import FACTORS, KEY_PREFIX, copy_into_
 
 
 def adapted_projections(model: nn.Module) -> dict[str, list[str]]:
@@ -37,24 +37,41 @@ def adapted_projections(model: nn.Module) -> dict[str, list[str]]:
     return found
 
 
-def parameter_factors(model: nn.Module) -> dict[str, nn.Parameter]:
-    """{PEFT key: factor} for every adapted expert projection and router, in the model's order."""
-    factors = {}
+def factor_owners(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """{PEFT key: (path of the module that holds the factor, "lora_A" | "lora_B")} for every adapted expert
+    projection (`<experts>.<projection>`, an ExpertWeights) and router (a LoraRouter), in the model's order."""
+    owners = {}
     for name, projections in adapted_projections(model).items():
-        module = model.get_submodule(name)
         for depth, projection in enumerate(projections):
             nesting = "base_layer." * (len(projections) - 1 - depth)
             for factor in FACTORS:
-                factors[f"{KEY_PREFIX}{name}.{nesting}{factor}.weight"] = getattr(getattr(module, projection), factor)
-    for name, router in router_layers(model):   # one ParamWrapper per router: no nesting
+                owners[f"{KEY_PREFIX}{name}.{nesting}{factor}.weight"] = (f"{name}.{projection}", factor)
+    for name, _ in router_layers(model):   # one ParamWrapper per router: no nesting
         for factor in FACTORS:
-            factors[f"{KEY_PREFIX}{name}.{factor}.weight"] = getattr(router, factor).weight
-    return factors
+            owners[f"{KEY_PREFIX}{name}.{factor}.weight"] = (name, factor)
+    return owners
 
 
-def parameter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The experts' and routers' LoRA factors under PEFT's keys, float32 on the CPU."""
-    return {key: factor.detach().float().cpu().contiguous() for key, factor in parameter_factors(model).items()}
+def factor_of(module: nn.Module, factor: str) -> nn.Parameter:
+    """A module's LoRA factor: an ExpertWeights holds it as a parameter, a LoraLinear or LoraRouter as a Linear."""
+    value = getattr(module, factor)
+    return value.weight if isinstance(value, nn.Module) else value
+
+
+def parameter_factors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{PEFT key: factor} for every adapted expert projection and router, in the model's order."""
+    return {key: factor_of(model.get_submodule(path), factor) for key, (path, factor) in factor_owners(model).items()}
+
+
+def parameter_tensors(model: nn.Module, gathered: dict[str, dict[str, torch.Tensor]] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """The experts' and routers' LoRA factors under PEFT's keys, float32 on the CPU; `gathered`
+    ({owner path: {"lora_A": A, "lora_B": B}}, FSDP's whole factors) replaces what the model holds."""
+    out = {}
+    for key, (path, factor) in factor_owners(model).items():
+        value = gathered[path][factor] if gathered is not None else factor_of(model.get_submodule(path), factor)
+        out[key] = value.detach().float().cpu().contiguous()
+    return out
 
 
 def parameter_ranks(model: nn.Module) -> dict[str, tuple[int, float]]:
@@ -90,14 +107,13 @@ def copy_parameter_factors(model: nn.Module, tensors: dict[str, torch.Tensor], p
     known = set(expected) | {key.replace(".weight", ".default.weight") for key in expected}
     problems = [f"{key} is not an adapted expert projection or router of this model" for key in tensors
                 if key not in known]
-    with torch.no_grad():
-        for key, target in expected.items():
-            value = tensors.get(key, tensors.get(key.replace(".weight", ".default.weight")))
-            if value is None:
-                problems.append(f"{key} missing")
-            elif tuple(value.shape) != tuple(target.shape):
-                problems.append(f"{key}: file {tuple(value.shape)} vs model {tuple(target.shape)}")
-            else:
-                target.copy_(value.to(device=target.device, dtype=target.dtype))
-    if problems:
+    for key, target in expected.items():
+        value = tensors.get(key, tensors.get(key.replace(".weight", ".default.weight")))
+        if value is None:
+            problems.append(f"{key} missing")
+        elif tuple(value.shape) != tuple(target.shape):
+            problems.append(f"{key}: file {tuple(value.shape)} vs model {tuple(target.shape)}")
+    if problems:   # before anything is copied: a refused adapter leaves the model as it was
         raise ValueError(f"{path}: the expert / router LoRA factors do not match this model: {problems[:10]}")
+    for key, target in expected.items():
+        copy_into_(target, tensors.get(key, tensors.get(key.replace(".weight", ".default.weight"))))

@@ -153,3 +153,15 @@ def read_adapter_lora(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, int]:
     layers, _, _ = split_keys(list(read_adapter_weights(adapter_dir / ADAPTER_WEIGHTS)),
                                config.get("modules_to_save") or [], adapter_dir / ADAPTER_WEIGHTS)
     return adapter_lora_config(config, sidecar, sorted(layers))
+
+
+def copy_into_(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor read from a file into a model's parameter, under no_grad. A parameter sharded
+    over processes (FSDP's DTensor) keeps this rank's shard of it (collective: every rank copies, in one order)."""
+    value = value.to(device=target.device, dtype=target.dtype)
+    if hasattr(target, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, target.device_mesh, target.placements)
+    with torch.no_grad():
+        target.copy_(value)

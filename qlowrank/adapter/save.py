@@ -46,7 +46,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool =
             why; "qlowrank" writes it anyway, with what qlowrank needs to rebuild the base in
             the sidecar (the trainer's checkpoints use this).
         tensors: {layer name: {"lora_A": A, "lora_B": B}} to write instead of the layers'
-            own factors (gathered from processes that each hold a shard, under FSDP).
+            own factors (gathered from processes that each hold a shard, under FSDP); for MoE
+            expert LoRA the layer name is `<experts>.<projection>`, for a router its path.
 
     Returns:
         The adapter directory.
@@ -67,7 +68,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, overwrite: bool =
         raise ValueError("save_adapter: this adapter cannot be expressed in PEFT's format: " + "; ".join(reasons)
                          + ". save_adapter(model, dir, format='qlowrank') writes it for qlowrank, which rebuilds that "
                          "base from the sidecar (load_adapter / qlowrank export).")
-    tensors = {**_adapter_tensors(model, layers, tensors), **parameter_tensors(model)}
+    tensors = {**_adapter_tensors(model, layers, tensors), **parameter_tensors(model, tensors)}
     first = next(iter(layers.values()))
     config = _peft_config(model, layers)
     out_dir = Path(out_dir)

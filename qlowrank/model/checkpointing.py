@@ -139,7 +139,7 @@ def trim_heaps_before_backward(model: nn.Module, block_types: type | Sequence[ty
 
 def _arrange_trims(model: nn.Module, block_types: type | Sequence[type] | None, owner: str) -> int:
     experts = next((m for m in model.modules() if isinstance(m, FrozenExperts)), None)
-    if experts is not None and next(experts.buffers()).device.type == "cpu":
+    if experts is not None and experts.down_proj.stored_device().type == "cpu":
         pin_mmap_threshold()   # routed experts fragment the heaps most (heap.py's docstring)
     try:
         blocks = repeated_blocks(model, block_types)

@@ -339,10 +339,14 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Total and trainable parameter counts, counting packed 4-bit weights as the weights they hold."""
     total = trainable = 0
+    stacks: set[int] = set()
     for module in model.modules():
-        if isinstance(module, ExpertWeights):   # frozen stacks live in buffers (packed codes), not parameters
+        if isinstance(module, ExpertWeights):   # a frozen stack's packed codes and scales hold weight_count() weights
             total += module.weight_count()
+            stacks.update(id(tensor) for tensor in module.stored_tensors())
     for param in model.parameters():
+        if id(param) in stacks:
+            continue
         n = quantlib.weight_element_count(param)
         total += n
         if param.requires_grad:

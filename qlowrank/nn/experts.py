@@ -79,13 +79,18 @@ class ExpertWeights(nn.Module):
         self.quant = quant if quant is not None and quant.bits is not None else None
         self.dtype = dtype
         if self.quant is None:
-            self.register_buffer("float_weight", weight.detach().to(device=device, dtype=dtype))
-            self.packed_names: tuple[str, ...] = ("float_weight",)
+            packed = {"float_weight": weight.detach().to(device=device, dtype=dtype)}
         else:
             packed = quantlib.quantize_expert_stack(weight.detach(), self.quant, device)
-            for name, tensor in packed.items():
+        # What is per expert (codes, block scales; the float stack) is a frozen parameter, as a bitsandbytes
+        # layer's packed weight is: FSDP shards parameters (buffers stay whole on every rank) and DDP
+        # broadcasts buffers before every forward. The shared code books are buffers.
+        for name, tensor in packed.items():
+            if name in quantlib.EXPERT_CODE_BOOKS:
                 self.register_buffer(name, tensor)
-            self.packed_names = tuple(packed)
+            else:
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        self.packed_names: tuple[str, ...] = tuple(packed)
         self.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype), requires_grad=False) if bias is not None else None
         self.r = 0
         self.alpha = 0.0
@@ -98,9 +103,17 @@ class ExpertWeights(nn.Module):
         tensors = {name: getattr(self, name) for name in self.packed_names}
         return quantlib.dequantize_expert(tensors, index, (self.out_features, self.in_features), self.quant, dtype)
 
+    def stored_device(self) -> torch.device:
+        """Where the frozen stack is stored."""
+        return getattr(self, self.packed_names[0]).device
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """The tensors that store the frozen stack (parameters and code-book buffers), bias excluded."""
+        return [getattr(self, name) for name in self.packed_names]
+
     def stored_bytes(self) -> int:
         """Bytes of the frozen weight as stored (codes, scales, code books), bias excluded."""
-        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self.packed_names)
+        return sum(tensor.numel() * tensor.element_size() for tensor in self.stored_tensors())
 
     def weight_count(self) -> int:
         """How many weights the stack holds (a packed 4-bit byte holds two)."""
@@ -111,7 +124,7 @@ class ExpertWeights(nn.Module):
         if config.use_dora or config.dropout > 0:
             raise ValueError("LoRA on fused MoE experts supports neither DoRA nor dropout (PEFT's target_parameters "
                              "neither): set use_dora=False and dropout=0, or do not target the experts")
-        device = next(iter(self.buffers())).device
+        device = self.stored_device()
         self.r, self.alpha, self.scaling = config.r, config.alpha, config.scaling   # alpha: for rank / alpha patterns
         values = torch.empty(config.r * self.experts, self.in_features, dtype=torch.float32)
         if device.type != "meta":

@@ -190,6 +190,11 @@ def make_8bit_optimizer(name: str, params: Iterable, **kwargs) -> torch.optim.Op
 
 # ---- fused MoE experts: a stack of E weight matrices, quantized expert by expert ----------------
 
+# The tensors of `quantize_expert_stack` that all experts of a stack share (4-bit code books); every other one
+# is stacked on a leading expert dimension.
+EXPERT_CODE_BOOKS = ("code", "code2")
+
+
 def quantize_expert_stack(weight: torch.Tensor, quant: QuantConfig, device: torch.device | str) -> dict[str, torch.Tensor]:
     """Quantize a float (E, out, in) stack of expert weights, each expert on its own, into plain tensors.
 

@@ -21,9 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..adapter.expert_tensors import factor_of, factor_owners
+from ..adapter.files import FACTORS
 from ..model.structure import find_block_types
 from ..model.surgery import lora_layers
 from ..nn import quant as quantlib
+from ..nn.experts import ExpertWeights
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -74,12 +77,16 @@ def fsdp_units(root: nn.Module) -> dict[str, nn.Module]:
 
 
 def full_lora_tensors(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """{layer name: {"lora_A": tensor, "lora_B": tensor}}, gathered whole (collective: call on every rank)."""
+    """{path: {"lora_A": tensor, "lora_B": tensor}}, gathered whole (collective: call on every rank), for every
+    module that holds LoRA factors: LoraLinear layers, MoE routers and adapted expert projections
+    (`<experts>.<projection>`), the layout `save_adapter(tensors=...)` reads."""
+    holders = dict(lora_layers(model))
+    holders.update({path: model.get_submodule(path) for path, _ in factor_owners(model).values()})
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, layer in lora_layers(model):
+    for name, holder in holders.items():
         out[name] = {}
-        for factor in ("lora_A", "lora_B"):
-            weight = getattr(layer, factor).weight.detach()
+        for factor in FACTORS:
+            weight = factor_of(holder, factor).detach()
             out[name][factor] = (weight.full_tensor() if is_dtensor(weight) else weight).float().cpu()
     return out
 
@@ -134,7 +141,8 @@ def local_model_bytes(model: nn.Module) -> dict[str, int]:
 
     With FSDP a parameter is a DTensor and only its local shard counts; a 4-bit layer's
     quant_state (absmax and, with double quantization, its own absmax and code) is whole on
-    every rank and is counted apart as "quant_state" (it is part of the base).
+    every rank and is counted apart as "quant_state" (it is part of the base), as are the code
+    books of MoE expert stacks (their codes and per-expert scales are parameters, sharded).
     """
     seen: set[int] = set()
     out = {"base_weights": 0, "quant_state": 0, "trainable_params": 0}
@@ -150,6 +158,10 @@ def local_model_bytes(model: nn.Module) -> dict[str, int]:
         if quantlib.quantized_bits(module) == 4:
             for name, tensor in quantlib.packed_tensors(module).items():
                 count(tensor, "base_weights" if name == "weight" else "quant_state")
+        if isinstance(module, ExpertWeights):   # the code books its experts share are buffers, whole on every rank
+            for name in quantlib.EXPERT_CODE_BOOKS:
+                if hasattr(module, name):
+                    count(getattr(module, name), "quant_state")
     for param in model.parameters():
         count(param, "trainable_params" if param.requires_grad else "base_weights")
     for buffer in model.buffers():
