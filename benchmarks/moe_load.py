@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     results[key] = {"command": " ".join(["benchmarks/moe_load.py", *(argv if argv is not None else sys.argv[1:])]),
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     **measure(args.shape, args.layers, args.experts, args.bits, codes)}
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    from qlowrank.atomic import staged_file
+
+    with staged_file(RESULTS, "benchmark results") as staging:   # an interrupted run keeps the earlier entries
+        staging.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results[key], indent=1))
     return 0
 
