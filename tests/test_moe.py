@@ -354,3 +354,58 @@ def test_training_an_moe_on_cpu_pins_the_mmap_threshold(trims):
         assert mmapped >= 20 << 20
     else:   # the control: without the pin the temporary lands in the heap
         assert mmapped < 20 << 20
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bits", [4, 8, None])
+def test_experts_streamed_one_at_a_time_equal_the_whole_stack(checkpoints, family, bits):
+    """Loading quantizes each expert as it arrives (converted expert by expert, or read a slice at a time):
+    the stored tensors equal those of quantizing transformers' own fused stack, bit for bit."""
+    from qlowrank.nn.experts import freeze_experts
+
+    model = load(checkpoints[family], bits)
+    original = reference(checkpoints[family]).model.layers[1].mlp.experts
+    if bits is None:   # a float base keeps transformers' 3-D parameters, filled expert by expert
+        for name, param in original.named_parameters():
+            assert torch.equal(getattr(model.model.layers[1].mlp.experts, name), param)
+        return
+    whole = freeze_experts(original, ql.QuantConfig(bits=bits, compute_dtype=torch.float32), "cpu", torch.float32)
+    streamed = model.model.layers[1].mlp.experts
+    for name in whole.order:
+        ours, theirs = getattr(streamed, name), getattr(whole, name)
+        assert ours.packed_names == theirs.packed_names
+        for tensor in ours.packed_names:
+            assert torch.equal(getattr(ours, tensor), getattr(theirs, tensor)), (name, tensor)
+        assert (ours.bias is None) == (theirs.bias is None)
+        assert ours.bias is None or torch.equal(ours.bias, theirs.bias)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_per_expert_tensors_are_converted_expert_by_expert(checkpoints, family):
+    """transformers' converter runs on each expert's tensors as soon as they are in: (1, ...) slices, never a
+    whole float stack, and every expert of every target exactly once."""
+    from qlowrank.model.convert import CheckpointConversions
+    from qlowrank.model.stream import TensorSink, empty_model
+
+    config = transformers.AutoConfig.from_pretrained(checkpoints[family])
+    model = empty_model(config, torch.float32)
+    sink = TensorSink(model, _settings())
+    with safe_open(str(checkpoints[family] / "model.safetensors"), "pt") as handle:
+        conversions = CheckpointConversions(model, list(handle.keys()), sink.expected, sliced=sink.streams_experts)
+        seen: dict[str, list[int]] = {}
+        for key in handle.keys():
+            if conversions.feeds_group(key):
+                for out in conversions.add(key, handle.get_tensor(key)):
+                    assert out.expert is not None and out.tensor.shape[0] == 1
+                    assert tuple(out.tensor.shape[1:]) == tuple(model.get_parameter(out.key).shape[1:])
+                    seen.setdefault(out.key, []).append(out.expert)
+    assert len(seen) == 2 * 2   # two layers x (gate_up, down)
+    assert all(sorted(experts) == list(range(config.num_experts if family == "qwen3_moe" else
+                                             config.num_local_experts)) for experts in seen.values())
+    assert not conversions.incomplete()
+
+
+def _settings():
+    from qlowrank.model.stream import LoadSettings
+
+    return LoadSettings(ql.QuantConfig(compute_dtype=torch.float32), torch.device("cpu"), torch.float32)

@@ -268,7 +268,9 @@ def _load_safetensors(folder: Path, settings: LoadSettings, trust_remote_code: b
     sink = TensorSink(model, settings)
     mapped = key_mapper(sink.expected, model.base_model_prefix)
     # transformers' own renames and fusions (per-expert tensors -> 3-D expert stacks), tensor by tensor.
-    conversions = CheckpointConversions(model, list(files.weight_map), sink.expected)
+    # Fused expert stacks go one expert at a time (per-expert tensors converted expert by expert, fused stacks
+    # read a slice at a time): only one expert's float weight is in flight.
+    conversions = CheckpointConversions(model, list(files.weight_map), sink.expected, sliced=sink.streams_experts)
     unexpected: list[str] = []
     bar = tqdm(total=len(files.weight_map), desc="loading", unit="tensor", disable=not settings.progress)
     for shard in files.files():
@@ -276,14 +278,22 @@ def _load_safetensors(folder: Path, settings: LoadSettings, trust_remote_code: b
             for ckpt_key in handle.keys():
                 bar.update(1)
                 if conversions.feeds_group(ckpt_key):
-                    for key, tensor in conversions.add(ckpt_key, handle.get_tensor(ckpt_key)).items():
-                        sink.put(key, tensor, shard.name, owned=True)
+                    for out in conversions.add(ckpt_key, handle.get_tensor(ckpt_key)):
+                        if out.expert is None:
+                            sink.put(out.key, out.tensor, shard.name, owned=True)
+                        else:
+                            sink.put_expert(out.key, out.expert, out.experts, out.tensor, shard.name)
                     continue
                 key = mapped(conversions.model_key(ckpt_key) or ckpt_key)
                 if key is None:
                     unexpected.append(ckpt_key)
-                    continue
-                sink.put(key, handle.get_tensor(ckpt_key), shard.name)
+                elif sink.streams_experts(key):
+                    view = handle.get_slice(ckpt_key)
+                    experts = view.get_shape()[0]
+                    for index in range(experts):
+                        sink.put_expert(key, index, experts, view[index], shard.name)
+                else:
+                    sink.put(key, handle.get_tensor(ckpt_key), shard.name)
     bar.close()
     unexpected += [f"{key} (some of the tensors it is fused from are missing)" for key in conversions.incomplete()]
     return sink.finish(str(folder), unexpected)

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..config import LoraConfig, QuantConfig
 from ..heap import release_free_heap
-from ..nn.experts import freeze_experts, is_fused_experts
+from ..nn.expert_stack import ExpertStack
+from ..nn.experts import expert_projections, freeze_experts, is_fused_experts
 from ..nn.layers import is_conv1d
 from ..state import state_of
 from .structure import linear_layers, name_matches, output_head_names, set_submodule
@@ -81,6 +82,7 @@ class TensorSink:
             self.experts = {name for name, module in model.named_modules()
                             if is_fused_experts(module) and not name_matches(name, settings.skip_modules)}
         self.pending: dict[str, dict[str, torch.Tensor]] = {}  # linear name -> arrived weight / bias
+        self.stacks: dict[str, ExpertStack] = {}   # model key of a fused expert stack -> its experts so far
         self.loaded: set[str] = set()
 
     def quantizes(self, key: str) -> bool:
@@ -111,6 +113,43 @@ class TensorSink:
             # mapping (every page read so far) resident for the life of the model: copy those.
             _assign(self.model.get_submodule(module_name), leaf, tensor, self.settings, copy=not owned)
 
+    def streams_experts(self, key: str) -> bool:
+        """Whether model key `key` is a fused 3-D expert stack, which `put_expert` takes one expert at a time."""
+        module_name, _, leaf = key.rpartition(".")
+        try:
+            module = self.model.get_submodule(module_name)
+        except AttributeError:
+            return False
+        return is_fused_experts(module) and leaf in expert_projections(module)
+
+    def put_expert(self, key: str, index: int, experts: int, tensor: torch.Tensor, origin: str) -> None:
+        """Store expert `index` of the `experts` in the fused stack under model key `key` (its (a, b) or
+        (1, a, b) slice in the checkpoint's layout): quantized at once into its slot where the experts are
+        quantized, else copied into the float stack, which is assigned once every expert has arrived."""
+        module_name, _, leaf = key.rpartition(".")
+        tensor = tensor[0] if tensor.dim() == 3 else tensor
+        stack = self.stacks.get(key)
+        if stack is None:
+            self.check_shape(key, (experts, *tensor.shape), origin)
+            module = self.model.get_submodule(module_name)
+            settings = self.settings
+            quant = settings.quant if module_name in self.experts else None
+            # quantized: FrozenExperts' (E, out, in) layout; float: the checkpoint's own, kept by the original module
+            transposed = bool(module.is_transposed) and quant is not None
+            stack = self.stacks[key] = ExpertStack(experts, quant, settings.device, settings.dtype, transposed)
+        stack.add(index, tensor)
+        if not stack.complete():
+            return
+        del self.stacks[key]
+        self.loaded.add(key)
+        if module_name in self.experts:
+            self.pending.setdefault(module_name, {})[leaf] = stack
+            self._quantize_if_complete(module_name)
+        else:
+            _assign(self.model.get_submodule(module_name), leaf, stack.tensors["float_weight"], self.settings,
+                    copy=False)
+        release_free_heap()
+
     def _quantize_if_complete(self, name: str) -> None:
         module = self.model.get_submodule(name)
         parts = self.pending[name]
@@ -138,6 +177,9 @@ class TensorSink:
         if any(leaf not in parts for leaf in module._parameters):
             return  # another projection (or its bias) is in a later tensor or shard
         settings = self.settings
+        for leaf, value in list(parts.items()):
+            if isinstance(value, ExpertStack):   # streamed in expert by expert: built with its bias
+                parts[leaf] = value.build(parts.get(f"{leaf}_bias"))
         set_submodule(self.model, name, freeze_experts(module, settings.quant, settings.device, settings.dtype, parts))
         del self.pending[name], parts
         release_free_heap()

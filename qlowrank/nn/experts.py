@@ -75,13 +75,28 @@ class ExpertWeights(nn.Module):
                  device: torch.device | str, dtype: torch.dtype) -> None:
         """`weight` is (E, out, in) float; `quant` None or bits=None keeps it in `dtype`."""
         super().__init__()
-        self.experts, self.out_features, self.in_features = weight.shape
-        self.quant = quant if quant is not None and quant.bits is not None else None
-        self.dtype = dtype
-        if self.quant is None:
+        quant = quant if quant is not None and quant.bits is not None else None
+        if quant is None:
             packed = {"float_weight": weight.detach().to(device=device, dtype=dtype)}
         else:
-            packed = quantlib.quantize_expert_stack(weight.detach(), self.quant, device)
+            packed = quantlib.quantize_expert_stack(weight.detach(), quant, device)
+        self._store(packed, tuple(weight.shape), bias, quant, device, dtype)
+
+    @classmethod
+    def from_packed(cls, packed: dict[str, torch.Tensor], shape: tuple[int, int, int], bias: torch.Tensor | None,
+                    quant: QuantConfig | None, device: torch.device | str, dtype: torch.dtype) -> "ExpertWeights":
+        """From storage already made: `quantize_expert_stack`'s tensors, or {"float_weight": (E, out, in)} with
+        `quant` None (what `nn.expert_stack.ExpertStack` fills one expert at a time while loading)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._store(packed, shape, bias, quant, device, dtype)
+        return self
+
+    def _store(self, packed: dict[str, torch.Tensor], shape: tuple[int, ...], bias: torch.Tensor | None,
+               quant: QuantConfig | None, device: torch.device | str, dtype: torch.dtype) -> None:
+        self.experts, self.out_features, self.in_features = shape
+        self.quant = quant
+        self.dtype = dtype
         # What is per expert (codes, block scales; the float stack) is a frozen parameter, as a bitsandbytes
         # layer's packed weight is: FSDP shards parameters (buffers stay whole on every rank) and DDP
         # broadcasts buffers before every forward. The shared code books are buffers.
@@ -212,7 +227,8 @@ def _routed(top_k_index: torch.Tensor, experts: int):
 
 def freeze_experts(original: nn.Module, quant: QuantConfig | None, device: torch.device | str,
                    dtype: torch.dtype, tensors: dict[str, torch.Tensor] | None = None) -> FrozenExperts:
-    """A FrozenExperts from a transformers experts module (or from `tensors`: its parameters by name, as loaded).
+    """A FrozenExperts from a transformers experts module (or from `tensors`: its parameters by name, as loaded,
+    a projection either a float stack or an `ExpertWeights` already built).
 
     Weights are brought to the (E, out, in) layout (gpt-oss's transposed stacks are
     transposed once here); biases stay (E, out). Gate and up keep their order (interleaved
@@ -222,6 +238,9 @@ def freeze_experts(original: nn.Module, quant: QuantConfig | None, device: torch
     projections = {}
     for name in expert_projections(original):
         weight = tensors[name]
+        if isinstance(weight, ExpertWeights):   # built while streaming (nn.expert_stack), its bias with it
+            projections[name] = weight
+            continue
         weight = weight.transpose(1, 2) if original.is_transposed else weight   # (E, out, in)
         projections[name] = ExpertWeights(weight, tensors.get(f"{name}_bias"), quant, device, dtype)
     return FrozenExperts(original, projections)

@@ -211,29 +211,32 @@ def quantize_expert_stack(weight: torch.Tensor, quant: QuantConfig, device: torc
     if weight.dim() != 3:
         raise ValueError(f"quantize_expert_stack expects an (experts, out, in) weight, got shape {tuple(weight.shape)}")
     experts, out_features, in_features = weight.shape
-    device = torch.device(device)
     if weight.is_meta:
         return _meta_expert_stack(experts, out_features * in_features, out_features, quant)
-    if quant.bits == 8:
-        rows = weight.reshape(experts * out_features, in_features).to(device=device, dtype=torch.float16)
-        codes, scales, _ = bnb_functional.int8_vectorwise_quant(rows, threshold=0.0)
-        return {"codes": codes.reshape(experts, out_features, in_features), "SCB": scales.reshape(experts, out_features)}
-    packed: dict[str, list[torch.Tensor]] = {}
-    shared: dict[str, torch.Tensor] = {}
-    for index in range(experts):
-        one = weight[index].to(device=device, dtype=quant.compute_dtype).contiguous()
-        codes, state = bnb_functional.quantize_4bit(one, blocksize=quant.blocksize, compress_statistics=quant.double_quant,
-                                                    quant_type=quant.quant_type)
-        packed.setdefault("codes", []).append(codes.reshape(-1))
-        packed.setdefault("absmax", []).append(state.absmax)
-        shared["code"] = state.code
-        if state.nested:
-            packed.setdefault("absmax2", []).append(state.state2.absmax)
-            packed.setdefault("offset", []).append(state.offset.reshape(1))
-            shared["code2"] = state.state2.code
-        del one
-    stacked = {name: torch.stack(parts) for name, parts in packed.items()}
+    parts = [quantize_expert(weight[index], quant, device) for index in range(experts)]
+    shared = {name: parts[0][name] for name in EXPERT_CODE_BOOKS if name in parts[0]}
+    stacked = {name: torch.stack([part[name] for part in parts]) for name in parts[0] if name not in shared}
     return {**stacked, **shared}
+
+
+def quantize_expert(weight: torch.Tensor, quant: QuantConfig, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Quantize one expert's float (out, in) weight: its slot of `quantize_expert_stack`'s tensors.
+
+    Returns name -> tensor without the leading expert dimension (the code books, shared by every
+    expert, included), so a stack can be filled one expert at a time while it streams in.
+    """
+    device = torch.device(device)
+    if quant.bits == 8:
+        codes, scales, _ = bnb_functional.int8_vectorwise_quant(weight.to(device=device, dtype=torch.float16),
+                                                                threshold=0.0)
+        return {"codes": codes, "SCB": scales}
+    one = weight.to(device=device, dtype=quant.compute_dtype).contiguous()
+    codes, state = bnb_functional.quantize_4bit(one, blocksize=quant.blocksize, compress_statistics=quant.double_quant,
+                                                quant_type=quant.quant_type)
+    parts = {"codes": codes.reshape(-1), "absmax": state.absmax, "code": state.code}
+    if state.nested:
+        parts.update(absmax2=state.state2.absmax, offset=state.offset.reshape(1), code2=state.state2.code)
+    return parts
 
 
 def _meta_expert_stack(experts: int, numel: int, out_features: int, quant: QuantConfig) -> dict[str, torch.Tensor]:
