@@ -286,6 +286,20 @@ def moe() -> Figure | None:
                   "python benchmarks/moe.py --measure qwen3-30b-a3b --seqs 1024 2048")
 
 
+def moe_load() -> Figure | None:
+    data = load("moe_load.json")
+    key = "qwen3-30b-a3b 4L 128e 4bit"
+    if not isinstance(data, dict) or key not in data or "before" not in data[key]:
+        return None
+    row = data[key]
+    text = (f"single-shard save_pretrained MoE checkpoint (Qwen3-30B-A3B's widths, 4 layers, {row['checkpoint_gib']:.2f} "
+            f"GiB) into 4-bit, experts converted and quantized one at a time: peak RssAnon "
+            f"{row['after']['anon_peak_gib']:.2f} GiB (a layer at a time before: {row['before']['anon_peak_gib']:.2f}); "
+            f"the load estimate {row['estimate_load_gib']:.2f} GiB ({pct(row['after']['estimate_error'])})")
+    return Figure("Loading mixtures of experts", text, "moe_load.json", dated(row, "2026-12-07"),
+                  "python " + row["command"])
+
+
 def preference() -> Figure | None:
     """examples/preference.py's figures (DPO after SFT), when its JSON is kept as benchmarks/preference.json."""
     data = load("preference.json")
@@ -362,7 +376,7 @@ def figures() -> list[Figure]:
                         "python benchmarks/vs_peft.py --models llama600m --runs 2 --steps 3 "
                         "--libs qlowrank,peft,ql-compile"),
         levers, compile_speed, demo, estimate_accuracy, process_model, large_model, gguf_load, load_memory, planner, fault_injection,
-        quality, soak, ddp, moe, preference]
+        quality, soak, ddp, moe, moe_load, preference]
     found = [f for f in (make() for make in makers) if f is not None]
     return found + headlines() + [gpu()]
 
