@@ -36,8 +36,7 @@ class ExpertStack:
         self.filled = torch.zeros(experts, dtype=torch.bool)
 
     def add(self, index: int, weight: torch.Tensor) -> None:
-        """Store expert `index`'s float weight ((out, in), or (in, out) when transposed; a leading 1 is dropped)."""
-        weight = weight[0] if weight.dim() == 3 and weight.shape[0] == 1 else weight
+        """Store expert `index`'s float weight ((out, in), or (in, out) when transposed)."""
         weight = weight.t() if self.transposed else weight                         # (out, in)
         if self.shape is None:
             self.shape = (int(weight.shape[0]), int(weight.shape[1]))
@@ -49,13 +48,7 @@ class ExpertStack:
             parts = {"float_weight": weight.to(device=self.device, dtype=self.dtype)}
         else:
             parts = quantlib.quantize_expert(weight, self.quant, self.device)
-        for name, part in parts.items():
-            if name in quantlib.EXPERT_CODE_BOOKS:
-                self.tensors.setdefault(name, part)
-                continue
-            if name not in self.tensors:
-                self.tensors[name] = torch.empty((self.experts, *part.shape), dtype=part.dtype, device=part.device)
-            self.tensors[name][index].copy_(part)
+        quantlib.store_expert(self.tensors, index, self.experts, parts)
         self.filled[index] = True
 
     def complete(self) -> bool:
@@ -67,7 +60,5 @@ class ExpertStack:
         if not self.complete():
             missing = (~self.filled).nonzero().flatten().tolist()
             raise ValueError(f"experts {missing[:20]} of {self.experts} never arrived")
-        # quantize_expert_stack's order: the stacked tensors, then the shared code books
-        packed = dict(sorted(self.tensors.items(), key=lambda item: item[0] in quantlib.EXPERT_CODE_BOOKS))
-        return ExpertWeights.from_packed(packed, (self.experts, *self.shape), bias, self.quant, self.device,
+        return ExpertWeights.from_packed(self.tensors, (self.experts, *self.shape), bias, self.quant, self.device,
                                          self.dtype)

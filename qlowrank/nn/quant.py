@@ -213,10 +213,23 @@ def quantize_expert_stack(weight: torch.Tensor, quant: QuantConfig, device: torc
     experts, out_features, in_features = weight.shape
     if weight.is_meta:
         return _meta_expert_stack(experts, out_features * in_features, out_features, quant)
-    parts = [quantize_expert(weight[index], quant, device) for index in range(experts)]
-    shared = {name: parts[0][name] for name in EXPERT_CODE_BOOKS if name in parts[0]}
-    stacked = {name: torch.stack([part[name] for part in parts]) for name in parts[0] if name not in shared}
-    return {**stacked, **shared}
+    stack: dict[str, torch.Tensor] = {}
+    for index in range(experts):
+        store_expert(stack, index, experts, quantize_expert(weight[index], quant, device))
+    return stack
+
+
+def store_expert(stack: dict[str, torch.Tensor], index: int, experts: int, parts: dict[str, torch.Tensor]) -> None:
+    """Put one expert's tensors (`quantize_expert`'s, or {"float_weight": (out, in)}) into slot `index` of
+    `stack`, name -> (experts, ...) storage allocated with the first expert to arrive; the code books are
+    kept once. `stack` lists the stacked tensors first, then the code books (`quantize_expert_stack`'s order)."""
+    for name, part in sorted(parts.items(), key=lambda item: item[0] in EXPERT_CODE_BOOKS):
+        if name in EXPERT_CODE_BOOKS:
+            stack.setdefault(name, part)
+            continue
+        if name not in stack:
+            stack[name] = torch.empty((experts, *part.shape), dtype=part.dtype, device=part.device)
+        stack[name][index].copy_(part)
 
 
 def quantize_expert(weight: torch.Tensor, quant: QuantConfig, device: torch.device | str) -> dict[str, torch.Tensor]:
